@@ -1,0 +1,100 @@
+"""Targeted L2 projected gradient descent (the paper's Eq. 1).
+
+x_adv = argmin_{||x' - x||_2 <= eps, x' in [0,1]} CE(f(x'), t): random start in the eps-ball,
+normalised gradient steps, projection onto the ball and the pixel range after every step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    x: torch.Tensor  # (N, C, H, W) adversarial examples
+    target: torch.Tensor  # (N,) the class each was pushed to
+    success: torch.Tensor  # (N,) bool: the model predicts the target
+
+    @property
+    def success_rate(self) -> float:
+        return float(self.success.float().mean()) if len(self.success) else 0.0
+
+
+def _project_l2(delta: torch.Tensor, eps: float) -> torch.Tensor:
+    norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    return delta * torch.clamp(eps / norms, max=1.0)
+
+
+def _random_in_ball(shape: torch.Size, eps: float, generator: torch.Generator | None, device) -> torch.Tensor:
+    direction = torch.randn(shape, generator=generator, device="cpu").to(device)
+    direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    radius = torch.rand(shape[0], generator=generator, device="cpu").to(device).view(-1, 1, 1, 1)
+    return direction * radius * eps
+
+
+def targeted_l2_pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    chunk_size: int = 512,
+    generator: torch.Generator | None = None,
+) -> AttackResult:
+    """Attack each x[i] towards target[i]; x is not modified; the model's mode and its
+    parameters' requires_grad are restored. Chunks of `chunk_size` bound memory."""
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        chunks = [
+            _attack_chunk(model, x[i : i + chunk_size], target[i : i + chunk_size], eps, step_size, steps, generator)
+            for i in range(0, len(x), chunk_size)
+        ]
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    if not chunks:
+        return AttackResult(x.clone(), target.clone(), torch.zeros(0, dtype=torch.bool, device=x.device))
+    x_adv = torch.cat(chunks)
+    with torch.no_grad():
+        success = _predict(model, x_adv) == target
+    return AttackResult(x_adv, target.clone(), success)
+
+
+def _attack_chunk(model, x, target, eps, step_size, steps, generator) -> torch.Tensor:
+    x = x.detach()
+    x_adv = (x + _random_in_ball(x.shape, eps, generator, x.device)).clamp(0.0, 1.0)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = F.cross_entropy(model(x_adv), target, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        grad_norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        with torch.no_grad():
+            x_adv = x_adv - step_size * grad / grad_norm  # descend: targeted
+            x_adv = (x + _project_l2(x_adv - x, eps)).clamp(0.0, 1.0)
+    return x_adv.detach()
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    return torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+
+
+def random_targets(y: torch.Tensor, per_instance: int, num_classes: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """N_adv targets per instance, each != the instance's label, spread over the classes:
+    a random offset then consecutive classes. Returns (source index, target class)."""
+    n = len(y)
+    index = torch.arange(n).repeat_interleave(per_instance)
+    start = torch.randint(1, num_classes, (n,), generator=generator).repeat_interleave(per_instance)
+    step = torch.arange(per_instance).repeat(n) % (num_classes - 1)
+    offset = (start - 1 + step) % (num_classes - 1) + 1  # in 1..C-1, never 0
+    return index, (y.cpu()[index] + offset) % num_classes

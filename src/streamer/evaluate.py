@@ -1,0 +1,36 @@
+"""Accuracy of a model on labelled sets, and the goal rate of a set of requests."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .objectives import goal_met
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """(N,) predicted classes; the model's mode is restored. x may live on any device."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        preds = [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction predicted as y; NaN for an empty set."""
+    if len(y) == 0:
+        return float("nan")
+    return float((predict(model, x) == y.cpu()).float().mean())
+
+
+def goal_ratio(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> float:
+    """Fraction of requests whose goal holds (misclassified, or predicted as the target)."""
+    if len(y) == 0:
+        return float("nan")
+    pred = predict(model, x)
+    onehot = torch.nn.functional.one_hot(pred, num_classes=int(max(pred.max(), y.max(), target.max())) + 1).float()
+    return float(goal_met(onehot, y.cpu(), target.cpu()).float().mean())
