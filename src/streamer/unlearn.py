@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field, fields, replace
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +34,8 @@ class UnlearnConfig:
     margin: float = 1.0
     weighting: str = "fragment"  # fragment: forget term / k, adv term mean; proportional: paper's Eq. 6
     optimizer: str = "adam"  # adam | sgd
-    lr: float = 1e-4
-    max_steps: int = 400
+    lr: float = 3e-4
+    max_steps: int = 1000
     max_seconds: float = 600.0
     train_mode: bool = False  # False keeps BatchNorm statistics and dropout frozen (eval mode)
     # adversarial regulariser (Eq. 6)
@@ -50,7 +50,8 @@ class UnlearnConfig:
     # weight importance regulariser (Eq. 7)
     imp_lambda: float = 0.0
     # data-free distillation from the original model, on inputs made from the forget set
-    distill_weight: float = 1.0
+    distill_weight: float = 10.0
+    distill_halve_every: int = 400  # halve the distillation weight every this many steps (0: never)
     distill_batch: int = 128
     distill_temperature: float = 2.0
     # continual: keep the forgotten instances and hold all of them at their goal
@@ -101,6 +102,7 @@ def _validate(cfg: UnlearnConfig) -> None:
         (cfg.pgd_eps >= 0 and cfg.pgd_eps_ratio > 0, "pgd_eps must be >= 0 and pgd_eps_ratio > 0"),
         (min(cfg.adv_weight, cfg.imp_lambda, cfg.distill_weight, cfg.buffer_weight) >= 0, "weights must be >= 0"),
         (cfg.distill_temperature > 0, "distill_temperature must be > 0"),
+        (cfg.distill_halve_every >= 0, "distill_halve_every must be >= 0 (0: never)"),
         (min(cfg.adv_batch, cfg.distill_batch, cfg.buffer_batch) >= 1, "batch sizes must be >= 1"),
     ]
     for ok, message in checks:
@@ -130,7 +132,7 @@ class Fragment:
 @dataclass(frozen=True)
 class FragmentOutcome:
     goal_reached: bool  # every instance of the fragment (and every retained one) meets its goal
-    stopped_by: str  # goal | step_cap | time_cap
+    stopped_by: str  # goal | step_cap | time_cap | cancelled
     steps: int
     seconds: float
     fragment_met: list[bool]  # per instance of the fragment
@@ -141,6 +143,10 @@ class FragmentOutcome:
 
 
 Progress = Callable[[int, float, int], None]  # (step, loss, instances missing their goal)
+
+
+class Cancelled(Protocol):
+    def is_set(self) -> bool: ...  # e.g. threading.Event
 
 
 class Unlearner:
@@ -159,7 +165,10 @@ class Unlearner:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.fragments_done = 0
 
-    def unlearn(self, fragment: Fragment, progress: Progress | None = None) -> FragmentOutcome:
+    def unlearn(self, fragment: Fragment, progress: Progress | None = None,
+                cancel: Cancelled | None = None) -> FragmentOutcome:
+        """Unlearn one fragment in place. With `cancel` set mid-way it stops with
+        stopped_by="cancelled": the model is then partly updated and must be discarded."""
         cfg, model = self.cfg, self.model
         fragment = fragment.to(self.device)
         stages: dict[str, float] = {}
@@ -198,7 +207,10 @@ class Unlearner:
                 if time.perf_counter() - t0 >= cfg.max_seconds:
                     stopped_by = "time_cap"
                     break
-                loss = self._loss(logits, objective, k, adv_x, adv_y, imp)
+                if cancel is not None and cancel.is_set():
+                    stopped_by = "cancelled"
+                    break
+                loss = self._loss(logits, objective, k, adv_x, adv_y, imp, steps)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -209,6 +221,9 @@ class Unlearner:
             model.train(was_training)
         stages["unlearn"] = time.perf_counter() - t0
 
+        if stopped_by == "cancelled":
+            return FragmentOutcome(False, stopped_by, steps, sum(stages.values()), [False] * k,
+                                   int((~met).sum()), resurrected, success_ratio, stages)
         if cfg.retain_forgotten:
             self.forgotten = objective  # the fragment joins the retained set
         self.fragments_done += 1
@@ -232,7 +247,7 @@ class Unlearner:
         keep = result.success if cfg.adv_only_successful else torch.ones_like(result.success)
         return result.x[keep], result.target[keep], result.success_rate
 
-    def _loss(self, logits, objective: Fragment, k: int, adv_x, adv_y, imp) -> torch.Tensor:
+    def _loss(self, logits, objective: Fragment, k: int, adv_x, adv_y, imp, step: int) -> torch.Tensor:
         cfg, model = self.cfg, self.model
         per_instance = forget_loss(cfg.forget_loss, logits, objective.y, objective.target, cfg.margin)
         n_adv = len(adv_y)
@@ -251,7 +266,7 @@ class Unlearner:
             inputs = self._distill_inputs(objective.x, adv_x)
             with torch.no_grad():
                 teacher = self.teacher(inputs)
-            loss = loss + cfg.distill_weight * distillation_loss(model(inputs), teacher, cfg.distill_temperature)
+            loss = loss + self._distill_weight(step) * distillation_loss(model(inputs), teacher, cfg.distill_temperature)
         if self.buffer is not None and cfg.buffer_weight > 0:
             pick = self._sample(len(self.buffer), cfg.buffer_batch)
             loss = loss + cfg.buffer_weight * F.cross_entropy(model(self.buffer.x[pick]), self.buffer.y[pick])
@@ -259,24 +274,35 @@ class Unlearner:
             loss = loss + cfg.imp_lambda * imp.penalty(model)
         return loss
 
+    def _distill_weight(self, step: int) -> float:
+        """Strong distillation keeps the most accuracy but can stall forgetting; halving it every
+        `distill_halve_every` steps trades a little accuracy for reaching the goal before the
+        step cap on the hardest fragments."""
+        every = self.cfg.distill_halve_every
+        return self.cfg.distill_weight * 0.5 ** (step // every if every > 0 else 0)
+
     def _sample(self, n: int, batch: int) -> torch.Tensor:
         if n <= batch:
             return torch.arange(n, device=self.device)
         return torch.randint(0, n, (batch,), generator=self.generator).to(self.device)
 
+    def _draw(self, n: int, count: int) -> torch.Tensor:
+        return torch.randint(0, n, (count,), generator=self.generator).to(self.device)
+
     def _distill_inputs(self, x: torch.Tensor, adv_x: torch.Tensor) -> torch.Tensor:
-        """(distill_batch, C, H, W) inputs made from the forget set alone: shifted + noisy
-        copies, mixup of pairs, and adversarial examples. The teacher's outputs on them carry
-        what the original model knew around the forget set."""
+        """(distill_batch, C, H, W) inputs made from the forget set alone: mixup of pairs,
+        shifted + noisy copies, and the adversarial examples -- never a forget instance as it
+        is, whose teacher output is exactly what must be unlearned. The teacher's outputs on
+        them carry what the original model knew around the forget set."""
         n, g, dev = self.cfg.distill_batch, self.generator, self.device
         pool = torch.cat([x, adv_x]) if len(adv_x) else x
-        a = pool[self._sample(len(pool), n)]
-        b = pool[self._sample(len(pool), n)]
+        a = pool[self._draw(len(pool), n)]
+        b = pool[self._draw(len(pool), n)]
         lam = torch.rand(n, 1, 1, 1, generator=g).to(dev)
         mixed = lam * a + (1 - lam) * b
         shifts = torch.randint(-2, 3, (2,), generator=g).tolist()
-        shifted = torch.roll(a, shifts=shifts, dims=(2, 3))
-        noise = 0.1 * torch.randn(a.shape, generator=g).to(dev)
+        noisy = torch.roll(a, shifts=shifts, dims=(2, 3)) + 0.1 * torch.randn(a.shape, generator=g).to(dev)
+        adv = adv_x[self._draw(len(adv_x), n)] if len(adv_x) else noisy
         choice = torch.randint(0, 3, (n, 1, 1, 1), generator=g).to(dev)
-        out = torch.where(choice == 0, mixed, torch.where(choice == 1, shifted + noise, a))
+        out = torch.where(choice == 0, mixed, torch.where(choice == 1, noisy, adv))
         return out.clamp(0.0, 1.0)

@@ -1,0 +1,338 @@
+"""Prometheus metrics of the daemon, and the small HTTP server that exposes them.
+
+`Metrics` owns every metric on the registry it is given (tests pass a fresh
+`CollectorRegistry`). Labels only ever take the closed sets below: request ids and subjects
+never become labels, so the number of series stays fixed.
+
+The audit gauges (`streamer_accuracy_ratio{set="audit"}`, the drift and the baseline) stay
+absent until an audit accuracy is known: a deployment without audit data (`data.audit: null`)
+must not expose a zero that reads as "audit accuracy collapsed" and fires the drift alert.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+ACCURACY_SETS = ("fragment", "forgotten", "audit")
+REQUEST_OUTCOMES = ("forgotten", "relabelled", "duplicate", "rejected", "failed")
+FRAGMENT_OUTCOMES = ("goal", "step_cap", "time_cap", "failed")
+STAGES = ("resolve", "adversarial", "importance", "unlearn", "evaluate", "checkpoint")
+
+# 10 ms (decoding one request) .. 30 min (a fragment running into unlearning.max_seconds with
+# a slow checkpoint store), roughly 1-2.5-5 per decade.
+STAGE_BUCKETS_SECONDS = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0, 300.0, 600.0, 900.0, 1200.0, 1800.0,
+)
+
+__all__ = [
+    "ACCURACY_SETS",
+    "FRAGMENT_OUTCOMES",
+    "REQUEST_OUTCOMES",
+    "STAGES",
+    "STAGE_BUCKETS_SECONDS",
+    "Metrics",
+    "MetricsServer",
+    "serve",
+]
+
+
+def _check_member(kind: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {kind} {value!r}; expected one of {', '.join(allowed)}")
+
+
+def _check_ratio(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be a ratio in [0, 1], got {value!r}")
+
+
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def _check_seconds(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be finite, non-negative seconds, got {value!r}")
+
+
+class _OptionalGauge(Collector):
+    """A label-less gauge with no sample until it is first set (prometheus_client's `Gauge`
+    always exposes 0). HELP and TYPE are exposed either way, like a labelled gauge with no
+    children."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._value: float | None = None
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def set(self, value: float) -> None:
+        with self._lock:
+            self._value = float(value)
+
+    @property
+    def value(self) -> float | None:
+        with self._lock:
+            return self._value
+
+    def describe(self) -> Iterable[Metric]:
+        return [GaugeMetricFamily(self._name, self._documentation)]
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(self._name, self._documentation)
+        value = self.value
+        if value is not None:
+            family.add_metric([], value)
+        return [family]
+
+
+class Metrics:
+    """Every metric the daemon exports, registered on `registry`."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.accuracy = Gauge(
+            "streamer_accuracy_ratio",
+            "Accuracy of the current model on a set of instances: the last fragment, every "
+            "forgotten instance (goal: 0), or the held-out audit set.",
+            ["set"],
+            registry=registry,
+        )
+        self.audit_drift = _OptionalGauge(
+            "streamer_audit_accuracy_drift_ratio",
+            "Audit accuracy of the original model minus that of the current model.",
+            registry,
+        )
+        self.audit_baseline = _OptionalGauge(
+            "streamer_audit_accuracy_baseline_ratio",
+            "Audit accuracy of the original model, before any unlearning.",
+            registry,
+        )
+        self.requests = Counter(
+            "streamer_requests",
+            "Deletion requests handled, by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.fragments = Counter(
+            "streamer_fragments",
+            "Fragments unlearned, by how the fragment ended.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.stage_duration = Histogram(
+            "streamer_stage_duration_seconds",
+            "Wall-clock duration of one pipeline stage.",
+            ["stage"],
+            buckets=STAGE_BUCKETS_SECONDS,
+            registry=registry,
+        )
+        self.checkpoint_version = Gauge(
+            "streamer_checkpoint_version",
+            "Number in the name of the last published checkpoint version.",
+            registry=registry,
+        )
+        self.consumer_lag = Gauge(
+            "streamer_consumer_lag_messages",
+            "Deletion requests on the requests topic not yet consumed.",
+            registry=registry,
+        )
+        self.last_fragment_timestamp = Gauge(
+            "streamer_last_fragment_timestamp_seconds",
+            "Unix time at which the last fragment finished.",
+            registry=registry,
+        )
+        self.fragment_steps = Gauge(
+            "streamer_fragment_steps",
+            "Optimizer steps taken by the last fragment.",
+            registry=registry,
+        )
+        self.forgotten_instances = Gauge(
+            "streamer_forgotten_instances",
+            "Instances in the retained forgotten set.",
+            registry=registry,
+        )
+        self._audit_accuracy: float | None = None
+        self._audit_lock = threading.RLock()
+        # Pre-initialised so that increase()/rate() see the first event, and dashboards show 0
+        # rather than "no data".
+        for outcome in REQUEST_OUTCOMES:
+            self.requests.labels(outcome=outcome)
+        for outcome in FRAGMENT_OUTCOMES:
+            self.fragments.labels(outcome=outcome)
+        for stage in STAGES:
+            self.stage_duration.labels(stage=stage)
+
+    def observe_fragment(
+        self,
+        outcome: str,
+        steps: int,
+        stage_seconds: Mapping[str, float],
+        accuracies: Mapping[str, float],
+        version: int,
+        timestamp: float,
+    ) -> None:
+        """Record one finished fragment. Everything is checked before anything is recorded.
+
+        `accuracies` maps a set ("fragment", "forgotten", "audit") to a ratio; a set left out
+        keeps its previous value, or stays absent if it never had one.
+        """
+        _check_member("fragment outcome", outcome, FRAGMENT_OUTCOMES)
+        _check_count("steps", steps)
+        for stage, seconds in stage_seconds.items():
+            _check_member("stage", stage, STAGES)
+            _check_seconds(f"stage_seconds[{stage!r}]", seconds)
+        for name, value in accuracies.items():
+            _check_member("accuracy set", name, ACCURACY_SETS)
+            _check_ratio(f"accuracies[{name!r}]", value)
+        _check_count("version", version)
+        _check_seconds("timestamp", timestamp)
+
+        self.fragments.labels(outcome=outcome).inc()
+        self.fragment_steps.set(steps)
+        for stage, seconds in stage_seconds.items():
+            self.stage_duration.labels(stage=stage).observe(seconds)
+        for name, value in accuracies.items():
+            self.accuracy.labels(set=name).set(value)
+        if "audit" in accuracies:
+            with self._audit_lock:
+                self._audit_accuracy = float(accuracies["audit"])
+            self._update_drift()
+        self.checkpoint_version.set(version)
+        self.last_fragment_timestamp.set(timestamp)
+
+    def set_audit_baseline(self, accuracy: float) -> None:
+        """Record the original model's audit accuracy; drift is measured from it."""
+        _check_ratio("audit baseline accuracy", accuracy)
+        self.audit_baseline.set(accuracy)
+        self._update_drift()
+
+    def set_checkpoint(self, version: int, timestamp: float) -> None:
+        """Record the checkpoint the daemon resumed from at start-up, before any fragment."""
+        _check_count("version", version)
+        _check_seconds("timestamp", timestamp)
+        self.checkpoint_version.set(version)
+        self.last_fragment_timestamp.set(timestamp)
+
+    def count_request(self, outcome: str) -> None:
+        """Count one handled deletion request."""
+        _check_member("request outcome", outcome, REQUEST_OUTCOMES)
+        self.requests.labels(outcome=outcome).inc()
+
+    def set_lag(self, messages: int) -> None:
+        """Record how many requests wait on the requests topic."""
+        _check_count("consumer lag", messages)
+        self.consumer_lag.set(messages)
+
+    def set_forgotten(self, instances: int) -> None:
+        """Record the size of the retained forgotten set."""
+        _check_count("forgotten instances", instances)
+        self.forgotten_instances.set(instances)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        """Record one stage run outside `observe_fragment` (e.g. resolving one request)."""
+        _check_member("stage", stage, STAGES)
+        _check_seconds("seconds", seconds)
+        self.stage_duration.labels(stage=stage).observe(seconds)
+
+    def _update_drift(self) -> None:
+        with self._audit_lock:
+            baseline = self.audit_baseline.value
+            if baseline is not None and self._audit_accuracy is not None:
+                self.audit_drift.set(baseline - self._audit_accuracy)
+
+
+class MetricsServer:
+    """A running metrics/health server; `close()` stops it and frees the port."""
+
+    def __init__(self, httpd: ThreadingHTTPServer, thread: threading.Thread) -> None:
+        self._httpd = httpd
+        self._thread = thread
+
+    @property
+    def host(self) -> str:
+        return str(self._httpd.server_address[0])
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _probe(check: Callable[[], bool]) -> bool:
+    # A probe that raises is a failing probe, not a crashed request thread.
+    try:
+        return bool(check())
+    except Exception:
+        return False
+
+
+def serve(
+    metrics_registry: CollectorRegistry,
+    host: str,
+    port: int,
+    health: Callable[[], bool],
+    ready: Callable[[], bool],
+) -> MetricsServer:
+    """Serve /metrics, /healthz and /readyz on a daemon thread; port 0 picks a free port.
+
+    /healthz answers 200 while `health()` is true (liveness: restart when it is not), /readyz
+    200 while `ready()` is true (model loaded, consumer assigned), 503 otherwise.
+    """
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._reply(200, CONTENT_TYPE_LATEST, generate_latest(metrics_registry))
+            elif path == "/healthz":
+                self._reply_probe(health)
+            elif path == "/readyz":
+                self._reply_probe(ready)
+            else:
+                self._reply(404, "text/plain; charset=utf-8", b"not found\n")
+
+        def _reply_probe(self, check: Callable[[], bool]) -> None:
+            if _probe(check):
+                self._reply(200, "text/plain; charset=utf-8", b"ok\n")
+            else:
+                self._reply(503, "text/plain; charset=utf-8", b"unavailable\n")
+
+        def _reply(self, status: int, content_type: str, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            # Scrapes every 15 s would flood stderr; access logs are not wanted here.
+            pass
+
+    httpd = ThreadingHTTPServer((host, port), Handler)
+    httpd.daemon_threads = True
+    # poll_interval bounds how long close() waits for the serving loop to notice shutdown.
+    thread = threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="metrics-http", daemon=True
+    )
+    thread.start()
+    return MetricsServer(httpd, thread)
