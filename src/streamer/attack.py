@@ -53,9 +53,11 @@ def targeted_l2_pgd(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    start = _random_in_ball(x.shape, eps, generator, x.device)  # drawn once: chunking changes nothing
     try:
         chunks = [
-            _attack_chunk(model, x[i : i + chunk_size], target[i : i + chunk_size], eps, step_size, steps, generator)
+            _attack_chunk(model, x[i : i + chunk_size], start[i : i + chunk_size], target[i : i + chunk_size],
+                          eps, step_size, steps)
             for i in range(0, len(x), chunk_size)
         ]
     finally:
@@ -70,9 +72,9 @@ def targeted_l2_pgd(
     return AttackResult(x_adv, target.clone(), success)
 
 
-def _attack_chunk(model, x, target, eps, step_size, steps, generator) -> torch.Tensor:
+def _attack_chunk(model, x, start, target, eps, step_size, steps) -> torch.Tensor:
     x = x.detach()
-    x_adv = (x + _random_in_ball(x.shape, eps, generator, x.device)).clamp(0.0, 1.0)
+    x_adv = (x + start).clamp(0.0, 1.0)
     for _ in range(steps):
         x_adv.requires_grad_(True)
         loss = F.cross_entropy(model(x_adv), target, reduction="sum")

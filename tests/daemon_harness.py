@@ -1,0 +1,186 @@
+"""Run the daemon as a real subprocess against a broker: config files, process control, topic I/O.
+
+Used by tests/test_daemon_e2e.py and benchmarks/daemon_latency.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+
+from kafka_broker import create_topics
+
+# Caps small enough for a loaded 2-core CPU, large enough that digits fragments reach their goal.
+FAST_UNLEARNING: dict[str, Any] = {
+    "method": "default", "fragment_size": 4, "max_wait_s": 2.0, "max_steps": 300, "max_seconds": 120.0,
+    "retain_forgotten": True, "lr": 0.003, "pgd_steps": 10, "n_adv": 4, "distill_batch": 32,
+    "distill_weight": 1.0,
+}
+
+
+def train_digits(out: Path, epochs: int = 12, seed: int = 0) -> Path:
+    """The digits reference CNN trained for a few epochs (seconds), saved as a state_dict."""
+    from streamer.data import load_splits
+    from streamer.train import fit, reference_model
+
+    torch.manual_seed(seed)
+    model = reference_model("digits")
+    fit(model, load_splits("digits").train, epochs, seed=seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out)
+    return out
+
+
+def new_topics(bootstrap: str, prefix: str) -> dict[str, str]:
+    """Four fresh single-partition topics: requests, receipts, dead_letter, checkpoints."""
+    tag = uuid.uuid4().hex[:10]
+    topics = {name: f"{prefix}.{name}.{tag}" for name in ("requests", "receipts", "dead_letter", "checkpoints")}
+    create_topics(bootstrap, topics.values(), 1)
+    return topics
+
+
+def write_config(directory: Path, bootstrap: str, topics: dict[str, str], weights: Path,
+                 unlearning: dict[str, Any] | None = None, kafka: dict[str, Any] | None = None,
+                 data: dict[str, Any] | None = None) -> Path:
+    """A config.yaml in `directory` with its own checkpoint dir, group and a free metrics port."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {
+        "device": "cpu",
+        "model": {"source": "reference:digits", "weights": str(weights), "num_classes": 10,
+                  "input_shape": [1, 8, 8], "mean": [0.0], "std": [1.0]},
+        "data": {"uri_roots": [str(directory / "data")], "max_payload_bytes": 1_000_000,
+                 "datasets": {"digits": {"builtin": "digits", "split": "train"}},
+                 "audit": {"builtin": "digits", "split": "audit"}, "buffer": None, **(data or {})},
+        "unlearning": {**FAST_UNLEARNING, **(unlearning or {})},
+        "kafka": {"bootstrap_servers": bootstrap, "group_id": f"streamer.{uuid.uuid4().hex[:10]}",
+                  "topics": topics, "client": {}, **(kafka or {})},
+        "checkpoints": {"dir": "checkpoints", "keep": 0},
+        "metrics": {"host": "127.0.0.1", "port": 0},
+        "logging": {"level": "info"},
+    }
+    (directory / "data").mkdir(exist_ok=True)
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+class DaemonProcess:
+    """`python -m streamer.cli run --config PATH` with its JSON log lines captured in a file."""
+
+    def __init__(self, config: Path, log_path: Path, crash_at: str | None = None):
+        self.config, self.log_path = config, log_path
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        env.pop("STREAMER_CRASH_AT", None)
+        if crash_at:
+            env["STREAMER_CRASH_AT"] = crash_at
+        self._log = open(log_path, "ab")  # noqa: SIM115 (closed in wait)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "streamer.cli", "run", "--config", str(config)],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env,
+        )
+
+    def events(self) -> list[dict[str, Any]]:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def wait_for(self, event: str, timeout_s: float = 60.0,
+                 where: Callable[[dict[str, Any]], bool] = lambda e: True, count: int = 1) -> list[dict[str, Any]]:
+        """Block until `count` log lines with this event (and predicate) exist; fail on exit or timeout."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = [e for e in self.events() if e.get("event") == event and where(e)]
+            if len(found) >= count:
+                return found
+            if self.process.poll() is not None:
+                raise AssertionError(f"daemon exited ({self.process.returncode}) before {count} x {event}:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {count} x {event} within {timeout_s} s:\n{self.tail()}")
+            time.sleep(0.1)
+
+    def metrics_port(self) -> int:
+        return int(self.wait_for("metrics_serving")[-1]["port"])
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port()}{path}", timeout=5) as reply:
+                return reply.status, reply.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM, then wait for the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.wait(timeout_s)
+
+    def wait(self, timeout_s: float = 60.0) -> int:
+        try:
+            code = self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"daemon did not exit within {timeout_s} s:\n{self.tail()}") from None
+        finally:
+            self._log.close()
+        return code
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes]]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    try:
+        for key, value in records:
+            producer.send(topic, key=key, value=value)
+        producer.flush(timeout=30)
+    finally:
+        producer.close()
+
+
+def read_topic(bootstrap: str, topic: str, expected: int = 0, timeout_s: float = 30.0,
+               settle_s: float = 1.0) -> list[ConsumerRecord]:
+    """Every record of partition 0 of `topic`: at least `expected`, then whatever arrives within `settle_s`."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    tp = TopicPartition(topic, 0)
+    consumer.assign([tp])
+    consumer.seek(tp, 0)
+    records: list[ConsumerRecord] = []
+    deadline = time.monotonic() + timeout_s
+    settle_until: float | None = None
+    try:
+        while True:
+            for batch in consumer.poll(timeout_ms=200).values():
+                records.extend(batch)
+            now = time.monotonic()
+            if len(records) >= expected:
+                settle_until = settle_until or now + settle_s
+                if now >= settle_until:
+                    return records
+            elif now > deadline:
+                raise AssertionError(f"{topic}: {len(records)} of {expected} records within {timeout_s} s")
+    finally:
+        consumer.close()
+
+
+def values(records: Sequence[ConsumerRecord]) -> list[dict[str, Any]]:
+    return [json.loads(r.value) for r in records]

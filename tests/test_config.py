@@ -1,0 +1,165 @@
+"""Tests for streamer.config: config.yaml parsed into frozen dataclasses, every error names its key."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from streamer.config import DaemonConfig, DatasetRef, load_config, parse_config
+from streamer.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def raw() -> dict[str, Any]:
+    """The repository's config.yaml as a plain mapping."""
+    return yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def _parse(raw: dict[str, Any], base: Path = Path("/base")) -> DaemonConfig:
+    return parse_config(raw, base_dir=base)
+
+
+def _set(raw: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    *parents, last = dotted.split(".")
+    node = out
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return out
+
+
+class TestRepositoryConfig:
+    def test_config_yaml_loads(self) -> None:
+        """The documented config.yaml parses into typed sections with its values."""
+        cfg = load_config(ROOT / "config.yaml")
+        assert cfg.device == "auto"
+        assert cfg.model.input_shape == (1, 8, 8) and cfg.model.num_classes == 10
+        assert cfg.unlearning.fragment_size == 8 and cfg.unlearning.max_wait_s == 5.0
+        assert cfg.unlearning.engine.max_steps == 400 and cfg.unlearning.engine.retain_forgotten is True
+        assert cfg.kafka.topics.dead_letter == "streamer.dead-letter"
+        assert cfg.kafka.max_poll_interval_ms == 300_000
+        assert cfg.data.datasets["digits"] == DatasetRef(builtin="digits", split="train")
+        assert cfg.data.audit == DatasetRef(builtin="digits", split="audit") and cfg.data.buffer is None
+        assert cfg.checkpoints.keep == 0 and cfg.metrics.port == 9108 and cfg.logging.level == "info"
+
+    @pytest.mark.parametrize("path", ["deploy/config.compose.yaml", "deploy/k8s/configmap.yaml"])
+    def test_deployed_configs_load(self, path: str, tmp_path: Path) -> None:
+        """The configs shipped in deploy/ pass the same validation as config.yaml."""
+        text = (ROOT / path).read_text()
+        if path.endswith("configmap.yaml"):
+            text = yaml.safe_load(text)["data"]["config.yaml"]
+        (tmp_path / "config.yaml").write_text(text)
+        cfg = load_config(tmp_path / "config.yaml")
+        assert cfg.checkpoints.dir.is_absolute() and Path(cfg.model.weights or "").is_absolute()
+
+    def test_relative_paths_resolve_against_the_config_directory(self, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+        """Weights, uri roots, dataset files and the checkpoint dir do not depend on the working directory."""
+        conf = tmp_path / "conf"
+        conf.mkdir()
+        text = (ROOT / "config.yaml").read_text().replace("audit: {builtin: digits, split: audit}",
+                                                          "audit: {path: sets/audit.pt}")
+        (conf / "config.yaml").write_text(text)
+        monkeypatch.chdir(tmp_path)
+        cfg = load_config(Path("conf") / "config.yaml")
+        assert cfg.model.weights == str(conf.resolve() / "artifacts" / "digits.pt")
+        assert cfg.data.uri_roots == (conf.resolve() / "data",)
+        assert cfg.data.audit == DatasetRef(path=conf.resolve() / "sets" / "audit.pt")
+        assert cfg.checkpoints.dir == conf.resolve() / "runs" / "checkpoints"
+        assert os.getcwd() == str(tmp_path)
+
+    def test_config_is_frozen(self) -> None:
+        """Sections cannot be modified after parsing."""
+        cfg = load_config(ROOT / "config.yaml")
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            cfg.unlearning.fragment_size = 1  # type: ignore[misc]
+        with pytest.raises(TypeError):
+            cfg.kafka.client["security_protocol"] = "SSL"  # type: ignore[index]
+
+
+class TestErrors:
+    @pytest.mark.parametrize("dotted", ["surprise", "kafka.topics.extra", "unlearning.bogus_rate",
+                                        "data.audit.nonsense", "metrics.path", "model.colour"])
+    def test_unknown_keys_are_named(self, raw: dict[str, Any], dotted: str) -> None:
+        """A key nobody reads is an error that names it with its full path."""
+        with pytest.raises(ConfigError, match=dotted.replace(".", r"\.")):
+            _parse(_set(raw, dotted, 1))
+
+    @pytest.mark.parametrize(("dotted", "value", "message"), [
+        ("metrics.port", "ninety", r"metrics\.port: must be an integer"),
+        ("metrics.port", 70000, r"metrics\.port: must be <= 65535"),
+        ("unlearning.fragment_size", 0, r"unlearning\.fragment_size: must be >= 1"),
+        ("unlearning.max_wait_s", -1, r"unlearning\.max_wait_s: must be >= 0"),
+        ("unlearning.max_steps", 1.5, r"unlearning\.max_steps: must be a int"),
+        ("unlearning.retain_forgotten", "yes", r"unlearning\.retain_forgotten: must be a bool"),
+        ("unlearning.method", "magic", r"unlearning\.method 'magic'"),
+        ("unlearning.lr", 0, r"lr must be > 0"),
+        ("device", "tpu", r"device: must be one of auto, cpu, cuda"),
+        ("model.input_shape", [8, 8], r"model\.input_shape: must be \[C, H, W\]"),
+        ("model.std", [0.0], r"model\.std: values must be > 0"),
+        ("model.weights", None, r"model\.weights: is required"),
+        ("checkpoints.keep", -1, r"checkpoints\.keep: must be >= 0"),
+        ("kafka.max_poll_interval_ms", 10, r"kafka\.max_poll_interval_ms: must be >= 1000"),
+        ("kafka.topics.receipts", "streamer.requests", r"kafka\.topics: .* four different topics"),
+        ("kafka.client", ["x"], r"kafka\.client: must be a mapping"),
+        ("data.audit", {"builtin": "digits", "path": "x.pt"}, r"data\.audit: needs exactly one of"),
+        ("data.audit", {"builtin": "cifar"}, r"data\.audit\.builtin: must be one of digits, mnist5k"),
+        ("data.datasets.digits", {"builtin": "digits", "split": "test"}, r"data\.datasets\.digits\.split"),
+        ("logging.level", "loud", r"logging\.level: must be one of"),
+    ])
+    def test_bad_values_are_named(self, raw: dict[str, Any], dotted: str, value: Any, message: str) -> None:
+        """A value of the wrong type or range raises ConfigError naming the key and the problem."""
+        with pytest.raises(ConfigError, match=message):
+            _parse(_set(raw, dotted, value))
+
+    def test_model_section_is_required(self, raw: dict[str, Any]) -> None:
+        """Without a model section the daemon has nothing to unlearn."""
+        del raw["model"]
+        with pytest.raises(ConfigError, match=r"^model: is required"):
+            _parse(raw)
+
+    def test_unreadable_and_invalid_files(self, tmp_path: Path) -> None:
+        """A missing file and broken YAML are ConfigErrors naming the file."""
+        with pytest.raises(ConfigError, match="cannot read config"):
+            load_config(tmp_path / "missing.yaml")
+        (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+        with pytest.raises(ConfigError, match="not valid YAML"):
+            load_config(tmp_path / "bad.yaml")
+
+
+class TestSections:
+    def test_unlearning_keys_reach_the_engine(self, raw: dict[str, Any]) -> None:
+        """Every unlearning key except fragment_size and max_wait_s configures the engine's method."""
+        raw["unlearning"].update({"method": "neggrad", "max_steps": 7, "lr": 0.01})
+        cfg = _parse(raw)
+        assert (cfg.unlearning.engine.method, cfg.unlearning.engine.max_steps, cfg.unlearning.engine.lr) == ("neggrad", 7, 0.01)
+        assert cfg.unlearning.engine.n_adv == 0  # the neggrad preset still applies
+
+    def test_kafka_client_settings_and_bootstrap_list(self, raw: dict[str, Any]) -> None:
+        """kafka.client passes through as is and a bootstrap list is joined for kafka-python."""
+        raw["kafka"]["client"] = {"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN"}
+        raw["kafka"]["bootstrap_servers"] = ["a:9092", "b:9092"]
+        cfg = _parse(raw)
+        assert dict(cfg.kafka.client) == {"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN"}
+        assert cfg.kafka.bootstrap_servers == "a:9092,b:9092"
+
+    def test_torchscript_source_path_is_resolved(self, raw: dict[str, Any]) -> None:
+        """A torchscript model needs no weights file and its path resolves like the others."""
+        raw["model"].update({"source": "torchscript:models/net.pt", "weights": None})
+        cfg = _parse(raw, base=Path("/srv/conf"))
+        assert cfg.model.source == "torchscript:/srv/conf/models/net.pt" and cfg.model.weights is None
+
+    def test_audit_and_buffer_may_be_null(self, raw: dict[str, Any]) -> None:
+        """data.audit: null turns the audit gauges off; data.buffer: null turns the retain buffer off."""
+        raw["data"]["audit"] = None
+        raw["data"]["buffer"] = {"builtin": "digits", "split": "buffer"}
+        cfg = _parse(raw)
+        assert cfg.data.audit is None and cfg.data.buffer == DatasetRef(builtin="digits", split="buffer")
