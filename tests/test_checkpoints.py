@@ -128,14 +128,16 @@ class TestAtomicity:
         assert store.versions() == ["v000000", "v000001"]
         assert [p.name for p in store.root.iterdir() if p.name.startswith(".tmp")] == []
 
-    def test_stale_temp_dirs_are_removed_on_open(self, tmp_path: Path) -> None:
-        """A temp dir left by a crash mid-publish is never a version and is cleaned up."""
+    def test_stale_temp_dirs_are_removed_on_recover(self, tmp_path: Path) -> None:
+        """A temp dir left by a crash mid-publish is never a version, and the writer's recover() removes it."""
         store = CheckpointStore(tmp_path)
         _publish_chain(store, 1)
         (tmp_path / ".tmp-v000002-deadbeef").mkdir()
         (tmp_path / ".tmp-v000002-deadbeef" / "model.pt").write_bytes(b"partial")
-        reopened = CheckpointStore(tmp_path)
-        assert reopened.versions() == ["v000000", "v000001"]
+        reader = CheckpointStore(tmp_path)
+        assert reader.versions() == ["v000000", "v000001"]
+        assert (tmp_path / ".tmp-v000002-deadbeef").exists()  # a reader never touches the writer's files
+        assert reader.recover() == [".tmp-v000002-deadbeef"]
         assert not (tmp_path / ".tmp-v000002-deadbeef").exists()
 
     def test_files_are_fsynced_before_the_rename(self, store: CheckpointStore, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -162,15 +162,23 @@ class Checkpoint:
 
 
 class CheckpointStore:
-    """The version directories under `root`. Single writer: one daemon per directory."""
+    """The version directories under `root`. One writer (the daemon) per directory; readers
+    (`streamer checkpoints`, `streamer verify`, serving systems) may look at any time."""
 
     def __init__(self, root: str | Path, keep: int = 0, clock: Callable[[], float] = time.time):
         if keep < 0:
             raise ValueError(f"keep must be >= 0 (0 keeps all), got {keep}")
         self.root, self.keep, self._clock = Path(root), keep, clock
+
+    def recover(self) -> list[str]:
+        """Writer start-up: create the directory and delete temp files a crash mid-publish left
+        (they were never visible as versions). Never call it while another process publishes."""
         self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob(f"{_TEMP_PREFIX}*"):  # left by a crash mid-publish: never visible
+        removed = []
+        for stale in self.root.glob(f"{_TEMP_PREFIX}*"):
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+            removed.append(stale.name)
+        return removed
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -186,6 +194,8 @@ class CheckpointStore:
 
     def versions(self) -> list[str]:
         """Version directories on disk, oldest first."""
+        if not self.root.is_dir():
+            return []
         found = [p.name for p in self.root.iterdir() if p.is_dir() and _VERSION.fullmatch(p.name)]
         return sorted(found, key=version_number)
 
@@ -251,6 +261,7 @@ class CheckpointStore:
         )
         manifest_bytes = (json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n").encode("utf-8")
         temp = self.root / f"{_TEMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}"
+        self.root.mkdir(parents=True, exist_ok=True)
         temp.mkdir()
         try:
             _write_synced(temp / MODEL_FILE, model_bytes)

@@ -46,21 +46,21 @@ from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry
 
 from . import outputs
-from .checkpoints import BASE_VERSION, CheckpointStore, ForgottenSet, Manifest, rfc3339
+from .checkpoints import BASE_VERSION, Checkpoint, CheckpointStore, ForgottenSet, Manifest, rfc3339
 from .config import DaemonConfig
 from .errors import ConfigError, StreamerError
 from .evaluate import accuracy
 from .events import ForgetRequest, InvalidEvent, SampleContext, parse_event, request_id_of
 from .fragments import FragmentResult, FragmentWorker
 from .kafka_io import consumer_lag, ensure_topics, make_consumer, make_producer
-from .ledger import Ledger, Outcome, reconcile
+from .ledger import LEDGER_FILE, Ledger, Outcome, reconcile
 from .metrics import REQUEST_OUTCOMES, Metrics, MetricsServer, serve
 from .models import load_model
+from .rollback import DirectoryLock, answer_request, kafka_earliest, run_rollback, take_request
 from .resources import load_dataset_ref, resolve_device
 
 CRASH_ENV = "STREAMER_CRASH_AT"
 CRASH_POINTS = ("during_unlearn", "after_checkpoint", "after_ledger", "after_receipts")
-LEDGER_FILE = "ledger.sqlite3"
 POLL_TIMEOUT_MS = 200  # the longest the loop waits for records, a signal or a due fragment
 HEALTH_STALL_S = 60.0  # /healthz fails when the main loop has not ticked for this long
 LAG_EVERY_S = 1.0
@@ -148,7 +148,7 @@ class Daemon:
         self._crash = crash if crash is not None else CrashHook()
         self._stop = threading.Event()
         self._cancel = threading.Event()
-        self._last_tick = monotonic()
+        self._last_tick: float | None = None  # None until the loop runs (start-up counts as healthy)
         self._model_loaded = False
         self._assigned: frozenset[TopicPartition] = frozenset()
         self._fragment_running = False
@@ -196,14 +196,42 @@ class Daemon:
     # --- start-up ----------------------------------------------------------------------------
 
     def _start(self) -> None:
-        cfg = self.cfg
         # The engine reports progress with float(loss) on a tensor that requires grad: harmless.
         warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
+        cfg = self.cfg
         self._server = serve(self._registry, cfg.metrics.host, cfg.metrics.port, self._healthy, self._ready)
         self._log.info("metrics_serving", host=self._server.host, port=self._server.port)
+        checkpoint, baseline = self._load_state()
+        self._ledger = Ledger(self._store.root / LEDGER_FILE)
+        reconciled = reconcile(self._ledger, self._store.lineage(checkpoint.manifest.version))
+        counts = self._ledger.counts()
+        for outcome in REQUEST_OUTCOMES:  # counters continue from the ledger, so they never reset
+            if counts[outcome]:
+                self.metrics.requests.labels(outcome=outcome).inc(counts[outcome])
+        if baseline is not None:
+            self.metrics.set_audit_baseline(baseline)
+        self.metrics.set_checkpoint(checkpoint.manifest.number, _timestamp(checkpoint.manifest.created_at))
+        self.metrics.set_forgotten(len(checkpoint.forgotten))
+        self._model_loaded = True
+        self._log.info("checkpoint_loaded", version=self._version, forgotten=len(checkpoint.forgotten),
+                       offsets=checkpoint.manifest.offsets, audit_baseline=baseline,
+                       ledger_rows_added=reconciled.added, ledger_rows_rolled_back=reconciled.rolled_back)
+        self._connect(checkpoint)
+
+    def _load_state(self) -> tuple[Checkpoint, float | None]:
+        """CURRENT (publishing the configured weights as v000000 on the very first start), the
+        engine around it and the sample context. Returns CURRENT and the base's audit accuracy."""
+        cfg = self.cfg
         device = resolve_device(cfg.device)
         store = CheckpointStore(cfg.checkpoints.dir, cfg.checkpoints.keep, self._clock)
+        stale = store.recover()
+        if stale:
+            self._log.info("stale_temp_files_removed", files=stale)
         self._store = store
+        self._lock = DirectoryLock(store.root)
+        if not self._lock.acquire():
+            raise FragmentError(f"{store.root} is locked by another process ({store.root / 'LOCK'}): "
+                                "one daemon per checkpoint directory")
         base = load_model(cfg.model, device)
         audit = load_dataset_ref(cfg.data.audit, cfg.model.input_shape) if cfg.data.audit else None
         buffer = load_dataset_ref(cfg.data.buffer, cfg.model.input_shape) if cfg.data.buffer else None
@@ -212,8 +240,8 @@ class Daemon:
             store.publish(None, base.state_dict(), ForgottenSet.empty(cfg.model.input_shape), metrics=metrics)
             self._log.info("base_version_published", version=BASE_VERSION, weights=cfg.model.weights)
         current = store.current_version() or BASE_VERSION
-        checkpoint = store.load(current)
-        if current != BASE_VERSION and (store.path(BASE_VERSION)).is_dir():
+        checkpoint = store.load(current)  # sha256 verified
+        if current != BASE_VERSION and store.path(BASE_VERSION).is_dir():
             base.load_state_dict(store.load(BASE_VERSION).state_dict)  # the lineage's own base is the teacher
         model = deepcopy(base)
         model.load_state_dict(checkpoint.state_dict)
@@ -228,23 +256,12 @@ class Daemon:
         )
         self._version = checkpoint.manifest.version
         self._offsets = {t: dict(p) for t, p in checkpoint.manifest.offsets.items()}
+        self._log.info("model_loaded", version=current, device=str(device), source=cfg.model.source)
+        return checkpoint, baseline
 
-        self._ledger = Ledger(store.root / LEDGER_FILE)
-        reconciled = reconcile(self._ledger, store.lineage(current))
-        counts = self._ledger.counts()
-        for outcome in REQUEST_OUTCOMES:  # counters continue from the ledger, so they never reset
-            if counts[outcome]:
-                self.metrics.requests.labels(outcome=outcome).inc(counts[outcome])
-        if baseline is not None:
-            self.metrics.set_audit_baseline(baseline)
-        self.metrics.set_checkpoint(checkpoint.manifest.number, _timestamp(checkpoint.manifest.created_at))
-        self.metrics.set_forgotten(len(checkpoint.forgotten))
-        self._model_loaded = True
-        self._log.info("checkpoint_loaded", version=current, forgotten=len(checkpoint.forgotten),
-                       offsets=checkpoint.manifest.offsets, device=str(device), audit_baseline=baseline,
-                       ledger_rows_added=reconciled.added, ledger_rows_rolled_back=reconciled.rolled_back)
-
-        kafka = cfg.kafka
+    def _connect(self, checkpoint: Checkpoint) -> None:
+        """Producer first (owed receipts, CURRENT's checkpoint record), then the consumer."""
+        kafka = self.cfg.kafka
         topics = kafka.topics
         try:
             ensure_topics(kafka.bootstrap_servers, kafka.client,
@@ -259,7 +276,7 @@ class Daemon:
                                        max_poll_interval_ms=kafka.max_poll_interval_ms)
         self._consumer.subscribe([topics.requests], listener=_Rebalance(self))
         self._log.info("daemon_started", version=self._version, group_id=kafka.group_id, topic=topics.requests,
-                       fragment_size=cfg.unlearning.fragment_size, max_wait_s=cfg.unlearning.max_wait_s)
+                       fragment_size=self.cfg.unlearning.fragment_size, max_wait_s=self.cfg.unlearning.max_wait_s)
 
     def _send_owed_receipts(self) -> None:
         owed = self._ledger.unsent_receipts()
@@ -278,6 +295,8 @@ class Daemon:
     def _step(self) -> None:
         consumer = self._consumer
         self._tick()
+        if not self._pending:
+            self._maybe_rollback()
         wait_ms = POLL_TIMEOUT_MS
         if self._pending:
             due_in = self._pending[0].received_at + self.cfg.unlearning.max_wait_s - self._monotonic()
@@ -288,6 +307,34 @@ class Daemon:
         self._update_lag()
         if self._fragment_due() and not self._stop.is_set():
             self._run_fragment()
+
+    def _maybe_rollback(self) -> None:
+        """Carry out an operator's `streamer rollback` between fragments (see rollback.py):
+        publish the new version, then resume consuming from its offsets so the rolled-back
+        requests are applied again."""
+        request = take_request(self._store.root)
+        if request is None:
+            return
+        kafka = self.cfg.kafka
+        answer = run_rollback(self._store, self._ledger, str(request.get("to")), bool(request.get("force")),
+                              kafka_earliest(kafka.bootstrap_servers, dict(kafka.client)))
+        if answer["ok"]:
+            checkpoint = self._store.load(answer["version"])
+            self._worker.reset(checkpoint.state_dict, checkpoint.forgotten)
+            self._version = checkpoint.manifest.version
+            self._offsets = {t: dict(p) for t, p in checkpoint.manifest.offsets.items()}
+            self._positions = {}
+            for tp in self._consumer.assignment():
+                offset = self._offsets.get(tp.topic, {}).get(tp.partition)
+                if offset is not None:
+                    self._consumer.seek(tp, offset)
+            key, value = outputs.checkpoint_record(checkpoint.manifest, checkpoint.path)
+            self._deliver([self._producer.send(kafka.topics.checkpoints, key=key, value=value)])
+            self.metrics.set_checkpoint(checkpoint.manifest.number, _timestamp(checkpoint.manifest.created_at))
+            self.metrics.set_forgotten(len(checkpoint.forgotten))
+        answer_request(self._store.root, request, answer)
+        self._log.bind(version=self._version).info("rollback", to=request.get("to"), ok=answer["ok"],
+                                                   message=answer["message"])
 
     def _fragment_due(self) -> bool:
         if not self._pending:
@@ -349,13 +396,15 @@ class Daemon:
         return Outcome(status=status, request_id=request_id, version=version, reason=reason, topic=record.topic,
                        partition=record.partition, offset=record.offset, subject=subject, completed_at=completed_at)
 
-    def _record(self, outcomes: Sequence[Outcome], extra: Sequence[Any] = (),
+    def _record(self, outcomes: Sequence[Outcome], extra: Sequence[tuple[str, bytes, bytes]] = (),
                 crash_point: str | None = None) -> None:
-        """Ledger rows, then receipts (+ `extra` sends) delivered, then the receipts noted as sent."""
+        """Ledger rows, then receipts and the `extra` (topic, key, value) records delivered, then the
+        receipts noted as sent."""
         seqs = self._ledger.append(outcomes)
         if crash_point is not None:
             self._crash.at(crash_point)
-        futures, sent = list(extra), []
+        futures = [self._producer.send(topic, key=key, value=value) for topic, key, value in extra]
+        sent = []
         for seq, outcome in zip(seqs, outcomes):
             if outcome.request_id is not None:
                 key, value = outputs.receipt(outcome)
@@ -432,7 +481,7 @@ class Daemon:
             self._crash.at("during_unlearn")
 
         result = self._worker.run([a.request for a in accepted], cancel=self._cancel, progress=progress)
-        if result is None:
+        if result is None or self._cancel.is_set():  # stopping: an unpublished fragment is abandoned
             return None
         self._crash.at("during_unlearn")  # also when the goal needed no step at all
         start = time.perf_counter()
@@ -453,8 +502,7 @@ class Daemon:
         outcomes = [Outcome.from_json({**entry, "version": manifest.version, "completed_at": manifest.created_at})
                     for entry in (*manifest.requests, *manifest.duplicates)]
         key, value = outputs.checkpoint_record(manifest, self._store.path(manifest.version))
-        record = self._producer.send(self.cfg.kafka.topics.checkpoints, key=key, value=value)
-        self._record(outcomes, extra=[record], crash_point="after_ledger")
+        self._record(outcomes, extra=[(self.cfg.kafka.topics.checkpoints, key, value)], crash_point="after_ledger")
         self._crash.at("after_receipts")
         self._commit(manifest.offsets)
         stopped_by = result.outcome.stopped_by
@@ -538,12 +586,14 @@ class Daemon:
         self._last_tick = self._monotonic()
 
     def _healthy(self) -> bool:
-        return self._monotonic() - self._last_tick < HEALTH_STALL_S
+        return self._last_tick is None or self._monotonic() - self._last_tick < HEALTH_STALL_S
 
     def _ready(self) -> bool:
         return self._model_loaded and bool(self._assigned) and not self._stop.is_set()
 
     def _close(self) -> None:
+        if hasattr(self, "_lock"):
+            self._lock.release()
         if hasattr(self, "_consumer"):
             try:
                 self._consumer.close(autocommit=False)

@@ -53,6 +53,13 @@ class FragmentWorker:
         self._unlearner = Unlearner(model, cfg, num_classes, buffer=buffer,
                                     forgotten=_as_fragment(forgotten) if len(forgotten) else None, teacher=teacher)
 
+    def reset(self, state_dict: dict[str, torch.Tensor], forgotten: ForgottenSet) -> None:
+        """Make the model and the retained set those of a checkpoint (after a rollback)."""
+        self.model.load_state_dict(state_dict)
+        self.forgotten = forgotten
+        device = next(self.model.parameters()).device
+        self._unlearner.forgotten = _as_fragment(forgotten).to(device) if len(forgotten) else None
+
     def run(self, requests: Sequence[ForgetRequest], cancel: threading.Event | None = None,
             progress: Callable[[int, float, int], None] | None = None) -> FragmentResult | None:
         """Unlearn `requests` as one fragment; None when cancelled (the model must then be discarded)."""

@@ -10,7 +10,7 @@ version): appending the same outcome twice is a no-op, which is what makes `reco
 re-read record safe. The checkpoint manifests are the source of truth for applied requests:
 `reconcile` copies into the ledger whatever CURRENT's lineage holds that the ledger lacks (a
 crash between checkpoint and ledger) and marks `rolled_back` what the ledger holds in versions
-newer than CURRENT (an operator rolled back; those requests will be applied again when re-read).
+outside CURRENT's lineage (an operator rolled back; those requests will be applied again when re-read).
 """
 from __future__ import annotations
 
@@ -23,11 +23,12 @@ from typing import Any
 from .checkpoints import Manifest
 from .errors import StreamerError
 
+LEDGER_FILE = "ledger.sqlite3"  # beside the version directories
 STATUSES = ("forgotten", "relabelled", "duplicate", "rejected", "failed", "rolled_back")
 APPLIED = ("forgotten", "relabelled", "failed")  # in the model (failed: applied, goal missed)
 RECEIPTED = ("forgotten", "relabelled", "duplicate", "rejected", "failed")  # statuses with a receipt
 
-__all__ = ["APPLIED", "RECEIPTED", "STATUSES", "Ledger", "LedgerError", "LedgerRow", "Outcome", "Reconciled", "reconcile"]
+__all__ = ["APPLIED", "LEDGER_FILE", "RECEIPTED", "STATUSES", "Ledger", "LedgerError", "LedgerRow", "Outcome", "Reconciled", "reconcile"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outcomes (
@@ -103,7 +104,7 @@ class LedgerRow:
 @dataclass(frozen=True)
 class Reconciled:
     added: int  # rows copied from manifests (their receipts are owed)
-    rolled_back: int  # applied rows whose version is newer than CURRENT
+    rolled_back: int  # applied rows whose version is outside CURRENT's lineage
 
 
 class Ledger:
@@ -223,7 +224,7 @@ def reconcile(ledger: Ledger, lineage: Sequence[Manifest]) -> Reconciled:
 
     Walks back from CURRENT copying manifest outcomes the ledger lacks, and stops at the first
     version whose outcomes are all present (the ledger is written in version order, so the older
-    ones are too). Then marks `rolled_back` the applied rows of versions newer than CURRENT."""
+    ones are too). Then marks `rolled_back` the applied rows of versions outside CURRENT's lineage."""
     if not lineage:
         return Reconciled(0, 0)
     missing: list[Outcome] = []
@@ -238,8 +239,14 @@ def reconcile(ledger: Ledger, lineage: Sequence[Manifest]) -> Reconciled:
     if missing:
         ledger.append(missing)
 
+    # Rolled back: applied in a version outside CURRENT's lineage but newer than its oldest
+    # member (older ones are pruned ancestors). Covers a rollback that switched CURRENT to an
+    # older version, and a crash between a rollback's publish and its ledger rows.
     current = lineage[0]
-    rolled_back = [_rolled_back(o, current) for o in ledger.applied_after(current.number)]
+    inside = {m.version for m in lineage}
+    oldest = min(m.number for m in lineage)
+    rolled_back = [_rolled_back(o, current) for o in ledger.applied_after(oldest)
+                   if o.version not in inside and ledger.applied(o.request_id) == o.version]
     rolled_back = [o for o in rolled_back if not ledger.contains(o)]
     if rolled_back:
         ledger.append(rolled_back)
@@ -248,7 +255,7 @@ def reconcile(ledger: Ledger, lineage: Sequence[Manifest]) -> Reconciled:
 
 def _rolled_back(o: Outcome, current: Manifest) -> Outcome:
     return Outcome(status="rolled_back", request_id=o.request_id, version=o.version,
-                   reason=f"version {o.version} is newer than CURRENT {current.version}: rolled back, "
+                   reason=f"version {o.version} is not in CURRENT {current.version}'s lineage: rolled back, "
                           "the request is applied again when its record is re-read",
                    topic=o.topic, partition=o.partition, offset=o.offset, subject=o.subject,
                    completed_at=current.created_at)

@@ -91,8 +91,9 @@ def build_network(cfg: ModelConfig) -> nn.Module:
     )
 
 
-def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:
-    """The configured classifier, weights loaded, wrapped in `Normalized`, in eval mode."""
+def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", require_weights: bool = True) -> nn.Module:
+    """The configured classifier, weights loaded, wrapped in `Normalized`, in eval mode.
+    `require_weights=False` builds the architecture only (a checkpoint's state_dict follows)."""
     if cfg.source.startswith("torchscript:"):
         path = cfg.source.split(":", 1)[1]
         try:
@@ -104,7 +105,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Modul
     model = Normalized(net, cfg.mean, cfg.std)
     if cfg.weights is not None:
         load_weights(model, cfg.weights)
-    elif not cfg.source.startswith("torchscript:"):
+    elif require_weights and not cfg.source.startswith("torchscript:"):
         raise ModelLoadError("model.weights is required (a state_dict file) for a non-TorchScript model")
     return model.to(device).eval()
 
