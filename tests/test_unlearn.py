@@ -129,7 +129,12 @@ class TestMethodConfig:
 @pytest.fixture(scope="session")
 def digits_reference(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "digits.pt"
-    train_reference("digits", path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 53k-parameter CNN: more threads only fight other jobs for the CPU
+    try:
+        train_reference("digits", path)
+    finally:
+        torch.set_num_threads(threads)
     model = Normalized(digits_cnn(), (0.0,), (1.0,))
     load_weights(model, path)
     return model.eval(), load_splits("digits")

@@ -31,7 +31,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from copy import deepcopy
 from dataclasses import dataclass
@@ -56,7 +55,7 @@ from .kafka_io import consumer_lag, ensure_topics, make_consumer, make_producer
 from .ledger import LEDGER_FILE, Ledger, Outcome, reconcile
 from .metrics import REQUEST_OUTCOMES, Metrics, MetricsServer, serve
 from .models import load_model
-from .rollback import DirectoryLock, answer_request, kafka_earliest, run_rollback, take_request
+from .rollback import CheckpointDirLocked, DirectoryLock, answer_request, kafka_earliest, run_rollback, take_request
 from .resources import load_dataset_ref, resolve_device
 
 CRASH_ENV = "STREAMER_CRASH_AT"
@@ -196,8 +195,6 @@ class Daemon:
     # --- start-up ----------------------------------------------------------------------------
 
     def _start(self) -> None:
-        # The engine reports progress with float(loss) on a tensor that requires grad: harmless.
-        warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
         cfg = self.cfg
         self._server = serve(self._registry, cfg.metrics.host, cfg.metrics.port, self._healthy, self._ready)
         self._log.info("metrics_serving", host=self._server.host, port=self._server.port)
@@ -230,7 +227,7 @@ class Daemon:
         self._store = store
         self._lock = DirectoryLock(store.root)
         if not self._lock.acquire():
-            raise FragmentError(f"{store.root} is locked by another process ({store.root / 'LOCK'}): "
+            raise CheckpointDirLocked(f"{store.root} is locked by another process ({store.root / 'LOCK'}): "
                                 "one daemon per checkpoint directory")
         base = load_model(cfg.model, device)
         audit = load_dataset_ref(cfg.data.audit, cfg.model.input_shape) if cfg.data.audit else None

@@ -32,6 +32,10 @@ RESULT_FILE = "ROLLBACK.result.json"
 Earliest = Callable[[str, int], int]  # (topic, partition) -> first offset the topic still holds
 
 
+class CheckpointDirLocked(StreamerError):
+    """Another process (a running daemon) owns the checkpoint directory: fail at start-up."""
+
+
 class RollbackRefused(StreamerError):
     """The rollback cannot be done as asked; the message says why and what to do."""
 

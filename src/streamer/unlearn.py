@@ -216,7 +216,7 @@ class Unlearner:
                 optimizer.step()
                 steps += 1
                 if progress is not None and (steps % 25 == 0 or steps == 1):
-                    progress(steps, float(loss), int((~met).sum()))
+                    progress(steps, loss.item(), int((~met).sum()))
         finally:
             model.train(was_training)
         stages["unlearn"] = time.perf_counter() - t0
