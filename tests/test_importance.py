@@ -37,11 +37,11 @@ class TestImportancePenalty:
         """The penalty is exactly 0 at the anchor and > 0 once a held weight moves."""
         model = tiny_model()
         imp = ImportancePenalty(model, mas_importance(model, tiny_data(8)[0]))
-        assert float(imp.penalty(model)) == 0.0
+        assert imp.penalty(model).item() == 0.0
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.01)
-        assert float(imp.penalty(model)) > 0.0
+        assert imp.penalty(model).item() > 0.0
 
     def test_most_important_weight_is_free(self):
         """Moving only the weight with importance 1 costs nothing; moving one with importance 0 does."""
@@ -51,7 +51,7 @@ class TestImportancePenalty:
         imp = ImportancePenalty(model, omega)
         with torch.no_grad():
             model.net[3].bias[0] += 1.0
-        assert float(imp.penalty(model)) == 0.0
+        assert imp.penalty(model).item() == 0.0
         with torch.no_grad():
             model.net[3].bias[1] += 1.0
-        assert float(imp.penalty(model)) == 1.0
+        assert imp.penalty(model).item() == 1.0
