@@ -38,7 +38,8 @@ def _produce(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .config import load_config
-    from .producer import dataset_events, file_events, prepare, sample_context, send
+    from .producer import dataset_events, file_events, prepare, send
+    from .resources import sample_context
 
     cfg = load_config(args.config)
     if args.file:

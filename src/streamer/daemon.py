@@ -56,7 +56,7 @@ from .ledger import LEDGER_FILE, Ledger, Outcome, reconcile
 from .metrics import REQUEST_OUTCOMES, Metrics, MetricsServer, serve
 from .models import load_model
 from .rollback import CheckpointDirLocked, DirectoryLock, answer_request, kafka_earliest, run_rollback, take_request
-from .resources import load_dataset_ref, resolve_device
+from .resources import load_dataset_ref, resolve_device, sample_context
 
 CRASH_ENV = "STREAMER_CRASH_AT"
 CRASH_POINTS = ("during_unlearn", "after_checkpoint", "after_ledger", "after_receipts")
@@ -246,11 +246,7 @@ class Daemon:
         baseline = accuracy(base, audit.x, audit.y) if audit is not None else None
         self._worker = FragmentWorker(model, cfg.unlearning.engine, cfg.model.num_classes, checkpoint.forgotten,
                                       teacher=base, audit=audit, buffer=buffer, audit_baseline=baseline)
-        self._ctx = SampleContext(
-            num_classes=cfg.model.num_classes, input_shape=cfg.model.input_shape, uri_roots=cfg.data.uri_roots,
-            datasets={name: load_dataset_ref(ref, cfg.model.input_shape).x for name, ref in cfg.data.datasets.items()},
-            max_payload_bytes=cfg.data.max_payload_bytes,
-        )
+        self._ctx = sample_context(cfg)
         self._version = checkpoint.manifest.version
         self._offsets = {t: dict(p) for t, p in checkpoint.manifest.offsets.items()}
         self._log.info("model_loaded", version=current, device=str(device), source=cfg.model.source)

@@ -12,18 +12,8 @@ from typing import Iterable, Iterator
 
 from .config import DaemonConfig
 from .events import InvalidEvent, SampleContext, parse_event
-from .kafka_io import make_producer
 from .resources import load_dataset_ref
-
-
-def sample_context(cfg: DaemonConfig) -> SampleContext:
-    """What the daemon validates samples against, built from its config."""
-    shape = cfg.model.input_shape
-    return SampleContext(
-        num_classes=cfg.model.num_classes, input_shape=shape, uri_roots=cfg.data.uri_roots,
-        datasets={name: load_dataset_ref(ref, shape).x for name, ref in cfg.data.datasets.items()},
-        max_payload_bytes=cfg.data.max_payload_bytes,
-    )
+from .kafka_io import make_producer
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from .config import DatasetRef
+from .config import DaemonConfig, DatasetRef
 from .data import Dataset, load_splits
 from .errors import ConfigError, DataError
+from .events import SampleContext
 
-__all__ = ["load_dataset_ref", "resolve_device"]
+__all__ = ["load_dataset_ref", "resolve_device", "sample_context"]
 
 
 def load_dataset_ref(ref: DatasetRef, input_shape: tuple[int, int, int]) -> Dataset:
@@ -40,3 +41,13 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda was asked for but torch sees no CUDA device")
     return torch.device(name)
+
+
+def sample_context(cfg: DaemonConfig) -> SampleContext:
+    """What samples are validated against (the daemon and `streamer produce` alike)."""
+    shape = cfg.model.input_shape
+    return SampleContext(
+        num_classes=cfg.model.num_classes, input_shape=shape, uri_roots=cfg.data.uri_roots,
+        datasets={name: load_dataset_ref(ref, shape).x for name, ref in cfg.data.datasets.items()},
+        max_payload_bytes=cfg.data.max_payload_bytes,
+    )
