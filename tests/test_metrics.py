@@ -331,3 +331,20 @@ class TestServe:
         )
         assert result.returncode == 0, result.stdout + result.stderr
         assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stdout + result.stderr
+
+
+class TestSetAccuracies:
+    def test_sets_gauges_and_drift_without_a_fragment(self):
+        """set_accuracies fills the accuracy gauges and drift, and counts no fragment."""
+        from prometheus_client import CollectorRegistry
+
+        from streamer.metrics import Metrics
+
+        registry = CollectorRegistry()
+        metrics = Metrics(registry)
+        metrics.set_audit_baseline(0.9)
+        metrics.set_accuracies({"forgotten": 0.0, "audit": 0.8})
+        assert registry.get_sample_value("streamer_accuracy_ratio", {"set": "forgotten"}) == 0.0
+        assert abs(registry.get_sample_value("streamer_audit_accuracy_drift_ratio") - 0.1) < 1e-9
+        assert registry.get_sample_value("streamer_fragments_total", {"outcome": "goal"}) == 0.0
+        assert registry.get_sample_value("streamer_accuracy_ratio", {"set": "fragment"}) is None

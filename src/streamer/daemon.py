@@ -207,8 +207,7 @@ class Daemon:
                 self.metrics.requests.labels(outcome=outcome).inc(counts[outcome])
         if baseline is not None:
             self.metrics.set_audit_baseline(baseline)
-        self.metrics.set_checkpoint(checkpoint.manifest.number, _timestamp(checkpoint.manifest.created_at))
-        self.metrics.set_forgotten(len(checkpoint.forgotten))
+        self._resume_gauges(checkpoint)
         self._model_loaded = True
         self._log.info("checkpoint_loaded", version=self._version, forgotten=len(checkpoint.forgotten),
                        offsets=checkpoint.manifest.offsets, audit_baseline=baseline,
@@ -301,6 +300,14 @@ class Daemon:
         if self._fragment_due() and not self._stop.is_set():
             self._run_fragment()
 
+    def _resume_gauges(self, checkpoint: Checkpoint) -> None:
+        """Gauges as CURRENT's manifest recorded them, so a restart shows no gap until the next fragment."""
+        m = checkpoint.manifest
+        self.metrics.set_checkpoint(m.number, _timestamp(m.created_at))
+        self.metrics.set_forgotten(len(checkpoint.forgotten))
+        recorded = {name: m.metrics.get(f"{name}_accuracy") for name in ("fragment", "forgotten", "audit")}
+        self.metrics.set_accuracies({k: float(v) for k, v in recorded.items() if v is not None})
+
     def _maybe_rollback(self) -> None:
         """Carry out an operator's `streamer rollback` between fragments (see rollback.py):
         publish the new version, then resume consuming from its offsets so the rolled-back
@@ -323,8 +330,7 @@ class Daemon:
                     self._consumer.seek(tp, offset)
             key, value = outputs.checkpoint_record(checkpoint.manifest, checkpoint.path)
             self._deliver([self._producer.send(kafka.topics.checkpoints, key=key, value=value)])
-            self.metrics.set_checkpoint(checkpoint.manifest.number, _timestamp(checkpoint.manifest.created_at))
-            self.metrics.set_forgotten(len(checkpoint.forgotten))
+            self._resume_gauges(checkpoint)
         answer_request(self._store.root, request, answer)
         self._log.bind(version=self._version).info("rollback", to=request.get("to"), ok=answer["ok"],
                                                    message=answer["message"])

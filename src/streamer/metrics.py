@@ -201,14 +201,24 @@ class Metrics:
         self.fragment_steps.set(steps)
         for stage, seconds in stage_seconds.items():
             self.stage_duration.labels(stage=stage).observe(seconds)
+        self._set_accuracies(accuracies)
+        self.checkpoint_version.set(version)
+        self.last_fragment_timestamp.set(timestamp)
+
+    def set_accuracies(self, accuracies: Mapping[str, float]) -> None:
+        """Set the accuracy gauges without a fragment (e.g. from CURRENT's manifest at start-up)."""
+        for name, value in accuracies.items():
+            _check_member("accuracy set", name, ACCURACY_SETS)
+            _check_ratio(f"accuracies[{name!r}]", value)
+        self._set_accuracies(accuracies)
+
+    def _set_accuracies(self, accuracies: Mapping[str, float]) -> None:
         for name, value in accuracies.items():
             self.accuracy.labels(set=name).set(value)
         if "audit" in accuracies:
             with self._audit_lock:
                 self._audit_accuracy = float(accuracies["audit"])
             self._update_drift()
-        self.checkpoint_version.set(version)
-        self.last_fragment_timestamp.set(timestamp)
 
     def set_audit_baseline(self, accuracy: float) -> None:
         """Record the original model's audit accuracy; drift is measured from it."""
