@@ -12,8 +12,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
 from streamer import broker as kafka_broker
-import streamer.broker
-from kafka_broker import Broker, BrokerError
+from streamer.broker import Broker, BrokerError
 from streamer.errors import ConfigError
 from streamer.kafka_io import consumer_lag, ensure_topics, make_consumer, make_producer
 
@@ -96,7 +95,7 @@ class TestBroker:
     def test_lost_port_race_is_reported(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """A tansu that cannot bind its port exits 0; start() notices instead of using the other broker."""
         with Broker() as occupier:
-            monkeypatch.setattr(streamer.broker, "_free_port", lambda: occupier.port)  # where Broker looks it up
+            monkeypatch.setattr(kafka_broker, "free_port", lambda: occupier.port)  # where Broker looks it up
             with pytest.raises(BrokerError, match=r"(?s)exited with status 0 .*Address in use"):
                 Broker(port_attempts=2).start()
 

