@@ -324,10 +324,7 @@ class Daemon:
             self._version = checkpoint.manifest.version
             self._offsets = {t: dict(p) for t, p in checkpoint.manifest.offsets.items()}
             self._positions = {}
-            for tp in self._consumer.assignment():
-                offset = self._offsets.get(tp.topic, {}).get(tp.partition)
-                if offset is not None:
-                    self._consumer.seek(tp, offset)
+            self._seek_to_current()
             key, value = outputs.checkpoint_record(checkpoint.manifest, checkpoint.path)
             self._deliver([self._producer.send(kafka.topics.checkpoints, key=key, value=value)])
             self._resume_gauges(checkpoint)
@@ -466,10 +463,7 @@ class Daemon:
         self._crash.at("after_checkpoint")
         self._finish(accepted, repeats, published, log)
         if self._reseek:  # assigned while the fragment ran: positions came from the old manifest
-            for tp in consumer.assignment():
-                offset = self._offsets.get(tp.topic, {}).get(tp.partition)
-                if offset is not None:
-                    consumer.seek(tp, offset)
+            self._seek_to_current()
         consumer.resume(*consumer.paused())
 
     def _unlearn_and_publish(self, accepted: Sequence[_Accepted], repeats: Sequence[_Repeat],
@@ -547,14 +541,7 @@ class Daemon:
         consumer = self._consumer
         self.assignments += 1
         self._assigned = frozenset(consumer.assignment())
-        sources = {}
-        for tp in self._assigned:
-            offset = self._offsets.get(tp.topic, {}).get(tp.partition)
-            if offset is not None:
-                consumer.seek(tp, offset)
-                sources[f"{tp.topic}/{tp.partition}"] = offset
-            else:
-                sources[f"{tp.topic}/{tp.partition}"] = "group offset, else earliest"
+        sources = self._seek_to_current()
         if self._fragment_running:
             consumer.pause(*self._assigned)
             self._reseek = True
@@ -562,6 +549,17 @@ class Daemon:
                        during_fragment=self._fragment_running)
 
     # --- small helpers -----------------------------------------------------------------------
+
+    def _seek_to_current(self) -> dict[str, int | str]:
+        """Seek every assigned partition to CURRENT's offset; where the manifest has none, the
+        consumer keeps the group offset (else earliest). Returns where each partition reads from."""
+        sources: dict[str, int | str] = {}
+        for tp in self._consumer.assignment():
+            offset = self._offsets.get(tp.topic, {}).get(tp.partition)
+            if offset is not None:
+                self._consumer.seek(tp, offset)
+            sources[f"{tp.topic}/{tp.partition}"] = offset if offset is not None else "group offset, else earliest"
+        return sources
 
     def _deliver(self, futures: Sequence[Any]) -> None:
         """Block until Kafka acknowledged every send (flush alone does not surface failures)."""

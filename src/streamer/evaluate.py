@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .objectives import goal_met
 
 
 @torch.no_grad()
@@ -27,10 +26,14 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((predict(model, x) == y.cpu()).float().mean())
 
 
+def goal_mask(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(N,) bool per request: misclassified (target -1), or predicted as its target class."""
+    pred, target = predict(model, x), target.cpu()
+    return torch.where(target >= 0, pred == target, pred != y.cpu())
+
+
 def goal_ratio(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> float:
-    """Fraction of requests whose goal holds (misclassified, or predicted as the target)."""
+    """Fraction of requests whose goal holds; NaN for an empty set."""
     if len(y) == 0:
         return float("nan")
-    pred = predict(model, x)
-    onehot = torch.nn.functional.one_hot(pred, num_classes=int(max(pred.max(), y.max(), target.max())) + 1).float()
-    return float(goal_met(onehot, y.cpu(), target.cpu()).float().mean())
+    return float(goal_mask(model, x, y, target).float().mean())

@@ -12,7 +12,7 @@ import torch
 
 from .checkpoints import CheckpointError, CheckpointStore
 from .config import DaemonConfig
-from .evaluate import accuracy, predict
+from .evaluate import accuracy, goal_mask
 from .ledger import LEDGER_FILE, Ledger
 from .models import load_model
 from .resources import load_dataset_ref, resolve_device
@@ -76,8 +76,7 @@ def verify(cfg: DaemonConfig, version: str | None = None) -> Verification:
     forgotten = checkpoint.forgotten
     came_back: list[str] = []
     if len(forgotten):
-        pred = predict(model, forgotten.x)
-        met = torch.where(forgotten.target >= 0, pred == forgotten.target, pred != forgotten.y)
+        met = goal_mask(model, forgotten.x, forgotten.y, forgotten.target)
         came_back = [rid for rid, ok in zip(forgotten.request_ids, met.tolist()) if not ok]
     retained = set(forgotten.request_ids)
     applied = _applied_in_lineage(store, version)
