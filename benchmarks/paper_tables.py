@@ -87,7 +87,7 @@ def _method(method: str, seed: int, d_r: Dataset, buffer: Dataset):
         return method_config("default", seed=seed), buffer
     if method == "oracle":  # fine-tunes with the retained training data D_r (settings: best of 3 tried on digits)
         return method_config("default", seed=seed, n_adv=0, distill_weight=0.0, lr=1e-4, buffer_batch=256,
-                             buffer_weight=3.0), d_r
+                             buffer_weight=3.0, update="all"), d_r
     return method_config(method, seed=seed), None
 
 

@@ -10,7 +10,7 @@ from streamer.errors import ConfigError
 from streamer.evaluate import accuracy
 from streamer.models import Normalized, digits_cnn, load_weights
 from streamer.train import train_reference
-from streamer.unlearn import Fragment, Unlearner, method_config
+from streamer.unlearn import Fragment, Unlearner, method_config, random_affine
 
 from engine_fixtures import tiny_data, tiny_model
 
@@ -106,6 +106,58 @@ class TestLoop:
         assert torch.equal(x, x0) and torch.equal(y, y0)
 
 
+def _conv_model() -> Normalized:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    return Normalized(net, (0.5,), (0.25,)).eval()
+
+
+class TestUpdatedParameters:
+    @pytest.mark.parametrize("update", ["head", "all"])
+    def test_head_moves_only_linear_layers(self, update):
+        """update=head moves only nn.Linear weights (the feature extractor stays bit-identical);
+        update=all moves the convolutions too. requires_grad flags come back as they were."""
+        model = _conv_model()
+        model.net[3].bias.requires_grad_(False)  # a user's own frozen parameter stays frozen
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        x, y = tiny_data(6)
+        cfg = method_config("default", update=update, n_adv=0, distill_weight=0.0, lr=1e-2, max_steps=5)
+        Unlearner(model, cfg, 3).unlearn(_fragment(x, y))
+        moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        linear = {"net.3.weight", "net.5.weight", "net.5.bias"}
+        assert moved == (linear if update == "head" else linear | {"net.0.weight", "net.0.bias"})
+        assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["net.3.bias"]
+
+    def test_head_without_linear_layers_moves_everything(self):
+        """A model with no nn.Linear falls back to moving every parameter."""
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 4), torch.nn.Flatten())  # (B, 3) logits
+        model = Normalized(net, (0.5,), (0.25,)).eval()
+        before = [p.detach().clone() for p in model.parameters()]
+        x, y = tiny_data(6)
+        cfg = method_config("default", n_adv=0, distill_weight=0.0, lr=1e-2, max_steps=3)
+        Unlearner(model, cfg, 3).unlearn(_fragment(x, y))
+        assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+    def test_paper_presets_update_everything(self):
+        """The paper's methods train every weight, as the paper does."""
+        assert {method_config(m).update for m in ("neggrad", "correct", "adv", "adv+imp")} == {"all"}
+        assert method_config("default").update == "head"
+
+
+class TestRandomAffine:
+    def test_shape_range_and_identity(self):
+        """Warps keep shape and the pixel range; zero magnitudes are the identity."""
+        x = torch.rand(5, 1, 8, 8)
+        g = torch.Generator().manual_seed(0)
+        out = random_affine(x, g)
+        assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1 + 1e-6
+        assert not torch.allclose(out, x)
+        same = random_affine(x, g, rotate=0.0, scale=0.0, translate=0.0)
+        assert torch.allclose(same, x, atol=1e-5)
+
+
 class TestMethodConfig:
     @pytest.mark.parametrize("method", ["neggrad", "correct", "adv", "adv+imp", "default"])
     def test_every_method_builds(self, method):
@@ -117,7 +169,8 @@ class TestMethodConfig:
         assert method_config("adv+imp").imp_lambda > 0 and method_config("adv").imp_lambda == 0
 
     @pytest.mark.parametrize("bad", [dict(method="sgd"), dict(lr=0.0), dict(bogus=1), dict(optimizer="lbfgs"),
-                                     dict(forget_loss="hinge"), dict(max_steps=0), dict(distill_weight=-1.0)])
+                                     dict(forget_loss="hinge"), dict(max_steps=0), dict(distill_weight=-1.0),
+                                     dict(update="convs")])
     def test_invalid_settings_raise(self, bad):
         """Bad settings raise ConfigError naming the problem."""
         bad = dict(bad)
