@@ -29,7 +29,8 @@ VARIANTS = {
     "update_all": dict(update="all"),  # every weight moves, convolutions included
     "first_round": dict(distill_warp="shift", update="all"),  # the default before this ablation
     "default+buffer": dict(_buffer=True),
-    "first_round+buffer": dict(distill_warp="shift", update="all", _buffer=True),
+    "buffer_not_distilled": dict(_buffer=True, distill_buffer=False),  # buffer only in the CE term
+    "first_round+buffer": dict(distill_warp="shift", update="all", distill_buffer=False, _buffer=True),
 }
 
 

@@ -252,6 +252,20 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
     return paths
 
 
+def render(paths: list[Path], plot_dir: Path) -> int:
+    merged: dict[tuple, dict] = {}
+    for path in paths:
+        data = json.loads(path.read_text()) if path.suffix == ".json" else None
+        rows = data["records"] if data else [json.loads(line) for line in path.read_text().splitlines() if line]
+        for r in rows:
+            merged[(r["table"], r["dataset"], r["method"], r["k"], r["seed"])] = r
+    print(markdown(list(merged.values())))
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    for path in plot(list(merged.values()), plot_dir):
+        print(f"plot: {path}")
+    return 0
+
+
 def _worker(args):
     unit, weights_dir, device = args
     return unit, run_unit(unit, weights_dir, device)
@@ -268,7 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=1, help="parallel processes (each takes BENCH_THREADS threads)")
     p.add_argument("--only", nargs="+", metavar="TABLE:METHOD:K", help="run only these units, e.g. single:default:8")
+    p.add_argument("--render", nargs="+", type=Path, metavar="JSON",
+                   help="run nothing: print the tables and plots of these result files; a record in a later "
+                        "file replaces one with the same (table, dataset, method, k, seed) in an earlier file")
     args = p.parse_args(argv)
+    if args.render:
+        return render(args.render, args.plot_dir or args.json.parent)
     units = plan(args.quick, args.datasets, args.seeds)
     if args.only:
         units = [u for u in units if f"{u.table}:{u.method}:{u.k}" in args.only]

@@ -146,6 +146,23 @@ class TestUpdatedParameters:
         assert method_config("default").update == "head"
 
 
+class TestDistillationInputs:
+    @pytest.mark.parametrize("distill_buffer", [True, False])
+    def test_buffer_images_join_the_distillation_pool(self, distill_buffer, monkeypatch):
+        """With a retain buffer and distill_buffer on, a buffer batch joins the images the
+        distillation inputs are made from; off, only the objective's instances do."""
+        from streamer.data import Dataset
+        model = tiny_model()
+        x, y = _correct_subset(model, 4)
+        bx, by = tiny_data(50, seed=1)
+        seen = []
+        original = Unlearner._distill_inputs
+        monkeypatch.setattr(Unlearner, "_distill_inputs", lambda self, src, adv: seen.append(len(src)) or original(self, src, adv))
+        cfg = method_config("default", n_adv=0, lr=1e-7, max_steps=2, buffer_batch=16, distill_buffer=distill_buffer)
+        Unlearner(model, cfg, 3, buffer=Dataset(bx, by)).unlearn(_fragment(x, y))
+        assert seen == [4 + 16] * 2 if distill_buffer else seen == [4] * 2
+
+
 class TestRandomAffine:
     def test_shape_range_and_identity(self):
         """Warps keep shape and the pixel range; zero magnitudes are the identity."""

@@ -61,6 +61,7 @@ class UnlearnConfig:
     # opt-in retain buffer (labelled held-out images): cross-entropy on them
     buffer_weight: float = 1.0
     buffer_batch: int = 128
+    distill_buffer: bool = True  # the buffer's images join the distillation inputs
     seed: int = 0
 
     @property
@@ -285,7 +286,10 @@ class Unlearner:
                 pick = self._sample(n_adv, cfg.adv_batch)
                 loss = loss + cfg.adv_weight * F.cross_entropy(model(adv_x[pick]), adv_y[pick])
         if cfg.distill_weight > 0:
-            inputs = self._distill_inputs(objective.x, adv_x)
+            source = objective.x
+            if self.buffer is not None and cfg.distill_buffer:  # real images: their warps and mixups are distilled too
+                source = torch.cat([source, self.buffer.x[self._sample(len(self.buffer), cfg.buffer_batch)]])
+            inputs = self._distill_inputs(source, adv_x)
             with torch.no_grad():
                 teacher = self.teacher(inputs)
             loss = loss + self._distill_weight(step) * distillation_loss(model(inputs), teacher, cfg.distill_temperature)
@@ -312,11 +316,12 @@ class Unlearner:
         return torch.randint(0, n, (count,), generator=self.generator).to(self.device)
 
     def _distill_inputs(self, x: torch.Tensor, adv_x: torch.Tensor) -> torch.Tensor:
-        """(distill_batch, C, H, W) inputs made from the forget set alone: mixup of pairs,
-        random affine warps (rotation, scale, translation) and the adversarial examples -- never
-        a forget instance as it is, whose teacher output is exactly what must be unlearned. A
-        warped instance looks like another example of its class, so the teacher's outputs on
-        them hold what the original model knew about the classes being forgotten from."""
+        """(distill_batch, C, H, W) inputs made from the forget set (and the retain buffer's images
+        when there is one): mixup of pairs, random affine warps (rotation, scale, translation)
+        and the adversarial examples -- never a forget instance as it is, whose teacher output
+        is exactly what must be unlearned. A warped instance looks like another example of its
+        class, so the teacher's outputs on them hold what the original model knew about the
+        classes being forgotten from."""
         n, g, dev = self.cfg.distill_batch, self.generator, self.device
         pool = torch.cat([x, adv_x]) if len(adv_x) else x
         a = pool[self._draw(len(pool), n)]
