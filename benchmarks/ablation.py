@@ -30,7 +30,9 @@ VARIANTS = {
     "first_round": dict(distill_warp="shift", update="all"),  # the default before this ablation
     "default+buffer": dict(_buffer=True),
     "buffer_not_distilled": dict(_buffer=True, distill_buffer=False),  # buffer only in the CE term
-    "first_round+buffer": dict(distill_warp="shift", update="all", distill_buffer=False, _buffer=True),
+    "buffer_weight_1": dict(_buffer=True, buffer_weight=1.0),
+    "first_round+buffer": dict(distill_warp="shift", update="all", distill_buffer=False, buffer_weight=1.0,
+                               _buffer=True),
 }
 
 

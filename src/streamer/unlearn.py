@@ -59,7 +59,7 @@ class UnlearnConfig:
     # continual: keep the forgotten instances and hold all of them at their goal
     retain_forgotten: bool = True
     # opt-in retain buffer (labelled held-out images): cross-entropy on them
-    buffer_weight: float = 1.0
+    buffer_weight: float = 3.0
     buffer_batch: int = 128
     distill_buffer: bool = True  # the buffer's images join the distillation inputs
     seed: int = 0
