@@ -162,8 +162,8 @@ def run_unit(unit: Unit, weights_dir: Path, device_name: str) -> list[dict]:
 
 def plan(quick: bool, datasets: list[str], seeds: list[int]) -> list[Unit]:
     if quick:
-        units = [Unit("single", "mnist5k", seeds[0], m, 64) for m in QUICK_METHODS]
-        return units + [Unit("continual", "mnist5k", seeds[0], m, 128) for m in QUICK_METHODS]
+        units = [Unit("continual", "mnist5k", seeds[0], m, 128) for m in QUICK_METHODS]  # long units first
+        return units + [Unit("single", "mnist5k", seeds[0], m, 64) for m in QUICK_METHODS]
     units = []
     for ds in datasets:
         for seed in seeds:
