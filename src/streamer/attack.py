@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .models import grad_only
+
 
 @dataclass(frozen=True)
 class AttackResult:
@@ -48,22 +50,13 @@ def targeted_l2_pgd(
 ) -> AttackResult:
     """Attack each x[i] towards target[i]; x is not modified; the model's mode and its
     parameters' requires_grad are restored. Chunks of `chunk_size` bound memory."""
-    was_training = model.training
-    flags = [p.requires_grad for p in model.parameters()]
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     start = _random_in_ball(x.shape, eps, generator, x.device)  # drawn once: chunking changes nothing
-    try:
+    with grad_only(model):  # gradients for the inputs only, BatchNorm and dropout frozen
         chunks = [
             _attack_chunk(model, x[i : i + chunk_size], start[i : i + chunk_size], target[i : i + chunk_size],
                           eps, step_size, steps)
             for i in range(0, len(x), chunk_size)
         ]
-    finally:
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-        model.train(was_training)
     if not chunks:
         return AttackResult(x.clone(), target.clone(), torch.zeros(0, dtype=torch.bool, device=x.device))
     x_adv = torch.cat(chunks)

@@ -6,6 +6,7 @@ Every model streamer works with takes pixels in [0, 1]; mean/std normalisation l
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,25 @@ class Normalized(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.mean) / self.std)
+
+
+@contextmanager
+def grad_only(model: nn.Module, params=(), *, train: bool = False):
+    """Within the block: `model.train(train)` and only `params` require gradients (none by
+    default, as for an attack on the inputs). Afterwards the model's mode and every parameter's
+    requires_grad flag are as they were, even on an exception."""
+    chosen = {id(p) for p in params}
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.train(train)
+    for p, _ in flags:
+        p.requires_grad_(id(p) in chosen)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
 
 
 def digits_cnn(num_classes: int = 10) -> nn.Module:

@@ -20,6 +20,7 @@ from .attack import random_targets, targeted_l2_pgd
 from .data import Dataset
 from .errors import ConfigError
 from .importance import ImportancePenalty, mas_importance
+from .models import grad_only
 from .objectives import distillation_loss, forget_loss, goal_gap, goal_met
 
 METHODS = ("neggrad", "correct", "adv", "adv+imp", "default")
@@ -196,14 +197,8 @@ class Unlearner:
         t0 = time.perf_counter()
         params = self._trainable()
         optimizer = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)(params, lr=cfg.lr)
-        was_training = model.training
-        model.train(cfg.train_mode)
-        chosen = {id(p) for p in params}
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        for p, _ in flags:  # no gradients for the weights that stay put: cheaper steps
-            p.requires_grad_(id(p) in chosen)
         steps, stopped_by, met = 0, "step_cap", torch.zeros(len(objective), dtype=torch.bool)
-        try:
+        with grad_only(model, params, train=cfg.train_mode):  # no gradients for the weights that stay put
             while True:
                 logits = model(objective.x)
                 met = goal_met(logits.detach(), objective.y, objective.target)
@@ -226,10 +221,6 @@ class Unlearner:
                 steps += 1
                 if progress is not None and (steps % 25 == 0 or steps == 1):
                     progress(steps, loss.item(), int((~met).sum()))
-        finally:
-            model.train(was_training)
-            for p, flag in flags:
-                p.requires_grad_(flag)
         stages["unlearn"] = time.perf_counter() - t0
 
         if stopped_by == "cancelled":
