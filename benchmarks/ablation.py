@@ -4,7 +4,8 @@
     python benchmarks/ablation.py --json bench-out/ablation.json --workers 2
     python benchmarks/ablation.py --variants default shift_warp --tables single --seeds 0
 
-Single-shot k=64 and continual (k_CL=8) up to k=128. Prints a markdown table, writes JSON.
+Single-shot k=64 and continual (k_CL=8) up to k=128 (records at k=8, 16, 64, 128), each a
+`paper_tables.run_unit` with the variant's settings. Prints a markdown table, writes JSON.
 """
 from __future__ import annotations
 
@@ -20,8 +21,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import paper_tables as pt  # noqa: E402
-from streamer.evaluate import accuracy  # noqa: E402
-from streamer.unlearn import Fragment, Unlearner, method_config  # noqa: E402
 
 VARIANTS = {
     "default": {},
@@ -37,27 +36,12 @@ VARIANTS = {
 
 
 def run(job: tuple[str, str, int]) -> list[dict]:
+    """paper_tables' own unit (same forget set, loop and records) with the variant's settings."""
     variant, table, seed = job
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-    over = dict(VARIANTS[variant])
-    use_buffer = over.pop("_buffer", False)
-    splits, state = pt._setup("mnist5k", Path("artifacts"), torch.device("cpu"))
-    index, _ = pt._forget_order(splits, seed)
-    model = pt._model("mnist5k", state, "cpu")
-    x, y = splits.train.x[index], splits.train.y[index]
-    unlearner = Unlearner(model, method_config("default", seed=seed, **over), 10,
-                          buffer=splits.buffer if use_buffer else None)
-    start, steps, records = time.perf_counter(), 0, []
-    size, ends = (64, [64]) if table == "single" else (pt.K_CL, list(range(pt.K_CL, 129, pt.K_CL)))
-    for end in ends:
-        outcome = unlearner.unlearn(Fragment(x[end - size:end], y[end - size:end], torch.full((size,), -1)))
-        steps += outcome.steps
-        if end in (64, 128):
-            records.append(dict(variant=variant, table=table, seed=seed, k=end, goal_reached=outcome.goal_reached,
-                                forget_acc=accuracy(model, x[:end], y[:end]),
-                                test_acc=accuracy(model, splits.audit.x, splits.audit.y),
-                                steps=steps, seconds=round(time.perf_counter() - start, 1)))
-    return records
+    overrides = dict(VARIANTS[variant])
+    method = "default+buffer" if overrides.pop("_buffer", False) else "default"
+    unit = pt.Unit(table, "mnist5k", seed, method, 64 if table == "single" else 128)
+    return [dict(r, variant=variant) for r in pt.run_unit(unit, Path("artifacts"), "cpu", overrides)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", type=Path, default=Path("bench-out/ablation.json"))
     args = p.parse_args(argv)
+    os.environ.setdefault("BENCH_THREADS", "1")  # one thread per worker process
     pt._setup("mnist5k", Path("artifacts"), torch.device("cpu"))  # trains the reference once if missing
     jobs = [(v, t, s) for t in sorted(args.tables) for v in args.variants for s in args.seeds]
     records, start = [], time.perf_counter()

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from streamer.data import Dataset, Splits, load_splits
-from streamer.evaluate import accuracy, goal_ratio, predict
-from streamer.models import Normalized, load_weights
+from streamer.evaluate import accuracy, goal_ratio
+from streamer.models import Normalized
 from streamer.train import _EPOCHS, fit, reference_model, train_reference
 from streamer.unlearn import Fragment, Unlearner, method_config
 
@@ -81,14 +81,15 @@ def _forget_order(splits: Splits, seed: int) -> tuple[torch.Tensor, torch.Tensor
     return index, targets
 
 
-def _method(method: str, seed: int, d_r: Dataset, buffer: Dataset):
-    """(UnlearnConfig, buffer to pass) for a benchmark method name."""
+def _method(method: str, seed: int, d_r: Dataset, buffer: Dataset, overrides: dict):
+    """(UnlearnConfig, buffer to pass) for a benchmark method name; `overrides` go to the
+    default's settings (benchmarks/ablation.py switches its parts back one at a time)."""
     if method == "default+buffer":
-        return method_config("default", seed=seed), buffer
+        return method_config("default", seed=seed, **overrides), buffer
     if method == "oracle":  # fine-tunes with the retained training data D_r (settings: best of 3 tried on digits)
         return method_config("default", seed=seed, n_adv=0, distill_weight=0.0, lr=1e-4, buffer_batch=256,
                              buffer_weight=3.0, update="all"), d_r
-    return method_config(method, seed=seed), None
+    return method_config(method, seed=seed, **(overrides if method == "default" else {})), None
 
 
 def _record(unit: Unit, k: int, model, splits: Splits, index, fragment: Fragment, steps, seconds, goal) -> dict:
@@ -105,7 +106,7 @@ def _record(unit: Unit, k: int, model, splits: Splits, index, fragment: Fragment
     return rec
 
 
-def run_unit(unit: Unit, weights_dir: Path, device_name: str) -> list[dict]:
+def run_unit(unit: Unit, weights_dir: Path, device_name: str, overrides: dict | None = None) -> list[dict]:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     device = _device(device_name)
     splits, state = _setup(unit.dataset, weights_dir, device)
@@ -138,7 +139,7 @@ def run_unit(unit: Unit, weights_dir: Path, device_name: str) -> list[dict]:
         return [_record(unit, unit.k, model, splits, index, frag, steps, time.perf_counter() - start,
                         goal_ratio(model, frag.x, frag.y, frag.target) == 1.0)]
 
-    cfg, buffer = _method(unit.method, unit.seed, d_r, splits.buffer)
+    cfg, buffer = _method(unit.method, unit.seed, d_r, splits.buffer, overrides or {})
     unlearner = Unlearner(model, cfg, 10, buffer=buffer)
     if unit.table != "continual":
         frag = Fragment(x[: unit.k], y[: unit.k], target[: unit.k])
