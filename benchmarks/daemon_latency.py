@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from daemon_harness import DaemonProcess, new_topics, write_config  # noqa: E402
 from kafka_broker import Broker  # noqa: E402
-from streamer.data import load_splits  # noqa: E402
-from streamer.events import encode_event  # noqa: E402
-from streamer.models import REFERENCE_INPUT  # noqa: E402
+from streamer.engine.data import load_splits  # noqa: E402
+from streamer.intake.events import encode_event  # noqa: E402
+from streamer.engine.models import REFERENCE_INPUT  # noqa: E402
 
 
 class Receipts:
@@ -80,7 +80,7 @@ def _weights(dataset: str, work: Path) -> Path:
     existing = ROOT / "artifacts" / f"{dataset}.pt"
     if existing.is_file():
         return existing
-    from streamer.train import train_reference
+    from streamer.engine.train import train_reference
 
     print(f"training the {dataset} reference model (artifacts/{dataset}.pt is missing) ...", flush=True)
     torch.set_num_threads(1)

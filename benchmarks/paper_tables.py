@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from streamer.data import Dataset, Splits, load_splits
-from streamer.evaluate import accuracy, goal_ratio
-from streamer.models import Normalized
-from streamer.train import _EPOCHS, fit, reference_model, train_reference
-from streamer.unlearn import Fragment, Unlearner, method_config
+from streamer.engine.data import Dataset, Splits, load_splits
+from streamer.engine.evaluate import accuracy, goal_ratio
+from streamer.engine.models import Normalized
+from streamer.engine.train import _EPOCHS, fit, reference_model, train_reference
+from streamer.engine.unlearn import Fragment, Unlearner, method_config
 
 KS = (8, 32, 64, 128)
 CONTINUAL_KS = (8, 16, 64, 128)

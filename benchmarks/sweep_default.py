@@ -11,10 +11,10 @@ SWEEP_BASE = dict(lr=1e-4, distill_weight=1.0, max_steps=400, distill_halve_ever
 
 def job(spec):
     import torch
-    from streamer.data import load_splits
-    from streamer.models import Normalized, mnist_cnn, digits_cnn, load_weights
-    from streamer.unlearn import Unlearner, method_config, Fragment
-    from streamer.evaluate import accuracy
+    from streamer.engine.data import load_splits
+    from streamer.engine.models import Normalized, mnist_cnn, digits_cnn, load_weights
+    from streamer.engine.unlearn import Unlearner, method_config, Fragment
+    from streamer.engine.evaluate import accuracy
     name, over, mode, seed, ds = spec
     over = dict(over); use_buffer = over.pop("_buffer", False)
     dev = "cuda" if torch.cuda.is_available() else "cpu"

@@ -33,8 +33,8 @@ FAST_UNLEARNING: dict[str, Any] = {
 
 def train_digits(out: Path, epochs: int = 12, seed: int = 0) -> Path:
     """The digits reference CNN trained for a few epochs (seconds), saved as a state_dict."""
-    from streamer.data import load_splits
-    from streamer.train import fit, reference_model
+    from streamer.engine.data import load_splits
+    from streamer.engine.train import fit, reference_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 53k-parameter CNN: extra threads only fight the benchmark jobs for the CPU
@@ -86,7 +86,7 @@ def write_config(directory: Path, bootstrap: str, topics: dict[str, str], weight
 
 
 class DaemonProcess:
-    """`python -m streamer.cli run --config PATH` with its JSON log lines captured in a file."""
+    """`python -m streamer run --config PATH` with its JSON log lines captured in a file."""
 
     def __init__(self, config: Path, log_path: Path, crash_at: str | None = None, threads: int = 1):
         self.config, self.log_path = config, log_path
@@ -96,7 +96,7 @@ class DaemonProcess:
             env["STREAMER_CRASH_AT"] = crash_at
         self._log = open(log_path, "ab")  # noqa: SIM115 (closed in wait)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "streamer.cli", "run", "--config", str(config)],
+            [sys.executable, "-m", "streamer", "run", "--config", str(config)],
             stdout=self._log, stderr=subprocess.STDOUT, env=env,
         )
 

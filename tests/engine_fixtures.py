@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from streamer.models import Normalized
+from streamer.engine.models import Normalized
 
 
 def tiny_model(seed: int = 0, classes: int = 3) -> Normalized:

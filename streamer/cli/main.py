@@ -1,0 +1,166 @@
+"""`streamer` command line: one sub-command per job."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import StreamerError
+from ..service.logs import configure_logging
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ..engine.train import train_reference
+
+    out = args.out or f"artifacts/{args.dataset}.pt"
+    report = train_reference(args.dataset, out, seed=args.seed)
+    print(f"saved {out}: train accuracy {report['train_acc']:.3f}, audit accuracy {report['audit_acc']:.3f}, "
+          f"{report['parameters']} parameters, {report['seconds']} s")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..service.daemon import run_daemon
+
+    cfg = load_config(args.config)
+    configure_logging(args.log_level or cfg.logging.level)
+    return run_daemon(cfg)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.dataset, args.requests, args.workdir, args.seed)
+
+
+def _produce(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..config import load_config
+    from .produce import dataset_events, file_events, prepare, send
+    from ..intake.resources import sample_context
+
+    cfg = load_config(args.config)
+    if args.file:
+        items = list(file_events(Path(args.file)))
+    else:
+        values = dataset_events(cfg, args.dataset, args.index, args.prefix, args.relabel_to)
+        items = [(f"index {i}", v) for i, v in zip(args.index, values)]
+    prepared = prepare(items, sample_context(cfg))
+    invalid = [p for p in prepared if p.error]
+    for p in invalid:
+        print(f"invalid {p.where} (request_id {p.request_id or '?'}): {p.error}", file=sys.stderr)
+    if invalid and not args.skip_invalid:
+        print(f"nothing sent: {len(invalid)} of {len(prepared)} events are invalid (--skip-invalid sends the rest)",
+              file=sys.stderr)
+        return 1
+    if args.dry_run:
+        print(f"{len(prepared) - len(invalid)} valid events, nothing sent (--dry-run)")
+        return 0
+    for p, partition, offset in send(cfg, prepared):
+        print(f"sent {p.request_id} ({p.where}) -> {cfg.kafka.topics.requests}[{partition}]@{offset}")
+    return 1 if invalid else 0
+
+
+def _checkpoints(args: argparse.Namespace) -> int:
+    from ..state.checkpoints import CheckpointStore
+    from ..config import load_config
+    from .ops import list_versions, show_version
+
+    store = CheckpointStore(load_config(args.config).checkpoints.dir)
+    print(show_version(store, args.version) if args.action == "show" else list_versions(store))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from .ops import verify
+
+    result = verify(load_config(args.config), args.version)
+    audit = "-" if result.audit_accuracy is None else f"{result.audit_accuracy:.3f}"
+    print(f"version {result.version}: {result.checked} retained instances checked, audit accuracy {audit}")
+    if result.unverifiable:
+        print(f"UNVERIFIABLE: {len(result.unverifiable)} applied requests are not in the retained forgotten set "
+              f"(unlearning.retain_forgotten was off, or they were applied before it was on): "
+              + ", ".join(result.unverifiable))
+    if result.came_back:
+        print(f"CAME BACK: {len(result.came_back)} instances no longer meet their goal: " + ", ".join(result.came_back))
+    if result.ok:
+        print("OK: every request applied in this version's lineage is still forgotten / relabelled")
+    return 0 if result.ok else 1
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..state.rollback import rollback
+
+    answer = rollback(load_config(args.config), args.to, args.force, args.timeout)
+    print(answer["message"])
+    return 0 if answer["ok"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamer", description=__doc__)
+    parser.add_argument("--log-level", default=None, help="debug | info | warning | error "
+                        "(default: logging.level of the config for `run`, else info)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a reference model on an offline dataset and save its weights")
+    train.add_argument("dataset", choices=["digits", "mnist5k"])
+    train.add_argument("--out", help="weights file (default artifacts/DATASET.pt)")
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=_train)
+    run = sub.add_parser("run", help="run the daemon: consume deletion events, unlearn, publish versions")
+    run.add_argument("--config", required=True, help="YAML config file (see config.yaml)")
+    run.set_defaults(func=_run)
+    demo = sub.add_parser("demo", help="the whole product on an embedded broker: requests in, versions and a summary out")
+    demo.add_argument("--dataset", choices=["mnist5k", "digits"], default="mnist5k",
+                      help="mnist5k (where unlearning quality means something) or digits (faster)")
+    demo.add_argument("--requests", type=int, default=24, help="valid deletion requests to send (default 24)")
+    demo.add_argument("--workdir", type=Path, help="where config, checkpoints, log and plot go (default runs/demo-TIME)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_demo)
+    produce = sub.add_parser("produce", help="validate deletion events against a config, then send them")
+    produce.add_argument("--config", required=True)
+    source = produce.add_mutually_exclusive_group(required=True)
+    source.add_argument("--file", help="JSONL file of schema-v1 events, one per line")
+    source.add_argument("--dataset", help="a configured dataset name: send {dataset, index} samples")
+    produce.add_argument("--index", type=int, nargs="+", default=[], help="with --dataset: the indices to forget")
+    produce.add_argument("--relabel-to", type=int, help="with --dataset: relabel to this class instead of misclassify")
+    produce.add_argument("--prefix", default="", help="with --dataset: request_id prefix (id = PREFIX + DATASET-INDEX)")
+    produce.add_argument("--dry-run", action="store_true", help="validate only")
+    produce.add_argument("--skip-invalid", action="store_true", help="send the valid events even if some are invalid")
+    produce.set_defaults(func=_produce)
+    ckpt = sub.add_parser("checkpoints", help="list versions, or show one manifest")
+    ckpt.add_argument("action", choices=["list", "show"])
+    ckpt.add_argument("version", nargs="?", help="with show: the version (e.g. v000003; default CURRENT)")
+    ckpt.add_argument("--config", required=True)
+    ckpt.set_defaults(func=_checkpoints)
+    back = sub.add_parser("rollback", help="publish a new version with an older version's weights and replay "
+                                           "every request accepted after it")
+    back.add_argument("--to", required=True, help="the version to roll back to (an ancestor of CURRENT)")
+    back.add_argument("--config", required=True)
+    back.add_argument("--force", action="store_true",
+                      help="when the topic no longer holds some records to replay: record them as rolled_back")
+    back.add_argument("--timeout", type=float, default=900.0,
+                      help="seconds to wait for a running daemon to carry it out (it does so between fragments)")
+    back.set_defaults(func=_rollback)
+    verify = sub.add_parser("verify", help="re-check that every request applied up to a version is still forgotten")
+    verify.add_argument("version", nargs="?", help="default: CURRENT")
+    verify.add_argument("--config", required=True)
+    verify.set_defaults(func=_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level or "info")
+    try:
+        return args.func(args)
+    except StreamerError as err:
+        print(f"streamer: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

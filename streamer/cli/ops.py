@@ -1,0 +1,109 @@
+"""Operator commands over a checkpoint directory: list, show, verify.
+
+They read the version directories and the ledger only, so they work whether the daemon runs or not.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..state.checkpoints import CheckpointError, CheckpointStore
+from ..config import DaemonConfig
+from ..engine.evaluate import accuracy, goal_mask
+from ..state.ledger import LEDGER_FILE, Ledger
+from ..engine.models import load_model
+from ..intake.resources import load_dataset_ref, resolve_device
+
+
+
+def list_versions(store: CheckpointStore) -> str:
+    current = store.current_version()
+    lines = ["| version | parent | created_at | requests | outcomes | forgotten acc | audit acc | |",
+             "|---|---|---|---|---|---|---|---|"]
+    for version in store.versions():
+        m = store.manifest(version)
+        counts = Counter(r.get("status") for r in m.requests)
+        counts.update("duplicate" for _ in m.duplicates)
+        outcomes = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-"
+        lines.append(f"| {version} | {m.parent or '-'} | {m.created_at} | {len(m.requests)} | {outcomes} | "
+                     f"{_fmt(m.metrics.get('forgotten_accuracy'))} | {_fmt(m.metrics.get('audit_accuracy'))} | "
+                     f"{'CURRENT' if version == current else ''} |")
+    return "\n".join(lines)
+
+
+def show_version(store: CheckpointStore, version: str | None = None) -> str:
+    """The manifest of `version` (default CURRENT) as JSON, with where it lives and whether it is CURRENT."""
+    version = version or store.current_version()
+    if version is None:
+        raise CheckpointError(f"no version in {store.root}")
+    m = store.manifest(version)
+    data = m.to_json()
+    data["current"] = version == store.current_version()
+    data["path"] = str(store.path(version))
+    return json.dumps(data, indent=2, sort_keys=True)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+@dataclass(frozen=True)
+class Verification:
+    version: str
+    checked: int  # retained instances evaluated
+    came_back: list[str]  # request ids whose instance no longer meets its goal
+    unverifiable: list[str]  # applied in the lineage, but not in the retained forgotten set
+    audit_accuracy: float | None
+
+    @property
+    def ok(self) -> bool:
+        return not self.came_back and not self.unverifiable
+
+
+def verify(cfg: DaemonConfig, version: str | None = None) -> Verification:
+    """Re-evaluate a version: every request applied in its lineage must still meet its goal on
+    its weights (needs the retained forgotten set, unlearning.retain_forgotten)."""
+    store = CheckpointStore(cfg.checkpoints.dir)
+    version = version or store.current_version()
+    if version is None:
+        raise CheckpointError(f"no version in {cfg.checkpoints.dir}: nothing to verify")
+    checkpoint = store.load(version)  # sha256 verified
+    device = resolve_device(cfg.device)
+    model = load_model_from_state(cfg, checkpoint.state_dict, device)
+    forgotten = checkpoint.forgotten
+    came_back: list[str] = []
+    if len(forgotten):
+        met = goal_mask(model, forgotten.x, forgotten.y, forgotten.target)
+        came_back = [rid for rid, ok in zip(forgotten.request_ids, met.tolist()) if not ok]
+    retained = set(forgotten.request_ids)
+    applied = _applied_in_lineage(store, version)
+    unverifiable = sorted(rid for rid in applied if rid not in retained)
+    audit = None
+    if cfg.data.audit is not None:
+        data = load_dataset_ref(cfg.data.audit, cfg.model.input_shape)
+        audit = accuracy(model, data.x, data.y)
+    return Verification(version, len(forgotten), sorted(came_back), unverifiable, audit)
+
+
+def _applied_in_lineage(store: CheckpointStore, version: str) -> set[str]:
+    """Request ids applied (forgotten / relabelled / failed) by `version` and its ancestors:
+    from the manifests, cross-checked with the ledger when it is there."""
+    lineage = {m.version for m in store.lineage(version)}
+    applied = {r["request_id"] for m in store.lineage(version) for r in m.requests}
+    ledger_path = store.root / LEDGER_FILE
+    if ledger_path.exists():
+        with Ledger(ledger_path) as ledger:
+            applied |= {row.outcome.request_id for row in ledger.rows()
+                        if row.outcome.status in ("forgotten", "relabelled", "failed")
+                        and row.outcome.version in lineage and ledger.applied(row.outcome.request_id) is not None}
+    return applied
+
+
+def load_model_from_state(cfg: DaemonConfig, state: dict, device) -> torch.nn.Module:
+    """The configured architecture with a version's weights (no initial weights file needed)."""
+    model = load_model(replace(cfg.model, weights=None), device, require_weights=False)
+    model.load_state_dict(state)
+    return model.eval()

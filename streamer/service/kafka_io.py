@@ -1,0 +1,98 @@
+"""Kafka clients configured the way the daemon needs them, and consumer lag.
+
+Delivery: auto-commit is off (offsets are committed only after the state they cover is saved,
+so a crash replays rather than loses requests); the producer waits for all in-sync replicas.
+`client_settings` is the config's `kafka.client` (security_protocol, sasl_*, ssl_*...), passed
+to kafka-python as is. api_version is never set: kafka-python negotiates it with the broker.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError, for_code
+
+from ..errors import ConfigError
+
+# Join/rebalance time is about session_timeout_ms / 2 on some brokers: keep it short.
+SESSION_TIMEOUT_MS = 6000
+HEARTBEAT_INTERVAL_MS = 1000
+_OWNED_KEYS = ("bootstrap_servers", "group_id", "enable_auto_commit")
+_MAX_RETRIES = 2**31 - 1  # as the Java client: retry until delivery_timeout_ms runs out
+
+
+def make_consumer(bootstrap: str, group_id: str, client_settings: Mapping[str, Any],
+                  max_poll_interval_ms: int, **kw: Any) -> KafkaConsumer:
+    """A consumer in `group_id` with auto-commit off; subscribe or assign it yourself.
+
+    With no committed offset it starts from the earliest record, so requests produced before
+    the first start are not skipped. `kw` overrides any default (e.g. session_timeout_ms).
+    """
+    _check_settings(client_settings)
+    settings: dict[str, Any] = {
+        "bootstrap_servers": bootstrap,
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "session_timeout_ms": SESSION_TIMEOUT_MS,
+        "heartbeat_interval_ms": HEARTBEAT_INTERVAL_MS,
+        "max_poll_interval_ms": max_poll_interval_ms,
+        **client_settings,
+        **kw,
+    }
+    if settings["enable_auto_commit"]:
+        raise ConfigError("enable_auto_commit must stay off: offsets are committed with the saved state")
+    return KafkaConsumer(**settings)
+
+
+def make_producer(bootstrap: str, client_settings: Mapping[str, Any]) -> KafkaProducer:
+    """A producer that waits for all in-sync replicas and retries until its delivery timeout."""
+    _check_settings(client_settings)
+    return KafkaProducer(bootstrap_servers=bootstrap, acks="all", retries=_MAX_RETRIES, **client_settings)
+
+
+def ensure_topics(bootstrap: str, client_settings: Mapping[str, Any], names: Iterable[str],
+                  partitions: int = 1, replication_factor: int = -1) -> None:
+    """Create the topics that do not exist yet; existing ones are left as they are.
+
+    replication_factor -1 uses the broker's default.
+    """
+    _check_settings(client_settings)
+    wanted = list(dict.fromkeys(names))
+    if not wanted:
+        return
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **client_settings)
+    try:
+        response = admin.create_topics(
+            [NewTopic(name, partitions, replication_factor) for name in wanted], raise_errors=False
+        )
+    finally:
+        admin.close()
+    for topic in response["topics"]:
+        error = for_code(topic["error_code"])
+        if topic["error_code"] != 0 and error is not TopicAlreadyExistsError:
+            raise error(f"cannot create topic {topic['name']}: {topic.get('error_message') or error.__name__}")
+
+
+def consumer_lag(consumer: KafkaConsumer) -> int:
+    """Records not yet consumed on the assigned partitions: sum of highwater - position.
+
+    The highwater mark is only known after a fetch from the partition; until then it counts 0.
+    (end_offsets() is not used: some Kafka-compatible brokers answer it wrongly.)
+    """
+    lag = 0
+    for tp in consumer.assignment():
+        highwater = consumer.highwater(tp)
+        if highwater is None:
+            continue
+        position = consumer.position(tp)
+        if position is not None:
+            lag += max(0, highwater - position)
+    return lag
+
+
+def _check_settings(client_settings: Mapping[str, Any]) -> None:
+    owned = sorted(set(_OWNED_KEYS) & set(client_settings))
+    if owned:
+        raise ConfigError(f"kafka.client must not set {', '.join(owned)}: streamer sets them")

@@ -1,0 +1,344 @@
+"""Append-only, atomically published model versions: `<dir>/<version>/` plus `<dir>/CURRENT`.
+
+A version directory holds everything needed to resume:
+
+    model.pt        state_dict of the configured (Normalized) model, torch.load(weights_only=True)
+    forgotten.pt    the retained forgotten set: {"x": (N, C, H, W), "y": (N,), "target": (N,),
+                    "request_ids": [str] * N}
+    manifest.json   version, parent, created_at, the requests it applied with their outcomes,
+                    the consumed offsets {topic: {partition: next_offset}}, metrics, and the
+                    sha256 of model.pt and forgotten.pt
+
+Publishing writes a temporary directory, fsyncs every file and the directory, renames it to
+its version name (never over an existing one) and fsyncs the parent; only then is CURRENT
+replaced (temp file + fsync + rename + fsync). A crash at any point leaves CURRENT naming a
+complete, verified version: the checkpoint, not the Kafka group offset, is the source of truth.
+v000000 is the configured initial model, kept forever so a rollback to the base is possible.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import StreamerError
+
+MODEL_FILE = "model.pt"
+FORGOTTEN_FILE = "forgotten.pt"
+MANIFEST_FILE = "manifest.json"
+CURRENT_FILE = "CURRENT"
+BASE_VERSION = "v000000"
+MANIFEST_SCHEMA = 1
+_VERSION = re.compile(r"v(\d{6,})")
+_TEMP_PREFIX = ".tmp-"
+
+Offsets = Mapping[str, Mapping[int, int]]  # {topic: {partition: next offset to consume}}
+
+__all__ = [
+    "BASE_VERSION",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointStore",
+    "ForgottenSet",
+    "Manifest",
+    "format_version",
+    "rfc3339",
+    "version_number",
+]
+
+
+class CheckpointError(StreamerError):
+    """A version is missing, corrupt or cannot be written: stop without committing offsets."""
+
+
+def format_version(number: int) -> str:
+    return f"v{number:06d}"
+
+
+def version_number(version: str) -> int:
+    match = _VERSION.fullmatch(version)
+    if match is None:
+        raise CheckpointError(f"{version!r} is not a version name (v000000, v000001, ...)")
+    return int(match.group(1))
+
+
+def rfc3339(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class ForgottenSet:
+    """Every instance forgotten so far, newest fragment first (the engine's order)."""
+
+    x: torch.Tensor  # (N, C, H, W) pixels in [0, 1]
+    y: torch.Tensor  # (N,) original labels
+    target: torch.Tensor  # (N,) -1: misclassify, c: relabel to c
+    request_ids: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @staticmethod
+    def empty(input_shape: Sequence[int]) -> ForgottenSet:
+        return ForgottenSet(torch.zeros((0, *input_shape)), torch.zeros(0, dtype=torch.int64),
+                            torch.zeros(0, dtype=torch.int64), ())
+
+    def prepend(self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor, request_ids: Sequence[str]) -> ForgottenSet:
+        """This set with a new fragment in front, as `Unlearner` concatenates [fragment, retained]."""
+        return ForgottenSet(torch.cat([x.cpu(), self.x]), torch.cat([y.cpu(), self.y]),
+                            torch.cat([target.cpu(), self.target]), (*request_ids, *self.request_ids))
+
+    def to_state(self) -> dict[str, Any]:
+        return {"x": self.x.cpu(), "y": self.y.cpu(), "target": self.target.cpu(), "request_ids": list(self.request_ids)}
+
+    @staticmethod
+    def from_state(state: Any, where: str) -> ForgottenSet:
+        if not isinstance(state, dict) or not {"x", "y", "target", "request_ids"} <= state.keys():
+            raise CheckpointError(f"{where} does not hold x, y, target and request_ids")
+        result = ForgottenSet(state["x"], state["y"], state["target"], tuple(state["request_ids"]))
+        if not len(result.x) == len(result.y) == len(result.target) == len(result.request_ids):
+            raise CheckpointError(f"{where}: x, y, target and request_ids have different lengths")
+        return result
+
+
+@dataclass(frozen=True)
+class Manifest:
+    version: str
+    parent: str | None
+    created_at: str  # RFC 3339, UTC
+    requests: tuple[Mapping[str, Any], ...]  # applied requests (forgotten | relabelled | failed)
+    offsets: Offsets
+    metrics: Mapping[str, Any]
+    model_sha256: str
+    forgotten_sha256: str
+    duplicates: tuple[Mapping[str, Any], ...] = ()  # repeats answered with this version
+    schema: int = MANIFEST_SCHEMA
+
+    @property
+    def number(self) -> int:
+        return version_number(self.version)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema, "version": self.version, "parent": self.parent, "created_at": self.created_at,
+            "requests": [dict(r) for r in self.requests], "duplicates": [dict(d) for d in self.duplicates],
+            "offsets": {t: {str(p): o for p, o in sorted(parts.items())} for t, parts in sorted(self.offsets.items())},
+            "metrics": dict(self.metrics), "model_sha256": self.model_sha256,
+            "forgotten_sha256": self.forgotten_sha256,
+        }
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> Manifest:
+        try:
+            return Manifest(
+                version=data["version"], parent=data["parent"], created_at=data["created_at"],
+                requests=tuple(data["requests"]), duplicates=tuple(data.get("duplicates", ())),
+                offsets={t: {int(p): int(o) for p, o in parts.items()} for t, parts in data["offsets"].items()},
+                metrics=data["metrics"], model_sha256=data["model_sha256"],
+                forgotten_sha256=data["forgotten_sha256"], schema=data.get("schema", MANIFEST_SCHEMA),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise CheckpointError(f"malformed manifest: {err!r}") from err
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    manifest: Manifest
+    state_dict: dict[str, torch.Tensor] = field(repr=False)
+    forgotten: ForgottenSet = field(repr=False)
+    path: Path = Path()
+
+
+class CheckpointStore:
+    """The version directories under `root`. One writer (the daemon) per directory; readers
+    (`streamer checkpoints`, `streamer verify`, serving systems) may look at any time."""
+
+    def __init__(self, root: str | Path, keep: int = 0, clock: Callable[[], float] = time.time):
+        if keep < 0:
+            raise ValueError(f"keep must be >= 0 (0 keeps all), got {keep}")
+        self.root, self.keep, self._clock = Path(root), keep, clock
+
+    def recover(self) -> list[str]:
+        """Writer start-up: create the directory and delete temp files a crash mid-publish left
+        (they were never visible as versions). Never call it while another process publishes."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        removed = []
+        for stale in self.root.glob(f"{_TEMP_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+            removed.append(stale.name)
+        return removed
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def current_version(self) -> str | None:
+        path = self.root / CURRENT_FILE
+        if not path.exists():
+            return None
+        version = path.read_text(encoding="utf-8").strip()
+        version_number(version)
+        if not (self.root / version / MANIFEST_FILE).is_file():
+            raise CheckpointError(f"CURRENT names {version}, which has no {MANIFEST_FILE} in {self.root}")
+        return version
+
+    def versions(self) -> list[str]:
+        """Version directories on disk, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p.name for p in self.root.iterdir() if p.is_dir() and _VERSION.fullmatch(p.name)]
+        return sorted(found, key=version_number)
+
+    def path(self, version: str) -> Path:
+        version_number(version)
+        return self.root / version
+
+    def manifest(self, version: str) -> Manifest:
+        path = self.path(version) / MANIFEST_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"cannot read {path}: {err}") from err
+        manifest = Manifest.from_json(data)
+        if manifest.version != version:
+            raise CheckpointError(f"{path} says version {manifest.version}, expected {version}")
+        return manifest
+
+    def lineage(self, version: str) -> list[Manifest]:
+        """`version` and its ancestors, newest first, up to the base or the first pruned one."""
+        chain: list[Manifest] = []
+        current: str | None = version
+        while current is not None and (self.root / current / MANIFEST_FILE).is_file():
+            manifest = self.manifest(current)
+            chain.append(manifest)
+            current = manifest.parent
+        return chain
+
+    def load(self, version: str) -> Checkpoint:
+        """The version's model state, forgotten set and manifest, after checking both sha256s."""
+        manifest = self.manifest(version)
+        directory = self.path(version)
+        model_bytes = _read_verified(directory / MODEL_FILE, manifest.model_sha256)
+        forgotten_bytes = _read_verified(directory / FORGOTTEN_FILE, manifest.forgotten_sha256)
+        state = _torch_load(model_bytes, directory / MODEL_FILE)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{directory / MODEL_FILE} is not a state_dict")
+        forgotten = ForgottenSet.from_state(_torch_load(forgotten_bytes, directory / FORGOTTEN_FILE),
+                                            str(directory / FORGOTTEN_FILE))
+        return Checkpoint(manifest, state, forgotten, directory)
+
+    # --- writing -----------------------------------------------------------------------------
+
+    def publish(self, parent: str | None, state_dict: Mapping[str, torch.Tensor], forgotten: ForgottenSet,
+                requests: Sequence[Mapping[str, Any]] = (), offsets: Offsets | None = None,
+                metrics: Mapping[str, Any] | None = None, duplicates: Sequence[Mapping[str, Any]] = (),
+                created_at: float | None = None) -> Manifest:
+        """Write the next version atomically, switch CURRENT to it, prune; return its manifest.
+
+        The first version ever published is v000000 (the base model, no parent)."""
+        existing = self.versions()
+        if parent is None and existing:
+            raise CheckpointError(f"only the first version may have no parent; {self.root} has {existing[-1]}")
+        version = format_version(version_number(existing[-1]) + 1) if existing else BASE_VERSION
+        model_bytes = _torch_bytes({k: v.detach().cpu() for k, v in state_dict.items()})
+        forgotten_bytes = _torch_bytes(forgotten.to_state())
+        manifest = Manifest(
+            version=version, parent=parent, created_at=rfc3339(self._clock() if created_at is None else created_at),
+            requests=tuple(dict(r) for r in requests), duplicates=tuple(dict(d) for d in duplicates),
+            offsets={t: dict(p) for t, p in (offsets or {}).items()}, metrics=dict(metrics or {}),
+            model_sha256=hashlib.sha256(model_bytes).hexdigest(),
+            forgotten_sha256=hashlib.sha256(forgotten_bytes).hexdigest(),
+        )
+        manifest_bytes = (json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n").encode("utf-8")
+        temp = self.root / f"{_TEMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}"
+        self.root.mkdir(parents=True, exist_ok=True)
+        temp.mkdir()
+        try:
+            _write_synced(temp / MODEL_FILE, model_bytes)
+            _write_synced(temp / FORGOTTEN_FILE, forgotten_bytes)
+            _write_synced(temp / MANIFEST_FILE, manifest_bytes)
+            _fsync_dir(temp)
+            # rename(2) of a directory fails when the target exists and is not empty: never overwrites.
+            os.rename(temp, self.root / version)
+        except OSError as err:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise CheckpointError(f"cannot write version {version} in {self.root}: {err}") from err
+        _fsync_dir(self.root)
+        self.switch(version)
+        self.prune()
+        return manifest
+
+    def switch(self, version: str) -> None:
+        """Point CURRENT at an existing version, atomically (also how an operator rolls back)."""
+        if not (self.path(version) / MANIFEST_FILE).is_file():
+            raise CheckpointError(f"cannot switch CURRENT to {version}: no such version in {self.root}")
+        temp = self.root / f"{_TEMP_PREFIX}{CURRENT_FILE}-{uuid.uuid4().hex[:8]}"
+        try:
+            _write_synced(temp, f"{version}\n".encode("ascii"))
+            os.replace(temp, self.root / CURRENT_FILE)
+        except OSError as err:
+            temp.unlink(missing_ok=True)
+            raise CheckpointError(f"cannot switch CURRENT to {version}: {err}") from err
+        _fsync_dir(self.root)
+
+    def prune(self) -> list[str]:
+        """Delete all but the newest `keep` versions, never CURRENT nor the base; 0 keeps all."""
+        if self.keep == 0:
+            return []
+        versions = self.versions()
+        protected = {BASE_VERSION, self.current_version(), *versions[-self.keep:]}
+        removed = [v for v in versions if v not in protected]
+        for version in removed:
+            shutil.rmtree(self.root / version)
+        if removed:
+            _fsync_dir(self.root)
+        return removed
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _torch_load(data: bytes, where: Path) -> Any:
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # any unpickling failure of a file that passed its checksum
+        raise CheckpointError(f"cannot load {where}: {err}") from err
+
+
+def _read_verified(path: Path, sha256: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from err
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise CheckpointError(f"{path} has sha256 {actual}, its manifest says {sha256}: the file is corrupt")
+    return data
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "xb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,278 @@
+"""The ledger: an append-only SQLite record of every request's outcome and the version holding it.
+
+It answers "was request R applied, and in which version?" (duplicates), "which receipts are
+still owed?" (receipts are re-sent after a crash), "what happened to record (topic, partition,
+offset)?" (a record re-read after a crash is not handled twice) and the audit counts.
+
+Rows are never updated or deleted (SQLite triggers refuse it). A receipt that went out is
+recorded in a second append-only table. Rows are keyed by (topic, partition, offset, status,
+version): appending the same outcome twice is a no-op, which is what makes `reconcile` and a
+re-read record safe. The checkpoint manifests are the source of truth for applied requests:
+`reconcile` copies into the ledger whatever CURRENT's lineage holds that the ledger lacks (a
+crash between checkpoint and ledger) and marks `rolled_back` what the ledger holds in versions
+outside CURRENT's lineage (an operator rolled back; those requests will be applied again when re-read).
+"""
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .checkpoints import Manifest
+from ..errors import StreamerError
+
+LEDGER_FILE = "ledger.sqlite3"  # beside the version directories
+STATUSES = ("forgotten", "relabelled", "duplicate", "rejected", "failed", "rolled_back")
+APPLIED = ("forgotten", "relabelled", "failed")  # in the model (failed: applied, goal missed)
+RECEIPTED = ("forgotten", "relabelled", "duplicate", "rejected", "failed")  # statuses with a receipt
+
+__all__ = ["APPLIED", "LEDGER_FILE", "RECEIPTED", "STATUSES", "Ledger", "LedgerError", "LedgerRow", "Outcome", "Reconciled", "reconcile"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outcomes (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id   TEXT,
+    status       TEXT NOT NULL CHECK (status IN ('forgotten', 'relabelled', 'duplicate', 'rejected', 'failed', 'rolled_back')),
+    version      TEXT,
+    reason       TEXT,
+    topic        TEXT NOT NULL,
+    partition    INTEGER NOT NULL,
+    "offset"     INTEGER NOT NULL,
+    subject      TEXT,
+    completed_at TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS outcomes_key ON outcomes (topic, partition, "offset", status, IFNULL(version, ''));
+CREATE INDEX IF NOT EXISTS outcomes_request ON outcomes (request_id);
+CREATE INDEX IF NOT EXISTS outcomes_version ON outcomes (version);
+CREATE TABLE IF NOT EXISTS receipts_sent (
+    seq     INTEGER PRIMARY KEY REFERENCES outcomes (seq),
+    sent_at TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS outcomes_no_update BEFORE UPDATE ON outcomes
+    BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS outcomes_no_delete BEFORE DELETE ON outcomes
+    BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS receipts_no_update BEFORE UPDATE ON receipts_sent
+    BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS receipts_no_delete BEFORE DELETE ON receipts_sent
+    BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
+"""
+_COLUMNS = ("request_id", "status", "version", "reason", "topic", "partition", "offset", "subject", "completed_at")
+_SELECT = 'SELECT seq, request_id, status, version, reason, topic, partition, "offset", subject, completed_at FROM outcomes'
+
+
+class LedgerError(StreamerError):
+    """The ledger cannot be opened or written: stop (nothing is committed after a failed write)."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one record. request_id is None only for a rejected event whose id could
+    not be read; (topic, partition, offset) then identifies it."""
+
+    status: str
+    request_id: str | None
+    version: str | None  # the version that holds the request (for duplicate: the one that applied it)
+    reason: str | None
+    topic: str
+    partition: int
+    offset: int
+    subject: str | None
+    completed_at: str  # RFC 3339
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"unknown status {self.status!r}; expected one of {', '.join(STATUSES)}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> Outcome:
+        return Outcome(**{name: data.get(name) for name in _COLUMNS})
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    seq: int
+    outcome: Outcome
+    receipt_sent: bool
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    added: int  # rows copied from manifests (their receipts are owed)
+    rolled_back: int  # applied rows whose version is outside CURRENT's lineage
+
+
+class Ledger:
+    """The ledger database at `path` (created if missing). Used from one thread."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a committed row survives power loss
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as err:
+            raise LedgerError(f"cannot open the ledger {self.path}: {err}") from err
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- writing -----------------------------------------------------------------------------
+
+    def append(self, outcomes: Iterable[Outcome]) -> list[int]:
+        """Append outcomes in one transaction; one already present is kept. Returns each one's seq."""
+        seqs: list[int] = []
+        try:
+            with _transaction(self._db):
+                for o in outcomes:
+                    self._db.execute(
+                        f'INSERT OR IGNORE INTO outcomes ({", ".join(_quoted(_COLUMNS))}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)',
+                        tuple(getattr(o, c) for c in _COLUMNS),
+                    )
+                    (seq,) = self._db.execute(
+                        'SELECT seq FROM outcomes WHERE topic = ? AND partition = ? AND "offset" = ? AND status = ? '
+                        "AND IFNULL(version, '') = IFNULL(?, '')",
+                        (o.topic, o.partition, o.offset, o.status, o.version),
+                    ).fetchone()
+                    seqs.append(seq)
+        except sqlite3.Error as err:
+            raise LedgerError(f"cannot append to the ledger {self.path}: {err}") from err
+        return seqs
+
+    def mark_receipts_sent(self, seqs: Iterable[int], sent_at: str) -> None:
+        try:
+            with _transaction(self._db):
+                self._db.executemany("INSERT OR IGNORE INTO receipts_sent (seq, sent_at) VALUES (?, ?)",
+                                     [(seq, sent_at) for seq in seqs])
+        except sqlite3.Error as err:
+            raise LedgerError(f"cannot record sent receipts in {self.path}: {err}") from err
+
+    # --- queries -----------------------------------------------------------------------------
+
+    def applied(self, request_id: str) -> str | None:
+        """The version that applied `request_id`, or None (never applied, or rolled back since)."""
+        row = self._db.execute(
+            "SELECT status, version FROM outcomes WHERE request_id = ? "
+            "AND status IN ('forgotten', 'relabelled', 'failed', 'rolled_back') ORDER BY seq DESC LIMIT 1",
+            (request_id,),
+        ).fetchone()
+        return None if row is None or row[0] == "rolled_back" else row[1]
+
+    def handled(self, topic: str, partition: int, offset: int) -> bool:
+        """Whether the record at (topic, partition, offset) already has an outcome that stands."""
+        row = self._db.execute(
+            'SELECT 1 FROM outcomes o WHERE topic = ? AND partition = ? AND "offset" = ? AND status != \'rolled_back\' '
+            "AND NOT EXISTS (SELECT 1 FROM outcomes r WHERE r.status = 'rolled_back' AND r.topic = o.topic "
+            'AND r.partition = o.partition AND r."offset" = o."offset" AND r.version IS o.version) LIMIT 1',
+            (topic, partition, offset),
+        ).fetchone()
+        return row is not None
+
+    def requests_of(self, version: str) -> list[Outcome]:
+        """The outcomes recorded with `version`, in ledger order."""
+        return [row.outcome for row in self._rows("WHERE version = ? ORDER BY seq", (version,))]
+
+    def counts(self) -> dict[str, int]:
+        """Rows per status (every status present, 0 when none)."""
+        found = dict(self._db.execute("SELECT status, COUNT(*) FROM outcomes GROUP BY status").fetchall())
+        return {status: int(found.get(status, 0)) for status in STATUSES}
+
+    def contains(self, o: Outcome) -> bool:
+        """Whether this outcome (same record, status and version) is already recorded."""
+        row = self._db.execute(
+            'SELECT 1 FROM outcomes WHERE topic = ? AND partition = ? AND "offset" = ? AND status = ? '
+            "AND IFNULL(version, '') = IFNULL(?, '')",
+            (o.topic, o.partition, o.offset, o.status, o.version),
+        ).fetchone()
+        return row is not None
+
+    def applied_after(self, version_number: int) -> list[Outcome]:
+        """Applied outcomes recorded with a version numbered above `version_number`."""
+        return [row.outcome for row in self._rows(
+            "WHERE status IN ('forgotten', 'relabelled', 'failed') AND CAST(SUBSTR(version, 2) AS INTEGER) > ? "
+            "ORDER BY seq", (version_number,))]
+
+    def rows(self) -> list[LedgerRow]:
+        return self._rows("ORDER BY seq", ())
+
+    def unsent_receipts(self) -> list[LedgerRow]:
+        """Rows that owe a receipt (a readable request_id and a receipted status) not sent yet."""
+        placeholders = ", ".join("?" for _ in RECEIPTED)
+        return self._rows(f"WHERE request_id IS NOT NULL AND status IN ({placeholders}) "
+                          "AND seq NOT IN (SELECT seq FROM receipts_sent) ORDER BY seq", RECEIPTED)
+
+    def _rows(self, where: str, params: Sequence[Any]) -> list[LedgerRow]:
+        sent = {seq for (seq,) in self._db.execute("SELECT seq FROM receipts_sent")}
+        return [LedgerRow(r[0], Outcome.from_json(dict(zip(_COLUMNS, r[1:]))), r[0] in sent)
+                for r in self._db.execute(f"{_SELECT} {where}", tuple(params))]
+
+
+def reconcile(ledger: Ledger, lineage: Sequence[Manifest]) -> Reconciled:
+    """Make the ledger agree with CURRENT's lineage (`lineage[0]` is CURRENT, newest first).
+
+    Walks back from CURRENT copying manifest outcomes the ledger lacks, and stops at the first
+    version whose outcomes are all present (the ledger is written in version order, so the older
+    ones are too). Then marks `rolled_back` the applied rows of versions outside CURRENT's lineage."""
+    if not lineage:
+        return Reconciled(0, 0)
+    missing: list[Outcome] = []
+    for manifest in lineage:
+        entries = [Outcome.from_json({**e, "version": manifest.version, "completed_at": manifest.created_at})
+                   for e in (*manifest.requests, *manifest.duplicates)]
+        absent = [o for o in entries if not ledger.contains(o)]
+        if not absent and entries:
+            break
+        missing[:0] = absent  # oldest version first
+    added = len(missing)
+    if missing:
+        ledger.append(missing)
+
+    # Rolled back: applied in a version outside CURRENT's lineage but newer than its oldest
+    # member (older ones are pruned ancestors). Covers a rollback that switched CURRENT to an
+    # older version, and a crash between a rollback's publish and its ledger rows.
+    current = lineage[0]
+    inside = {m.version for m in lineage}
+    oldest = min(m.number for m in lineage)
+    rolled_back = [_rolled_back(o, current) for o in ledger.applied_after(oldest)
+                   if o.version not in inside and ledger.applied(o.request_id) == o.version]
+    rolled_back = [o for o in rolled_back if not ledger.contains(o)]
+    if rolled_back:
+        ledger.append(rolled_back)
+    return Reconciled(added, len(rolled_back))
+
+
+def _rolled_back(o: Outcome, current: Manifest) -> Outcome:
+    return Outcome(status="rolled_back", request_id=o.request_id, version=o.version,
+                   reason=f"version {o.version} is not in CURRENT {current.version}'s lineage: rolled back, "
+                          "the request is applied again when its record is re-read",
+                   topic=o.topic, partition=o.partition, offset=o.offset, subject=o.subject,
+                   completed_at=current.created_at)
+
+
+def _quoted(columns: Sequence[str]) -> list[str]:
+    return [f'"{c}"' for c in columns]
+
+
+class _transaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error (autocommit connection)."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self._db.execute("ROLLBACK" if exc_type is not None else "COMMIT")

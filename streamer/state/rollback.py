@@ -1,0 +1,213 @@
+"""Rollback with replay: history stays append-only and nobody is silently un-forgotten.
+
+`streamer rollback --to V` publishes a NEW version whose weights, forgotten set and consumed
+offsets are V's (parent V, so CURRENT's lineage no longer holds the versions after V), marks every
+request those versions applied `rolled_back` in the ledger, and the daemon then re-consumes from
+V's offsets: each such request is applied again and gets a new receipt naming the new version.
+If the topic no longer holds a record to replay (retention), rollback refuses and names the
+requests, unless forced: then they are recorded `rolled_back` with that reason and not replayed.
+
+While the daemon runs it owns the checkpoint directory (an flock on LOCK): the command then
+leaves a request file that the daemon carries out between fragments and answers in a result
+file. When the daemon is stopped the command does the same work itself.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoints import CheckpointStore, Manifest, rfc3339
+from ..errors import StreamerError
+from .ledger import LEDGER_FILE, Ledger, Outcome
+
+LOCK_FILE = "LOCK"
+REQUEST_FILE = "ROLLBACK.request.json"
+RESULT_FILE = "ROLLBACK.result.json"
+
+Earliest = Callable[[str, int], int]  # (topic, partition) -> first offset the topic still holds
+
+
+class CheckpointDirLocked(StreamerError):
+    """Another process (a running daemon) owns the checkpoint directory: fail at start-up."""
+
+
+class RollbackRefused(StreamerError):
+    """The rollback cannot be done as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class RollbackPlan:
+    to: Manifest
+    current: Manifest
+    replay: tuple[Outcome, ...]  # applied after `to`, record still in the topic: applied again
+    lost: tuple[Outcome, ...]  # applied after `to`, record gone (retention): cannot be replayed
+
+
+def plan_rollback(store: CheckpointStore, to_version: str, earliest: Earliest) -> RollbackPlan:
+    """What rolling CURRENT back to `to_version` would replay, from the manifests (the source of truth)."""
+    current_version = store.current_version()
+    if current_version is None:
+        raise RollbackRefused(f"no version in {store.root}: nothing to roll back")
+    lineage = store.lineage(current_version)
+    names = [m.version for m in lineage]
+    if to_version == current_version:
+        raise RollbackRefused(f"{to_version} is CURRENT already")
+    if to_version not in names:
+        raise RollbackRefused(f"{to_version} is not an ancestor of CURRENT {current_version} "
+                              f"(lineage: {' <- '.join(names)}); rolling to it would skip requests")
+    after = lineage[: names.index(to_version)]  # newest first, the versions being undone
+    applied = [Outcome.from_json({**r, "version": m.version, "completed_at": m.created_at})
+               for m in reversed(after) for r in m.requests]
+    lost = tuple(o for o in applied if o.offset < earliest(o.topic, o.partition))
+    replay = tuple(o for o in applied if o not in lost)
+    return RollbackPlan(to=lineage[names.index(to_version)], current=lineage[0], replay=replay, lost=lost)
+
+
+def apply_rollback(store: CheckpointStore, ledger: Ledger, plan: RollbackPlan, force: bool,
+                   clock: Callable[[], float] = time.time) -> Manifest:
+    """Publish the new version (V's state, parent V) and record the rolled-back requests."""
+    if plan.lost and not force:
+        raise RollbackRefused(
+            f"the topic no longer holds {len(plan.lost)} records to replay after {plan.to.version} (retention); "
+            f"these requests could not be applied again: {', '.join(sorted(str(o.request_id) for o in plan.lost))}. "
+            "Re-send them, or use --force to record them as rolled_back")
+    checkpoint = store.load(plan.to.version)
+    metrics = {**plan.to.metrics, "rollback_to": plan.to.version, "rolled_back_from": plan.current.version,
+               "replayed_requests": len(plan.replay), "lost_requests": len(plan.lost)}
+    manifest = store.publish(plan.to.version, checkpoint.state_dict, checkpoint.forgotten,
+                             offsets=plan.to.offsets, metrics=metrics)
+    now = rfc3339(clock())
+    ledger.append([_rolled_back(o, manifest.version, now, "replayed from its record")
+                   for o in plan.replay] +
+                  [_rolled_back(o, manifest.version, now, "NOT replayed: the record is gone (retention), --force")
+                   for o in plan.lost])
+    return manifest
+
+
+def _rolled_back(o: Outcome, new_version: str, now: str, how: str) -> Outcome:
+    return Outcome(status="rolled_back", request_id=o.request_id, version=o.version,
+                   reason=f"rollback {new_version} undid {o.version}; {how}", topic=o.topic,
+                   partition=o.partition, offset=o.offset, subject=o.subject, completed_at=now)
+
+
+def kafka_earliest(bootstrap: str, client: Mapping) -> Earliest:
+    """First offset each partition still holds, asked of the brokers (cached per partition)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    cache: dict[tuple[str, int], int] = {}
+
+    def earliest(topic: str, partition: int) -> int:
+        if (topic, partition) not in cache:
+            consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, **client)
+            try:
+                tp = TopicPartition(topic, partition)
+                cache[(topic, partition)] = int(consumer.beginning_offsets([tp])[tp])
+            finally:
+                consumer.close()
+        return cache[(topic, partition)]
+
+    return earliest
+
+
+class DirectoryLock:
+    """An exclusive flock on <dir>/LOCK: held by the running daemon, taken by offline tools."""
+
+    def __init__(self, root: str | Path):
+        self.path = Path(root) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        """True if taken; False if another process (the daemon) holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def request_via_daemon(root: Path, to_version: str, force: bool, timeout_s: float) -> dict:
+    """Leave a rollback request for the running daemon and wait for its answer."""
+    result = root / RESULT_FILE
+    result.unlink(missing_ok=True)
+    request_id = f"{os.getpid()}-{time.time_ns()}"
+    temp = root / f".{REQUEST_FILE}.tmp"
+    temp.write_text(json.dumps({"id": request_id, "to": to_version, "force": force}))
+    os.replace(temp, root / REQUEST_FILE)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if result.exists():
+            answer = json.loads(result.read_text())
+            if answer.get("id") == request_id:
+                return answer
+        time.sleep(0.5)
+    raise RollbackRefused(f"the daemon did not answer the rollback request within {timeout_s:.0f} s "
+                          f"(it runs it between fragments); {root / REQUEST_FILE} is still pending")
+
+
+def take_request(root: Path) -> dict | None:
+    """The daemon's side: a pending rollback request, removed from the directory, or None."""
+    path = root / REQUEST_FILE
+    if not path.exists():
+        return None
+    try:
+        request = json.loads(path.read_text())
+    except (OSError, ValueError):
+        request = {"id": None, "to": None, "force": False}
+    path.unlink(missing_ok=True)
+    return request
+
+
+def answer_request(root: Path, request: dict, answer: dict) -> None:
+    temp = root / f".{RESULT_FILE}.tmp"
+    temp.write_text(json.dumps({"id": request.get("id"), **answer}))
+    os.replace(temp, root / RESULT_FILE)
+
+
+def rollback(cfg, to_version: str, force: bool, timeout_s: float = 900.0) -> dict:
+    """`streamer rollback`: done by the running daemon if there is one, else here.
+    Returns {"ok": bool, "message": str, "version": new version or None}."""
+    root = Path(cfg.checkpoints.dir)
+    lock = DirectoryLock(root)
+    if not lock.acquire():
+        return request_via_daemon(root, to_version, force, timeout_s)
+    try:
+        store = CheckpointStore(root, cfg.checkpoints.keep)
+        earliest = kafka_earliest(cfg.kafka.bootstrap_servers, dict(cfg.kafka.client))
+        with Ledger(root / LEDGER_FILE) as ledger:
+            return run_rollback(store, ledger, to_version, force, earliest)
+    finally:
+        lock.release()
+
+
+def run_rollback(store: CheckpointStore, ledger: Ledger, to_version: str, force: bool, earliest: Earliest) -> dict:
+    """Plan and apply; the answer the command prints (and the daemon writes to the result file)."""
+    try:
+        plan = plan_rollback(store, to_version, earliest)
+        manifest = apply_rollback(store, ledger, plan, force)
+    except RollbackRefused as err:
+        return {"ok": False, "version": None, "message": f"rollback refused: {err}"}
+    replayed = ", ".join(str(o.request_id) for o in plan.replay) or "none"
+    message = (f"published {manifest.version} = weights of {plan.to.version} (was {plan.current.version}); "
+               f"CURRENT = {manifest.version}; {len(plan.replay)} requests will be applied again from their "
+               f"records when the daemon consumes: {replayed}")
+    if plan.lost:
+        message += f"; {len(plan.lost)} recorded rolled_back without replay (--force): " + \
+                   ", ".join(str(o.request_id) for o in plan.lost)
+    return {"ok": True, "version": manifest.version, "message": message}

@@ -1,0 +1,227 @@
+"""The unlearning loop: goal, caps, continual retention, configuration, and a real digits run."""
+import threading
+import time
+
+import pytest
+import torch
+
+from streamer.engine.data import load_splits
+from streamer.errors import ConfigError
+from streamer.engine.evaluate import accuracy
+from streamer.engine.models import Normalized, digits_cnn, load_weights
+from streamer.engine.train import train_reference
+from streamer.engine.unlearn import Fragment, Unlearner, method_config, random_affine
+
+from engine_fixtures import tiny_data, tiny_model
+
+
+def _fragment(x, y, target=None):
+    return Fragment(x, y, torch.full_like(y, -1) if target is None else target)
+
+
+def _correct_subset(model, n=6):
+    x, y = tiny_data(200)
+    keep = model(x).argmax(1) == y
+    return x[keep][:n], y[keep][:n]
+
+
+class TestLoop:
+    def test_stops_at_goal(self):
+        """The loop stops as soon as every instance is misclassified and says so."""
+        model = tiny_model()
+        x, y = _correct_subset(model)
+        cfg = method_config("default", n_adv=2, pgd_steps=5, lr=1e-2, max_steps=500, distill_weight=0.1)
+        out = Unlearner(model, cfg, 3).unlearn(_fragment(x, y))
+        assert out.goal_reached and out.stopped_by == "goal" and out.missed == 0
+        assert 0 < out.steps < 500 and all(out.fragment_met)
+        assert (model(x).argmax(1) != y).all()
+        assert set(out.stage_seconds) == {"adversarial", "importance", "unlearn"}
+
+    def test_reports_hit_step_cap(self):
+        """A cap that is too small is reported with the number of instances still missing the goal."""
+        model = tiny_model()
+        x, y = _correct_subset(model)
+        cfg = method_config("default", n_adv=0, lr=1e-6, max_steps=3)
+        out = Unlearner(model, cfg, 3).unlearn(_fragment(x, y))
+        assert not out.goal_reached and out.stopped_by == "step_cap" and out.steps == 3
+        assert out.missed == len(y) - sum(out.fragment_met) > 0
+
+    def test_reports_hit_time_cap(self):
+        """The time cap stops the loop with stopped_by=time_cap."""
+        model = tiny_model()
+        x, y = _correct_subset(model)
+        cfg = method_config("default", n_adv=0, lr=1e-7, max_steps=10**6, max_seconds=0.2)
+        out = Unlearner(model, cfg, 3).unlearn(_fragment(x, y))
+        assert out.stopped_by == "time_cap" and not out.goal_reached
+
+    def test_cancel_stops_without_retaining(self):
+        """A set cancel event stops the loop; the fragment does not join the retained set."""
+        model = tiny_model()
+        x, y = _correct_subset(model)
+        cancel = threading.Event()
+        cancel.set()
+        u = Unlearner(model, method_config("default", n_adv=0, lr=1e-7), 3)
+        out = u.unlearn(_fragment(x, y), cancel=cancel)
+        assert out.stopped_by == "cancelled" and u.forgotten is None
+
+    def test_relabel_goal(self):
+        """Relabel requests end predicted as their target class (Eq. 4 / CORRECT)."""
+        model = tiny_model()
+        x, y = _correct_subset(model)
+        target = (y + 1) % 3
+        out = Unlearner(model, method_config("correct", lr=0.5, max_steps=2000), 3).unlearn(_fragment(x, y, target))
+        assert out.goal_reached
+        assert torch.equal(model(x).argmax(1), target)
+
+    def test_continual_keeps_earlier_instances_forgotten(self):
+        """With retain_forgotten, an instance that came back is counted and forgotten again."""
+        model = tiny_model()
+        x, y = _correct_subset(model, 8)
+        cfg = method_config("default", n_adv=0, lr=1e-2, distill_weight=0.0)
+        u = Unlearner(model, cfg, 3)
+        assert u.unlearn(_fragment(x[:4], y[:4])).goal_reached
+        assert len(u.forgotten) == 4
+        # resurrect the first fragment by restoring the original weights' predictions
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), tiny_model().parameters()):
+                p.copy_(q)
+        out = u.unlearn(_fragment(x[4:], y[4:]))
+        assert out.resurrected_at_start == 4 and out.goal_reached
+        assert (model(x).argmax(1) != y).all() and len(u.forgotten) == 8
+
+    def test_paper_methods_do_not_retain(self):
+        """The paper's presets keep no forgotten set (they had no anti-resurrection)."""
+        model = tiny_model()
+        x, y = _correct_subset(model, 2)
+        u = Unlearner(model, method_config("neggrad", max_steps=2), 3)
+        u.unlearn(_fragment(x, y))
+        assert u.forgotten is None
+
+    def test_inputs_untouched(self):
+        """Unlearning never modifies the fragment's tensors."""
+        model = tiny_model()
+        x, y = _correct_subset(model)
+        x0, y0 = x.clone(), y.clone()
+        Unlearner(model, method_config("adv+imp", n_adv=2, pgd_steps=3, max_steps=5), 3).unlearn(_fragment(x, y))
+        assert torch.equal(x, x0) and torch.equal(y, y0)
+
+
+def _conv_model() -> Normalized:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    return Normalized(net, (0.5,), (0.25,)).eval()
+
+
+class TestUpdatedParameters:
+    @pytest.mark.parametrize("update", ["head", "all"])
+    def test_head_moves_only_linear_layers(self, update):
+        """update=head moves only nn.Linear weights (the feature extractor stays bit-identical);
+        update=all moves the convolutions too. requires_grad flags come back as they were."""
+        model = _conv_model()
+        model.net[3].bias.requires_grad_(False)  # a user's own frozen parameter stays frozen
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        x, y = tiny_data(6)
+        cfg = method_config("default", update=update, n_adv=0, distill_weight=0.0, lr=1e-2, max_steps=5)
+        Unlearner(model, cfg, 3).unlearn(_fragment(x, y))
+        moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        linear = {"net.3.weight", "net.5.weight", "net.5.bias"}
+        assert moved == (linear if update == "head" else linear | {"net.0.weight", "net.0.bias"})
+        assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["net.3.bias"]
+
+    def test_head_without_linear_layers_moves_everything(self):
+        """A model with no nn.Linear falls back to moving every parameter."""
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 4), torch.nn.Flatten())  # (B, 3) logits
+        model = Normalized(net, (0.5,), (0.25,)).eval()
+        before = [p.detach().clone() for p in model.parameters()]
+        x, y = tiny_data(6)
+        cfg = method_config("default", n_adv=0, distill_weight=0.0, lr=1e-2, max_steps=3)
+        Unlearner(model, cfg, 3).unlearn(_fragment(x, y))
+        assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+    def test_paper_presets_update_everything(self):
+        """The paper's methods train every weight, as the paper does."""
+        assert {method_config(m).update for m in ("neggrad", "correct", "adv", "adv+imp")} == {"all"}
+        assert method_config("default").update == "head"
+
+
+class TestDistillationInputs:
+    @pytest.mark.parametrize("distill_buffer", [True, False])
+    def test_buffer_images_join_the_distillation_pool(self, distill_buffer, monkeypatch):
+        """With a retain buffer and distill_buffer on, a buffer batch joins the images the
+        distillation inputs are made from; off, only the objective's instances do."""
+        from streamer.engine.data import Dataset
+        model = tiny_model()
+        x, y = _correct_subset(model, 4)
+        bx, by = tiny_data(50, seed=1)
+        seen = []
+        original = Unlearner._distill_inputs
+        monkeypatch.setattr(Unlearner, "_distill_inputs", lambda self, src, adv: seen.append(len(src)) or original(self, src, adv))
+        cfg = method_config("default", n_adv=0, lr=1e-7, max_steps=2, buffer_batch=16, distill_buffer=distill_buffer)
+        Unlearner(model, cfg, 3, buffer=Dataset(bx, by)).unlearn(_fragment(x, y))
+        assert seen == [4 + 16] * 2 if distill_buffer else seen == [4] * 2
+
+
+class TestRandomAffine:
+    def test_shape_range_and_identity(self):
+        """Warps keep shape and the pixel range; zero magnitudes are the identity."""
+        x = torch.rand(5, 1, 8, 8)
+        g = torch.Generator().manual_seed(0)
+        out = random_affine(x, g)
+        assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1 + 1e-6
+        assert not torch.allclose(out, x)
+        same = random_affine(x, g, rotate=0.0, scale=0.0, translate=0.0)
+        assert torch.allclose(same, x, atol=1e-5)
+
+
+class TestMethodConfig:
+    @pytest.mark.parametrize("method", ["neggrad", "correct", "adv", "adv+imp", "default"])
+    def test_every_method_builds(self, method):
+        """Every documented method has a preset."""
+        assert method_config(method).method == method
+
+    def test_adv_imp_uses_importance(self):
+        """ADV+IMP is the only paper preset with a non-zero IMP weight."""
+        assert method_config("adv+imp").imp_lambda > 0 and method_config("adv").imp_lambda == 0
+
+    @pytest.mark.parametrize("bad", [dict(method="sgd"), dict(lr=0.0), dict(bogus=1), dict(optimizer="lbfgs"),
+                                     dict(forget_loss="hinge"), dict(max_steps=0), dict(distill_weight=-1.0),
+                                     dict(update="convs")])
+    def test_invalid_settings_raise(self, bad):
+        """Bad settings raise ConfigError naming the problem."""
+        bad = dict(bad)
+        method = bad.pop("method", "default")
+        with pytest.raises(ConfigError):
+            method_config(method, **bad)
+
+
+@pytest.fixture(scope="session")
+def digits_reference(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "digits.pt"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 53k-parameter CNN: more threads only fight other jobs for the CPU
+    try:
+        train_reference("digits", path)
+    finally:
+        torch.set_num_threads(threads)
+    model = Normalized(digits_cnn(), (0.0,), (1.0,))
+    load_weights(model, path)
+    return model.eval(), load_splits("digits")
+
+
+@pytest.mark.slow
+class TestDigitsIntegration:
+    def test_default_forgets_a_fragment_and_keeps_audit_accuracy(self, digits_reference):
+        """The default method forgets 8 real digits on CPU and keeps >= 85% of its audit accuracy."""
+        model, splits = digits_reference
+        before = accuracy(model, splits.audit.x, splits.audit.y)
+        pick = torch.arange(8)
+        x, y = splits.train.x[pick], splits.train.y[pick]
+        started = time.perf_counter()
+        out = Unlearner(model, method_config("default"), 10).unlearn(_fragment(x, y))
+        assert out.goal_reached, out
+        assert accuracy(model, x, y) == 0.0
+        after = accuracy(model, splits.audit.x, splits.audit.y)
+        assert before >= 0.95 and after >= 0.85 * before, (before, after)
+        assert time.perf_counter() - started < 600  # a hang guard, not a speed target

@@ -1,0 +1,81 @@
+"""Tests for streamer.service.outputs (what goes to Kafka) and the daemon's crash-test hook."""
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+
+from streamer.state.checkpoints import Manifest
+from streamer.service.daemon import CRASH_POINTS, CrashHook
+from streamer.errors import ConfigError
+from streamer.state.ledger import Outcome
+from streamer.service.outputs import checkpoint_record, dead_letter, receipt
+
+
+def _outcome(**overrides: object) -> Outcome:
+    fields = dict(status="forgotten", request_id="r-1", version="v000003", reason=None, topic="req",
+                  partition=2, offset=41, subject="user-9", completed_at="2024-05-01T12:00:00.000Z")
+    fields.update(overrides)
+    return Outcome(**fields)  # type: ignore[arg-type]
+
+
+class TestReceipt:
+    def test_schema_v1_fields(self) -> None:
+        """A receipt is keyed by request_id and carries exactly the documented fields (no subject)."""
+        key, value = receipt(_outcome())
+        assert key == b"r-1"
+        assert json.loads(value) == {"schema": 1, "request_id": "r-1", "status": "forgotten", "version": "v000003",
+                                     "reason": None, "completed_at": "2024-05-01T12:00:00.000Z"}
+
+    def test_no_receipt_without_request_id(self) -> None:
+        """An event whose request_id could not be read gets no receipt (the ledger row identifies it)."""
+        with pytest.raises(ValueError, match="no receipt"):
+            receipt(_outcome(status="rejected", request_id=None))
+
+
+class TestDeadLetter:
+    def test_keeps_original_bytes_and_reason(self) -> None:
+        """The dead letter carries the original key and value bytes, the source record and the reason."""
+        raw = b"\xff\x00 not json"
+        key, value, headers = dead_letter("payload is not UTF-8", None, "req", 0, 7, b"k", raw, "2024-05-01T12:00:00Z")
+        body = json.loads(value)
+        assert key == b"k" and base64.b64decode(body["value_b64"]) == raw and base64.b64decode(body["key_b64"]) == b"k"
+        assert (body["reason"], body["topic"], body["partition"], body["offset"]) == ("payload is not UTF-8", "req", 0, 7)
+        assert dict(headers) == {"streamer.reason": b"payload is not UTF-8", "streamer.source": b"req/0/7"}
+
+    def test_tombstone_and_missing_key(self) -> None:
+        """A record without key or value is still dead-lettered, with nulls."""
+        _, value, _ = dead_letter("no value", None, "req", 0, 1, None, None, "2024-05-01T12:00:00Z")
+        assert json.loads(value)["key_b64"] is None and json.loads(value)["value_b64"] is None
+
+
+class TestCheckpointRecord:
+    def test_announces_path_and_sha(self, tmp_path: Path) -> None:
+        """The record names the version, where its model.pt is and the sha256 to check it against."""
+        manifest = Manifest(version="v000002", parent="v000001", created_at="2024-05-01T12:00:00.000Z",
+                            requests=({"request_id": "a"},), offsets={}, metrics={"steps": 3},
+                            model_sha256="ab" * 32, forgotten_sha256="cd" * 32)
+        key, value = checkpoint_record(manifest, tmp_path / "v000002")
+        body = json.loads(value)
+        assert key == b"v000002"
+        assert body["model_path"] == str(tmp_path / "v000002" / "model.pt") and body["sha256"] == "ab" * 32
+        assert (body["parent"], body["requests"], body["metrics"]) == ("v000001", 1, {"steps": 3})
+
+
+class TestCrashHook:
+    def test_reads_known_points_from_the_environment(self) -> None:
+        """STREAMER_CRASH_AT names one of the documented points; unset means no hook."""
+        assert CrashHook.from_env({}).point is None
+        assert [CrashHook.from_env({"STREAMER_CRASH_AT": p}).point for p in CRASH_POINTS] == list(CRASH_POINTS)
+
+    def test_unknown_point_is_a_config_error(self) -> None:
+        """A typo in the crash point fails at start-up instead of silently never crashing."""
+        with pytest.raises(ConfigError, match="STREAMER_CRASH_AT='after_lunch'"):
+            CrashHook.from_env({"STREAMER_CRASH_AT": "after_lunch"})
+
+    def test_other_points_do_nothing(self) -> None:
+        """The hook fires only at its own point (this process is still alive)."""
+        CrashHook("after_ledger").at("after_checkpoint")
+        CrashHook(None).at("after_ledger")

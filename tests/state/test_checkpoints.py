@@ -1,0 +1,215 @@
+"""Tests for streamer.state.checkpoints: append-only versions, atomic publication, verified loads."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from streamer.state import checkpoints
+from streamer.state.checkpoints import (
+    BASE_VERSION,
+    CheckpointError,
+    CheckpointStore,
+    ForgottenSet,
+    Manifest,
+)
+from streamer.engine.models import ModelConfig, Normalized, build_network
+
+SHAPE = (1, 8, 8)
+MODEL_CFG = ModelConfig(source="reference:digits", weights=None, input_shape=SHAPE)
+
+
+def _model(seed: int = 0) -> Normalized:
+    torch.manual_seed(seed)
+    return Normalized(build_network(MODEL_CFG), (0.0,), (1.0,))
+
+
+def _forgotten(n: int, seed: int = 0) -> ForgottenSet:
+    g = torch.Generator().manual_seed(seed)
+    return ForgottenSet(torch.rand((n, *SHAPE), generator=g), torch.randint(0, 10, (n,), generator=g),
+                        torch.full((n,), -1), tuple(f"r{seed}-{i}" for i in range(n)))
+
+
+def _publish_chain(store: CheckpointStore, n: int) -> list[Manifest]:
+    """The base version and n children, each with one request."""
+    manifests = [store.publish(None, _model().state_dict(), ForgottenSet.empty(SHAPE))]
+    for i in range(1, n + 1):
+        manifests.append(store.publish(
+            manifests[-1].version, _model(i).state_dict(), _forgotten(i, i),
+            requests=[{"request_id": f"r{i}", "status": "forgotten"}], offsets={"req": {0: i}},
+            metrics={"steps": i}))
+    return manifests
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> CheckpointStore:
+    return CheckpointStore(tmp_path / "ckpt", clock=lambda: 1_700_000_000.0)
+
+
+class TestPublish:
+    def test_round_trip(self, store: CheckpointStore) -> None:
+        """A published version loads back with the same weights, forgotten set and manifest."""
+        base = store.publish(None, _model().state_dict(), ForgottenSet.empty(SHAPE))
+        model, forgotten = _model(1), _forgotten(3)
+        manifest = store.publish(base.version, model.state_dict(), forgotten,
+                                 requests=[{"request_id": "a", "status": "forgotten"}],
+                                 offsets={"req": {0: 7, 2: 3}}, metrics={"steps": 5},
+                                 duplicates=[{"request_id": "a", "status": "duplicate"}])
+        loaded = store.load(manifest.version)
+        assert loaded.manifest == manifest
+        assert loaded.manifest.offsets == {"req": {0: 7, 2: 3}}
+        assert all(torch.equal(loaded.state_dict[k], v) for k, v in model.state_dict().items())
+        assert torch.equal(loaded.forgotten.x, forgotten.x) and loaded.forgotten.request_ids == forgotten.request_ids
+        assert manifest.created_at == "2023-11-14T22:13:20.000Z"
+
+    def test_versions_are_numbered_from_the_base(self, store: CheckpointStore) -> None:
+        """The first version is v000000 with no parent; each next one names its parent and becomes CURRENT."""
+        manifests = _publish_chain(store, 2)
+        assert [(m.version, m.parent) for m in manifests] == [
+            ("v000000", None), ("v000001", "v000000"), ("v000002", "v000001")]
+        assert store.current_version() == "v000002"
+        assert (store.root / "CURRENT").read_text() == "v000002\n"
+
+    def test_only_the_first_version_has_no_parent(self, store: CheckpointStore) -> None:
+        """A second root would fork the lineage: refused."""
+        _publish_chain(store, 0)
+        with pytest.raises(CheckpointError, match="only the first version"):
+            store.publish(None, _model().state_dict(), ForgottenSet.empty(SHAPE))
+
+    def test_model_pt_loads_into_the_configured_model(self, store: CheckpointStore) -> None:
+        """model.pt is a plain state_dict: torch.load(weights_only=True) fits the configured model."""
+        manifest = _publish_chain(store, 1)[-1]
+        state = torch.load(store.path(manifest.version) / "model.pt", weights_only=True)
+        fresh = _model(99)
+        fresh.load_state_dict(state)
+        assert torch.equal(fresh.net[0].weight, _model(1).net[0].weight)
+
+    def test_manifest_file_has_the_documented_fields(self, store: CheckpointStore) -> None:
+        """manifest.json carries version, parent, created_at, requests, offsets, metrics and sha256s."""
+        manifest = _publish_chain(store, 1)[-1]
+        data = json.loads((store.path(manifest.version) / "manifest.json").read_text())
+        assert {"version", "parent", "created_at", "requests", "duplicates", "offsets", "metrics",
+                "model_sha256", "forgotten_sha256"} <= data.keys()
+        assert data["offsets"] == {"req": {"0": 1}}
+
+    def test_existing_version_is_never_overwritten(self, store: CheckpointStore) -> None:
+        """A version left without CURRENT (crash between rename and switch) keeps its name; the next one skips it."""
+        _publish_chain(store, 1)
+        store.switch(BASE_VERSION)  # as after a crash: v000001 exists, CURRENT still names the parent
+        before = (store.path("v000001") / "model.pt").read_bytes()
+        manifest = store.publish(BASE_VERSION, _model(5).state_dict(), _forgotten(1))
+        assert (manifest.version, manifest.parent) == ("v000002", BASE_VERSION)
+        assert (store.path("v000001") / "model.pt").read_bytes() == before
+        assert [m.version for m in store.lineage("v000002")] == ["v000002", BASE_VERSION]
+
+
+class TestAtomicity:
+    def test_failed_write_leaves_current_and_versions_alone(self, store: CheckpointStore,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+        """A write that fails half-way raises CheckpointError; CURRENT and the version list are unchanged."""
+        _publish_chain(store, 1)
+        real = checkpoints._write_synced
+        calls = []
+
+        def failing(path: Path, data: bytes) -> None:
+            calls.append(path.name)
+            if path.name == "forgotten.pt":
+                raise OSError(28, "No space left on device")
+            real(path, data)
+
+        monkeypatch.setattr(checkpoints, "_write_synced", failing)
+        with pytest.raises(CheckpointError, match="No space left"):
+            store.publish("v000001", _model(2).state_dict(), _forgotten(2))
+        assert calls == ["model.pt", "forgotten.pt"]
+        assert store.current_version() == "v000001"
+        assert store.versions() == ["v000000", "v000001"]
+        assert [p.name for p in store.root.iterdir() if p.name.startswith(".tmp")] == []
+
+    def test_stale_temp_dirs_are_removed_on_recover(self, tmp_path: Path) -> None:
+        """A temp dir left by a crash mid-publish is never a version, and the writer's recover() removes it."""
+        store = CheckpointStore(tmp_path)
+        _publish_chain(store, 1)
+        (tmp_path / ".tmp-v000002-deadbeef").mkdir()
+        (tmp_path / ".tmp-v000002-deadbeef" / "model.pt").write_bytes(b"partial")
+        reader = CheckpointStore(tmp_path)
+        assert reader.versions() == ["v000000", "v000001"]
+        assert (tmp_path / ".tmp-v000002-deadbeef").exists()  # a reader never touches the writer's files
+        assert reader.recover() == [".tmp-v000002-deadbeef"]
+        assert not (tmp_path / ".tmp-v000002-deadbeef").exists()
+
+    def test_files_are_fsynced_before_the_rename(self, store: CheckpointStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Every file and both directories are fsynced, and the rename comes after the file syncs."""
+        log: list[str] = []
+        real_fsync, real_rename = os.fsync, os.rename
+        monkeypatch.setattr(os, "fsync", lambda fd: (log.append("fsync"), real_fsync(fd))[1])
+        monkeypatch.setattr(os, "rename", lambda a, b: (log.append("rename"), real_rename(a, b))[1])
+        store.publish(None, _model().state_dict(), ForgottenSet.empty(SHAPE))
+        # 3 files + the temp dir, then the rename, then the parent; CURRENT: file + parent
+        assert log[:6] == ["fsync"] * 4 + ["rename", "fsync"]
+        assert log.count("fsync") == 7
+
+
+class TestLoad:
+    @pytest.mark.parametrize("name", ["model.pt", "forgotten.pt"])
+    def test_corruption_is_detected(self, store: CheckpointStore, name: str) -> None:
+        """A flipped byte in a version's file fails the sha256 check instead of loading silently."""
+        manifest = _publish_chain(store, 1)[-1]
+        path = store.path(manifest.version) / name
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+        with pytest.raises(CheckpointError, match=f"{name} has sha256 .* the file is corrupt"):
+            store.load(manifest.version)
+
+    def test_current_naming_a_missing_version_fails(self, store: CheckpointStore) -> None:
+        """CURRENT pointing nowhere is an error, not a fresh start."""
+        _publish_chain(store, 0)
+        (store.root / "CURRENT").write_text("v000009\n")
+        with pytest.raises(CheckpointError, match="CURRENT names v000009"):
+            store.current_version()
+
+    def test_switch_to_unknown_version_fails(self, store: CheckpointStore) -> None:
+        """Rolling back to a version that does not exist leaves CURRENT as it was."""
+        _publish_chain(store, 1)
+        with pytest.raises(CheckpointError, match="no such version"):
+            store.switch("v000007")
+        assert store.current_version() == "v000001"
+
+    def test_empty_store_has_no_current(self, store: CheckpointStore) -> None:
+        """A new directory has no CURRENT: the daemon publishes the base first."""
+        assert store.current_version() is None and store.versions() == []
+
+
+class TestPruneAndLineage:
+    def test_keep_prunes_old_versions_but_never_base_or_current(self, tmp_path: Path) -> None:
+        """keep=2 leaves the two newest versions plus the base; an older CURRENT (a rollback) survives too."""
+        store = CheckpointStore(tmp_path, keep=2)
+        _publish_chain(store, 4)
+        assert store.versions() == ["v000000", "v000003", "v000004"]
+        store.switch("v000003")
+        store.keep = 1
+        assert store.prune() == []  # v000003 is CURRENT, v000004 the newest, v000000 the base
+        store.publish("v000003", _model(7).state_dict(), _forgotten(1))
+        assert store.versions() == ["v000000", "v000005"]
+
+    def test_keep_zero_keeps_everything(self, store: CheckpointStore) -> None:
+        """The default keeps every version."""
+        _publish_chain(store, 3)
+        assert store.versions() == ["v000000", "v000001", "v000002", "v000003"]
+
+    def test_lineage_stops_at_a_pruned_ancestor(self, tmp_path: Path) -> None:
+        """Lineage walks parents newest first and ends where a version was pruned."""
+        store = CheckpointStore(tmp_path, keep=2)
+        _publish_chain(store, 4)
+        assert [m.version for m in store.lineage("v000004")] == ["v000004", "v000003"]
+        assert [m.version for m in CheckpointStore(tmp_path / "b").lineage("v000000")] == []
+
+    def test_forgotten_set_prepends_like_the_engine(self) -> None:
+        """A new fragment goes in front of the retained set, ids in the same order."""
+        old = _forgotten(2, 1)
+        new = old.prepend(torch.zeros((1, *SHAPE)), torch.tensor([4]), torch.tensor([7]), ["n"])
+        assert new.request_ids == ("n", "r1-0", "r1-1")
+        assert new.y.tolist()[0] == 4 and new.target.tolist() == [7, -1, -1] and len(new) == 3

@@ -1,0 +1,160 @@
+"""Tests for streamer.state.ledger: append-only outcomes, the queries the daemon asks, reconciliation."""
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from streamer.state.checkpoints import CheckpointStore, ForgottenSet, Manifest
+from streamer.state.ledger import STATUSES, Ledger, Outcome, reconcile
+
+T = "requests"
+NOW = "2024-05-01T12:00:00.000Z"
+
+
+def _o(status: str, offset: int, request_id: str | None = None, version: str | None = None,
+       reason: str | None = None) -> Outcome:
+    return Outcome(status=status, request_id=request_id, version=version, reason=reason, topic=T, partition=0,
+                   offset=offset, subject=None, completed_at=NOW)
+
+
+def _entry(request_id: str, offset: int, status: str = "forgotten") -> dict[str, Any]:
+    return {"request_id": request_id, "status": status, "reason": None, "topic": T, "partition": 0,
+            "offset": offset, "subject": "s", "mode": "misclassify", "label": 1, "target_label": None}
+
+
+@pytest.fixture()
+def ledger(tmp_path: Path) -> Ledger:
+    with Ledger(tmp_path / "ledger.sqlite3") as opened:
+        yield opened
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> CheckpointStore:
+    return CheckpointStore(tmp_path / "ckpt")
+
+
+def _publish(store: CheckpointStore, parent: str | None, entries: list[dict[str, Any]],
+             duplicates: list[dict[str, Any]] = ()) -> Manifest:  # type: ignore[assignment]
+    state = {"w": torch.zeros(1)}
+    return store.publish(parent, state, ForgottenSet.empty((1, 2, 2)), requests=entries, duplicates=duplicates,
+                         offsets={T: {0: max([e["offset"] for e in entries], default=-1) + 1}})
+
+
+class TestAppend:
+    def test_rows_round_trip(self, ledger: Ledger) -> None:
+        """Appended outcomes come back in order with every field."""
+        outcomes = [_o("forgotten", 0, "a", "v000001"), _o("rejected", 1, None, None, "bad JSON")]
+        seqs = ledger.append(outcomes)
+        assert [row.outcome for row in ledger.rows()] == outcomes
+        assert [row.seq for row in ledger.rows()] == seqs
+
+    def test_same_outcome_twice_is_one_row(self, ledger: Ledger) -> None:
+        """Appending an outcome already present (a re-read record, a re-run reconcile) adds nothing."""
+        first = ledger.append([_o("rejected", 3, None, None, "bad")])
+        again = ledger.append([_o("rejected", 3, None, None, "bad, read again")])
+        assert first == again and len(ledger.rows()) == 1
+
+    @pytest.mark.parametrize("statement", ["UPDATE outcomes SET status = 'forgotten'", "DELETE FROM outcomes",
+                                           "DELETE FROM receipts_sent"])
+    def test_rows_cannot_be_changed(self, ledger: Ledger, statement: str) -> None:
+        """The tables refuse UPDATE and DELETE: the ledger is append-only."""
+        (seq,) = ledger.append([_o("forgotten", 0, "a", "v000001")])
+        ledger.mark_receipts_sent([seq], NOW)
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            ledger._db.execute(statement)
+
+    def test_unknown_status_is_refused(self) -> None:
+        """An outcome's status is one of the documented ones."""
+        with pytest.raises(ValueError, match="unknown status"):
+            _o("lost", 0, "a")
+
+    def test_rows_survive_reopening(self, tmp_path: Path) -> None:
+        """The ledger is a file: rows and sent receipts persist across processes."""
+        with Ledger(tmp_path / "l.db") as first:
+            (seq,) = first.append([_o("forgotten", 0, "a", "v000001")])
+            first.mark_receipts_sent([seq], NOW)
+        with Ledger(tmp_path / "l.db") as second:
+            assert [(r.outcome.request_id, r.receipt_sent) for r in second.rows()] == [("a", True)]
+
+
+class TestQueries:
+    def test_applied_names_the_version(self, ledger: Ledger) -> None:
+        """applied() is the version holding a forgotten, relabelled or failed request; None otherwise."""
+        ledger.append([_o("forgotten", 0, "a", "v000001"), _o("failed", 1, "b", "v000002", "cap"),
+                       _o("rejected", 2, "c"), _o("duplicate", 3, "a", "v000001")])
+        assert (ledger.applied("a"), ledger.applied("b"), ledger.applied("c"), ledger.applied("x")) == (
+            "v000001", "v000002", None, None)
+
+    def test_handled_is_keyed_by_record(self, ledger: Ledger) -> None:
+        """A record with any standing outcome is handled, even without a request_id."""
+        ledger.append([_o("rejected", 5, None, None, "not JSON")])
+        assert ledger.handled(T, 0, 5) and not ledger.handled(T, 0, 6) and not ledger.handled(T, 1, 5)
+
+    def test_receipts_owed(self, ledger: Ledger) -> None:
+        """Every outcome with a request_id owes one receipt until marked; id-less rejections owe none."""
+        seqs = ledger.append([_o("forgotten", 0, "a", "v000001"), _o("rejected", 1, None, None, "x"),
+                              _o("duplicate", 2, "a", "v000001")])
+        assert [r.outcome.offset for r in ledger.unsent_receipts()] == [0, 2]
+        ledger.mark_receipts_sent(seqs[:1], NOW)
+        assert [r.outcome.offset for r in ledger.unsent_receipts()] == [2]
+
+    def test_counts_and_requests_of(self, ledger: Ledger) -> None:
+        """counts() has every status; requests_of() lists one version's outcomes."""
+        ledger.append([_o("forgotten", 0, "a", "v000001"), _o("relabelled", 1, "b", "v000001"),
+                       _o("rejected", 2, None)])
+        counts = ledger.counts()
+        assert set(counts) == set(STATUSES)
+        assert (counts["forgotten"], counts["relabelled"], counts["rejected"], counts["failed"]) == (1, 1, 1, 0)
+        assert [o.request_id for o in ledger.requests_of("v000001")] == ["a", "b"]
+
+
+class TestReconcile:
+    def test_copies_manifests_the_ledger_lacks(self, ledger: Ledger, store: CheckpointStore) -> None:
+        """A crash between checkpoint and ledger: reconcile adds the rows, with their receipts owed."""
+        _publish(store, None, [])
+        v1 = _publish(store, "v000000", [_entry("a", 0), _entry("b", 1)])
+        v2 = _publish(store, v1.version, [_entry("c", 2, "failed")], duplicates=[_entry("c", 3, "duplicate")])
+        ledger.append([Outcome.from_json({**e, "version": v1.version, "completed_at": v1.created_at})
+                       for e in v1.requests])
+        result = reconcile(ledger, store.lineage(v2.version))
+        assert (result.added, result.rolled_back) == (2, 0)
+        assert [(o.request_id, o.status) for o in ledger.requests_of(v2.version)] == [("c", "failed"), ("c", "duplicate")]
+        assert {r.outcome.request_id for r in ledger.unsent_receipts()} == {"a", "b", "c"}
+        assert reconcile(ledger, store.lineage(v2.version)).added == 0
+
+    def test_ledger_agrees_with_manifests(self, ledger: Ledger, store: CheckpointStore) -> None:
+        """After reconcile every manifest request is in the ledger with the manifest's version, once."""
+        _publish(store, None, [])
+        v1 = _publish(store, "v000000", [_entry("a", 0)])
+        v2 = _publish(store, v1.version, [_entry("b", 1), _entry("c", 2)])
+        reconcile(ledger, store.lineage(v2.version))
+        for manifest in store.lineage(v2.version):
+            assert [o.request_id for o in ledger.requests_of(manifest.version)] == [
+                e["request_id"] for e in manifest.requests]
+        assert len(ledger.rows()) == 3
+
+    def test_rollback_marks_newer_versions(self, ledger: Ledger, store: CheckpointStore) -> None:
+        """Rows of versions newer than CURRENT become rolled_back: no longer applied, their records re-readable."""
+        _publish(store, None, [])
+        v1 = _publish(store, "v000000", [_entry("a", 0)])
+        v2 = _publish(store, v1.version, [_entry("b", 1)])
+        reconcile(ledger, store.lineage(v2.version))
+        ledger.append([_o("rejected", 2, None, None, "bad"), _o("duplicate", 3, "a", v1.version)])
+        store.switch(v1.version)  # the operator rolls back
+        result = reconcile(ledger, store.lineage(v1.version))
+        assert result.rolled_back == 1
+        assert ledger.applied("b") is None and ledger.applied("a") == v1.version
+        assert not ledger.handled(T, 0, 1)  # b's record will be applied again
+        assert ledger.handled(T, 0, 2) and ledger.handled(T, 0, 3)  # answers that do not depend on the model
+        assert reconcile(ledger, store.lineage(v1.version)).rolled_back == 0
+        assert ledger.counts()["rolled_back"] == 1
+
+    def test_reapplied_after_rollback_counts_as_applied(self, ledger: Ledger) -> None:
+        """A request applied again after a rollback is applied in the new version."""
+        ledger.append([_o("forgotten", 1, "b", "v000002"), _o("rolled_back", 1, "b", "v000002"),
+                       _o("forgotten", 1, "b", "v000003")])
+        assert ledger.applied("b") == "v000003" and ledger.handled(T, 0, 1)

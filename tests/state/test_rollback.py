@@ -1,0 +1,85 @@
+"""Rollback planning and application on a real checkpoint directory and ledger (no broker)."""
+import pytest
+import torch
+
+from streamer.state.checkpoints import CheckpointStore, ForgottenSet
+from streamer.state.ledger import Ledger
+from streamer.state.rollback import DirectoryLock, RollbackRefused, apply_rollback, plan_rollback
+
+
+def _publish(store, parent, n, first_offset, weight):
+    requests = [{"request_id": f"r{first_offset + i}", "status": "forgotten", "reason": None, "topic": "req",
+                 "partition": 0, "offset": first_offset + i, "subject": None} for i in range(n)]
+    state = {"w": torch.full((2,), float(weight))}
+    forgotten = ForgottenSet(torch.zeros(first_offset + n, 1, 2, 2), torch.zeros(first_offset + n, dtype=torch.int64),
+                             torch.full((first_offset + n,), -1), tuple(f"r{i}" for i in range(first_offset + n)))
+    return store.publish(parent, state, forgotten, requests=requests, offsets={"req": {0: first_offset + n}})
+
+
+@pytest.fixture
+def history(tmp_path):
+    """v0 (base) <- v1 (r0, r1) <- v2 (r2, r3) <- v3 (r4)."""
+    store = CheckpointStore(tmp_path)
+    store.publish(None, {"w": torch.zeros(2)}, ForgottenSet.empty((1, 2, 2)))
+    _publish(store, "v000000", 2, 0, 1)
+    _publish(store, "v000001", 2, 2, 2)
+    _publish(store, "v000002", 1, 4, 3)
+    return store
+
+
+class TestPlan:
+    def test_replays_everything_after_the_target(self, history):
+        """Rolling back to v1 replays the requests of v2 and v3, oldest first."""
+        plan = plan_rollback(history, "v000001", lambda t, p: 0)
+        assert [o.request_id for o in plan.replay] == ["r2", "r3", "r4"] and plan.lost == ()
+        assert plan.to.version == "v000001" and plan.current.version == "v000003"
+
+    def test_retention_gap_is_lost(self, history):
+        """Records before the topic's first offset cannot be replayed and are listed as lost."""
+        plan = plan_rollback(history, "v000001", lambda t, p: 3)
+        assert [o.request_id for o in plan.lost] == ["r2"]
+        assert [o.request_id for o in plan.replay] == ["r3", "r4"]
+
+    @pytest.mark.parametrize("target", ["v000003", "v000009"])
+    def test_refuses_current_or_unknown(self, history, target):
+        """CURRENT itself and versions outside CURRENT's lineage are refused."""
+        with pytest.raises(RollbackRefused):
+            plan_rollback(history, target, lambda t, p: 0)
+
+
+class TestApply:
+    def test_new_version_has_target_state_and_ledger_rows(self, history, tmp_path):
+        """The new version carries v1's weights, forgotten set and offsets; replayed requests are rolled_back."""
+        with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+            manifest = apply_rollback(history, ledger, plan_rollback(history, "v000001", lambda t, p: 0), force=False)
+            assert manifest.version == "v000004" and manifest.parent == "v000001"
+            assert history.current_version() == "v000004"
+            assert manifest.offsets == {"req": {0: 2}} and manifest.metrics["rolled_back_from"] == "v000003"
+            loaded = history.load("v000004")
+            assert torch.equal(loaded.state_dict["w"], torch.ones(2))
+            assert loaded.forgotten.request_ids == ("r0", "r1")
+            rolled = [r.outcome for r in ledger.rows() if r.outcome.status == "rolled_back"]
+            assert sorted(o.request_id for o in rolled) == ["r2", "r3", "r4"]
+            assert [m.version for m in history.lineage("v000004")] == ["v000004", "v000001", "v000000"]
+
+    def test_refuses_lost_without_force_and_records_them_with_force(self, history, tmp_path):
+        """Lost records refuse the rollback (naming them) unless forced; then they are recorded."""
+        with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+            plan = plan_rollback(history, "v000001", lambda t, p: 3)
+            with pytest.raises(RollbackRefused, match="r2"):
+                apply_rollback(history, ledger, plan, force=False)
+            assert history.current_version() == "v000003"  # nothing published
+            apply_rollback(history, ledger, plan, force=True)
+            reasons = {r.outcome.request_id: r.outcome.reason for r in ledger.rows()}
+            assert "NOT replayed" in reasons["r2"] and "replayed from its record" in reasons["r3"]
+
+
+class TestDirectoryLock:
+    def test_second_holder_is_refused(self, tmp_path):
+        """Only one process (or lock object) holds the directory lock at a time."""
+        first, second = DirectoryLock(tmp_path), DirectoryLock(tmp_path)
+        assert first.acquire()
+        assert not second.acquire()
+        first.release()
+        assert second.acquire()
+        second.release()
