@@ -2,7 +2,7 @@
 
     python benchmarks/sweep_default.py OUT.jsonl WORKERS      # SWEEP_ONLY=name,name to run a subset
 """
-import json, os, sys, time, itertools
+import json, os, sys, time
 import multiprocessing as mp
 
 # The defaults at the time of the sweep; each grid entry overrides them.

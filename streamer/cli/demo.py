@@ -8,7 +8,6 @@ version and a PNG of forgotten-set / audit accuracy per version.
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Callable, Protocol
 
 import torch
@@ -21,7 +21,7 @@ from .data import Dataset
 from ..errors import ConfigError
 from .importance import ImportancePenalty, mas_importance
 from .models import grad_only
-from .objectives import distillation_loss, forget_loss, goal_gap, goal_met
+from .objectives import distillation_loss, forget_loss, goal_met
 
 METHODS = ("neggrad", "correct", "adv", "adv+imp", "default")
 

@@ -1,16 +1,13 @@
-"""The daemon: deletion events in from Kafka; versions, receipts and metrics out; nothing lost.
+"""The daemon's poll loop: deletion events in from Kafka; versions, receipts and metrics out.
 
-Per fragment, each step durable before the next one starts:
-
-    unlearn -> evaluate -> write the version dir -> switch CURRENT      (worker thread)
-    -> append ledger rows -> produce receipts + checkpoint record, flush -> commit offsets
+    recovery.recover    load CURRENT, reconcile the ledger (start-up)
+    Outbox.send_owed    re-send receipts a crash left owed
+    Collector.handle    records -> the pending fragment, or answered now (rejected, duplicate)
+    FragmentPipeline    unlearn -> evaluate -> publish -> ledger -> receipts -> commit
 
 While the worker thread unlearns (minutes on CPU), the main thread pauses the assigned
 partitions and keeps calling poll(): the group sees a live member and max.poll.interval never
-expires. On start the daemon loads CURRENT (sha256 verified), reconciles the ledger from
-CURRENT's lineage, re-sends the receipts the ledger still owes, and on every partition
-assignment seeks to the offsets in CURRENT's manifest: the checkpoint, not the group's
-committed offset, decides where consumption resumes.
+expires. On every partition assignment the consumer seeks to the offsets in CURRENT's manifest.
 
 Delivery guarantees:
   * model: each accepted request is applied in exactly one version of CURRENT's lineage (its
@@ -19,108 +16,36 @@ Delivery guarantees:
   * ledger: exactly one row per record and outcome (rows are keyed by topic/partition/offset);
   * receipts, dead letters and checkpoint records: at least once (a crash between the flush
     and the ledger noting it repeats them; consumers dedupe on request_id / version).
-
-Rejected events and repeats of applied requests get their outcome as soon as they are read
-(dead letter first, then ledger, then receipt); their offsets are committed with the next
-fragment, and a re-read after a crash finds them in the ledger and skips them.
 """
 from __future__ import annotations
 
-import os
 import signal
-import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from copy import deepcopy
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.consumer.fetcher import ConsumerRecord
+from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry
 
-from . import outputs
-from ..state.checkpoints import BASE_VERSION, Checkpoint, CheckpointStore, ForgottenSet, Manifest, rfc3339
 from ..config import DaemonConfig
-from ..errors import ConfigError, StreamerError
-from ..engine.evaluate import accuracy
-from ..intake.events import ForgetRequest, InvalidEvent, SampleContext, parse_event, request_id_of
-from .fragments import FragmentResult, FragmentWorker
+from ..state.rollback import answer_request, kafka_earliest, run_rollback, take_request
+from .collector import Collector
+from .crash import CRASH_POINTS, CrashHook
 from .kafka_io import consumer_lag, ensure_topics, make_consumer, make_producer
-from ..state.ledger import LEDGER_FILE, Ledger, Outcome, reconcile
-from .metrics import REQUEST_OUTCOMES, Metrics, MetricsServer, serve
-from ..engine.models import load_model
-from ..state.rollback import CheckpointDirLocked, DirectoryLock, answer_request, kafka_earliest, run_rollback, take_request
-from ..intake.resources import load_dataset_ref, resolve_device, sample_context
+from .metrics import Metrics, MetricsServer, serve
+from .outbox import DeliveryError, Outbox
+from .pipeline import FragmentError, FragmentPipeline, Published
+from .recovery import Recovered, recover, resume_gauges, seek_to_offsets
 
-CRASH_ENV = "STREAMER_CRASH_AT"
-CRASH_POINTS = ("during_unlearn", "after_checkpoint", "after_ledger", "after_receipts")
 POLL_TIMEOUT_MS = 200  # the longest the loop waits for records, a signal or a due fragment
 HEALTH_STALL_S = 60.0  # /healthz fails when the main loop has not ticked for this long
 LAG_EVERY_S = 1.0
-DELIVERY_TIMEOUT_S = 120.0
 
 __all__ = ["CRASH_POINTS", "CrashHook", "Daemon", "DeliveryError", "FragmentError", "run_daemon"]
-
-
-class DeliveryError(StreamerError):
-    """Kafka did not take a receipt, dead letter or checkpoint record: stop; they are re-sent on start."""
-
-
-class FragmentError(StreamerError):
-    """The engine failed on a fragment: stop without committing; its requests are re-read on start."""
-
-
-@dataclass(frozen=True)
-class CrashHook:
-    """Test hook: SIGKILL this process at a named point (env STREAMER_CRASH_AT)."""
-
-    point: str | None = None
-
-    @staticmethod
-    def from_env(environ: Mapping[str, str] = os.environ) -> CrashHook:
-        point = environ.get(CRASH_ENV) or None
-        if point is not None and point not in CRASH_POINTS:
-            raise ConfigError(f"{CRASH_ENV}={point!r}: expected one of {', '.join(CRASH_POINTS)}")
-        return CrashHook(point)
-
-    def at(self, point: str) -> None:
-        if point == self.point:
-            structlog.get_logger("streamer.daemon").warning("crash_hook", point=point)
-            sys.stdout.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-@dataclass(frozen=True)
-class _Accepted:
-    request: ForgetRequest
-    topic: str
-    partition: int
-    offset: int
-    received_at: float  # monotonic seconds
-
-
-@dataclass(frozen=True)
-class _Repeat:
-    """A request_id repeated while its first record waits in the fragment being collected."""
-
-    request: ForgetRequest
-    topic: str
-    partition: int
-    offset: int
-    first: _Accepted
-
-
-@dataclass(frozen=True)
-class _Published:
-    result: FragmentResult
-    manifest: Manifest
-    stage_seconds: dict[str, float]
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -148,25 +73,20 @@ class Daemon:
         self._stop = threading.Event()
         self._cancel = threading.Event()
         self._last_tick: float | None = None  # None until the loop runs (start-up counts as healthy)
-        self._model_loaded = False
         self._assigned: frozenset[TopicPartition] = frozenset()
         self._fragment_running = False
         self._reseek = False
         self.assignments = 0  # partition assignments seen by this process
-        self._pending: list[_Accepted] = []
-        self._repeats: list[_Repeat] = []
-        self._positions: dict[tuple[str, int], int] = {}  # next offset after the last handled record
         self._offsets: dict[str, dict[int, int]] = {}  # CURRENT's consumed offsets
         self._version = ""
         self._last_lag = 0.0
         # Set by _start(); _close() closes whichever of them exist.
         self._server: MetricsServer | None = None
-        self._consumer: KafkaConsumer
-        self._producer: KafkaProducer
-        self._ledger: Ledger
-        self._store: CheckpointStore
-        self._worker: FragmentWorker
-        self._ctx: SampleContext
+        self._state: Recovered | None = None
+        self._consumer: KafkaConsumer | None = None
+        self._outbox: Outbox | None = None
+        self._collector: Collector
+        self._pipeline: FragmentPipeline
 
     # --- public ------------------------------------------------------------------------------
 
@@ -185,8 +105,8 @@ class Daemon:
             self._start()
             while not self._stop.is_set():
                 self._step()
-            if self._pending:
-                self._log.info("fragment_abandoned", requests=len(self._pending),
+            if self._collector.pending:
+                self._log.info("fragment_abandoned", requests=len(self._collector.pending),
                                reason="shutdown before the fragment started; its records are re-read on start")
             return 0
         finally:
@@ -195,243 +115,95 @@ class Daemon:
     # --- start-up ----------------------------------------------------------------------------
 
     def _start(self) -> None:
-        cfg = self.cfg
+        cfg, kafka = self.cfg, self.cfg.kafka
         self._server = serve(self._registry, cfg.metrics.host, cfg.metrics.port, self._healthy, self._ready)
         self._log.info("metrics_serving", host=self._server.host, port=self._server.port)
-        checkpoint, baseline = self._load_state()
-        self._ledger = Ledger(self._store.root / LEDGER_FILE)
-        reconciled = reconcile(self._ledger, self._store.lineage(checkpoint.manifest.version))
-        counts = self._ledger.counts()
-        for outcome in REQUEST_OUTCOMES:  # counters continue from the ledger, so they never reset
-            if counts[outcome]:
-                self.metrics.requests.labels(outcome=outcome).inc(counts[outcome])
-        if baseline is not None:
-            self.metrics.set_audit_baseline(baseline)
-        self._resume_gauges(checkpoint)
-        self._model_loaded = True
+        state = self._state = recover(cfg, self.metrics, self._log, self._clock)
+        checkpoint = state.checkpoint
+        self._set_current(checkpoint.manifest)
         self._log.info("checkpoint_loaded", version=self._version, forgotten=len(checkpoint.forgotten),
-                       offsets=checkpoint.manifest.offsets, audit_baseline=baseline,
-                       ledger_rows_added=reconciled.added, ledger_rows_rolled_back=reconciled.rolled_back)
-        self._connect(checkpoint)
-
-    def _load_state(self) -> tuple[Checkpoint, float | None]:
-        """CURRENT (publishing the configured weights as v000000 on the very first start), the
-        engine around it and the sample context. Returns CURRENT and the base's audit accuracy."""
-        cfg = self.cfg
-        device = resolve_device(cfg.device)
-        store = CheckpointStore(cfg.checkpoints.dir, cfg.checkpoints.keep, self._clock)
-        stale = store.recover()
-        if stale:
-            self._log.info("stale_temp_files_removed", files=stale)
-        self._store = store
-        self._lock = DirectoryLock(store.root)
-        if not self._lock.acquire():
-            raise CheckpointDirLocked(f"{store.root} is locked by another process ({store.root / 'LOCK'}): "
-                                "one daemon per checkpoint directory")
-        base = load_model(cfg.model, device)
-        audit = load_dataset_ref(cfg.data.audit, cfg.model.input_shape) if cfg.data.audit else None
-        buffer = load_dataset_ref(cfg.data.buffer, cfg.model.input_shape) if cfg.data.buffer else None
-        if store.current_version() is None:
-            metrics = {"audit_accuracy": accuracy(base, audit.x, audit.y)} if audit is not None else {}
-            store.publish(None, base.state_dict(), ForgottenSet.empty(cfg.model.input_shape), metrics=metrics)
-            self._log.info("base_version_published", version=BASE_VERSION, weights=cfg.model.weights)
-        current = store.current_version() or BASE_VERSION
-        checkpoint = store.load(current)  # sha256 verified
-        if current != BASE_VERSION and store.path(BASE_VERSION).is_dir():
-            base.load_state_dict(store.load(BASE_VERSION).state_dict)  # the lineage's own base is the teacher
-        model = deepcopy(base)
-        model.load_state_dict(checkpoint.state_dict)
-        model.eval()
-        baseline = accuracy(base, audit.x, audit.y) if audit is not None else None
-        self._worker = FragmentWorker(model, cfg.unlearning.engine, cfg.model.num_classes, checkpoint.forgotten,
-                                      teacher=base, audit=audit, buffer=buffer, audit_baseline=baseline)
-        self._ctx = sample_context(cfg)
-        self._version = checkpoint.manifest.version
-        self._offsets = {t: dict(p) for t, p in checkpoint.manifest.offsets.items()}
-        self._log.info("model_loaded", version=current, device=str(device), source=cfg.model.source)
-        return checkpoint, baseline
-
-    def _connect(self, checkpoint: Checkpoint) -> None:
-        """Producer first (owed receipts, CURRENT's checkpoint record), then the consumer."""
-        kafka = self.cfg.kafka
+                       offsets=checkpoint.manifest.offsets, audit_baseline=state.baseline,
+                       ledger_rows_added=state.reconciled.added, ledger_rows_rolled_back=state.reconciled.rolled_back)
         topics = kafka.topics
         try:
             ensure_topics(kafka.bootstrap_servers, kafka.client,
                           [topics.requests, topics.receipts, topics.dead_letter, topics.checkpoints])
         except KafkaError as err:  # e.g. no create permission: the topics may well exist
             self._log.warning("topics_not_ensured", error=repr(err))
-        self._producer = make_producer(kafka.bootstrap_servers, kafka.client)
-        self._send_owed_receipts()
-        key, value = outputs.checkpoint_record(checkpoint.manifest, checkpoint.path)
-        self._deliver([self._producer.send(topics.checkpoints, key=key, value=value)])  # at least once
+        # Producer first (owed receipts, CURRENT's checkpoint record), then the consumer.
+        producer = make_producer(kafka.bootstrap_servers, kafka.client)
+        self._outbox = Outbox(producer, topics, state.ledger, self.metrics, self._log, self._clock, self._crash)
+        self._outbox.send_owed()
+        self._outbox.send_checkpoint_record(checkpoint.manifest, checkpoint.path)  # at least once
+        self._collector = Collector(state.ctx, self._outbox, self.metrics, self._log, self._clock, self._monotonic)
+        self._pipeline = FragmentPipeline(state.worker, state.store, self._outbox, self.metrics, self._clock,
+                                          self._crash)
         self._consumer = make_consumer(kafka.bootstrap_servers, kafka.group_id, kafka.client,
                                        max_poll_interval_ms=kafka.max_poll_interval_ms)
         self._consumer.subscribe([topics.requests], listener=_Rebalance(self))
         self._log.info("daemon_started", version=self._version, group_id=kafka.group_id, topic=topics.requests,
-                       fragment_size=self.cfg.unlearning.fragment_size, max_wait_s=self.cfg.unlearning.max_wait_s)
+                       fragment_size=cfg.unlearning.fragment_size, max_wait_s=cfg.unlearning.max_wait_s)
 
-    def _send_owed_receipts(self) -> None:
-        owed = self._ledger.unsent_receipts()
-        if not owed:
-            return
-        futures = []
-        for row in owed:
-            key, value = outputs.receipt(row.outcome)
-            futures.append(self._producer.send(self.cfg.kafka.topics.receipts, key=key, value=value))
-        self._deliver(futures)
-        self._ledger.mark_receipts_sent([row.seq for row in owed], rfc3339(self._clock()))
-        self._log.info("owed_receipts_sent", receipts=len(owed))
+    def _set_current(self, manifest: Any) -> None:
+        self._version = manifest.version
+        self._offsets = {t: dict(p) for t, p in manifest.offsets.items()}
 
     # --- the loop ----------------------------------------------------------------------------
 
     def _step(self) -> None:
-        consumer = self._consumer
+        assert self._consumer is not None
+        unlearning = self.cfg.unlearning
         self._tick()
-        if not self._pending:
+        if not self._collector.pending:
             self._maybe_rollback()
-        wait_ms = POLL_TIMEOUT_MS
-        if self._pending:
-            due_in = self._pending[0].received_at + self.cfg.unlearning.max_wait_s - self._monotonic()
-            wait_ms = max(0, min(wait_ms, int(due_in * 1000)))
-        batch = consumer.poll(timeout_ms=wait_ms, max_records=self.cfg.unlearning.fragment_size - len(self._pending))
+        wait_ms = self._collector.wait_ms(POLL_TIMEOUT_MS, unlearning.max_wait_s)
+        batch = self._consumer.poll(timeout_ms=wait_ms,
+                                    max_records=unlearning.fragment_size - len(self._collector.pending))
         if batch:
-            self._handle(batch)
+            self._collector.handle(batch)
         self._update_lag()
-        if self._fragment_due() and not self._stop.is_set():
+        if self._collector.due(unlearning.fragment_size, unlearning.max_wait_s) and not self._stop.is_set():
             self._run_fragment()
 
-    def _resume_gauges(self, checkpoint: Checkpoint) -> None:
-        """Gauges as CURRENT's manifest recorded them, so a restart shows no gap until the next fragment."""
-        m = checkpoint.manifest
-        self.metrics.set_checkpoint(m.number, _timestamp(m.created_at))
-        self.metrics.set_forgotten(len(checkpoint.forgotten))
-        recorded = {name: m.metrics.get(f"{name}_accuracy") for name in ("fragment", "forgotten", "audit")}
-        self.metrics.set_accuracies({k: float(v) for k, v in recorded.items() if v is not None})
-
     def _maybe_rollback(self) -> None:
-        """Carry out an operator's `streamer rollback` between fragments (see rollback.py):
+        """Carry out an operator's `streamer rollback` between fragments (see state/rollback.py):
         publish the new version, then resume consuming from its offsets so the rolled-back
         requests are applied again."""
-        request = take_request(self._store.root)
+        assert self._state is not None and self._outbox is not None
+        store = self._state.store
+        request = take_request(store.root)
         if request is None:
             return
         kafka = self.cfg.kafka
-        answer = run_rollback(self._store, self._ledger, str(request.get("to")), bool(request.get("force")),
+        answer = run_rollback(store, self._state.ledger, str(request.get("to")), bool(request.get("force")),
                               kafka_earliest(kafka.bootstrap_servers, dict(kafka.client)))
         if answer["ok"]:
-            checkpoint = self._store.load(answer["version"])
-            self._worker.reset(checkpoint.state_dict, checkpoint.forgotten)
-            self._version = checkpoint.manifest.version
-            self._offsets = {t: dict(p) for t, p in checkpoint.manifest.offsets.items()}
-            self._positions = {}
+            checkpoint = store.load(answer["version"])
+            self._pipeline.worker.reset(checkpoint.state_dict, checkpoint.forgotten)
+            self._set_current(checkpoint.manifest)
+            self._collector.clear()
             self._seek_to_current()
-            key, value = outputs.checkpoint_record(checkpoint.manifest, checkpoint.path)
-            self._deliver([self._producer.send(kafka.topics.checkpoints, key=key, value=value)])
-            self._resume_gauges(checkpoint)
-        answer_request(self._store.root, request, answer)
+            self._outbox.send_checkpoint_record(checkpoint.manifest, checkpoint.path)
+            resume_gauges(self.metrics, checkpoint)
+        answer_request(store.root, request, answer)
         self._log.bind(version=self._version).info("rollback", to=request.get("to"), ok=answer["ok"],
                                                    message=answer["message"])
 
-    def _fragment_due(self) -> bool:
-        if not self._pending:
-            return False
-        return (len(self._pending) >= self.cfg.unlearning.fragment_size
-                or self._monotonic() - self._pending[0].received_at >= self.cfg.unlearning.max_wait_s)
-
-    def _handle(self, batch: Mapping[TopicPartition, Sequence[ConsumerRecord]]) -> None:
-        """Sort each record into the fragment being collected, or answer it now (rejected,
-        duplicate): dead letters flushed, then ledger rows, then receipts flushed."""
-        answered: list[Outcome] = []
-        dead_letters = []
-        for records in batch.values():
-            for record in records:
-                self._positions[(record.topic, record.partition)] = record.offset + 1
-                if self._ledger.handled(record.topic, record.partition, record.offset):
-                    self._log.info("record_already_handled", topic=record.topic, partition=record.partition,
-                                   offset=record.offset)
-                    continue
-                outcome = self._sort(record, dead_letters)
-                if outcome is not None:
-                    answered.append(outcome)
-        if dead_letters:
-            self._deliver(dead_letters)
-        if answered:
-            self._record(answered)
-
-    def _sort(self, record: ConsumerRecord, dead_letters: list[Any]) -> Outcome | None:
-        start = time.perf_counter()
-        try:
-            if record.value is None:
-                raise InvalidEvent("the record has no value (a tombstone)")
-            request = parse_event(record.value, self._ctx)
-        except InvalidEvent as err:
-            request_id = err.request_id or request_id_of(record.value or b"", record.key)
-            now = rfc3339(self._clock())
-            key, value, headers = outputs.dead_letter(err.reason, request_id, record.topic, record.partition,
-                                                      record.offset, record.key, record.value, now)
-            dead_letters.append(self._producer.send(self.cfg.kafka.topics.dead_letter, key=key, value=value,
-                                                    headers=headers))
-            return self._outcome("rejected", request_id, None, err.reason, record, None, now)
-        finally:
-            self.metrics.observe_stage("resolve", time.perf_counter() - start)
-        applied_in = self._ledger.applied(request.request_id)
-        if applied_in is not None:
-            return self._outcome("duplicate", request.request_id, applied_in,
-                                 f"request_id {request.request_id} was already applied in {applied_in}",
-                                 record, request.subject, rfc3339(self._clock()))
-        first = next((p for p in self._pending if p.request.request_id == request.request_id), None)
-        if first is not None:  # answered with the version that applies the first one
-            self._repeats.append(_Repeat(request, record.topic, record.partition, record.offset, first))
-            return None
-        self._pending.append(_Accepted(request, record.topic, record.partition, record.offset, self._monotonic()))
-        return None
-
-    @staticmethod
-    def _outcome(status: str, request_id: str | None, version: str | None, reason: str | None,
-                 record: ConsumerRecord, subject: str | None, completed_at: str) -> Outcome:
-        return Outcome(status=status, request_id=request_id, version=version, reason=reason, topic=record.topic,
-                       partition=record.partition, offset=record.offset, subject=subject, completed_at=completed_at)
-
-    def _record(self, outcomes: Sequence[Outcome], extra: Sequence[tuple[str, bytes, bytes]] = (),
-                crash_point: str | None = None) -> None:
-        """Ledger rows, then receipts and the `extra` (topic, key, value) records delivered, then the
-        receipts noted as sent."""
-        seqs = self._ledger.append(outcomes)
-        if crash_point is not None:
-            self._crash.at(crash_point)
-        futures = [self._producer.send(topic, key=key, value=value) for topic, key, value in extra]
-        sent = []
-        for seq, outcome in zip(seqs, outcomes):
-            if outcome.request_id is not None:
-                key, value = outputs.receipt(outcome)
-                futures.append(self._producer.send(self.cfg.kafka.topics.receipts, key=key, value=value))
-                sent.append(seq)
-        self._deliver(futures)
-        self._ledger.mark_receipts_sent(sent, rfc3339(self._clock()))
-        for outcome in outcomes:
-            self.metrics.count_request(outcome.status)
-            self._log.bind(request_id=outcome.request_id, partition=outcome.partition, offset=outcome.offset,
-                           version=outcome.version).info(
-                "request_outcome", status=outcome.status, topic=outcome.topic, reason=outcome.reason)
-
-    # --- fragments ---------------------------------------------------------------------------
-
     def _run_fragment(self) -> None:
+        """Run the pipeline's engine half in a worker thread while this thread keeps the group
+        membership alive, then finish the fragment here."""
         consumer = self._consumer
-        accepted, repeats = self._pending, self._repeats
-        self._pending, self._repeats = [], []
-        offsets = {t: dict(p) for t, p in self._offsets.items()}
-        for (topic, partition), offset in self._positions.items():
-            offsets.setdefault(topic, {})[partition] = offset
+        assert consumer is not None
+        accepted, repeats, offsets = self._collector.take(self._offsets)
         parent = self._version
         log = self._log.bind(parent=parent, requests=len(accepted))
         log.info("fragment_started", request_ids=[a.request.request_id for a in accepted])
-
         box: dict[str, Any] = {}
 
         def work() -> None:
             try:
-                box["published"] = self._unlearn_and_publish(accepted, repeats, offsets, parent)
+                box["published"] = self._pipeline.unlearn_and_publish(accepted, repeats, offsets, parent,
+                                                                      self._cancel)
             except BaseException as err:  # re-raised in the main thread
                 box["error"] = err
 
@@ -453,67 +225,25 @@ class Daemon:
         finally:
             self._fragment_running = False
         if "error" in box:
+            error = box["error"]
             self.metrics.fragments.labels(outcome="failed").inc()
-            log.error("fragment_failed", error=repr(box["error"]))
-            raise FragmentError(f"unlearning a fragment failed: {box['error']!r}") from box["error"]
-        published: _Published | None = box.get("published")
+            log.error("fragment_failed", error=repr(error.__cause__ or error))
+            if isinstance(error, FragmentError):
+                raise error
+            raise FragmentError(f"unlearning a fragment failed: {error!r}") from error
+        published: Published | None = box.get("published")
         if published is None:
             log.info("fragment_abandoned", reason="cancelled by shutdown; nothing published or committed")
             return
-        self._crash.at("after_checkpoint")
-        self._finish(accepted, repeats, published, log)
+        self._set_current(published.manifest)
+        self._pipeline.finish(repeats, published, self._commit, log)
         if self._reseek:  # assigned while the fragment ran: positions came from the old manifest
             self._seek_to_current()
         consumer.resume(*consumer.paused())
 
-    def _unlearn_and_publish(self, accepted: Sequence[_Accepted], repeats: Sequence[_Repeat],
-                             offsets: Mapping[str, Mapping[int, int]], parent: str) -> _Published | None:
-        """Worker thread: unlearn, evaluate, write the version, switch CURRENT. None if cancelled."""
-
-        def progress(step: int, loss: float, missing: int) -> None:
-            self._crash.at("during_unlearn")
-
-        result = self._worker.run([a.request for a in accepted], cancel=self._cancel, progress=progress)
-        if result is None or self._cancel.is_set():  # stopping: an unpublished fragment is abandoned
-            return None
-        self._crash.at("during_unlearn")  # also when the goal needed no step at all
-        start = time.perf_counter()
-        requests = [_entry(a, s.status, s.reason) for a, s in zip(accepted, result.statuses)]
-        duplicates = [_repeat_entry(r) for r in repeats]
-        manifest = self._store.publish(parent, self._worker.model.state_dict(), result.forgotten, requests=requests,
-                                       offsets=offsets, metrics=result.metrics, duplicates=duplicates)
-        stages = {**result.outcome.stage_seconds, "evaluate": result.evaluate_seconds,
-                  "checkpoint": time.perf_counter() - start}
-        return _Published(result, manifest, stages)
-
-    def _finish(self, accepted: Sequence[_Accepted], repeats: Sequence[_Repeat], published: _Published,
-                log: Any) -> None:
-        """Main thread, after CURRENT switched: ledger, receipts + checkpoint record, commit, metrics."""
-        manifest, result = published.manifest, published.result
-        self._version = manifest.version
-        self._offsets = {t: dict(p) for t, p in manifest.offsets.items()}
-        outcomes = [Outcome.from_json({**entry, "version": manifest.version, "completed_at": manifest.created_at})
-                    for entry in (*manifest.requests, *manifest.duplicates)]
-        key, value = outputs.checkpoint_record(manifest, self._store.path(manifest.version))
-        self._record(outcomes, extra=[(self.cfg.kafka.topics.checkpoints, key, value)], crash_point="after_ledger")
-        self._crash.at("after_receipts")
-        self._commit(manifest.offsets)
-        stopped_by = result.outcome.stopped_by
-        self.metrics.observe_fragment(
-            outcome=stopped_by if stopped_by in ("goal", "step_cap", "time_cap") else "failed",
-            steps=result.outcome.steps, stage_seconds=published.stage_seconds, accuracies=result.accuracies,
-            version=manifest.number, timestamp=self._clock())
-        self.metrics.set_forgotten(len(result.forgotten))
-        statuses = [s.status for s in result.statuses]
-        log.bind(version=manifest.version).info(
-            "fragment_published", stopped_by=stopped_by, steps=result.outcome.steps,
-            seconds=round(sum(published.stage_seconds.values()), 3),
-            forgotten=statuses.count("forgotten"), relabelled=statuses.count("relabelled"),
-            failed=statuses.count("failed"), duplicates=len(repeats), missed=result.outcome.missed,
-            accuracies={k: round(v, 4) for k, v in result.accuracies.items()}, offsets=manifest.offsets)
-
     def _commit(self, offsets: Mapping[str, Mapping[int, int]]) -> None:
         consumer = self._consumer
+        assert consumer is not None
         # kafka-python commits what it is given: the next offset to read (last + 1).
         commit = {tp: OffsetAndMetadata(offsets[tp.topic][tp.partition], "", -1)
                   for tp in consumer.assignment() if tp.partition in offsets.get(tp.topic, {})}
@@ -527,10 +257,9 @@ class Daemon:
     # --- rebalances (called inside poll, on the main thread) ---------------------------------
 
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        dropped = len(self._pending)
         # Eager rebalancing revokes everything; the records of an unstarted fragment are re-read
         # from CURRENT's offsets once partitions come back.
-        self._pending, self._repeats, self._positions = [], [], {}
+        dropped = self._collector.clear()
         self._assigned = frozenset()
         if not revoked:  # kafka-python's first join revokes the empty set
             return
@@ -539,6 +268,7 @@ class Daemon:
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         consumer = self._consumer
+        assert consumer is not None
         self.assignments += 1
         self._assigned = frozenset(consumer.assignment())
         sources = self._seek_to_current()
@@ -551,27 +281,11 @@ class Daemon:
     # --- small helpers -----------------------------------------------------------------------
 
     def _seek_to_current(self) -> dict[str, int | str]:
-        """Seek every assigned partition to CURRENT's offset; where the manifest has none, the
-        consumer keeps the group offset (else earliest). Returns where each partition reads from."""
-        sources: dict[str, int | str] = {}
-        for tp in self._consumer.assignment():
-            offset = self._offsets.get(tp.topic, {}).get(tp.partition)
-            if offset is not None:
-                self._consumer.seek(tp, offset)
-            sources[f"{tp.topic}/{tp.partition}"] = offset if offset is not None else "group offset, else earliest"
-        return sources
-
-    def _deliver(self, futures: Sequence[Any]) -> None:
-        """Block until Kafka acknowledged every send (flush alone does not surface failures)."""
-        self._producer.flush(timeout=DELIVERY_TIMEOUT_S)
-        for future in futures:
-            try:
-                future.get(timeout=DELIVERY_TIMEOUT_S)
-            except KafkaError as err:
-                raise DeliveryError(f"Kafka did not acknowledge a record: {err!r}") from err
+        assert self._consumer is not None
+        return seek_to_offsets(self._consumer, self._offsets)
 
     def _update_lag(self) -> None:
-        if not hasattr(self, "_consumer") or self._monotonic() - self._last_lag < LAG_EVERY_S:
+        if self._consumer is None or self._monotonic() - self._last_lag < LAG_EVERY_S:
             return
         self._last_lag = self._monotonic()
         try:
@@ -586,44 +300,27 @@ class Daemon:
         return self._last_tick is None or self._monotonic() - self._last_tick < HEALTH_STALL_S
 
     def _ready(self) -> bool:
-        return self._model_loaded and bool(self._assigned) and not self._stop.is_set()
+        return self._state is not None and bool(self._assigned) and not self._stop.is_set()
 
     def _close(self) -> None:
-        if hasattr(self, "_lock"):
-            self._lock.release()
-        if hasattr(self, "_consumer"):
+        state = self._state
+        if state is not None:
+            state.lock.release()
+        if self._consumer is not None:
             try:
                 self._consumer.close(autocommit=False)
             except KafkaError as err:
                 self._log.warning("consumer_close_failed", error=repr(err))
-        if hasattr(self, "_producer"):
+        if self._outbox is not None:
             try:
-                self._producer.close(timeout=10)
+                self._outbox.producer.close(timeout=10)
             except KafkaError as err:
                 self._log.warning("producer_close_failed", error=repr(err))
-        if hasattr(self, "_ledger"):
-            self._ledger.close()
+        if state is not None:
+            state.ledger.close()
         if self._server is not None:
             self._server.close()
         self._log.info("daemon_stopped", version=self._version)
-
-
-def _entry(a: _Accepted, status: str, reason: str | None) -> dict[str, Any]:
-    r = a.request
-    return {"request_id": r.request_id, "status": status, "reason": reason, "topic": a.topic,
-            "partition": a.partition, "offset": a.offset, "subject": r.subject, "mode": r.mode,
-            "label": r.label, "target_label": r.target_label, "requested_at": r.requested_at}
-
-
-def _repeat_entry(r: _Repeat) -> dict[str, Any]:
-    return {"request_id": r.request.request_id, "status": "duplicate",
-            "reason": f"request_id {r.request.request_id} repeats offset {r.first.offset} of partition "
-                      f"{r.first.partition}, applied once in this version",
-            "topic": r.topic, "partition": r.partition, "offset": r.offset, "subject": r.request.subject}
-
-
-def _timestamp(rfc: str) -> float:
-    return datetime.fromisoformat(rfc.replace("Z", "+00:00")).timestamp()
 
 
 def run_daemon(cfg: DaemonConfig) -> int:

@@ -4,7 +4,6 @@ Grafana and streamer.service.metrics. (Docker, Kubernetes and Grafana themselves
 from __future__ import annotations
 
 import json
-import re
 import shlex
 import shutil
 import subprocess
@@ -17,22 +16,8 @@ from prometheus_client import CollectorRegistry
 
 from streamer.service.metrics import Metrics
 
-ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "deploy"
-PROMETHEUS = DEPLOY / "prometheus"
-GRAFANA = DEPLOY / "grafana"
-K8S = DEPLOY / "k8s"
-DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
-
-DATA_FILES = sorted(
-    p for pattern in ("*.yml", "*.yaml", "*.json") for p in DEPLOY.rglob(pattern) if p.is_file()
-)
-_METRIC_REF = re.compile(r"(?<![\w:])streamer_\w+")
-_HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
-
-
-def _yaml(path: Path) -> Any:
-    return yaml.safe_load(path.read_text())
+from deploy_assets import (DATA_FILES, DEPLOY, DOCKERFILE, GRAFANA, K8S, PROMETHEUS, ROOT, _alert_rules,  # noqa: F401
+                           _dashboard, _dashboard_exprs, _panels, _referenced_metric_names, _yaml)
 
 
 def _promtool() -> str:
@@ -52,28 +37,6 @@ def _run_promtool(*args: str) -> None:
     assert result.returncode == 0, f"promtool {' '.join(args)} failed:\n{result.stdout}{result.stderr}"
 
 
-def _alert_rules() -> list[dict[str, Any]]:
-    groups = _yaml(PROMETHEUS / "alerts.yml")["groups"]
-    return [rule for group in groups for rule in group["rules"] if "alert" in rule]
-
-
-def _dashboard() -> dict[str, Any]:
-    return json.loads((GRAFANA / "dashboards" / "streamer.json").read_text())
-
-
-def _panels(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every panel, including those nested in rows."""
-    out = []
-    for panel in panels:
-        out.append(panel)
-        out.extend(_panels(panel.get("panels", [])))
-    return out
-
-
-def _dashboard_exprs() -> list[str]:
-    return [t["expr"] for p in _panels(_dashboard()["panels"]) for t in p.get("targets", []) if "expr" in t]
-
-
 def _registered_metric_names() -> set[str]:
     registry = CollectorRegistry()
     Metrics(registry)
@@ -82,18 +45,6 @@ def _registered_metric_names() -> set[str]:
         names.add(family.name)
         if family.type == "counter":
             names.add(family.name + "_total")
-    return names
-
-
-def _referenced_metric_names(exprs: list[str]) -> set[str]:
-    names = set()
-    for expr in exprs:
-        for name in _METRIC_REF.findall(expr):
-            for suffix in _HISTOGRAM_SUFFIXES:
-                if name.endswith(suffix):
-                    name = name[: -len(suffix)]
-                    break
-            names.add(name)
     return names
 
 

@@ -33,7 +33,8 @@ from daemon_harness import (
 )
 from streamer.state.checkpoints import CheckpointStore, Manifest
 from streamer.config import load_config
-from streamer.service.daemon import CRASH_POINTS, LEDGER_FILE
+from streamer.service.crash import CRASH_POINTS
+from streamer.state.ledger import LEDGER_FILE
 from streamer.engine.data import load_splits
 from streamer.engine.evaluate import predict
 from streamer.intake.events import encode_event
@@ -261,7 +262,7 @@ class TestEndToEnd:
 
     def test_dashboard_and_alerts_use_only_scraped_names(self, e2e: E2ERun) -> None:
         """Every streamer_* metric in the Grafana dashboard and the alert rules is in this daemon's scrape."""
-        from test_deploy import _alert_rules, _dashboard_exprs, _referenced_metric_names
+        from deploy_assets import _alert_rules, _dashboard_exprs, _referenced_metric_names
 
         scraped = {s.name for family in text_string_to_metric_families(e2e.metrics_text) for s in family.samples}
         scraped |= _referenced_metric_names(sorted(scraped))  # histogram series without _bucket/_sum/_count

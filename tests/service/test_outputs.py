@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from streamer.state.checkpoints import Manifest
-from streamer.service.daemon import CRASH_POINTS, CrashHook
+from streamer.service.crash import CRASH_POINTS, CrashHook
 from streamer.errors import ConfigError
 from streamer.state.ledger import Outcome
 from streamer.service.outputs import checkpoint_record, dead_letter, receipt

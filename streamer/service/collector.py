@@ -1,0 +1,142 @@
+"""Intake of records into the fragment being collected (the record-level failure policy lives here).
+
+Each polled record is either accepted into the pending fragment, kept as a repeat of a pending
+request_id (answered `duplicate` with the version that applies the first), or answered at once:
+`rejected` (dead letter first, then ledger row, then receipt) or `duplicate` of an applied
+request. A record the ledger already knows (re-read after a crash) is skipped. Answered records'
+offsets are committed with the next fragment.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+
+from ..intake.events import ForgetRequest, InvalidEvent, SampleContext, parse_event, request_id_of
+from ..state.checkpoints import rfc3339
+from ..state.ledger import Outcome
+from .metrics import Metrics
+from .outbox import Outbox
+
+__all__ = ["Accepted", "Collector", "Repeat", "outcome_of"]
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A valid request waiting in the fragment being collected."""
+
+    request: ForgetRequest
+    topic: str
+    partition: int
+    offset: int
+    received_at: float  # monotonic seconds
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """A request_id repeated while its first record waits in the fragment being collected."""
+
+    request: ForgetRequest
+    topic: str
+    partition: int
+    offset: int
+    first: Accepted
+
+
+class Collector:
+    """Sorts records into the pending fragment; `take()` hands the fragment to the pipeline."""
+
+    def __init__(self, ctx: SampleContext, outbox: Outbox, metrics: Metrics, log: Any,
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic):
+        self._ctx, self._outbox, self._metrics, self._log = ctx, outbox, metrics, log
+        self._clock, self._monotonic = clock, monotonic
+        self.pending: list[Accepted] = []
+        self.repeats: list[Repeat] = []
+        self.positions: dict[tuple[str, int], int] = {}  # next offset after the last handled record
+
+    def handle(self, batch: Mapping[TopicPartition, Sequence[ConsumerRecord]]) -> None:
+        """Sort each record; answer the ones that need no fragment (dead letters flushed, then
+        ledger rows, then receipts flushed)."""
+        answered: list[Outcome] = []
+        dead_letters: list[Any] = []
+        ledger = self._outbox.ledger
+        for records in batch.values():
+            for record in records:
+                self.positions[(record.topic, record.partition)] = record.offset + 1
+                if ledger.handled(record.topic, record.partition, record.offset):
+                    self._log.info("record_already_handled", topic=record.topic, partition=record.partition,
+                                   offset=record.offset)
+                    continue
+                outcome = self._sort(record, dead_letters)
+                if outcome is not None:
+                    answered.append(outcome)
+        if dead_letters:
+            self._outbox.deliver(dead_letters)
+        if answered:
+            self._outbox.record(answered)
+
+    def due(self, fragment_size: int, max_wait_s: float) -> bool:
+        """A fragment is due when it is full or its oldest request waited max_wait_s."""
+        if not self.pending:
+            return False
+        return len(self.pending) >= fragment_size or self._monotonic() - self.pending[0].received_at >= max_wait_s
+
+    def wait_ms(self, poll_ms: int, max_wait_s: float) -> int:
+        """How long the next poll may block without delaying a due fragment."""
+        if not self.pending:
+            return poll_ms
+        due_in = self.pending[0].received_at + max_wait_s - self._monotonic()
+        return max(0, min(poll_ms, int(due_in * 1000)))
+
+    def take(self, offsets: Mapping[str, Mapping[int, int]]) -> tuple[list[Accepted], list[Repeat], dict]:
+        """The pending fragment, its repeats, and the offsets to publish with it: CURRENT's offsets
+        advanced to the positions read so far."""
+        accepted, repeats = self.pending, self.repeats
+        self.pending, self.repeats = [], []
+        advanced = {t: dict(p) for t, p in offsets.items()}
+        for (topic, partition), offset in self.positions.items():
+            advanced.setdefault(topic, {})[partition] = offset
+        return accepted, repeats, advanced
+
+    def clear(self) -> int:
+        """Forget everything collected (partitions revoked, or a rollback); returns how many were pending."""
+        dropped = len(self.pending)
+        self.pending, self.repeats, self.positions = [], [], {}
+        return dropped
+
+    def _sort(self, record: ConsumerRecord, dead_letters: list[Any]) -> Outcome | None:
+        start = time.perf_counter()
+        try:
+            if record.value is None:
+                raise InvalidEvent("the record has no value (a tombstone)")
+            request = parse_event(record.value, self._ctx)
+        except InvalidEvent as err:
+            request_id = err.request_id or request_id_of(record.value or b"", record.key)
+            now = rfc3339(self._clock())
+            dead_letters.append(self._outbox.send_dead_letter(err.reason, request_id, record.topic, record.partition,
+                                                              record.offset, record.key, record.value, now))
+            return outcome_of("rejected", request_id, None, err.reason, record, None, now)
+        finally:
+            self._metrics.observe_stage("resolve", time.perf_counter() - start)
+        applied_in = self._outbox.ledger.applied(request.request_id)
+        if applied_in is not None:
+            return outcome_of("duplicate", request.request_id, applied_in,
+                              f"request_id {request.request_id} was already applied in {applied_in}",
+                              record, request.subject, rfc3339(self._clock()))
+        first = next((p for p in self.pending if p.request.request_id == request.request_id), None)
+        if first is not None:  # answered with the version that applies the first one
+            self.repeats.append(Repeat(request, record.topic, record.partition, record.offset, first))
+            return None
+        self.pending.append(Accepted(request, record.topic, record.partition, record.offset, self._monotonic()))
+        return None
+
+
+def outcome_of(status: str, request_id: str | None, version: str | None, reason: str | None,
+               record: ConsumerRecord, subject: str | None, completed_at: str) -> Outcome:
+    """The ledger outcome of one record."""
+    return Outcome(status=status, request_id=request_id, version=version, reason=reason, topic=record.topic,
+                   partition=record.partition, offset=record.offset, subject=subject, completed_at=completed_at)

@@ -1,0 +1,117 @@
+"""Start-up recovery: load CURRENT, reconcile the ledger, resume gauges; seek to CURRENT's offsets.
+
+On start the daemon loads CURRENT (sha256 verified; the configured weights are published as
+v000000 on the very first start), rebuilds any ledger rows a crash lost from the manifests of
+CURRENT's lineage, and on every partition assignment seeks to the offsets in CURRENT's manifest:
+the checkpoint, not the group's committed offset, decides where consumption resumes. Owed
+receipts are re-sent by `Outbox.send_owed()` once the producer exists.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from copy import deepcopy
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from kafka import KafkaConsumer
+
+from ..config import DaemonConfig
+from ..engine.evaluate import accuracy
+from ..engine.models import load_model
+from ..intake.events import SampleContext
+from ..intake.resources import load_dataset_ref, resolve_device, sample_context
+from ..state.checkpoints import BASE_VERSION, Checkpoint, CheckpointStore, ForgottenSet
+from ..state.ledger import LEDGER_FILE, Ledger, Reconciled, reconcile
+from ..state.rollback import CheckpointDirLocked, DirectoryLock
+from .fragments import FragmentWorker
+from .metrics import REQUEST_OUTCOMES, Metrics
+
+__all__ = ["Recovered", "recover", "resume_gauges", "seek_to_offsets"]
+
+
+@dataclass
+class Recovered:
+    """What the daemon resumes from: the locked store, the ledger, the engine around CURRENT."""
+
+    store: CheckpointStore
+    lock: DirectoryLock
+    ledger: Ledger
+    worker: FragmentWorker
+    ctx: SampleContext
+    checkpoint: Checkpoint
+    baseline: float | None  # the base model's audit accuracy (None without an audit set)
+    reconciled: Reconciled
+
+
+def recover(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], float] = time.time) -> Recovered:
+    """Load CURRENT and everything around it; the counters and gauges continue from the ledger
+    and CURRENT's manifest. Raises CheckpointDirLocked if another process holds the directory."""
+    device = resolve_device(cfg.device)
+    store = CheckpointStore(cfg.checkpoints.dir, cfg.checkpoints.keep, clock)
+    stale = store.recover()
+    if stale:
+        log.info("stale_temp_files_removed", files=stale)
+    lock = DirectoryLock(store.root)
+    if not lock.acquire():
+        raise CheckpointDirLocked(f"{store.root} is locked by another process ({store.root / 'LOCK'}): "
+                                  "one daemon per checkpoint directory")
+    try:
+        base = load_model(cfg.model, device)
+        audit = load_dataset_ref(cfg.data.audit, cfg.model.input_shape) if cfg.data.audit else None
+        buffer = load_dataset_ref(cfg.data.buffer, cfg.model.input_shape) if cfg.data.buffer else None
+        if store.current_version() is None:
+            first = {"audit_accuracy": accuracy(base, audit.x, audit.y)} if audit is not None else {}
+            store.publish(None, base.state_dict(), ForgottenSet.empty(cfg.model.input_shape), metrics=first)
+            log.info("base_version_published", version=BASE_VERSION, weights=cfg.model.weights)
+        current = store.current_version() or BASE_VERSION
+        checkpoint = store.load(current)  # sha256 verified
+        if current != BASE_VERSION and store.path(BASE_VERSION).is_dir():
+            base.load_state_dict(store.load(BASE_VERSION).state_dict)  # the lineage's own base is the teacher
+        model = deepcopy(base)
+        model.load_state_dict(checkpoint.state_dict)
+        model.eval()
+        baseline = accuracy(base, audit.x, audit.y) if audit is not None else None
+        worker = FragmentWorker(model, cfg.unlearning.engine, cfg.model.num_classes, checkpoint.forgotten,
+                                teacher=base, audit=audit, buffer=buffer, audit_baseline=baseline)
+        log.info("model_loaded", version=current, device=str(device), source=cfg.model.source)
+        ledger = Ledger(store.root / LEDGER_FILE)
+        reconciled = reconcile(ledger, store.lineage(checkpoint.manifest.version))
+        counts = ledger.counts()
+        for outcome in REQUEST_OUTCOMES:  # counters continue from the ledger, so they never reset
+            if counts[outcome]:
+                metrics.requests.labels(outcome=outcome).inc(counts[outcome])
+        if baseline is not None:
+            metrics.set_audit_baseline(baseline)
+        resume_gauges(metrics, checkpoint)
+        ctx = sample_context(cfg)
+    except BaseException:
+        lock.release()  # a start that failed leaves the directory to the next one
+        raise
+    return Recovered(store, lock, ledger, worker, ctx, checkpoint, baseline, reconciled)
+
+
+def resume_gauges(metrics: Metrics, checkpoint: Checkpoint) -> None:
+    """Gauges as CURRENT's manifest recorded them, so a restart shows no gap until the next fragment."""
+    m = checkpoint.manifest
+    metrics.set_checkpoint(m.number, _timestamp(m.created_at))
+    metrics.set_forgotten(len(checkpoint.forgotten))
+    recorded = {name: m.metrics.get(f"{name}_accuracy") for name in ("fragment", "forgotten", "audit")}
+    metrics.set_accuracies({k: float(v) for k, v in recorded.items() if v is not None})
+
+
+def seek_to_offsets(consumer: KafkaConsumer, offsets: Mapping[str, Mapping[int, int]]) -> dict[str, int | str]:
+    """Seek every assigned partition to CURRENT's offset; where the manifest has none, the
+    consumer keeps the group offset (else earliest). Returns where each partition reads from."""
+    sources: dict[str, int | str] = {}
+    for tp in consumer.assignment():
+        offset = offsets.get(tp.topic, {}).get(tp.partition)
+        if offset is not None:
+            consumer.seek(tp, offset)
+        sources[f"{tp.topic}/{tp.partition}"] = offset if offset is not None else "group offset, else earliest"
+    return sources
+
+
+def _timestamp(rfc: str) -> float:
+    return datetime.fromisoformat(rfc.replace("Z", "+00:00")).timestamp()
