@@ -93,7 +93,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _rollback(args: argparse.Namespace) -> int:
     from ..config import load_config
-    from ..state.rollback import rollback
+    from .ops import rollback
 
     answer = rollback(load_config(args.config), args.to, args.force, args.timeout)
     print(answer["message"])

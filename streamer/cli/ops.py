@@ -1,4 +1,4 @@
-"""Operator commands over a checkpoint directory: list, show, verify.
+"""Operator commands over a checkpoint directory: list, show, verify, rollback.
 
 They read the version directories and the ledger only, so they work whether the daemon runs or not.
 """
@@ -10,7 +10,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from pathlib import Path
+
+from ..service.kafka_io import kafka_earliest
 from ..state.checkpoints import CheckpointError, CheckpointStore
+from ..state.lock import DirectoryLock
+from ..state.rollback import request_via_daemon, run_rollback
 from ..config import DaemonConfig
 from ..engine.evaluate import accuracy, goal_mask
 from ..state.ledger import LEDGER_FILE, Ledger
@@ -107,3 +112,19 @@ def load_model_from_state(cfg: DaemonConfig, state: dict, device) -> torch.nn.Mo
     model = load_model(replace(cfg.model, weights=None), device, require_weights=False)
     model.load_state_dict(state)
     return model.eval()
+
+
+def rollback(cfg, to_version: str, force: bool, timeout_s: float = 900.0) -> dict:
+    """`streamer rollback`: done by the running daemon if there is one, else here.
+    Returns {"ok": bool, "message": str, "version": new version or None}."""
+    root = Path(cfg.checkpoints.dir)
+    lock = DirectoryLock(root)
+    if not lock.acquire():
+        return request_via_daemon(root, to_version, force, timeout_s)
+    try:
+        store = CheckpointStore(root, cfg.checkpoints.keep)
+        earliest = kafka_earliest(cfg.kafka.bootstrap_servers, dict(cfg.kafka.client))
+        with Ledger(root / LEDGER_FILE) as ledger:
+            return run_rollback(store, ledger, to_version, force, earliest)
+    finally:
+        lock.release()

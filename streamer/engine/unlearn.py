@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
@@ -18,103 +18,10 @@ from torch import nn
 
 from .attack import random_targets, targeted_l2_pgd
 from .data import Dataset
-from ..errors import ConfigError
 from .importance import ImportancePenalty, mas_importance
 from .models import grad_only
+from .methods import METHODS, UnlearnConfig, method_config  # noqa: F401 (the engine's public API)
 from .objectives import distillation_loss, forget_loss, goal_met
-
-METHODS = ("neggrad", "correct", "adv", "adv+imp", "default")
-
-
-@dataclass(frozen=True)
-class UnlearnConfig:
-    """Hyper-parameters of one method. Build with `method_config(name, **overrides)`."""
-
-    method: str = "default"
-    forget_loss: str = "margin"  # margin | neg_ce
-    margin: float = 1.0
-    weighting: str = "fragment"  # fragment: forget term / k, adv term mean; proportional: paper's Eq. 6
-    optimizer: str = "adam"  # adam | sgd
-    lr: float = 3e-4
-    max_steps: int = 1000
-    max_seconds: float = 600.0
-    train_mode: bool = False  # False keeps BatchNorm statistics and dropout frozen (eval mode)
-    update: str = "head"  # head: only the nn.Linear layers move (all when there are none) | all
-    # adversarial regulariser (Eq. 6)
-    n_adv: int = 10
-    adv_weight: float = 3.0
-    adv_only_successful: bool = True
-    adv_batch: int = 128
-    pgd_eps: float = 0.0  # 0: auto = pgd_eps_ratio x mean L2 norm of the forget inputs
-    pgd_eps_ratio: float = 0.2
-    pgd_steps: int = 50
-    pgd_step_size: float = 0.0  # 0: auto = 2.5 x eps / steps
-    # weight importance regulariser (Eq. 7)
-    imp_lambda: float = 0.0
-    # data-free distillation from the original model, on inputs made from the forget set
-    distill_weight: float = 10.0
-    distill_halve_every: int = 400  # halve the distillation weight every this many steps (0: never)
-    distill_batch: int = 128
-    distill_temperature: float = 2.0
-    distill_warp: str = "affine"  # affine: random rotation/zoom/shift | shift: +-2 px roll + noise (the earlier default)
-    # continual: keep the forgotten instances and hold all of them at their goal
-    retain_forgotten: bool = True
-    # opt-in retain buffer (labelled held-out images): cross-entropy on them
-    buffer_weight: float = 3.0
-    buffer_batch: int = 128
-    distill_buffer: bool = True  # the buffer's images join the distillation inputs
-    seed: int = 0
-
-    @property
-    def uses_adv(self) -> bool:
-        return self.method in ("adv", "adv+imp", "default")
-
-
-_PAPER = dict(update="all", forget_loss="neg_ce", weighting="proportional", optimizer="sgd", lr=1e-3,
-              adv_only_successful=False, adv_weight=1.0, distill_weight=0.0, retain_forgotten=False)
-_PRESETS: dict[str, dict] = {
-    "neggrad": {**_PAPER, "n_adv": 0},
-    "correct": {**_PAPER, "n_adv": 0},
-    "adv": dict(_PAPER),
-    "adv+imp": {**_PAPER, "imp_lambda": 1.0},
-    "default": {},
-}
-
-
-def method_config(method: str = "default", **overrides) -> UnlearnConfig:
-    """The named method's settings with overrides applied; unknown names are errors."""
-    if method not in _PRESETS:
-        raise ConfigError(f"unlearning.method {method!r}: expected one of {', '.join(METHODS)}")
-    known = {f.name for f in fields(UnlearnConfig)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise ConfigError(f"unknown unlearning keys: {', '.join(sorted(unknown))}")
-    cfg = UnlearnConfig(method=method, **{**_PRESETS[method], **overrides})
-    _validate(cfg)
-    return cfg
-
-
-def _validate(cfg: UnlearnConfig) -> None:
-    checks = [
-        (cfg.forget_loss in ("margin", "neg_ce"), "forget_loss must be 'margin' or 'neg_ce'"),
-        (cfg.update in ("head", "all"), "update must be 'head' or 'all'"),
-        (cfg.weighting in ("fragment", "proportional"), "weighting must be 'fragment' or 'proportional'"),
-        (cfg.optimizer in ("adam", "sgd"), "optimizer must be 'adam' or 'sgd'"),
-        (cfg.lr > 0, "lr must be > 0"),
-        (cfg.max_steps >= 1, "max_steps must be >= 1"),
-        (cfg.max_seconds > 0, "max_seconds must be > 0"),
-        (cfg.n_adv >= 0 and cfg.pgd_steps >= 1, "n_adv must be >= 0 and pgd_steps >= 1"),
-        (cfg.pgd_eps >= 0 and cfg.pgd_eps_ratio > 0, "pgd_eps must be >= 0 and pgd_eps_ratio > 0"),
-        (min(cfg.adv_weight, cfg.imp_lambda, cfg.distill_weight, cfg.buffer_weight) >= 0, "weights must be >= 0"),
-        (cfg.distill_warp in ("affine", "shift"), "distill_warp must be 'affine' or 'shift'"),
-        (cfg.distill_temperature > 0, "distill_temperature must be > 0"),
-        (cfg.distill_halve_every >= 0, "distill_halve_every must be >= 0 (0: never)"),
-        (min(cfg.adv_batch, cfg.distill_batch, cfg.buffer_batch) >= 1, "batch sizes must be >= 1"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(f"unlearning: {message}")
-
 
 @dataclass(frozen=True)
 class Fragment:

@@ -28,15 +28,15 @@ from typing import Any
 import structlog
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry
 
 from ..config import DaemonConfig
-from ..state.rollback import answer_request, kafka_earliest, run_rollback, take_request
+from ..state.rollback import answer_request, run_rollback, take_request
 from .collector import Collector
 from .crash import CRASH_POINTS, CrashHook
-from .kafka_io import consumer_lag, ensure_topics, make_consumer, make_producer
-from .metrics import Metrics, MetricsServer, serve
+from .kafka_io import commit_offsets, consumer_lag, ensure_topics, kafka_earliest, make_consumer, make_producer
+from .http import MetricsServer, serve
+from .metrics import Metrics
 from .outbox import DeliveryError, Outbox
 from .pipeline import FragmentError, FragmentPipeline, Published
 from .recovery import Recovered, recover, resume_gauges, seek_to_offsets
@@ -242,17 +242,8 @@ class Daemon:
         consumer.resume(*consumer.paused())
 
     def _commit(self, offsets: Mapping[str, Mapping[int, int]]) -> None:
-        consumer = self._consumer
-        assert consumer is not None
-        # kafka-python commits what it is given: the next offset to read (last + 1).
-        commit = {tp: OffsetAndMetadata(offsets[tp.topic][tp.partition], "", -1)
-                  for tp in consumer.assignment() if tp.partition in offsets.get(tp.topic, {})}
-        if not commit:
-            return
-        try:
-            consumer.commit(commit)
-        except KafkaError as err:  # e.g. a rebalance: harmless, the manifest holds the offsets
-            self._log.warning("offset_commit_failed", error=repr(err))
+        assert self._consumer is not None
+        commit_offsets(self._consumer, offsets, self._log)
 
     # --- rebalances (called inside poll, on the main thread) ---------------------------------
 

@@ -7,11 +7,12 @@ to kafka-python as is. api_version is never set: kafka-python negotiates it with
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError, for_code
+from kafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from kafka.structs import OffsetAndMetadata
 
 from ..errors import ConfigError
 
@@ -96,3 +97,34 @@ def _check_settings(client_settings: Mapping[str, Any]) -> None:
     owned = sorted(set(_OWNED_KEYS) & set(client_settings))
     if owned:
         raise ConfigError(f"kafka.client must not set {', '.join(owned)}: streamer sets them")
+
+
+def kafka_earliest(bootstrap: str, client: Mapping) -> Callable[[str, int], int]:
+    """First offset each partition still holds, asked of the brokers (cached per partition)."""
+    cache: dict[tuple[str, int], int] = {}
+
+    def earliest(topic: str, partition: int) -> int:
+        if (topic, partition) not in cache:
+            consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, **client)
+            try:
+                tp = TopicPartition(topic, partition)
+                cache[(topic, partition)] = int(consumer.beginning_offsets([tp])[tp])
+            finally:
+                consumer.close()
+        return cache[(topic, partition)]
+
+    return earliest
+
+
+def commit_offsets(consumer: KafkaConsumer, offsets: Mapping[str, Mapping[int, int]], log: Any) -> None:
+    """Commit {topic: {partition: next offset}} for the assigned partitions (kafka-python commits
+    what it is given: the next offset to read, last + 1). A failure (e.g. a rebalance) is logged
+    and harmless: CURRENT's manifest, not the group offset, decides where consumption resumes."""
+    commit = {tp: OffsetAndMetadata(offsets[tp.topic][tp.partition], "", -1)
+              for tp in consumer.assignment() if tp.partition in offsets.get(tp.topic, {})}
+    if not commit:
+        return
+    try:
+        consumer.commit(commit)
+    except KafkaError as err:
+        log.warning("offset_commit_failed", error=repr(err))

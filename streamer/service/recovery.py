@@ -24,7 +24,7 @@ from ..intake.events import SampleContext
 from ..intake.resources import load_dataset_ref, resolve_device, sample_context
 from ..state.checkpoints import BASE_VERSION, Checkpoint, CheckpointStore, ForgottenSet
 from ..state.ledger import LEDGER_FILE, Ledger, Reconciled, reconcile
-from ..state.rollback import CheckpointDirLocked, DirectoryLock
+from ..state.lock import CheckpointDirLocked, DirectoryLock
 from .fragments import FragmentWorker
 from .metrics import REQUEST_OUTCOMES, Metrics
 

@@ -21,30 +21,18 @@ import hashlib
 import io
 import json
 import os
-import re
 import shutil
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import StreamerError
-
-MODEL_FILE = "model.pt"
-FORGOTTEN_FILE = "forgotten.pt"
-MANIFEST_FILE = "manifest.json"
-CURRENT_FILE = "CURRENT"
-BASE_VERSION = "v000000"
-MANIFEST_SCHEMA = 1
-_VERSION = re.compile(r"v(\d{6,})")
-_TEMP_PREFIX = ".tmp-"
-
-Offsets = Mapping[str, Mapping[int, int]]  # {topic: {partition: next offset to consume}}
+from .manifest import (BASE_VERSION, CURRENT_FILE, FORGOTTEN_FILE, MANIFEST_FILE, MANIFEST_SCHEMA,  # noqa: F401
+                       MODEL_FILE, Checkpoint, CheckpointError, ForgottenSet, Manifest, Offsets, _TEMP_PREFIX,
+                       _VERSION, format_version, rfc3339, version_number)
 
 __all__ = [
     "BASE_VERSION",
@@ -57,108 +45,6 @@ __all__ = [
     "rfc3339",
     "version_number",
 ]
-
-
-class CheckpointError(StreamerError):
-    """A version is missing, corrupt or cannot be written: stop without committing offsets."""
-
-
-def format_version(number: int) -> str:
-    return f"v{number:06d}"
-
-
-def version_number(version: str) -> int:
-    match = _VERSION.fullmatch(version)
-    if match is None:
-        raise CheckpointError(f"{version!r} is not a version name (v000000, v000001, ...)")
-    return int(match.group(1))
-
-
-def rfc3339(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-@dataclass(frozen=True)
-class ForgottenSet:
-    """Every instance forgotten so far, newest fragment first (the engine's order)."""
-
-    x: torch.Tensor  # (N, C, H, W) pixels in [0, 1]
-    y: torch.Tensor  # (N,) original labels
-    target: torch.Tensor  # (N,) -1: misclassify, c: relabel to c
-    request_ids: tuple[str, ...] = ()
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    @staticmethod
-    def empty(input_shape: Sequence[int]) -> ForgottenSet:
-        return ForgottenSet(torch.zeros((0, *input_shape)), torch.zeros(0, dtype=torch.int64),
-                            torch.zeros(0, dtype=torch.int64), ())
-
-    def prepend(self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor, request_ids: Sequence[str]) -> ForgottenSet:
-        """This set with a new fragment in front, as `Unlearner` concatenates [fragment, retained]."""
-        return ForgottenSet(torch.cat([x.cpu(), self.x]), torch.cat([y.cpu(), self.y]),
-                            torch.cat([target.cpu(), self.target]), (*request_ids, *self.request_ids))
-
-    def to_state(self) -> dict[str, Any]:
-        return {"x": self.x.cpu(), "y": self.y.cpu(), "target": self.target.cpu(), "request_ids": list(self.request_ids)}
-
-    @staticmethod
-    def from_state(state: Any, where: str) -> ForgottenSet:
-        if not isinstance(state, dict) or not {"x", "y", "target", "request_ids"} <= state.keys():
-            raise CheckpointError(f"{where} does not hold x, y, target and request_ids")
-        result = ForgottenSet(state["x"], state["y"], state["target"], tuple(state["request_ids"]))
-        if not len(result.x) == len(result.y) == len(result.target) == len(result.request_ids):
-            raise CheckpointError(f"{where}: x, y, target and request_ids have different lengths")
-        return result
-
-
-@dataclass(frozen=True)
-class Manifest:
-    version: str
-    parent: str | None
-    created_at: str  # RFC 3339, UTC
-    requests: tuple[Mapping[str, Any], ...]  # applied requests (forgotten | relabelled | failed)
-    offsets: Offsets
-    metrics: Mapping[str, Any]
-    model_sha256: str
-    forgotten_sha256: str
-    duplicates: tuple[Mapping[str, Any], ...] = ()  # repeats answered with this version
-    schema: int = MANIFEST_SCHEMA
-
-    @property
-    def number(self) -> int:
-        return version_number(self.version)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": self.schema, "version": self.version, "parent": self.parent, "created_at": self.created_at,
-            "requests": [dict(r) for r in self.requests], "duplicates": [dict(d) for d in self.duplicates],
-            "offsets": {t: {str(p): o for p, o in sorted(parts.items())} for t, parts in sorted(self.offsets.items())},
-            "metrics": dict(self.metrics), "model_sha256": self.model_sha256,
-            "forgotten_sha256": self.forgotten_sha256,
-        }
-
-    @staticmethod
-    def from_json(data: Mapping[str, Any]) -> Manifest:
-        try:
-            return Manifest(
-                version=data["version"], parent=data["parent"], created_at=data["created_at"],
-                requests=tuple(data["requests"]), duplicates=tuple(data.get("duplicates", ())),
-                offsets={t: {int(p): int(o) for p, o in parts.items()} for t, parts in data["offsets"].items()},
-                metrics=data["metrics"], model_sha256=data["model_sha256"],
-                forgotten_sha256=data["forgotten_sha256"], schema=data.get("schema", MANIFEST_SCHEMA),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise CheckpointError(f"malformed manifest: {err!r}") from err
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    manifest: Manifest
-    state_dict: dict[str, torch.Tensor] = field(repr=False)
-    forgotten: ForgottenSet = field(repr=False)
-    path: Path = Path()
 
 
 class CheckpointStore:

@@ -13,27 +13,21 @@ file. When the daemon is stopped the command does the same work itself.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoints import CheckpointStore, Manifest, rfc3339
 from ..errors import StreamerError
-from .ledger import LEDGER_FILE, Ledger, Outcome
+from .ledger import Ledger, Outcome
 
-LOCK_FILE = "LOCK"
 REQUEST_FILE = "ROLLBACK.request.json"
 RESULT_FILE = "ROLLBACK.result.json"
 
 Earliest = Callable[[str, int], int]  # (topic, partition) -> first offset the topic still holds
-
-
-class CheckpointDirLocked(StreamerError):
-    """Another process (a running daemon) owns the checkpoint directory: fail at start-up."""
 
 
 class RollbackRefused(StreamerError):
@@ -95,53 +89,6 @@ def _rolled_back(o: Outcome, new_version: str, now: str, how: str) -> Outcome:
                    partition=o.partition, offset=o.offset, subject=o.subject, completed_at=now)
 
 
-def kafka_earliest(bootstrap: str, client: Mapping) -> Earliest:
-    """First offset each partition still holds, asked of the brokers (cached per partition)."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    cache: dict[tuple[str, int], int] = {}
-
-    def earliest(topic: str, partition: int) -> int:
-        if (topic, partition) not in cache:
-            consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, **client)
-            try:
-                tp = TopicPartition(topic, partition)
-                cache[(topic, partition)] = int(consumer.beginning_offsets([tp])[tp])
-            finally:
-                consumer.close()
-        return cache[(topic, partition)]
-
-    return earliest
-
-
-class DirectoryLock:
-    """An exclusive flock on <dir>/LOCK: held by the running daemon, taken by offline tools."""
-
-    def __init__(self, root: str | Path):
-        self.path = Path(root) / LOCK_FILE
-        self._fd: int | None = None
-
-    def acquire(self) -> bool:
-        """True if taken; False if another process (the daemon) holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-        return True
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-
 def request_via_daemon(root: Path, to_version: str, force: bool, timeout_s: float) -> dict:
     """Leave a rollback request for the running daemon and wait for its answer."""
     result = root / RESULT_FILE
@@ -178,22 +125,6 @@ def answer_request(root: Path, request: dict, answer: dict) -> None:
     temp = root / f".{RESULT_FILE}.tmp"
     temp.write_text(json.dumps({"id": request.get("id"), **answer}))
     os.replace(temp, root / RESULT_FILE)
-
-
-def rollback(cfg, to_version: str, force: bool, timeout_s: float = 900.0) -> dict:
-    """`streamer rollback`: done by the running daemon if there is one, else here.
-    Returns {"ok": bool, "message": str, "version": new version or None}."""
-    root = Path(cfg.checkpoints.dir)
-    lock = DirectoryLock(root)
-    if not lock.acquire():
-        return request_via_daemon(root, to_version, force, timeout_s)
-    try:
-        store = CheckpointStore(root, cfg.checkpoints.keep)
-        earliest = kafka_earliest(cfg.kafka.bootstrap_servers, dict(cfg.kafka.client))
-        with Ledger(root / LEDGER_FILE) as ledger:
-            return run_rollback(store, ledger, to_version, force, earliest)
-    finally:
-        lock.release()
 
 
 def run_rollback(store: CheckpointStore, ledger: Ledger, to_version: str, force: bool, earliest: Earliest) -> dict:

@@ -16,7 +16,7 @@ from streamer.state.checkpoints import CheckpointStore
 from streamer.config import load_config
 from streamer.engine.data import load_splits
 from streamer.state.ledger import Ledger
-from streamer.state.rollback import LEDGER_FILE
+from streamer.state.ledger import LEDGER_FILE
 
 pytestmark = pytest.mark.kafka
 

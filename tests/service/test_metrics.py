@@ -16,9 +16,8 @@ from streamer.service.metrics import (
     REQUEST_OUTCOMES,
     STAGES,
     Metrics,
-    MetricsServer,
-    serve,
 )
+from streamer.service.http import MetricsServer, serve
 
 ALL_SAMPLE_NAMES = {
     "streamer_accuracy_ratio",

@@ -4,7 +4,8 @@ import torch
 
 from streamer.state.checkpoints import CheckpointStore, ForgottenSet
 from streamer.state.ledger import Ledger
-from streamer.state.rollback import DirectoryLock, RollbackRefused, apply_rollback, plan_rollback
+from streamer.state.lock import DirectoryLock
+from streamer.state.rollback import RollbackRefused, apply_rollback, plan_rollback
 
 
 def _publish(store, parent, n, first_offset, weight):

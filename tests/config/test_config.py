@@ -13,7 +13,7 @@ import yaml
 from streamer.config import DaemonConfig, DatasetRef, load_config, parse_config
 from streamer.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()

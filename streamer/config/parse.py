@@ -1,0 +1,166 @@
+"""Parse `config.yaml` into the dataclasses of `schema`; every problem is a ConfigError naming the key."""
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from ..engine.data import DATASETS
+from ..engine.methods import UnlearnConfig, method_config
+from ..engine.models import ModelConfig
+from ..errors import ConfigError
+from ._section import _same_kind, _Section
+from .schema import (DEVICES, LOG_LEVELS, SPLITS, CheckpointsConfig, DaemonConfig, DataConfig, DatasetRef, KafkaConfig,
+                     KafkaTopics, LoggingConfig, MetricsConfig, UnlearningConfig)
+
+__all__ = ["load_config", "parse_config"]
+
+
+def load_config(path: str | Path) -> DaemonConfig:
+    """Read and validate a YAML config file; relative paths resolve against its directory."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err}") from err
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from err
+    return parse_config(raw, base_dir=path.resolve().parent)
+
+
+def parse_config(raw: Any, base_dir: Path) -> DaemonConfig:
+    """Validate an already-loaded config mapping; relative paths resolve against `base_dir`."""
+    root = _Section(raw if raw is not None else {}, "", base_dir)
+    cfg = DaemonConfig(
+        device=root.choice("device", DEVICES, "auto"),
+        model=_model(root.section("model", required=True)),
+        data=_data(root.section("data")),
+        unlearning=_unlearning(root.section("unlearning")),
+        kafka=_kafka(root.section("kafka")),
+        checkpoints=_checkpoints(root.section("checkpoints")),
+        metrics=_metrics(root.section("metrics")),
+        logging=LoggingConfig(level=root.section("logging").choice("level", LOG_LEVELS, "info")),
+    )
+    root.done()
+    return cfg
+
+
+# --- sections --------------------------------------------------------------------------------
+
+
+def _model(s: _Section) -> ModelConfig:
+    source = s.string("source", "reference:digits")
+    if source.startswith("torchscript:"):
+        source = "torchscript:" + str(s.resolve(source.split(":", 1)[1]))
+    weights = s.optional_path("weights")
+    input_shape = s.int_list("input_shape", [1, 8, 8])
+    if len(input_shape) != 3 or min(input_shape) < 1:
+        s.fail("input_shape", f"must be [C, H, W] of positive integers, got {input_shape}")
+    num_classes = s.integer("num_classes", 10, minimum=2)
+    mean = s.float_list("mean", [0.0])
+    std = s.float_list("std", [1.0])
+    for key, values in (("mean", mean), ("std", std)):
+        if len(values) not in (1, input_shape[0]):
+            s.fail(key, f"needs 1 or C={input_shape[0]} values, got {len(values)}")
+    if any(v <= 0 for v in std):
+        s.fail("std", "values must be > 0")
+    if weights is None and not source.startswith("torchscript:"):
+        s.fail("weights", "is required (a state_dict file) unless model.source is torchscript:PATH")
+    s.done()
+    return ModelConfig(source=source, weights=None if weights is None else str(weights), num_classes=num_classes,
+                       input_shape=(input_shape[0], input_shape[1], input_shape[2]),
+                       mean=tuple(mean), std=tuple(std))
+
+
+def _data(s: _Section) -> DataConfig:
+    roots = tuple(s.resolve(r) for r in s.string_list("uri_roots", []))
+    max_payload = s.integer("max_payload_bytes", 8 * 1024 * 1024, minimum=1)
+    named = s.section("datasets")
+    datasets = {name: _dataset_ref(named.section(name, required=True)) for name in named.keys()}
+    for name in datasets:
+        if not isinstance(name, str) or not name:
+            named.fail(str(name), "dataset names must be non-empty strings")
+    named.done()
+    cfg = DataConfig(
+        uri_roots=roots, max_payload_bytes=max_payload, datasets=MappingProxyType(datasets),
+        audit=_dataset_ref(s.section("audit")) if s.get("audit") is not None else s.skip("audit"),
+        buffer=_dataset_ref(s.section("buffer")) if s.get("buffer") is not None else s.skip("buffer"),
+    )
+    s.done()
+    return cfg
+
+
+def _dataset_ref(s: _Section) -> DatasetRef:
+    builtin = s.get("builtin")
+    path = s.get("path")
+    if (builtin is None) == (path is None):
+        s.fail("", "needs exactly one of {builtin: NAME, split: SPLIT} or {path: FILE.pt}")
+    if builtin is not None:
+        ref = DatasetRef(builtin=s.choice("builtin", DATASETS, None), split=s.choice("split", SPLITS, "train"))
+    else:
+        ref = DatasetRef(path=s.optional_path("path"))
+    s.done()
+    return ref
+
+
+def _unlearning(s: _Section) -> UnlearningConfig:
+    method = s.string("method", "default")
+    fragment_size = s.integer("fragment_size", 8, minimum=1)
+    max_wait_s = s.number("max_wait_s", 5.0, minimum=0.0)
+    overrides = {key: s.take(key) for key in s.keys()}
+    defaults = {f.name: f.default for f in fields(UnlearnConfig) if f.name != "method"}
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(s.key(k) for k in unknown)}")
+    for key, value in overrides.items():
+        if key in defaults and not _same_kind(value, defaults[key]):
+            s.fail(key, f"must be a {type(defaults[key]).__name__}, got {value!r}")
+    try:
+        engine = method_config(method, **overrides)
+    except (ConfigError, TypeError) as err:
+        raise ConfigError(f"unlearning: {err}") from err
+    s.done()
+    return UnlearningConfig(method=method, fragment_size=fragment_size, max_wait_s=max_wait_s, engine=engine)
+
+
+def _kafka(s: _Section) -> KafkaConfig:
+    bootstrap = s.get("bootstrap_servers", "127.0.0.1:9092")
+    if isinstance(bootstrap, list) and bootstrap and all(isinstance(b, str) and b for b in bootstrap):
+        s.take("bootstrap_servers")
+        bootstrap = ",".join(bootstrap)
+    else:
+        bootstrap = s.string("bootstrap_servers", "127.0.0.1:9092")
+    group_id = s.string("group_id", "streamer")
+    t = s.section("topics")
+    topics = KafkaTopics(*(t.string(name, default) for name, default in (
+        ("requests", "streamer.requests"), ("receipts", "streamer.receipts"),
+        ("dead_letter", "streamer.dead-letter"), ("checkpoints", "streamer.checkpoints"))))
+    t.done()
+    names = [topics.requests, topics.receipts, topics.dead_letter, topics.checkpoints]
+    if len(set(names)) != len(names):
+        s.fail("topics", f"requests, receipts, dead_letter and checkpoints must be four different topics, got {names}")
+    client = s.section("client")
+    client_settings = {key: client.take(key) for key in client.keys()}
+    client.done()
+    cfg = KafkaConfig(bootstrap_servers=bootstrap, group_id=group_id, topics=topics,
+                      client=MappingProxyType(client_settings),
+                      max_poll_interval_ms=s.integer("max_poll_interval_ms", 300_000, minimum=1000))
+    s.done()
+    return cfg
+
+
+def _checkpoints(s: _Section) -> CheckpointsConfig:
+    cfg = CheckpointsConfig(dir=s.resolve(s.string("dir", "runs/checkpoints")), keep=s.integer("keep", 0, minimum=0))
+    s.done()
+    return cfg
+
+
+def _metrics(s: _Section) -> MetricsConfig:
+    cfg = MetricsConfig(host=s.string("host", "127.0.0.1"), port=s.integer("port", 9108, minimum=0, maximum=65535))
+    s.done()
+    return cfg

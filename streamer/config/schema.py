@@ -1,0 +1,113 @@
+"""The daemon's configuration: `config.yaml` parsed once into typed, frozen dataclasses.
+
+Every problem is a `ConfigError` that names the key (`kafka.topics.receipts: ...`). Unknown
+keys are errors, so a typo never silently falls back to a default. Relative paths
+(model.weights, a torchscript model, data.uri_roots, dataset `path`s, checkpoints.dir) are
+resolved against the directory of the config file, so the daemon reads the same files from
+whatever working directory it is started in.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+
+from ..engine.models import ModelConfig
+from ..engine.methods import UnlearnConfig
+
+DEVICES = ("auto", "cpu", "cuda")
+SPLITS = ("train", "buffer", "audit")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+__all__ = [
+    "CheckpointsConfig",
+    "DaemonConfig",
+    "DataConfig",
+    "DatasetRef",
+    "KafkaConfig",
+    "KafkaTopics",
+    "LoggingConfig",
+    "MetricsConfig",
+    "UnlearningConfig",
+]
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A labelled image set: a split of a built-in dataset, or a torch file holding
+    {"x": (N, C, H, W) float in [0, 1], "y": (N,) int}."""
+
+    builtin: str | None = None  # digits | mnist5k
+    split: str = "train"  # train | buffer | audit (built-in only)
+    path: Path | None = None
+
+    def describe(self) -> str:
+        return f"{self.builtin}:{self.split}" if self.builtin else str(self.path)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    uri_roots: tuple[Path, ...] = ()
+    max_payload_bytes: int = 8 * 1024 * 1024
+    datasets: Mapping[str, DatasetRef] = field(default_factory=lambda: MappingProxyType({}))
+    audit: DatasetRef | None = None  # None: no audit gauges
+    buffer: DatasetRef | None = None  # None: no retain buffer
+
+
+@dataclass(frozen=True)
+class UnlearningConfig:
+    method: str = "default"
+    fragment_size: int = 8  # k_CL
+    max_wait_s: float = 5.0
+    engine: UnlearnConfig = field(default_factory=UnlearnConfig)  # every other key, via method_config
+
+
+@dataclass(frozen=True)
+class KafkaTopics:
+    requests: str = "streamer.requests"
+    receipts: str = "streamer.receipts"
+    dead_letter: str = "streamer.dead-letter"
+    checkpoints: str = "streamer.checkpoints"
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "streamer"
+    topics: KafkaTopics = field(default_factory=KafkaTopics)
+    client: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # kafka-python kwargs
+    # The consumer keeps polling (partitions paused) while a fragment runs, so this only has
+    # to cover one poll loop iteration, not a whole fragment.
+    max_poll_interval_ms: int = 300_000
+
+
+@dataclass(frozen=True)
+class CheckpointsConfig:
+    dir: Path = Path("runs/checkpoints")
+    keep: int = 0  # 0 keeps every version
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    host: str = "127.0.0.1"
+    port: int = 9108  # 0 picks a free port
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    model: ModelConfig
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    unlearning: UnlearningConfig = field(default_factory=UnlearningConfig)
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
