@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from pathlib import Path
 
-from ..service.kafka_io import kafka_earliest
 from ..state.checkpoints import CheckpointError, CheckpointStore
 from ..state.lock import DirectoryLock
+from ..state.retained import load_retained, open_vault
 from ..state.rollback import request_via_daemon, run_rollback
+from ..state.shreds import ShredLog, ShredRow
+from ..state.vault import read_index
 from ..config import DaemonConfig
 from ..engine.evaluate import accuracy, goal_mask
 from ..state.ledger import LEDGER_FILE, Ledger
@@ -60,8 +62,9 @@ class Verification:
     version: str
     checked: int  # retained instances evaluated
     came_back: list[str]  # request ids whose instance no longer meets its goal
-    unverifiable: list[str]  # applied in the lineage, but not in the retained forgotten set
+    unverifiable: list[str]  # applied in the lineage, but neither in the retained forgotten set nor shredded
     audit_accuracy: float | None
+    shredded: list[ShredRow] = field(default_factory=list)  # "verified until vN, shredded at T": neither pass nor fail
 
     @property
     def ok(self) -> bool:
@@ -69,28 +72,35 @@ class Verification:
 
 
 def verify(cfg: DaemonConfig, version: str | None = None) -> Verification:
-    """Re-evaluate a version: every request applied in its lineage must still meet its goal on
-    its weights (needs the retained forgotten set, unlearning.retain_forgotten)."""
+    """Re-evaluate a version: every request applied in its lineage must still meet its goal on its
+    weights, decrypted from the forget vault (needs the KEK: raises VaultKeyError without it). A
+    request shredded since is reported with the last version that verified it, neither pass nor fail."""
     store = CheckpointStore(cfg.checkpoints.dir)
     version = version or store.current_version()
     if version is None:
         raise CheckpointError(f"no version in {cfg.checkpoints.dir}: nothing to verify")
     checkpoint = store.load(version)  # sha256 verified
+    vault = open_vault(cfg, writer=False)
+    forgotten, _ = load_retained(vault, checkpoint.manifest, cfg.model.input_shape)
     device = resolve_device(cfg.device)
     model = load_model_from_state(cfg, checkpoint.state_dict, device)
-    forgotten = checkpoint.forgotten
     came_back: list[str] = []
     if len(forgotten):
         met = goal_mask(model, forgotten.x, forgotten.y, forgotten.target)
         came_back = [rid for rid, ok in zip(forgotten.request_ids, met.tolist()) if not ok]
     retained = set(forgotten.request_ids)
     applied = _applied_in_lineage(store, version)
-    unverifiable = sorted(rid for rid in applied if rid not in retained)
+    shreds: dict[str, ShredRow] = {}
+    if (store.root / LEDGER_FILE).exists():
+        with ShredLog(store.root / LEDGER_FILE) as log:
+            shreds = log.rows()
+    shredded = [shreds[rid] for rid in sorted(applied) if rid in shreds and rid not in retained]
+    unverifiable = sorted(rid for rid in applied if rid not in retained and rid not in shreds)
     audit = None
     if cfg.data.audit is not None:
         data = load_dataset_ref(cfg.data.audit, cfg.model.input_shape)
         audit = accuracy(model, data.x, data.y)
-    return Verification(version, len(forgotten), sorted(came_back), unverifiable, audit)
+    return Verification(version, len(forgotten), sorted(came_back), unverifiable, audit, shredded)
 
 
 def _applied_in_lineage(store: CheckpointStore, version: str) -> set[str]:
@@ -123,8 +133,8 @@ def rollback(cfg, to_version: str, force: bool, timeout_s: float = 900.0) -> dic
         return request_via_daemon(root, to_version, force, timeout_s)
     try:
         store = CheckpointStore(root, cfg.checkpoints.keep)
-        earliest = kafka_earliest(cfg.kafka.bootstrap_servers, dict(cfg.kafka.client))
+        live = {e.request_id for e in read_index(cfg.privacy.vault_path(root)) if not e.shredded}
         with Ledger(root / LEDGER_FILE) as ledger:
-            return run_rollback(store, ledger, to_version, force, earliest)
+            return run_rollback(store, ledger, to_version, force, live.__contains__)
     finally:
         lock.release()

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..state.checkpoints import ForgottenSet
 from ..engine.data import Dataset
-from ..engine.evaluate import accuracy
+from ..engine.evaluate import accuracy, goal_mask
 from ..intake.events import ForgetRequest
 from ..engine.objectives import goal_gap, goal_met
 from ..engine.unlearn import Fragment, FragmentOutcome, UnlearnConfig, Unlearner
@@ -36,6 +36,7 @@ class FragmentResult:
     outcome: FragmentOutcome
     statuses: list[RequestStatus]  # one per request, in order
     forgotten: ForgottenSet  # the retained set after this fragment (this fragment first)
+    retained_met: tuple[bool, ...]  # per instance of `forgotten`: its goal holds on the new weights
     accuracies: dict[str, float]  # fragment | forgotten | audit -> ratio (absent: no such set)
     evaluate_seconds: float
     metrics: dict[str, float | int | str | None] = field(default_factory=dict)  # for the manifest
@@ -56,9 +57,24 @@ class FragmentWorker:
     def reset(self, state_dict: dict[str, torch.Tensor], forgotten: ForgottenSet) -> None:
         """Make the model and the retained set those of a checkpoint (after a rollback)."""
         self.model.load_state_dict(state_dict)
+        self.reset_forgotten(forgotten)
+
+    def drop(self, request_ids: set[str]) -> None:
+        """Take shredded instances out of the retained set and the anti-resurrection objective."""
+        self.reset_forgotten(self.forgotten.without(request_ids))
+
+    def reset_forgotten(self, forgotten: ForgottenSet) -> None:
         self.forgotten = forgotten
         device = next(self.model.parameters()).device
         self._unlearner.forgotten = _as_fragment(forgotten).to(device) if len(forgotten) else None
+
+    def check(self, request_ids: Sequence[str]) -> list[bool]:
+        """Whether each retained instance meets its goal on the current weights (the final check
+        before a shred). Raises KeyError for an id not in the retained set."""
+        where = {rid: i for i, rid in enumerate(self.forgotten.request_ids)}
+        index = torch.tensor([where[rid] for rid in request_ids], dtype=torch.int64)
+        f = self.forgotten
+        return goal_mask(self.model, f.x[index], f.y[index], f.target[index]).tolist() if len(index) else []
 
     def run(self, requests: Sequence[ForgetRequest], cancel: threading.Event | None = None,
             progress: Callable[[int, float, int], None] | None = None) -> FragmentResult | None:
@@ -73,6 +89,7 @@ class FragmentWorker:
         forgotten = self.forgotten.prepend(x, y, target, [r.request_id for r in requests])
         self.forgotten = forgotten
         statuses = _statuses(self.model, requests, x, y, target, outcome, self.cfg)
+        retained_met = tuple(goal_mask(self.model, forgotten.x, forgotten.y, forgotten.target).tolist())
         accuracies = {"fragment": accuracy(self.model, x, y), "forgotten": accuracy(self.model, forgotten.x, forgotten.y)}
         if self.audit is not None:
             accuracies["audit"] = accuracy(self.model, self.audit.x, self.audit.y)
@@ -85,7 +102,7 @@ class FragmentWorker:
             "audit_accuracy": _finite(accuracies.get("audit")), "audit_baseline_accuracy": _finite(self.audit_baseline),
             "forgotten_instances": len(forgotten),
         }
-        return FragmentResult(outcome, statuses, forgotten, accuracies, seconds, metrics)
+        return FragmentResult(outcome, statuses, forgotten, retained_met, accuracies, seconds, metrics)
 
 
 def _as_fragment(forgotten: ForgottenSet) -> Fragment:

@@ -1,10 +1,13 @@
 """The fragment pipeline: unlearn -> evaluate -> publish -> ledger -> receipts -> commit.
 
-    unlearn_and_publish   (worker thread)  engine, then the version dir written and CURRENT switched
+    unlearn_and_publish   (worker thread)  engine, the fragment's instances into the forget vault,
+                                           then the version dir written and CURRENT switched
     finish                (main thread)    ledger rows, receipts + checkpoint record, offsets committed
 
 Each step is durable before the next starts, so a crash anywhere resumes exactly once: the
-offsets are in the same atomic manifest as the model, and the ledger is rebuilt from manifests.
+offsets are in the same atomic manifest as the model, the vault entries a crash left
+unreferenced are removed on start (Kafka replays their records), and the ledger is rebuilt
+from manifests.
 An exception from the engine surfaces from `unlearn_and_publish` as FragmentError (nothing was
 published); this is the one place where a fragment-level failure policy decides what happens
 to the fragment's requests.
@@ -20,6 +23,8 @@ from typing import Any
 from ..errors import StreamerError
 from ..state.checkpoints import CheckpointStore, Manifest
 from ..state.ledger import Outcome
+from ..state.retained import next_refs
+from ..state.vault import ForgetVault, VaultItem
 from . import outputs
 from .collector import Accepted, Repeat
 from .crash import CrashHook
@@ -47,16 +52,20 @@ class FragmentPipeline:
     """Runs fragments through the engine and the durable outputs, in order."""
 
     def __init__(self, worker: FragmentWorker, store: CheckpointStore, outbox: Outbox, metrics: Metrics,
-                 clock: Callable[[], float] = time.time, crash: CrashHook | None = None):
+                 vault: ForgetVault, clock: Callable[[], float] = time.time, crash: CrashHook | None = None):
         self.worker, self.store, self._outbox, self._metrics, self._clock = worker, store, outbox, metrics, clock
+        self.vault = vault
         self._crash = crash if crash is not None else CrashHook()
 
     def unlearn_and_publish(self, accepted: Sequence[Accepted], repeats: Sequence[Repeat],
                             offsets: Mapping[str, Mapping[int, int]], parent: str,
-                            cancel: threading.Event) -> Published | None:
-        """Worker thread: unlearn, evaluate, write the version, switch CURRENT. None if cancelled.
+                            cancel: threading.Event, replay: Sequence[Mapping[str, Any]] = ()) -> Published | None:
+        """Worker thread: unlearn, evaluate, put the instances into the vault, write the version (its
+        retained set as vault references, `replay`: rolled-back requests still to re-apply), switch
+        CURRENT. None if cancelled.
 
-        Raises FragmentError when the engine raised; the model is then in an unknown state."""
+        Raises FragmentError when the engine raised (the model is then in an unknown state), VaultError
+        or CheckpointError when the vault or the version cannot be written (nothing was published)."""
 
         def progress(step: int, loss: float, missing: int) -> None:
             self._crash.at("during_unlearn")
@@ -71,8 +80,14 @@ class FragmentPipeline:
         start = time.perf_counter()
         requests = [_entry(a, s.status, s.reason) for a, s in zip(accepted, result.statuses)]
         duplicates = [_repeat_entry(r) for r in repeats]
-        manifest = self.store.publish(parent, self.worker.model.state_dict(), result.forgotten, requests=requests,
-                                      offsets=offsets, metrics=result.metrics, duplicates=duplicates)
+        items = [VaultItem(a.request.request_id, a.request.x.float().cpu(), a.request.label, a.request.target)
+                 for a in accepted]
+        entries = {e.request_id: e for e in self.vault.put(items)}  # before the version that references them
+        self._crash.at("after_vault")
+        refs = next_refs(result.forgotten, result.retained_met, self.store.manifest(parent).retained, entries,
+                         self.store.next_version())
+        manifest = self.store.publish(parent, self.worker.model.state_dict(), refs, requests=requests,
+                                      offsets=offsets, metrics=result.metrics, duplicates=duplicates, replay=replay)
         stages = {**result.outcome.stage_seconds, "evaluate": result.evaluate_seconds,
                   "checkpoint": time.perf_counter() - start}
         return Published(result, manifest, stages)

@@ -1,7 +1,11 @@
-"""Start-up recovery: load CURRENT, reconcile the ledger, resume gauges; seek to CURRENT's offsets.
+"""Start-up recovery: load CURRENT, reconcile the ledger and the vault, resume gauges; seek to CURRENT's offsets.
 
-On start the daemon loads CURRENT (sha256 verified; the configured weights are published as
-v000000 on the very first start), rebuilds any ledger rows a crash lost from the manifests of
+On start the daemon opens the forget vault with the configured KEK first (a missing or wrong KEK
+refuses the start, before any model is loaded), migrates schema-1 versions' plaintext
+forgotten.pt into the vault, loads CURRENT (sha256 verified; the configured weights are published
+as v000000 on the very first start) and its retained set from the vault, removes vault entries
+CURRENT does not reference (a crash between the vault write and the publish), records shreds a
+crash kept out of the ledger, rebuilds any ledger rows a crash lost from the manifests of
 CURRENT's lineage, and on every partition assignment seeks to the offsets in CURRENT's manifest:
 the checkpoint, not the group's committed offset, decides where consumption resumes. Owed
 receipts are re-sent by `Outbox.send_owed()` once the producer exists.
@@ -22,9 +26,13 @@ from ..engine.evaluate import accuracy
 from ..engine.models import load_model
 from ..intake.events import SampleContext
 from ..intake.resources import load_dataset_ref, resolve_device, sample_context
-from ..state.checkpoints import BASE_VERSION, Checkpoint, CheckpointStore, ForgottenSet
+from ..state.checkpoints import BASE_VERSION, Checkpoint, CheckpointStore
 from ..state.ledger import LEDGER_FILE, Ledger, Reconciled, reconcile
 from ..state.lock import CheckpointDirLocked, DirectoryLock
+from ..state.migrate import migrate_legacy
+from ..state.retained import load_retained, open_vault, referenced_ids
+from ..state.shreds import ShredLog
+from ..state.vault import ForgetVault
 from .fragments import FragmentWorker
 from .metrics import REQUEST_OUTCOMES, Metrics
 
@@ -43,11 +51,14 @@ class Recovered:
     checkpoint: Checkpoint
     baseline: float | None  # the base model's audit accuracy (None without an audit set)
     reconciled: Reconciled
+    vault: ForgetVault
+    shreds: ShredLog
 
 
 def recover(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], float] = time.time) -> Recovered:
     """Load CURRENT and everything around it; the counters and gauges continue from the ledger
-    and CURRENT's manifest. Raises CheckpointDirLocked if another process holds the directory."""
+    and CURRENT's manifest. Raises CheckpointDirLocked if another process holds the directory,
+    VaultKeyError when the KEK is missing, unreadable or not the vault's."""
     device = resolve_device(cfg.device)
     store = CheckpointStore(cfg.checkpoints.dir, cfg.checkpoints.keep, clock)
     stale = store.recover()
@@ -58,45 +69,62 @@ def recover(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], f
         raise CheckpointDirLocked(f"{store.root} is locked by another process ({store.root / 'LOCK'}): "
                                   "one daemon per checkpoint directory")
     try:
+        vault = open_vault(cfg, writer=True, clock=clock)  # fail fast: before any model is loaded
+        if vault.recovered:
+            log.info("vault_crash_leftovers_erased", files=len(vault.recovered))
+        migrated = migrate_legacy(store, vault)
+        if migrated:
+            log.warning("plaintext_forgotten_sets_migrated", versions=migrated,
+                        detail="forgotten.pt moved into the vault and erased")
         base = load_model(cfg.model, device)
         audit = load_dataset_ref(cfg.data.audit, cfg.model.input_shape) if cfg.data.audit else None
         buffer = load_dataset_ref(cfg.data.buffer, cfg.model.input_shape) if cfg.data.buffer else None
         if store.current_version() is None:
             first = {"audit_accuracy": accuracy(base, audit.x, audit.y)} if audit is not None else {}
-            store.publish(None, base.state_dict(), ForgottenSet.empty(cfg.model.input_shape), metrics=first)
+            store.publish(None, base.state_dict(), metrics=first)
             log.info("base_version_published", version=BASE_VERSION, weights=cfg.model.weights)
         current = store.current_version() or BASE_VERSION
         checkpoint = store.load(current)  # sha256 verified
+        orphans = vault.remove_orphans(referenced_ids(checkpoint.manifest))
+        if orphans:
+            log.info("vault_orphans_removed", request_ids=orphans,
+                     reason="written for a fragment that was never published; Kafka replays their records")
+        forgotten, shredded = load_retained(vault, checkpoint.manifest, cfg.model.input_shape)
         if current != BASE_VERSION and store.path(BASE_VERSION).is_dir():
             base.load_state_dict(store.load(BASE_VERSION).state_dict)  # the lineage's own base is the teacher
         model = deepcopy(base)
         model.load_state_dict(checkpoint.state_dict)
         model.eval()
         baseline = accuracy(base, audit.x, audit.y) if audit is not None else None
-        worker = FragmentWorker(model, cfg.unlearning.engine, cfg.model.num_classes, checkpoint.forgotten,
+        worker = FragmentWorker(model, cfg.unlearning.engine, cfg.model.num_classes, forgotten,
                                 teacher=base, audit=audit, buffer=buffer, audit_baseline=baseline)
         log.info("model_loaded", version=current, device=str(device), source=cfg.model.source)
         ledger = Ledger(store.root / LEDGER_FILE)
         reconciled = reconcile(ledger, store.lineage(checkpoint.manifest.version))
+        shreds = ShredLog(store.root / LEDGER_FILE)
+        repaired = shreds.record_missing(vault.entries(), vault.kek.key_id)
+        if repaired:
+            log.warning("shreds_recorded_on_start", request_ids=[r.request_id for r in repaired])
         counts = ledger.counts()
         for outcome in REQUEST_OUTCOMES:  # counters continue from the ledger, so they never reset
             if counts[outcome]:
                 metrics.requests.labels(outcome=outcome).inc(counts[outcome])
         if baseline is not None:
             metrics.set_audit_baseline(baseline)
-        resume_gauges(metrics, checkpoint)
+        resume_gauges(metrics, checkpoint, len(forgotten))
         ctx = sample_context(cfg)
     except BaseException:
         lock.release()  # a start that failed leaves the directory to the next one
         raise
-    return Recovered(store, lock, ledger, worker, ctx, checkpoint, baseline, reconciled)
+    log.info("vault_opened", key_id=vault.kek.key_id, live=len(forgotten), shredded_since=len(shredded))
+    return Recovered(store, lock, ledger, worker, ctx, checkpoint, baseline, reconciled, vault, shreds)
 
 
-def resume_gauges(metrics: Metrics, checkpoint: Checkpoint) -> None:
+def resume_gauges(metrics: Metrics, checkpoint: Checkpoint, forgotten: int) -> None:
     """Gauges as CURRENT's manifest recorded them, so a restart shows no gap until the next fragment."""
     m = checkpoint.manifest
     metrics.set_checkpoint(m.number, _timestamp(m.created_at))
-    metrics.set_forgotten(len(checkpoint.forgotten))
+    metrics.set_forgotten(forgotten)
     recorded = {name: m.metrics.get(f"{name}_accuracy") for name in ("fragment", "forgotten", "audit")}
     metrics.set_accuracies({k: float(v) for k, v in recorded.items() if v is not None})
 

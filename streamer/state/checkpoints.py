@@ -3,11 +3,10 @@
 A version directory holds everything needed to resume:
 
     model.pt        state_dict of the configured (Normalized) model, torch.load(weights_only=True)
-    forgotten.pt    the retained forgotten set: {"x": (N, C, H, W), "y": (N,), "target": (N,),
-                    "request_ids": [str] * N}
     manifest.json   version, parent, created_at, the requests it applied with their outcomes,
-                    the consumed offsets {topic: {partition: next_offset}}, metrics, and the
-                    sha256 of model.pt and forgotten.pt
+                    the consumed offsets {topic: {partition: next_offset}}, metrics, the sha256 of
+                    model.pt, and the retained forgotten set as references into the forget vault
+                    (ids and keyed content digests; no instance data: `state/vault.py`)
 
 Publishing writes a temporary directory, fsyncs every file and the directory, renames it to
 its version name (never over an existing one) and fsyncs the parent; only then is CURRENT
@@ -30,9 +29,10 @@ from typing import Any
 
 import torch
 
+from .durable import fsync_dir as _fsync_dir, write_new as _write_synced
 from .manifest import (BASE_VERSION, CURRENT_FILE, FORGOTTEN_FILE, MANIFEST_FILE, MANIFEST_SCHEMA,  # noqa: F401
-                       MODEL_FILE, Checkpoint, CheckpointError, ForgottenSet, Manifest, Offsets, _TEMP_PREFIX,
-                       _VERSION, format_version, rfc3339, version_number)
+                       MODEL_FILE, Checkpoint, CheckpointError, ForgottenSet, Manifest, Offsets, RetainedRef,
+                       _TEMP_PREFIX, _VERSION, format_version, rfc3339, version_number)
 
 __all__ = [
     "BASE_VERSION",
@@ -41,6 +41,7 @@ __all__ = [
     "CheckpointStore",
     "ForgottenSet",
     "Manifest",
+    "RetainedRef",
     "format_version",
     "rfc3339",
     "version_number",
@@ -111,39 +112,43 @@ class CheckpointStore:
         return chain
 
     def load(self, version: str) -> Checkpoint:
-        """The version's model state, forgotten set and manifest, after checking both sha256s."""
+        """The version's model state and manifest, after checking the model's sha256."""
         manifest = self.manifest(version)
         directory = self.path(version)
         model_bytes = _read_verified(directory / MODEL_FILE, manifest.model_sha256)
-        forgotten_bytes = _read_verified(directory / FORGOTTEN_FILE, manifest.forgotten_sha256)
         state = _torch_load(model_bytes, directory / MODEL_FILE)
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(f"{directory / MODEL_FILE} is not a state_dict")
-        forgotten = ForgottenSet.from_state(_torch_load(forgotten_bytes, directory / FORGOTTEN_FILE),
-                                            str(directory / FORGOTTEN_FILE))
-        return Checkpoint(manifest, state, forgotten, directory)
+        return Checkpoint(manifest, state, directory)
+
+    def next_version(self) -> str:
+        """The name the next `publish` will give its version."""
+        existing = self.versions()
+        return format_version(version_number(existing[-1]) + 1) if existing else BASE_VERSION
 
     # --- writing -----------------------------------------------------------------------------
 
-    def publish(self, parent: str | None, state_dict: Mapping[str, torch.Tensor], forgotten: ForgottenSet,
-                requests: Sequence[Mapping[str, Any]] = (), offsets: Offsets | None = None,
-                metrics: Mapping[str, Any] | None = None, duplicates: Sequence[Mapping[str, Any]] = (),
+    def publish(self, parent: str | None, state_dict: Mapping[str, torch.Tensor],
+                retained: Sequence[RetainedRef] = (), requests: Sequence[Mapping[str, Any]] = (),
+                offsets: Offsets | None = None, metrics: Mapping[str, Any] | None = None,
+                duplicates: Sequence[Mapping[str, Any]] = (), replay: Sequence[Mapping[str, Any]] = (),
                 created_at: float | None = None) -> Manifest:
         """Write the next version atomically, switch CURRENT to it, prune; return its manifest.
 
-        The first version ever published is v000000 (the base model, no parent)."""
+        `retained` references the forget vault's entries (written before, see pipeline.py); `replay`
+        lists rolled-back requests still to re-apply. The first version ever published is v000000
+        (the base model, no parent). Raises CheckpointError when the write fails."""
         existing = self.versions()
         if parent is None and existing:
             raise CheckpointError(f"only the first version may have no parent; {self.root} has {existing[-1]}")
-        version = format_version(version_number(existing[-1]) + 1) if existing else BASE_VERSION
+        version = self.next_version()
         model_bytes = _torch_bytes({k: v.detach().cpu() for k, v in state_dict.items()})
-        forgotten_bytes = _torch_bytes(forgotten.to_state())
         manifest = Manifest(
             version=version, parent=parent, created_at=rfc3339(self._clock() if created_at is None else created_at),
             requests=tuple(dict(r) for r in requests), duplicates=tuple(dict(d) for d in duplicates),
             offsets={t: dict(p) for t, p in (offsets or {}).items()}, metrics=dict(metrics or {}),
-            model_sha256=hashlib.sha256(model_bytes).hexdigest(),
-            forgotten_sha256=hashlib.sha256(forgotten_bytes).hexdigest(),
+            model_sha256=hashlib.sha256(model_bytes).hexdigest(), retained=tuple(retained),
+            replay=tuple(dict(r) for r in replay),
         )
         manifest_bytes = (json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n").encode("utf-8")
         temp = self.root / f"{_TEMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}"
@@ -151,7 +156,6 @@ class CheckpointStore:
         temp.mkdir()
         try:
             _write_synced(temp / MODEL_FILE, model_bytes)
-            _write_synced(temp / FORGOTTEN_FILE, forgotten_bytes)
             _write_synced(temp / MANIFEST_FILE, manifest_bytes)
             _fsync_dir(temp)
             # rename(2) of a directory fails when the target exists and is not empty: never overwrites.
@@ -213,18 +217,3 @@ def _read_verified(path: Path, sha256: str) -> bytes:
     if actual != sha256:
         raise CheckpointError(f"{path} has sha256 {actual}, its manifest says {sha256}: the file is corrupt")
     return data
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "xb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -56,7 +56,7 @@ class TestCheckpointRecord:
         """The record names the version, where its model.pt is and the sha256 to check it against."""
         manifest = Manifest(version="v000002", parent="v000001", created_at="2024-05-01T12:00:00.000Z",
                             requests=({"request_id": "a"},), offsets={}, metrics={"steps": 3},
-                            model_sha256="ab" * 32, forgotten_sha256="cd" * 32)
+                            model_sha256="ab" * 32)
         key, value = checkpoint_record(manifest, tmp_path / "v000002")
         body = json.loads(value)
         assert key == b"v000002"
