@@ -17,7 +17,8 @@ from kafka.errors import KafkaError
 
 from ..config import DaemonConfig
 from ..service.kafka_io import described_topic_configs, topic_configs_by_name
-from ..state.checkpoints import CheckpointStore, Manifest, parse_rfc3339, rfc3339, version_number
+from ..state.checkpoints import CheckpointStore, Manifest
+from ..state.manifest import parse_rfc3339, rfc3339, version_number
 from ..state.ledger import APPLIED, LEDGER_FILE, Ledger, Outcome
 from ..state.retained import Window
 from ..state.shreds import ShredLog
