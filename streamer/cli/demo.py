@@ -160,7 +160,7 @@ def erasure_table(report: dict) -> str:
              "|---|---|---|---|---|---|"]
     for r in report["requests"]:
         shred, window = r["shredded"], r["window"]
-        lines.append(f"| {r['request_id']} | {r['history'][-1]['status']} | {r['applied_in'] or '-'} | "
+        lines.append(f"| {r['request_id']} | {r['status']} | {r['applied_in'] or '-'} | "
                      f"{len(r['verified_in'])} versions | "
                      f"{(window['closes_by'] + ' or after ' + str(window['closes_after_version'])) if window else '-'} | "
                      f"{(shred['at'] + ' (' + str(shred['verified_until']) + ')') if shred else '-'} |")

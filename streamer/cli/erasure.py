@@ -50,25 +50,31 @@ def erasure_report(cfg: DaemonConfig, request_id: str | None = None, subject: st
         outcomes = {rid: rows for rid, rows in outcomes.items() if any(o.subject == subject for o in rows)}
     current = store.current_version()
     lineage = store.lineage(current) if current else []
+    written = {(e["topic"], e["partition"], e["offset"]): e["received_at"] for v in store.versions()
+               for e in store.manifest(v).requests if e.get("received_at")}
     vault = {e.request_id: e for e in read_index(cfg.privacy.vault_path(store.root))}
     retention = _retention(cfg, offline)
     window = Window.of(cfg.privacy)
-    requests = [_request(rid, rows, lineage, vault.get(rid), shreds.get(rid), retention, window, now)
+    requests = [_request(rid, rows, lineage, written, vault.get(rid), shreds.get(rid), retention, window, now,
+                         cfg.kafka.topics.dead_letter)
                 for rid, rows in sorted(outcomes.items(), key=lambda kv: kv[1][0].completed_at)]
     return {"generated_at": rfc3339(now), "current": current, "verify_window_days": window.days,
             "verify_window_fragments": window.fragments, "retention": retention, "requests": requests}
 
 
-def _request(rid: str, rows: list[Outcome], lineage: list[Manifest], entry: Any, shred: Any,
-             retention: Mapping[str, Mapping[str, Any]], window: Window, now: float) -> dict[str, Any]:
+def _request(rid: str, rows: list[Outcome], lineage: list[Manifest], written: Mapping[tuple, str], entry: Any,
+             shred: Any, retention: Mapping[str, Mapping[str, Any]], window: Window, now: float,
+             dead_letter: str) -> dict[str, Any]:
     standing = [o for o in rows if o.status in APPLIED]
+    decisive = [o for o in rows if o.status in (*APPLIED, "rolled_back")] or rows
     entries = {m.version: e for m in lineage for e in m.requests if e["request_id"] == rid}
     refs = [(m.version, r) for m in reversed(lineage) for r in m.retained if r.request_id == rid]
-    applied_in = standing[-1].version if standing else None
+    applied_in = decisive[-1].version if decisive[-1].status in APPLIED else None
     report: dict[str, Any] = {
-        "request_id": rid, "subject": next((o.subject for o in rows if o.subject), None),
+        "request_id": rid, "status": decisive[-1].status, "subject": next((o.subject for o in rows if o.subject), None),
         "records": sorted({f"{o.topic}[{o.partition}]@{o.offset}" for o in rows}),
         "requested_at": next((e.get("requested_at") for e in entries.values() if e.get("requested_at")), None),
+        "received_at": written.get((rows[0].topic, rows[0].partition, rows[0].offset)),
         "handled_at": rows[0].completed_at,
         "history": [{"status": o.status, "version": o.version, "at": o.completed_at, "reason": o.reason}
                     for o in rows],
@@ -87,12 +93,12 @@ def _request(rid: str, rows: list[Outcome], lineage: list[Manifest], entry: Any,
     if shred is not None:
         report["shredded"] = {"at": shred.shredded_at, "verified_until": shred.verified_version,
                               "final_check_passed": shred.verified_at_shred, "key_id": shred.key_id}
-    report["copies"] = _copies(rows, entry, report["window"], retention, now)
+    report["copies"] = _copies(rows, written, entry, report["window"], retention, now, dead_letter)
     return report
 
 
-def _copies(rows: list[Outcome], entry: Any, window: Mapping[str, Any] | None,
-            retention: Mapping[str, Mapping[str, Any]], now: float) -> list[dict[str, Any]]:
+def _copies(rows: list[Outcome], written: Mapping[tuple, str], entry: Any, window: Mapping[str, Any] | None,
+            retention: Mapping[str, Mapping[str, Any]], now: float, dead_letter: str) -> list[dict[str, Any]]:
     """Every place the instance can still exist, with the latest time it can be there."""
     copies = []
     if entry is not None and not entry.shredded:
@@ -100,18 +106,18 @@ def _copies(rows: list[Outcome], entry: Any, window: Mapping[str, Any] | None,
                        "until": window["closes_by"] if window else None,
                        "note": "the daemon's memory holds it decrypted while it runs, until the shred"})
     for o in _first_per_record(rows):
-        copies.append(_record_copy(o.topic, f"record {o.topic}[{o.partition}]@{o.offset}", o.completed_at,
-                                   retention, now))
+        # written when Kafka took it (its timestamp), else no later than when the daemon handled it
+        at = written.get((o.topic, o.partition, o.offset), o.completed_at)
+        copies.append(_record_copy(o.topic, f"record {o.topic}[{o.partition}]@{o.offset}", at, retention, now))
         if o.status == "rejected":
-            copies.append(_record_copy(
-                "dead_letter", "its dead letter (payload as the dead-letter policy keeps it)", o.completed_at,
-                retention, now))
+            copies.append(_record_copy(dead_letter, f"its dead letter in {dead_letter} (as the dead-letter record "
+                                       "keeps the payload)", o.completed_at, retention, now))
     return [c for c in copies if c is not None]
 
 
-def _record_copy(topic: str, where: str, handled_at: str, retention: Mapping[str, Mapping[str, Any]],
+def _record_copy(topic: str, where: str, written_by: str, retention: Mapping[str, Mapping[str, Any]],
                  now: float) -> dict[str, Any] | None:
-    """A Kafka record written before `handled_at` is gone by then + retention.ms + segment.ms."""
+    """A Kafka record written by `written_by` is gone by then + retention.ms + segment.ms."""
     settings = retention.get(topic, {})
     try:
         keep_ms = int(settings["retention.ms"]) + int(settings.get("segment.ms", 7 * _DAY_MS))
@@ -119,7 +125,7 @@ def _record_copy(topic: str, where: str, handled_at: str, retention: Mapping[str
         return {"where": where, "until": None, "note": f"retention of {topic} unknown: ask the Kafka operator"}
     if int(settings["retention.ms"]) < 0:
         return {"where": where, "until": None, "note": f"{topic} keeps records forever (retention.ms=-1)"}
-    until = parse_rfc3339(handled_at) + keep_ms / 1000
+    until = parse_rfc3339(written_by) + keep_ms / 1000
     if until <= now:
         return None  # deleted by the broker's retention (Kafka deletes whole segments past retention)
     return {"where": where, "until": rfc3339(until),
@@ -137,7 +143,7 @@ def _first_per_record(rows: Iterable[Outcome]) -> list[Outcome]:
 
 
 def _retention(cfg: DaemonConfig, offline: bool) -> dict[str, dict[str, Any]]:
-    """{topic name or "dead_letter": settings + source}: the brokers' answer, else kafka.topic_configs."""
+    """{topic name: settings + source}: the brokers' answer, else kafka.topic_configs."""
     configured = topic_configs_by_name(cfg.kafka.topics, cfg.kafka.topic_configs)
     described: dict[str, dict[str, str]] = {}
     if not offline:
@@ -150,7 +156,6 @@ def _retention(cfg: DaemonConfig, offline: bool) -> dict[str, dict[str, Any]]:
         broker = described.get(name, {})
         source = "reported by the broker" if "retention.ms" in broker else "configured; the broker was not asked"
         out[name] = {**settings, **broker, "source": source}
-    out["dead_letter"] = out[cfg.kafka.topics.dead_letter]
     return out
 
 
@@ -167,9 +172,10 @@ def format_report(report: Mapping[str, Any]) -> str:
     for r in report["requests"]:
         window, shredded = r["window"], r["shredded"]
         lines.append(f"{r['request_id']}  subject {r['subject'] or '-'}  record {', '.join(r['records'])}")
-        lines.append(f"  requested_at {r['requested_at'] or '-'}  handled {r['handled_at']}  "
+        lines.append(f"  requested_at {r['requested_at'] or '-'}  received {r['received_at'] or '-'}  "
+                     f"handled {r['handled_at']}  "
                      + (f"applied in {r['applied_in']} at {r['applied_at']}" if r["applied_in"] else
-                        "not applied: " + r["history"][-1]["status"]))
+                        "not applied: " + r["status"]))
         if r["verified_in"]:
             lines.append(f"  verified in {len(r['verified_in'])} versions: {_span(r['verified_in'])}")
         if window:

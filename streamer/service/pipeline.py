@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import StreamerError
-from ..state.checkpoints import CheckpointStore, Manifest
+from ..state.checkpoints import CheckpointStore, Manifest, rfc3339
 from ..state.ledger import Outcome
 from ..state.retained import next_refs
 from ..state.vault import ForgetVault, VaultItem
@@ -123,7 +123,8 @@ def _entry(a: Accepted, status: str, reason: str | None) -> dict[str, Any]:
     r = a.request
     return {"request_id": r.request_id, "status": status, "reason": reason, "topic": a.topic,
             "partition": a.partition, "offset": a.offset, "subject": r.subject, "mode": r.mode,
-            "label": r.label, "target_label": r.target_label, "requested_at": r.requested_at}
+            "label": r.label, "target_label": r.target_label, "requested_at": r.requested_at,
+            "received_at": None if a.record_time_ms is None else rfc3339(a.record_time_ms / 1000)}
 
 
 def _repeat_entry(r: Repeat) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any
 from ..config import PrivacyConfig
 from ..intake.events import ForgetRequest
 from ..state.checkpoints import CheckpointStore, Manifest, rfc3339, version_number
+from ..state.manifest import parse_rfc3339
 from ..state.retained import Window, last_verified
 from ..state.sealed import VaultIntegrityError
 from ..state.shreds import ShredLog, ShredRow
@@ -58,8 +59,7 @@ class VaultKeeper:
             rows = self.shred_due(worker, manifest)
         if rows or force or now - self._last_gauges >= GAUGES_EVERY_S:
             self._last_gauges = now
-            live = sum(1 for e in self.vault.entries() if not e.shredded)
-            self._metrics.set_vault(live, self.vault.oldest_age_seconds())
+            self._metrics.set_vault(len(self.vault), self.vault.oldest_age_seconds())
         return rows
 
     def shred_due(self, worker: FragmentWorker, manifest: Manifest) -> list[ShredRow]:
@@ -71,18 +71,18 @@ class VaultKeeper:
             return []
         met = worker.check([r.request_id for r in due])  # the final check, on the weights CURRENT serves
         lineage = self._store.lineage(manifest.version)
+        verified = [manifest.version if ok else last_verified(lineage, r.request_id) for r, ok in zip(due, met)]
+        records = self.vault.shred_many([(r.request_id, v) for r, v in zip(due, verified, strict=True)])
+        self._crash.at("after_shred")  # keys destroyed, ledger rows not written yet
         rows = []
-        for ref, ok in zip(due, met, strict=True):
-            verified = manifest.version if ok else last_verified(lineage, ref.request_id)
-            record = self.vault.shred(ref.request_id, verified)
-            self._crash.at("after_shred")
+        for ref, ok, record in zip(due, met, records, strict=True):
             closed_by = (f"{self.window.days:g} days since it was first applied at {ref.applied_at}"
                          if now >= self.window.closes_at(ref) else
                          f"verified in {manifest.number - version_number(ref.applied_in)} later versions")
             check = (f"its goal held on {manifest.version} at the final check" if ok else
                      f"its goal did NOT hold on {manifest.version} at the final check (last held in "
-                     f"{verified or 'no version'}); shredded anyway: the erasure deadline comes first")
-            rows.append(ShredRow(ref.request_id, verified, manifest.version, rfc3339(record.shredded_at),
+                     f"{record.verified_version or 'no version'}); shredded anyway: the erasure deadline comes first")
+            rows.append(ShredRow(ref.request_id, record.verified_version, manifest.version, rfc3339(record.shredded_at),
                                  record.key_id, f"verification window closed ({closed_by}); {check}"))
         self.shreds.append(rows)
         worker.drop({r.request_id for r in rows})
@@ -107,6 +107,7 @@ class VaultKeeper:
             if (int(y[i]), int(target[i])) != (request.label, request.target):
                 raise VaultIntegrityError(f"vault entry {request.request_id!r} has label/target {int(y[i])}/"
                                           f"{int(target[i])}, its request {request.label}/{request.target}")
+            received = e.get("received_at")
             accepted.append(Accepted(request, str(e["topic"]), int(e["partition"]), int(e["offset"]),
-                                     self._monotonic()))
+                                     self._monotonic(), None if not received else round(parse_rfc3339(received) * 1000)))
         return accepted

@@ -180,15 +180,27 @@ class ForgetVault:
         last version that verified it, then overwrite, unlink and fsync away its wrapped DEK and its
         ciphertext. Idempotent: a repeat returns the first record. Raises VaultEntryMissing for an id
         never stored, VaultError when the files cannot be erased."""
+        return self.shred_many([(request_id, verified_version)])[0]
+
+    def shred_many(self, requests: Sequence[tuple[str, str | None]]) -> list[ShredRecord]:
+        """`shred` for several (request_id, verified_version) with one index write, all or none marked."""
         self._require_writer("shred")
-        meta = self._index.get(request_id)
-        if meta is None:
-            raise VaultEntryMissing({request_id: "absent"})
-        if meta["shredded_at"] is None:
-            meta = {**meta, "digest": "", "shredded_at": float(self._clock()), "verified_version": verified_version}
-            self._save_index({**self._index, request_id: meta})
-        self._erase_files([_file_id(request_id)])
-        return ShredRecord(request_id, meta["verified_version"], meta["shredded_at"], self.kek.key_id)
+        missing = {rid: "absent" for rid, _ in requests if rid not in self._index}
+        if missing:
+            raise VaultEntryMissing(missing)
+        index, now = dict(self._index), float(self._clock())
+        for rid, verified_version in requests:
+            if index[rid]["shredded_at"] is None:
+                index[rid] = {**index[rid], "digest": "", "shredded_at": now, "verified_version": verified_version}
+        if index != self._index:
+            self._save_index(index)
+        self._erase_files([_file_id(rid) for rid, _ in requests])
+        return [ShredRecord(rid, index[rid]["verified_version"], index[rid]["shredded_at"], self.kek.key_id)
+                for rid, _ in requests]
+
+    def __len__(self) -> int:
+        """Live (not shredded) entries."""
+        return sum(1 for m in self._index.values() if m["shredded_at"] is None)
 
     def remove_orphans(self, keep: set[str]) -> list[str]:
         """Delete (index entry and files) every unshredded entry whose id is not in `keep`, the ids

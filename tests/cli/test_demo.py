@@ -24,10 +24,11 @@ def _secrets(value: bytes) -> list[bytes]:
     return [tensor["data_b64"].encode(), raw, uint8]
 
 
-def _chunks(secret: bytes, width: int = 32) -> list[bytes]:
-    """Fixed-width pieces of a secret that are mostly non-zero (runs of zero pixels are everywhere on disk)."""
-    pieces = [secret[i:i + width] for i in range(0, len(secret) - width + 1, width)]
-    return [p for p in pieces if sum(b != 0 for b in p) >= width // 2]
+def _chunks(secret: bytes, width: int, unit: int, zero: bytes, least: int) -> list[bytes]:
+    """`width`-byte pieces of a secret with at least `least` non-zero `unit`-byte elements: runs of black
+    pixels are everywhere on disk, strokes are not."""
+    rows = [secret[i:i + width] for i in range(0, len(secret) - width + 1, width)]
+    return [r for r in rows if sum(r[j:j + unit] != zero for j in range(0, width, unit)) >= least]
 
 
 def test_demo_prints_summary_and_writes_plot(tmp_path):
@@ -60,8 +61,9 @@ def test_demo_prints_summary_and_writes_plot(tmp_path):
     for p in {p.request_id: p for p in valid}.values():
         text, raw, uint8 = _secrets(p.value)
         control = b"prefix" + raw + b"|" + uint8 + b"|" + p.value  # how a leak would look: the scan must see it
-        for secret in (text, raw, uint8):
-            chunks = _chunks(secret)
-            assert chunks and all(c in control for c in chunks), "the scan cannot see the image"
+        for secret, width, unit, zero, least in ((text, 32, 1, b"A", 10), (raw, 32, 4, bytes(4), 4),
+                                                 (uint8, 8, 1, b"\0", 4)):
+            chunks = [secret, *_chunks(secret, width, unit, zero, least)]  # the whole image, and its strokes
+            assert all(c in control for c in chunks), "the scan cannot see the image"
             leaks = [str(f) for f in files if any(c in f.read_bytes() for c in chunks)]
             assert leaks == [], (p.request_id, leaks)

@@ -12,6 +12,7 @@ from streamer.state.checkpoints import ForgottenSet
 from streamer.engine.data import Dataset
 from streamer.intake.events import ForgetRequest
 from streamer.service.fragments import FragmentWorker
+from engine_fixtures import constant_classifier
 from streamer.engine.models import Normalized
 from streamer.engine.unlearn import method_config
 
@@ -20,12 +21,7 @@ ENGINE = dict(n_adv=0, distill_weight=0.0, lr=1e-4, seed=0)
 
 
 def _model(bias: float) -> Normalized:
-    """A linear classifier that predicts class 0 for every input, by `bias` logits."""
-    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
-    with torch.no_grad():
-        net[1].weight.zero_()
-        net[1].bias.copy_(torch.tensor([bias, 0.0, 0.0]))
-    return Normalized(net, (0.0,), (1.0,)).eval()
+    return constant_classifier(bias, SHAPE)
 
 
 def _request(rid: str, label: int, target: int | None = None) -> ForgetRequest:

@@ -10,9 +10,9 @@ import pytest
 import structlog
 import torch
 from prometheus_client import CollectorRegistry
-from torch import nn
 
 from streamer.config import PrivacyConfig
+from engine_fixtures import constant_classifier
 from streamer.engine.models import Normalized
 from streamer.engine.unlearn import method_config
 from streamer.intake.events import ForgetRequest
@@ -41,12 +41,7 @@ class Clock:
 
 
 def _model(bias: float) -> Normalized:
-    """A linear classifier that predicts class 0 for every input, by `bias` logits."""
-    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
-    with torch.no_grad():
-        net[1].weight.zero_()
-        net[1].bias.copy_(torch.tensor([bias, 0.0, 0.0]))
-    return Normalized(net, (0.0,), (1.0,)).eval()
+    return constant_classifier(bias, SHAPE)
 
 
 def _request(rid: str, label: int, value: float) -> ForgetRequest:

@@ -141,6 +141,7 @@ class TestDataProtection:
         assert all(by_id[rid]["window"]["state"] == "open" and by_id[rid]["window"]["closes_after_version"] == "v000003"
                    for rid in second)
         assert not any("vault" in c["where"] for rid in first for c in by_id[rid]["copies"])
+        assert all(by_id[rid]["received_at"] and by_id[rid]["received_at"] <= by_id[rid]["applied_at"] for rid in by_id)
         assert all(any(c["where"].startswith(f"record {topics['requests']}[0]@") for c in by_id[rid]["copies"])
                    for rid in by_id)
         person = json.loads(_cli("erasure-report", "--config", str(config), "--json", "--subject", "person-1").stdout)
@@ -223,11 +224,14 @@ class TestDataProtection:
 
         daemon = DaemonProcess(config, tmp_path / "final.log")
         try:
-            daemon.wait_for("request_shredded", count=3, timeout_s=120)  # the shreds the crash interrupted
+            daemon.wait_for("partitions_assigned", timeout_s=120)
             assert daemon.stop() == 0
         finally:
             daemon.kill()
-        assert [e["request_ids"] for e in daemon.events() if e["event"] == "shreds_recorded_on_start"] == [["kc60"]]
+        # the keys were destroyed before the crash, the ledger rows were not: written on start from the vault
+        assert [e["request_ids"] for e in daemon.events() if e["event"] == "shreds_recorded_on_start"] == [
+            [f"kc{i}" for i in range(60, 64)]]
+        assert not [e for e in daemon.events() if e["event"] == "request_shredded"]
         _applied_once(tmp_path / "checkpoints", set(images))
         store = CheckpointStore(tmp_path / "checkpoints")
         current = store.manifest(store.current_version() or "")
@@ -237,7 +241,9 @@ class TestDataProtection:
         assert live <= {r.request_id for r in current.retained}
         assert len(list((vault_dir / KEYS_DIR).iterdir())) == len(list((vault_dir / DATA_DIR).iterdir())) == 4
         with ShredLog(tmp_path / "checkpoints" / LEDGER_FILE) as log:
-            assert sorted(log.rows()) == [f"kc{i}" for i in range(60, 64)]
+            rows = log.rows()
+        assert sorted(rows) == [f"kc{i}" for i in range(60, 64)]
+        assert all(r.verified_version == "v000002" and "recorded on start" in r.reason for r in rows.values())
         with Ledger(tmp_path / "checkpoints" / LEDGER_FILE) as ledger:
             assert Counter(r.outcome.status for r in ledger.rows() if r.outcome.status in APPLIED) == {"forgotten": 8}
         receipts = values(read_topic(kafka_bootstrap, topics["receipts"], 8))

@@ -245,6 +245,16 @@ class TestShred:
         assert vault.shred("a", "v000009") == first
         assert ForgetVault.open(root, LocalKEK(KEY), clock=clock).shred("a", "v000010") == first
 
+    def test_shred_many_is_all_or_none(self, root: Path, vault: ForgetVault) -> None:
+        """shred_many shreds a batch with its versions; one unknown id shreds none of the batch."""
+        vault.put([_item("a", 1), _item("b", 2), _item("c", 3)])
+        with pytest.raises(VaultEntryMissing, match="'ghost'"):
+            vault.shred_many([("a", "v000001"), ("ghost", "v000001")])
+        assert "a" in vault and len(vault) == 3
+        records = vault.shred_many([("a", "v000001"), ("b", None)])
+        assert [(r.request_id, r.verified_version) for r in records] == [("a", "v000001"), ("b", None)]
+        assert len(vault) == 1 and [p.stem for p in (root / KEYS_DIR).iterdir()] == [_entry_files(root, "c")[0].stem]
+
     def test_shred_of_an_unknown_id_raises(self, vault: ForgetVault) -> None:
         """Shredding an id that was never stored raises VaultEntryMissing."""
         with pytest.raises(VaultEntryMissing, match="'ghost' \\(absent\\)"):
