@@ -5,8 +5,9 @@ They read the version directories and the ledger only, so they work whether the 
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -17,15 +18,20 @@ from ..state.checkpoints import CheckpointError, CheckpointStore
 from ..state.lock import DirectoryLock
 from ..state.rollback import request_via_daemon, run_rollback
 from ..config import DaemonConfig
-from ..engine.evaluate import accuracy, goal_mask
-from ..state.ledger import LEDGER_FILE, Ledger
+from ..engine.evaluate import goal_mask
+from ..engine.evaluate import logits as predict_logits
+from ..state.ledger import LEDGER_FILE, Ledger, LedgerError
 from ..engine.models import load_model
 from ..intake.resources import load_dataset_ref, resolve_device
 
 
 
 def list_versions(store: CheckpointStore) -> str:
+    """A table of every version on disk. The last column marks CURRENT, the rest of CURRENT's
+    lineage, versions outside it (rolled back), and orphans (written, never CURRENT)."""
     current = store.current_version()
+    lineage = {m.version for m in store.lineage(current)} if current else set()
+    orphans = set(store.orphans())
     lines = ["| version | parent | created_at | requests | outcomes | forgotten acc | audit acc | |",
              "|---|---|---|---|---|---|---|---|"]
     for version in store.versions():
@@ -35,7 +41,7 @@ def list_versions(store: CheckpointStore) -> str:
         outcomes = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-"
         lines.append(f"| {version} | {m.parent or '-'} | {m.created_at} | {len(m.requests)} | {outcomes} | "
                      f"{_fmt(m.metrics.get('forgotten_accuracy'))} | {_fmt(m.metrics.get('audit_accuracy'))} | "
-                     f"{'CURRENT' if version == current else ''} |")
+                     f"{_role(version, current, lineage, orphans)} |")
     return "\n".join(lines)
 
 
@@ -51,6 +57,14 @@ def show_version(store: CheckpointStore, version: str | None = None) -> str:
     return json.dumps(data, indent=2, sort_keys=True)
 
 
+def _role(version: str, current: str | None, lineage: set[str], orphans: set[str]) -> str:
+    if version == current:
+        return "CURRENT"
+    if version in orphans:
+        return "orphan (never CURRENT; not in any lineage)"
+    return "lineage" if version in lineage else "outside CURRENT's lineage (rolled back)"
+
+
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -62,35 +76,55 @@ class Verification:
     came_back: list[str]  # request ids whose instance no longer meets its goal
     unverifiable: list[str]  # applied in the lineage, but not in the retained forgotten set
     audit_accuracy: float | None
+    abandoned: list[str] = field(default_factory=list)  # left the retained set, goal unreachable (own category)
+    non_finite: int = 0  # retained or audit instances with NaN/Inf logits (they count as came back)
 
     @property
     def ok(self) -> bool:
         return not self.came_back and not self.unverifiable
 
+    @property
+    def exit_code(self) -> int:
+        """0: everything checks out; 1: instances came back; 2: cannot verify (unverifiable requests)."""
+        return 1 if self.came_back else 2 if self.unverifiable else 0
+
 
 def verify(cfg: DaemonConfig, version: str | None = None) -> Verification:
     """Re-evaluate a version: every request applied in its lineage must still meet its goal on
-    its weights (needs the retained forgotten set, unlearning.retain_forgotten)."""
+    its weights (needs the retained forgotten set, unlearning.retain_forgotten).
+
+    Raises CheckpointError / LedgerError naming the first missing or damaged file: every file of
+    every version in the lineage, the base included, is checked against its sha256 first."""
     store = CheckpointStore(cfg.checkpoints.dir)
     version = version or store.current_version()
     if version is None:
         raise CheckpointError(f"no version in {cfg.checkpoints.dir}: nothing to verify")
-    checkpoint = store.load(version)  # sha256 verified
+    lineage = store.lineage(version)
+    for manifest in lineage:
+        store.verify_files(manifest.version)
+    checkpoint = store.load(version)
     device = resolve_device(cfg.device)
     model = load_model_from_state(cfg, checkpoint.state_dict, device)
     forgotten = checkpoint.forgotten
     came_back: list[str] = []
+    non_finite = 0
     if len(forgotten):
-        met = goal_mask(model, forgotten.x, forgotten.y, forgotten.target)
+        met = goal_mask(model, forgotten.x, forgotten.y, forgotten.target)  # NaN/Inf rows never meet a goal
         came_back = [rid for rid, ok in zip(forgotten.request_ids, met.tolist()) if not ok]
+        non_finite = int((~torch.isfinite(predict_logits(model, forgotten.x))).any(1).sum())
     retained = set(forgotten.request_ids)
+    abandoned = {a["request_id"] for m in lineage for a in m.abandoned}
     applied = _applied_in_lineage(store, version)
-    unverifiable = sorted(rid for rid in applied if rid not in retained)
+    unverifiable = sorted(rid for rid in applied if rid not in retained and rid not in abandoned)
     audit = None
     if cfg.data.audit is not None:
         data = load_dataset_ref(cfg.data.audit, cfg.model.input_shape)
-        audit = accuracy(model, data.x, data.y)
-    return Verification(version, len(forgotten), sorted(came_back), unverifiable, audit)
+        logits = predict_logits(model, data.x)
+        bad = int((~torch.isfinite(logits)).any(1).sum())
+        non_finite += bad
+        audit = float((logits.argmax(1) == data.y).float().mean()) if not bad else float("nan")
+    return Verification(version, len(forgotten), sorted(came_back), unverifiable, audit, sorted(abandoned & applied),
+                        non_finite)
 
 
 def _applied_in_lineage(store: CheckpointStore, version: str) -> set[str]:
@@ -101,9 +135,13 @@ def _applied_in_lineage(store: CheckpointStore, version: str) -> set[str]:
     ledger_path = store.root / LEDGER_FILE
     if ledger_path.exists():
         with Ledger(ledger_path) as ledger:
-            applied |= {row.outcome.request_id for row in ledger.rows()
-                        if row.outcome.status in ("forgotten", "relabelled", "failed")
-                        and row.outcome.version in lineage and ledger.applied(row.outcome.request_id) is not None}
+            try:
+                rows = ledger.rows()
+                applied |= {row.outcome.request_id for row in rows
+                            if row.outcome.status in ("forgotten", "relabelled", "failed")
+                            and row.outcome.version in lineage and ledger.applied(row.outcome.request_id) is not None}
+            except sqlite3.DatabaseError as err:
+                raise LedgerError(f"the ledger {ledger_path} is damaged: {err}") from err
     return applied
 
 
@@ -123,7 +161,7 @@ def rollback(cfg, to_version: str, force: bool, timeout_s: float = 900.0) -> dic
         return request_via_daemon(root, to_version, force, timeout_s)
     try:
         store = CheckpointStore(root, cfg.checkpoints.keep)
-        earliest = kafka_earliest(cfg.kafka.bootstrap_servers, dict(cfg.kafka.client))
+        earliest = kafka_earliest(cfg.kafka.bootstrap_servers, cfg.kafka.settings("consumer"))
         with Ledger(root / LEDGER_FILE) as ledger:
             return run_rollback(store, ledger, to_version, force, earliest)
     finally:

@@ -1,13 +1,14 @@
 """The fragment pipeline: unlearn -> evaluate -> publish -> ledger -> receipts -> commit.
 
-    unlearn_and_publish   (worker thread)  engine, then the version dir written and CURRENT switched
-    finish                (main thread)    ledger rows, receipts + checkpoint record, offsets committed
+    unlearn   (worker thread)  the engine under the failure policy (failures.run_quarantined)
+    settle    (main thread)    requests that failed on their own: ledger rows + receipts, first
+    publish   (main thread)    the version dir written and CURRENT switched (if anything applied)
+    finish    (main thread)    ledger rows, receipts + checkpoint record, offsets committed
 
 Each step is durable before the next starts, so a crash anywhere resumes exactly once: the
-offsets are in the same atomic manifest as the model, and the ledger is rebuilt from manifests.
-An exception from the engine surfaces from `unlearn_and_publish` as FragmentError (nothing was
-published); this is the one place where a fragment-level failure policy decides what happens
-to the fragment's requests.
+offsets are in the same atomic manifest as the model; failed requests are in the ledger before
+any version's offsets pass them (a re-read finds them handled); the ledger is rebuilt from
+manifests on start. Only infrastructure errors (disk, ledger, broker) escape this module.
 """
 from __future__ import annotations
 
@@ -17,28 +18,24 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import StreamerError
-from ..state.checkpoints import CheckpointStore, Manifest
+from ..state.checkpoints import CheckpointStore, Manifest, rfc3339
 from ..state.ledger import Outcome
 from . import outputs
 from .collector import Accepted, Repeat
 from .crash import CrashHook
-from .fragments import FragmentResult, FragmentWorker
+from .failures import QuarantineRun, run_quarantined
+from .fragments import FragmentWorker
 from .metrics import Metrics
 from .outbox import Outbox
 
-__all__ = ["FragmentError", "FragmentPipeline", "Published"]
-
-
-class FragmentError(StreamerError):
-    """The engine failed on a fragment: nothing was published or committed."""
+__all__ = ["FragmentPipeline", "Published"]
 
 
 @dataclass(frozen=True)
 class Published:
     """A fragment whose version is CURRENT, not yet in the ledger."""
 
-    result: FragmentResult
+    run: QuarantineRun
     manifest: Manifest
     stage_seconds: dict[str, float]
 
@@ -51,39 +48,62 @@ class FragmentPipeline:
         self.worker, self.store, self._outbox, self._metrics, self._clock = worker, store, outbox, metrics, clock
         self._crash = crash if crash is not None else CrashHook()
 
-    def unlearn_and_publish(self, accepted: Sequence[Accepted], repeats: Sequence[Repeat],
-                            offsets: Mapping[str, Mapping[int, int]], parent: str,
-                            cancel: threading.Event) -> Published | None:
-        """Worker thread: unlearn, evaluate, write the version, switch CURRENT. None if cancelled.
-
-        Raises FragmentError when the engine raised; the model is then in an unknown state."""
+    def unlearn(self, accepted: Sequence[Accepted], cancel: threading.Event, log: Any) -> QuarantineRun | None:
+        """Worker thread: the engine under the failure policy. None if cancelled (nothing changed)."""
 
         def progress(step: int, loss: float, missing: int) -> None:
             self._crash.at("during_unlearn")
 
-        try:
-            result = self.worker.run([a.request for a in accepted], cancel=cancel, progress=progress)
-        except Exception as err:
-            raise FragmentError(f"unlearning a fragment failed: {err!r}") from err
-        if result is None or cancel.is_set():  # stopping: an unpublished fragment is abandoned
+        run = run_quarantined(self.worker, accepted, cancel, progress, log)
+        if run is None or cancel.is_set():
             return None
         self._crash.at("during_unlearn")  # also when the goal needed no step at all
-        start = time.perf_counter()
-        requests = [_entry(a, s.status, s.reason) for a, s in zip(accepted, result.statuses)]
-        duplicates = [_repeat_entry(r) for r in repeats]
-        manifest = self.store.publish(parent, self.worker.model.state_dict(), result.forgotten, requests=requests,
-                                      offsets=offsets, metrics=result.metrics, duplicates=duplicates)
-        stages = {**result.outcome.stage_seconds, "evaluate": result.evaluate_seconds,
-                  "checkpoint": time.perf_counter() - start}
-        return Published(result, manifest, stages)
+        return run
 
-    def finish(self, repeats: Sequence[Repeat], published: Published,
-               commit: Callable[[Mapping[str, Mapping[int, int]]], None], log: Any) -> None:
+    def settle_failures(self, run: QuarantineRun, repeats: Sequence[Repeat]) -> None:
+        """Main thread, before any publish: each request that failed on its own (and each repeat of
+        one) gets its ledger row and a `failed` receipt; they were never applied."""
+        for kind in run.trips:
+            self._metrics.count_failure(kind)
+        failed = {id(a): reason for a, reason in run.failed}
+        if not failed:
+            return
+        now = rfc3339(self._clock())
+        outcomes = [_outcome("failed", a.request.request_id, reason, a.topic, a.partition, a.offset,
+                             a.request.subject, now) for a, reason in run.failed]
+        outcomes += [_outcome("duplicate", r.request.request_id,
+                              f"repeats offset {r.first.offset} of partition {r.first.partition}, which failed: "
+                              f"{failed[id(r.first)]}", r.topic, r.partition, r.offset, r.request.subject, now)
+                     for r in repeats if id(r.first) in failed]
+        self._outbox.record(outcomes)
+
+    def publish(self, run: QuarantineRun, repeats: Sequence[Repeat], offsets: Mapping[str, Mapping[int, int]],
+                parent: str) -> Published | None:
+        """Main thread: write the version of the applied requests and switch CURRENT (None when
+        nothing was applied: CURRENT stays, and the offsets move with the next version)."""
+        if not run.applied or run.result is None:
+            return None
+        start = time.perf_counter()
+        failed = {id(a) for a, _ in run.failed}
+        requests = [_entry(a, s.status, s.reason) for a, s in run.applied]
+        duplicates = [_repeat_entry(r) for r in repeats if id(r.first) not in failed]
+        abandoned = [self._abandoned_entry(rid, reason) for rid, reason in run.abandoned.items()]
+        manifest = self.store.publish(parent, self.worker.model.state_dict(), run.result.forgotten, requests=requests,
+                                      offsets=offsets, metrics=run.result.metrics, duplicates=duplicates,
+                                      abandoned=[a for a in abandoned if a is not None],
+                                      retained_misses=self.worker.misses)
+        stages = {**run.stage_seconds, "checkpoint": time.perf_counter() - start}
+        return Published(run, manifest, stages)
+
+    def finish(self, published: Published, commit: Callable[[Mapping[str, Mapping[int, int]]], None],
+               log: Any) -> None:
         """Main thread, after CURRENT switched: ledger, receipts + checkpoint record, commit, metrics."""
-        manifest, result = published.manifest, published.result
+        manifest, run = published.manifest, published.run
+        result = run.result
+        assert result is not None
         self._crash.at("after_checkpoint")
         outcomes = [Outcome.from_json({**entry, "version": manifest.version, "completed_at": manifest.created_at})
-                    for entry in (*manifest.requests, *manifest.duplicates)]
+                    for entry in (*manifest.requests, *manifest.duplicates, *manifest.abandoned)]
         key, value = outputs.checkpoint_record(manifest, self.store.path(manifest.version))
         self._outbox.record(outcomes, extra=[(self._outbox.topics.checkpoints, key, value)],
                             crash_point="after_ledger")
@@ -95,13 +115,27 @@ class FragmentPipeline:
             steps=result.outcome.steps, stage_seconds=published.stage_seconds, accuracies=result.accuracies,
             version=manifest.number, timestamp=self._clock())
         self._metrics.set_forgotten(len(result.forgotten))
-        statuses = [s.status for s in result.statuses]
+        statuses = [s.status for _, s in run.applied]
         log.bind(version=manifest.version).info(
             "fragment_published", stopped_by=stopped_by, steps=result.outcome.steps,
             seconds=round(sum(published.stage_seconds.values()), 3),
             forgotten=statuses.count("forgotten"), relabelled=statuses.count("relabelled"),
-            failed=statuses.count("failed"), duplicates=len(repeats), missed=result.outcome.missed,
+            failed=statuses.count("failed"), quarantined=len(run.failed), abandoned=len(run.abandoned),
+            duplicates=len(manifest.duplicates), missed=result.outcome.missed,
             accuracies={k: round(v, 4) for k, v in result.accuracies.items()}, offsets=manifest.offsets)
+
+    def _abandoned_entry(self, request_id: str, reason: str) -> dict[str, Any] | None:
+        applied = self._outbox.ledger.last_applied(request_id)
+        if applied is None:  # applied in this very fragment and abandoned at once: its status says failed
+            return None
+        return {"request_id": request_id, "status": "abandoned", "reason": reason, "topic": applied.topic,
+                "partition": applied.partition, "offset": applied.offset, "subject": applied.subject}
+
+
+def _outcome(status: str, request_id: str, reason: str, topic: str, partition: int, offset: int,
+             subject: str | None, now: str) -> Outcome:
+    return Outcome(status=status, request_id=request_id, version=None, reason=reason, topic=topic,
+                   partition=partition, offset=offset, subject=subject, completed_at=now)
 
 
 def _entry(a: Accepted, status: str, reason: str | None) -> dict[str, Any]:

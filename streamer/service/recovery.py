@@ -50,14 +50,14 @@ def recover(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], f
     and CURRENT's manifest. Raises CheckpointDirLocked if another process holds the directory."""
     device = resolve_device(cfg.device)
     store = CheckpointStore(cfg.checkpoints.dir, cfg.checkpoints.keep, clock)
-    stale = store.recover()
-    if stale:
-        log.info("stale_temp_files_removed", files=stale)
-    lock = DirectoryLock(store.root)
+    lock = DirectoryLock(store.root)  # single writer first: nothing is cleaned or written before it
     if not lock.acquire():
         raise CheckpointDirLocked(f"{store.root} is locked by another process ({store.root / 'LOCK'}): "
                                   "one daemon per checkpoint directory")
     try:
+        stale = store.recover()
+        if stale:
+            log.info("stale_temp_files_removed", files=stale)
         base = load_model(cfg.model, device)
         audit = load_dataset_ref(cfg.data.audit, cfg.model.input_shape) if cfg.data.audit else None
         buffer = load_dataset_ref(cfg.data.buffer, cfg.model.input_shape) if cfg.data.buffer else None
@@ -74,7 +74,10 @@ def recover(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], f
         model.eval()
         baseline = accuracy(base, audit.x, audit.y) if audit is not None else None
         worker = FragmentWorker(model, cfg.unlearning.engine, cfg.model.num_classes, checkpoint.forgotten,
-                                teacher=base, audit=audit, buffer=buffer, audit_baseline=baseline)
+                                teacher=base, audit=audit, buffer=buffer, audit_baseline=baseline,
+                                max_audit_drop=cfg.unlearning.max_audit_drop,
+                                max_missed_fragments=cfg.unlearning.max_missed_fragments,
+                                misses=checkpoint.manifest.retained_misses)
         log.info("model_loaded", version=current, device=str(device), source=cfg.model.source)
         ledger = Ledger(store.root / LEDGER_FILE)
         reconciled = reconcile(ledger, store.lineage(checkpoint.manifest.version))
@@ -82,6 +85,8 @@ def recover(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], f
         for outcome in REQUEST_OUTCOMES:  # counters continue from the ledger, so they never reset
             if counts[outcome]:
                 metrics.requests.labels(outcome=outcome).inc(counts[outcome])
+        if counts["abandoned"]:
+            metrics.abandoned.inc(counts["abandoned"])
         if baseline is not None:
             metrics.set_audit_baseline(baseline)
         resume_gauges(metrics, checkpoint)

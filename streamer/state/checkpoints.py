@@ -71,6 +71,11 @@ class CheckpointStore:
     def current_version(self) -> str | None:
         path = self.root / CURRENT_FILE
         if not path.exists():
+            existing = self.versions()
+            if existing:
+                raise CheckpointError(
+                    f"{path} is missing but {self.root} holds versions {existing[0]}..{existing[-1]}: the directory "
+                    f"is damaged; check one with `streamer verify VERSION`, then write its name to {path}")
             return None
         version = path.read_text(encoding="utf-8").strip()
         version_number(version)
@@ -123,12 +128,29 @@ class CheckpointStore:
                                             str(directory / FORGOTTEN_FILE))
         return Checkpoint(manifest, state, forgotten, directory)
 
+    def verify_files(self, version: str) -> None:
+        """Check the sha256 of every file `version`'s manifest names; raises CheckpointError naming
+        the first missing or damaged one."""
+        manifest = self.manifest(version)
+        directory = self.path(version)
+        _read_verified(directory / MODEL_FILE, manifest.model_sha256)
+        _read_verified(directory / FORGOTTEN_FILE, manifest.forgotten_sha256)
+
+    def orphans(self) -> list[str]:
+        """Versions newer than CURRENT: written, but CURRENT never switched to them (a crash or a
+        failed switch). Not in any lineage; the next publish takes a higher number."""
+        current = self.current_version()
+        if current is None:
+            return []
+        return [v for v in self.versions() if version_number(v) > version_number(current)]
+
     # --- writing -----------------------------------------------------------------------------
 
     def publish(self, parent: str | None, state_dict: Mapping[str, torch.Tensor], forgotten: ForgottenSet,
                 requests: Sequence[Mapping[str, Any]] = (), offsets: Offsets | None = None,
                 metrics: Mapping[str, Any] | None = None, duplicates: Sequence[Mapping[str, Any]] = (),
-                created_at: float | None = None) -> Manifest:
+                created_at: float | None = None, abandoned: Sequence[Mapping[str, Any]] = (),
+                retained_misses: Mapping[str, int] | None = None) -> Manifest:
         """Write the next version atomically, switch CURRENT to it, prune; return its manifest.
 
         The first version ever published is v000000 (the base model, no parent)."""
@@ -144,6 +166,7 @@ class CheckpointStore:
             offsets={t: dict(p) for t, p in (offsets or {}).items()}, metrics=dict(metrics or {}),
             model_sha256=hashlib.sha256(model_bytes).hexdigest(),
             forgotten_sha256=hashlib.sha256(forgotten_bytes).hexdigest(),
+            abandoned=tuple(dict(a) for a in abandoned), retained_misses=dict(retained_misses or {}),
         )
         manifest_bytes = (json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n").encode("utf-8")
         temp = self.root / f"{_TEMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}"

@@ -97,6 +97,9 @@ class Manifest:
     model_sha256: str
     forgotten_sha256: str
     duplicates: tuple[Mapping[str, Any], ...] = ()  # repeats answered with this version
+    # Earlier requests whose instance left the retained set here, goal unreachable (ledger: abandoned)
+    abandoned: tuple[Mapping[str, Any], ...] = ()
+    retained_misses: Mapping[str, int] = field(default_factory=dict)  # request_id -> fragments missed in a row
     schema: int = MANIFEST_SCHEMA
 
     @property
@@ -109,7 +112,8 @@ class Manifest:
             "requests": [dict(r) for r in self.requests], "duplicates": [dict(d) for d in self.duplicates],
             "offsets": {t: {str(p): o for p, o in sorted(parts.items())} for t, parts in sorted(self.offsets.items())},
             "metrics": dict(self.metrics), "model_sha256": self.model_sha256,
-            "forgotten_sha256": self.forgotten_sha256,
+            "forgotten_sha256": self.forgotten_sha256, "abandoned": [dict(a) for a in self.abandoned],
+            "retained_misses": dict(sorted(self.retained_misses.items())),
         }
 
     @staticmethod
@@ -121,6 +125,8 @@ class Manifest:
                 offsets={t: {int(p): int(o) for p, o in parts.items()} for t, parts in data["offsets"].items()},
                 metrics=data["metrics"], model_sha256=data["model_sha256"],
                 forgotten_sha256=data["forgotten_sha256"], schema=data.get("schema", MANIFEST_SCHEMA),
+                abandoned=tuple(data.get("abandoned", ())),
+                retained_misses={str(k): int(v) for k, v in data.get("retained_misses", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise CheckpointError(f"malformed manifest: {err!r}") from err
