@@ -15,3 +15,8 @@ class ModelLoadError(StreamerError):
 
 class DataError(StreamerError):
     """A dataset cannot be loaded or is malformed: fail at start-up."""
+
+
+class Interrupted(StreamerError):
+    """A stop was requested in the middle of a computation (attack, importance, unlearning):
+    the partial result is discarded, nothing is published."""

@@ -56,7 +56,7 @@ def erasure_report(cfg: DaemonConfig, request_id: str | None = None, subject: st
     retention = _retention(cfg, offline)
     window = Window.of(cfg.privacy)
     requests = [_request(rid, rows, lineage, written, vault.get(rid), shreds.get(rid), retention, window, now,
-                         cfg.kafka.topics.dead_letter)
+                         cfg.kafka.topics.dead_letter if cfg.kafka.dead_letter_payload else None)
                 for rid, rows in sorted(outcomes.items(), key=lambda kv: kv[1][0].completed_at)]
     return {"generated_at": rfc3339(now), "current": current, "verify_window_days": window.days,
             "verify_window_fragments": window.fragments, "retention": retention, "requests": requests}
@@ -64,12 +64,12 @@ def erasure_report(cfg: DaemonConfig, request_id: str | None = None, subject: st
 
 def _request(rid: str, rows: list[Outcome], lineage: list[Manifest], written: Mapping[tuple, str], entry: Any,
              shred: Any, retention: Mapping[str, Mapping[str, Any]], window: Window, now: float,
-             dead_letter: str) -> dict[str, Any]:
+             dead_letter: str | None) -> dict[str, Any]:
     standing = [o for o in rows if o.status in APPLIED]
-    decisive = [o for o in rows if o.status in (*APPLIED, "rolled_back")] or rows
+    decisive = [o for o in rows if o.status in (*APPLIED, "rolled_back", "abandoned")] or rows
     entries = {m.version: e for m in lineage for e in m.requests if e["request_id"] == rid}
     refs = [(m.version, r) for m in reversed(lineage) for r in m.retained if r.request_id == rid]
-    applied_in = decisive[-1].version if decisive[-1].status in APPLIED else None
+    applied_in = standing[-1].version if standing and decisive[-1].status != "rolled_back" else None
     report: dict[str, Any] = {
         "request_id": rid, "status": decisive[-1].status, "subject": next((o.subject for o in rows if o.subject), None),
         "records": sorted({f"{o.topic}[{o.partition}]@{o.offset}" for o in rows}),
@@ -98,8 +98,9 @@ def _request(rid: str, rows: list[Outcome], lineage: list[Manifest], written: Ma
 
 
 def _copies(rows: list[Outcome], written: Mapping[tuple, str], entry: Any, window: Mapping[str, Any] | None,
-            retention: Mapping[str, Mapping[str, Any]], now: float, dead_letter: str) -> list[dict[str, Any]]:
-    """Every place the instance can still exist, with the latest time it can be there."""
+            retention: Mapping[str, Mapping[str, Any]], now: float, dead_letter: str | None) -> list[dict[str, Any]]:
+    """Every place the instance can still exist, with the latest time it can be there (`dead_letter`:
+    the dead-letter topic when dead letters copy the raw payload, kafka.dead_letter_payload)."""
     copies = []
     if entry is not None and not entry.shredded:
         copies.append({"where": "forget vault (AES-256-GCM, data key wrapped by the KEK)",
@@ -109,9 +110,9 @@ def _copies(rows: list[Outcome], written: Mapping[tuple, str], entry: Any, windo
         # written when Kafka took it (its timestamp), else no later than when the daemon handled it
         at = written.get((o.topic, o.partition, o.offset), o.completed_at)
         copies.append(_record_copy(o.topic, f"record {o.topic}[{o.partition}]@{o.offset}", at, retention, now))
-        if o.status == "rejected":
-            copies.append(_record_copy(dead_letter, f"its dead letter in {dead_letter} (as the dead-letter record "
-                                       "keeps the payload)", o.completed_at, retention, now))
+        if o.status == "rejected" and dead_letter is not None:
+            copies.append(_record_copy(dead_letter, f"its dead letter in {dead_letter} (raw payload: "
+                                       "kafka.dead_letter_payload is on)", o.completed_at, retention, now))
     return [c for c in copies if c is not None]
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 from ..errors import StreamerError
@@ -79,7 +80,13 @@ def _verify(args: argparse.Namespace) -> int:
 
     result = verify(load_config(args.config), args.version)
     audit = "-" if result.audit_accuracy is None else f"{result.audit_accuracy:.3f}"
-    print(f"version {result.version}: {result.checked} retained instances checked, audit accuracy {audit}")
+    print(f"version {result.version}: {result.checked} retained instances checked, audit accuracy {audit}; "
+          "every file in its lineage matches its sha256")
+    if result.non_finite:
+        print(f"BROKEN: {result.non_finite} retained or audit instances get NaN/Inf logits from this version")
+    if result.abandoned:
+        print(f"ABANDONED: {len(result.abandoned)} requests left the retained set after missing their goal for "
+              "unlearning.max_missed_fragments fragments (see the ledger): " + ", ".join(result.abandoned))
     if result.unverifiable:
         print(f"UNVERIFIABLE: {len(result.unverifiable)} applied requests are not in the retained forgotten set "
               f"(unlearning.retain_forgotten was off, or they were applied before it was on): "
@@ -94,7 +101,7 @@ def _verify(args: argparse.Namespace) -> int:
     if result.ok:
         print("OK: every request applied in this version's lineage and still in the vault is still forgotten / "
               "relabelled")
-    return 0 if result.ok else 1
+    return result.exit_code
 
 
 def _rollback(args: argparse.Namespace) -> int:
@@ -189,12 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every failure is one `streamer: error: ...` line on stderr and exit status 2 (verify uses 1
+    for "instances came back"); `--log-level debug` adds the traceback of unexpected errors."""
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level or "info")
     try:
         return args.func(args)
     except StreamerError as err:
         print(f"streamer: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - the one place that turns anything else into one line
+        if (args.log_level or "info") == "debug":
+            traceback.print_exc()
+        print(f"streamer: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
 
 

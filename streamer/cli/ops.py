@@ -5,6 +5,7 @@ They read the version directories and the ledger only, so they work whether the 
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
@@ -19,15 +20,20 @@ from ..state.rollback import request_via_daemon, run_rollback
 from ..state.shreds import ShredLog, ShredRow
 from ..state.vault import read_index
 from ..config import DaemonConfig
-from ..engine.evaluate import accuracy, goal_mask
-from ..state.ledger import LEDGER_FILE, Ledger
+from ..engine.evaluate import goal_mask
+from ..engine.evaluate import logits as predict_logits
+from ..state.ledger import LEDGER_FILE, Ledger, LedgerError
 from ..engine.models import load_model
 from ..intake.resources import load_dataset_ref, resolve_device
 
 
 
 def list_versions(store: CheckpointStore) -> str:
+    """A table of every version on disk. The last column marks CURRENT, the rest of CURRENT's
+    lineage, versions outside it (rolled back), and orphans (written, never CURRENT)."""
     current = store.current_version()
+    lineage = {m.version for m in store.lineage(current)} if current else set()
+    orphans = set(store.orphans())
     lines = ["| version | parent | created_at | requests | outcomes | forgotten acc | audit acc | |",
              "|---|---|---|---|---|---|---|---|"]
     for version in store.versions():
@@ -37,7 +43,7 @@ def list_versions(store: CheckpointStore) -> str:
         outcomes = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-"
         lines.append(f"| {version} | {m.parent or '-'} | {m.created_at} | {len(m.requests)} | {outcomes} | "
                      f"{_fmt(m.metrics.get('forgotten_accuracy'))} | {_fmt(m.metrics.get('audit_accuracy'))} | "
-                     f"{'CURRENT' if version == current else ''} |")
+                     f"{_role(version, current, lineage, orphans)} |")
     return "\n".join(lines)
 
 
@@ -53,6 +59,14 @@ def show_version(store: CheckpointStore, version: str | None = None) -> str:
     return json.dumps(data, indent=2, sort_keys=True)
 
 
+def _role(version: str, current: str | None, lineage: set[str], orphans: set[str]) -> str:
+    if version == current:
+        return "CURRENT"
+    if version in orphans:
+        return "orphan (never CURRENT; not in any lineage)"
+    return "lineage" if version in lineage else "outside CURRENT's lineage (rolled back)"
+
+
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -65,42 +79,62 @@ class Verification:
     unverifiable: list[str]  # applied in the lineage, but neither in the retained forgotten set nor shredded
     audit_accuracy: float | None
     shredded: list[ShredRow] = field(default_factory=list)  # "verified until vN, shredded at T": neither pass nor fail
+    abandoned: list[str] = field(default_factory=list)  # left the retained set, goal unreachable (own category)
+    non_finite: int = 0  # retained or audit instances with NaN/Inf logits (they count as came back)
 
     @property
     def ok(self) -> bool:
         return not self.came_back and not self.unverifiable
 
+    @property
+    def exit_code(self) -> int:
+        """0: everything checks out; 1: instances came back; 2: cannot verify (unverifiable requests)."""
+        return 1 if self.came_back else 2 if self.unverifiable else 0
+
 
 def verify(cfg: DaemonConfig, version: str | None = None) -> Verification:
     """Re-evaluate a version: every request applied in its lineage must still meet its goal on its
     weights, decrypted from the forget vault (needs the KEK: raises VaultKeyError without it). A
-    request shredded since is reported with the last version that verified it, neither pass nor fail."""
+    request shredded since is reported with the last version that verified it, neither pass nor fail.
+
+    Raises CheckpointError / LedgerError naming the first missing or damaged file: every file of
+    every version in the lineage, the base included, is checked against its sha256 first."""
     store = CheckpointStore(cfg.checkpoints.dir)
     version = version or store.current_version()
     if version is None:
         raise CheckpointError(f"no version in {cfg.checkpoints.dir}: nothing to verify")
-    checkpoint = store.load(version)  # sha256 verified
+    lineage = store.lineage(version)
+    for manifest in lineage:
+        store.verify_files(manifest.version)
+    checkpoint = store.load(version)
     vault = open_vault(cfg, writer=False)
     forgotten, _ = load_retained(vault, checkpoint.manifest, cfg.model.input_shape)
     device = resolve_device(cfg.device)
     model = load_model_from_state(cfg, checkpoint.state_dict, device)
     came_back: list[str] = []
+    non_finite = 0
     if len(forgotten):
-        met = goal_mask(model, forgotten.x, forgotten.y, forgotten.target)
+        met = goal_mask(model, forgotten.x, forgotten.y, forgotten.target)  # NaN/Inf rows never meet a goal
         came_back = [rid for rid, ok in zip(forgotten.request_ids, met.tolist()) if not ok]
+        non_finite = int((~torch.isfinite(predict_logits(model, forgotten.x))).any(1).sum())
     retained = set(forgotten.request_ids)
+    abandoned = {a["request_id"] for m in lineage for a in m.abandoned}
     applied = _applied_in_lineage(store, version)
     shreds: dict[str, ShredRow] = {}
     if (store.root / LEDGER_FILE).exists():
         with ShredLog(store.root / LEDGER_FILE) as log:
             shreds = log.rows()
     shredded = [shreds[rid] for rid in sorted(applied) if rid in shreds and rid not in retained]
-    unverifiable = sorted(rid for rid in applied if rid not in retained and rid not in shreds)
+    unverifiable = sorted(rid for rid in applied if rid not in retained and rid not in abandoned and rid not in shreds)
     audit = None
     if cfg.data.audit is not None:
         data = load_dataset_ref(cfg.data.audit, cfg.model.input_shape)
-        audit = accuracy(model, data.x, data.y)
-    return Verification(version, len(forgotten), sorted(came_back), unverifiable, audit, shredded)
+        logits = predict_logits(model, data.x)
+        bad = int((~torch.isfinite(logits)).any(1).sum())
+        non_finite += bad
+        audit = float((logits.argmax(1) == data.y).float().mean()) if not bad else float("nan")
+    return Verification(version, len(forgotten), sorted(came_back), unverifiable, audit, shredded,
+                        sorted(abandoned & applied), non_finite)
 
 
 def _applied_in_lineage(store: CheckpointStore, version: str) -> set[str]:
@@ -111,9 +145,13 @@ def _applied_in_lineage(store: CheckpointStore, version: str) -> set[str]:
     ledger_path = store.root / LEDGER_FILE
     if ledger_path.exists():
         with Ledger(ledger_path) as ledger:
-            applied |= {row.outcome.request_id for row in ledger.rows()
-                        if row.outcome.status in ("forgotten", "relabelled", "failed")
-                        and row.outcome.version in lineage and ledger.applied(row.outcome.request_id) is not None}
+            try:
+                rows = ledger.rows()
+                applied |= {row.outcome.request_id for row in rows
+                            if row.outcome.status in ("forgotten", "relabelled", "failed")
+                            and row.outcome.version in lineage and ledger.applied(row.outcome.request_id) is not None}
+            except sqlite3.DatabaseError as err:
+                raise LedgerError(f"the ledger {ledger_path} is damaged: {err}") from err
     return applied
 
 

@@ -64,7 +64,7 @@ def prepare(items: Iterable[tuple[str, bytes]], ctx: SampleContext) -> list[Prep
 
 def send(cfg: DaemonConfig, prepared: list[Prepared], topic: str | None = None) -> list[tuple[Prepared, int, int]]:
     """Send the valid events (key = request_id), wait for every ack; (event, partition, offset)."""
-    producer = make_producer(cfg.kafka.bootstrap_servers, dict(cfg.kafka.client))
+    producer = make_producer(cfg.kafka.bootstrap_servers, cfg.kafka.settings("producer"))
     try:
         futures = [(p, producer.send(topic or cfg.kafka.topics.requests, key=p.request_id.encode() if p.request_id else None,
                                        value=p.value))

@@ -70,6 +70,12 @@ class _Section:
             self.fail(name, f"must be a non-empty string, got {value!r}")
         return value
 
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.take(name, default)
+        if not isinstance(value, bool):
+            self.fail(name, f"must be true or false, got {value!r}")
+        return value
+
     def choice(self, name: str, allowed: tuple[str, ...], default: str | None) -> str:
         value = self.take(name, _MISSING if default is None else default)
         if value not in allowed:

@@ -117,6 +117,11 @@ def _unlearning(s: _Section) -> UnlearningConfig:
     method = s.string("method", "default")
     fragment_size = s.integer("fragment_size", 8, minimum=1)
     max_wait_s = s.number("max_wait_s", 5.0, minimum=0.0)
+    max_audit_drop = s.take("max_audit_drop", 0.5)
+    if max_audit_drop is not None and (isinstance(max_audit_drop, bool) or not isinstance(max_audit_drop, (int, float))
+                                       or not 0.0 <= max_audit_drop <= 1.0):
+        s.fail("max_audit_drop", f"must be a number in [0, 1] or null, got {max_audit_drop!r}")
+    max_missed = s.integer("max_missed_fragments", 3, minimum=1)
     overrides = {key: s.take(key) for key in s.keys()}
     defaults = {f.name: f.default for f in fields(UnlearnConfig) if f.name != "method"}
     unknown = sorted(set(overrides) - set(defaults))
@@ -130,7 +135,9 @@ def _unlearning(s: _Section) -> UnlearningConfig:
     except (ConfigError, TypeError) as err:
         raise ConfigError(f"unlearning: {err}") from err
     s.done()
-    return UnlearningConfig(method=method, fragment_size=fragment_size, max_wait_s=max_wait_s, engine=engine)
+    return UnlearningConfig(method=method, fragment_size=fragment_size, max_wait_s=max_wait_s,
+                            max_audit_drop=None if max_audit_drop is None else float(max_audit_drop),
+                            max_missed_fragments=max_missed, engine=engine)
 
 
 def _kafka(s: _Section) -> KafkaConfig:
@@ -149,12 +156,14 @@ def _kafka(s: _Section) -> KafkaConfig:
     names = [topics.requests, topics.receipts, topics.dead_letter, topics.checkpoints]
     if len(set(names)) != len(names):
         s.fail("topics", f"requests, receipts, dead_letter and checkpoints must be four different topics, got {names}")
-    client = s.section("client")
-    client_settings = {key: client.take(key) for key in client.keys()}
-    client.done()
-    cfg = KafkaConfig(bootstrap_servers=bootstrap, group_id=group_id, topics=topics,
-                      client=MappingProxyType(client_settings),
+    clients = {}
+    for name in ("client", "consumer", "producer", "admin"):
+        section = s.section(name)
+        clients[name] = MappingProxyType({key: section.take(key) for key in section.keys()})
+        section.done()
+    cfg = KafkaConfig(bootstrap_servers=bootstrap, group_id=group_id, topics=topics, **clients,
                       max_poll_interval_ms=s.integer("max_poll_interval_ms", 300_000, minimum=1000),
+                      dead_letter_payload=s.boolean("dead_letter_payload", False),
                       topic_configs=_topic_configs(s.section("topic_configs")))
     s.done()
     return cfg

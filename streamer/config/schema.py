@@ -72,6 +72,11 @@ class UnlearningConfig:
     method: str = "default"
     fragment_size: int = 8  # k_CL
     max_wait_s: float = 5.0
+    # Guard rail: a fragment that would drop audit accuracy more than this below the base model's
+    # is not published (its requests fail). None: no floor. Needs data.audit.
+    max_audit_drop: float | None = 0.5
+    # An instance still missing its goal after this many fragments leaves the objective (`abandoned`).
+    max_missed_fragments: int = 3
     engine: UnlearnConfig = field(default_factory=UnlearnConfig)  # every other key, via method_config
 
 
@@ -88,14 +93,24 @@ class KafkaConfig:
     bootstrap_servers: str = "127.0.0.1:9092"
     group_id: str = "streamer"
     topics: KafkaTopics = field(default_factory=KafkaTopics)
-    client: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # kafka-python kwargs
+    client: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # kafka-python kwargs, all clients
+    consumer: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # KafkaConsumer only
+    producer: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # KafkaProducer only
+    admin: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # KafkaAdminClient only
     # The consumer keeps polling (partitions paused) while a fragment runs, so this only has
     # to cover one poll loop iteration, not a whole fragment.
     max_poll_interval_ms: int = 300_000
+    dead_letter_payload: bool = False  # copy the raw record into its dead letter (it may hold personal data)
     # {requests|receipts|dead_letter|checkpoints: {kafka topic config: value}}, used when the
     # daemon creates a topic; existing topics keep theirs.
     topic_configs: Mapping[str, Mapping[str, str]] = field(
         default_factory=lambda: MappingProxyType({k: MappingProxyType(v) for k, v in DEFAULT_TOPIC_CONFIGS.items()}))
+
+    def settings(self, client: str) -> dict[str, Any]:
+        """kafka-python keyword arguments for `client` ("consumer", "producer" or "admin"):
+        the common `client` settings, then that client's own overrides."""
+        own = {"consumer": self.consumer, "producer": self.producer, "admin": self.admin}[client]
+        return {**self.client, **own}
 
 
 @dataclass(frozen=True)

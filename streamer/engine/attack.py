@@ -5,12 +5,14 @@ normalised gradient steps, projection onto the ball and the pixel range after ev
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import Interrupted
 from .models import grad_only
 
 
@@ -47,14 +49,18 @@ def targeted_l2_pgd(
     steps: int,
     chunk_size: int = 512,
     generator: torch.Generator | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> AttackResult:
     """Attack each x[i] towards target[i]; x is not modified; the model's mode and its
-    parameters' requires_grad are restored. Chunks of `chunk_size` bound memory."""
+    parameters' requires_grad are restored. Chunks of `chunk_size` bound memory.
+
+    x: (N, C, H, W) pixels in [0, 1]; target: (N,) class indices. Raises `Interrupted` within one
+    PGD iteration of `should_stop()` turning true."""
     start = _random_in_ball(x.shape, eps, generator, x.device)  # drawn once: chunking changes nothing
     with grad_only(model):  # gradients for the inputs only, BatchNorm and dropout frozen
         chunks = [
             _attack_chunk(model, x[i : i + chunk_size], start[i : i + chunk_size], target[i : i + chunk_size],
-                          eps, step_size, steps)
+                          eps, step_size, steps, should_stop)
             for i in range(0, len(x), chunk_size)
         ]
     if not chunks:
@@ -65,10 +71,12 @@ def targeted_l2_pgd(
     return AttackResult(x_adv, target.clone(), success)
 
 
-def _attack_chunk(model, x, start, target, eps, step_size, steps) -> torch.Tensor:
+def _attack_chunk(model, x, start, target, eps, step_size, steps, should_stop) -> torch.Tensor:
     x = x.detach()
     x_adv = (x + start).clamp(0.0, 1.0)
     for _ in range(steps):
+        if should_stop is not None and should_stop():
+            raise Interrupted("stop requested during the adversarial attack")
         x_adv.requires_grad_(True)
         loss = F.cross_entropy(model(x_adv), target, reduction="sum")
         (grad,) = torch.autograd.grad(loss, x_adv)

@@ -1,22 +1,35 @@
-"""Accuracy of a model on labelled sets, and the goal rate of a set of requests."""
+"""Accuracy of a model on labelled sets, and the goal rate of a set of requests.
+
+A row with a NaN/Inf logit is never counted as correct, nor as meeting a goal: the argmax of a
+NaN row is 0, which would otherwise read as "predicted class 0"."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .objectives import goal_met
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """(N,) predicted classes; the model's mode is restored. x may live on any device."""
+def logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """(N, num_classes) float32 logits on the CPU, in eval mode (the model's mode is restored).
+    x: (N, C, H, W) on any device."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
-        preds = [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
+        out = [model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
     finally:
         model.train(was_training)
-    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """(N,) predicted classes; -1 where a logit is NaN/Inf."""
+    out = logits(model, x, batch_size)
+    if len(out) == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.where(torch.isfinite(out).all(1), out.argmax(1), torch.full((len(out),), -1))
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -28,8 +41,9 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def goal_mask(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(N,) bool per request: misclassified (target -1), or predicted as its target class."""
-    pred, target = predict(model, x), target.cpu()
-    return torch.where(target >= 0, pred == target, pred != y.cpu())
+    if len(y) == 0:
+        return torch.zeros(0, dtype=torch.bool)
+    return goal_met(logits(model, x), y.cpu(), target.cpu())
 
 
 def goal_ratio(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> float:

@@ -7,13 +7,20 @@ instances to forget may move, the others are held at their values at the start o
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
+from ..errors import Interrupted
 
-def mas_importance(model: nn.Module, x: torch.Tensor, batch_size: int = 64) -> dict[str, torch.Tensor]:
+
+def mas_importance(model: nn.Module, x: torch.Tensor, batch_size: int = 64,
+                   should_stop: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
     """Per-parameter importance in [0, 1]. A constant tensor (e.g. gradients all zero) maps to
-    0, i.e. "unimportant for the forget set, hold it", never NaN. Model mode is restored."""
+    0, i.e. "unimportant for the forget set, hold it", never NaN. Model mode is restored.
+
+    x: (N, C, H, W). Raises `Interrupted` within one sample of `should_stop()` turning true."""
     was_training = model.training
     model.eval()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -22,6 +29,8 @@ def mas_importance(model: nn.Module, x: torch.Tensor, batch_size: int = 64) -> d
         for i in range(0, len(x), batch_size):
             chunk = x[i : i + batch_size]
             for xi in chunk.split(1):  # per-sample |grad|, as in MAS: abs before the mean
+                if should_stop is not None and should_stop():
+                    raise Interrupted("stop requested during the importance computation")
                 out = model(xi)
                 grads = torch.autograd.grad(out.pow(2).sum(), list(params.values()), allow_unused=True)
                 for (name, _), g in zip(params.items(), grads):

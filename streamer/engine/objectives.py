@@ -22,9 +22,11 @@ def goal_gap(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> tor
 
 
 def goal_met(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(N,) bool: the prediction is not y (misclassify) or is the target (relabel)."""
+    """(N,) bool: the prediction is not y (misclassify) or is the target (relabel). A row with a
+    NaN/Inf logit meets no goal: its argmax says nothing about what the model predicts."""
     pred = logits.argmax(1)
-    return torch.where(target >= 0, pred == target, pred != y)
+    met = torch.where(target >= 0, pred == target, pred != y)
+    return met & torch.isfinite(logits).all(1)
 
 
 def forget_loss(kind: str, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor, margin: float) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attack import random_targets, targeted_l2_pgd
+from ..errors import Interrupted
 from .data import Dataset
 from .importance import ImportancePenalty, mas_importance
 from .models import grad_only
@@ -45,7 +46,7 @@ class Fragment:
 @dataclass(frozen=True)
 class FragmentOutcome:
     goal_reached: bool  # every instance of the fragment (and every retained one) meets its goal
-    stopped_by: str  # goal | step_cap | time_cap | cancelled
+    stopped_by: str  # goal | step_cap | time_cap | cancelled | non_finite (the loss became NaN/Inf)
     steps: int
     seconds: float
     fragment_met: list[bool]  # per instance of the fragment
@@ -93,13 +94,19 @@ class Unlearner:
             with torch.no_grad():
                 resurrected = int((~goal_met(model(retained.x), retained.y, retained.target)).sum())
 
-        t0 = time.perf_counter()
-        adv_x, adv_y, success_ratio = self._adversarial(fragment)
-        stages["adversarial"] = time.perf_counter() - t0
+        should_stop = (lambda: cancel.is_set()) if cancel is not None else None  # noqa: E731
+        try:
+            t0 = time.perf_counter()
+            adv_x, adv_y, success_ratio = self._adversarial(fragment, should_stop)
+            stages["adversarial"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        imp = ImportancePenalty(model, mas_importance(model, fragment.x)) if cfg.imp_lambda > 0 else None
-        stages["importance"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            imp = (ImportancePenalty(model, mas_importance(model, fragment.x, should_stop=should_stop))
+                   if cfg.imp_lambda > 0 else None)
+            stages["importance"] = time.perf_counter() - t0
+        except Interrupted:
+            return FragmentOutcome(False, "cancelled", 0, sum(stages.values()), [False] * k, k, resurrected, 0.0,
+                                   stages)
 
         t0 = time.perf_counter()
         params = self._trainable()
@@ -122,6 +129,9 @@ class Unlearner:
                     stopped_by = "cancelled"
                     break
                 loss = self._loss(logits, objective, k, adv_x, adv_y, imp, steps)
+                if not torch.isfinite(loss):  # a step on it would make every weight NaN
+                    stopped_by = "non_finite"
+                    break
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -155,7 +165,7 @@ class Unlearner:
                 return chosen
         return free
 
-    def _adversarial(self, fragment: Fragment) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def _adversarial(self, fragment: Fragment, should_stop=None) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Targeted L2-PGD examples from the current model, labelled with their targets."""
         cfg = self.cfg
         if not cfg.uses_adv or cfg.n_adv == 0:
@@ -164,7 +174,8 @@ class Unlearner:
         step_size = cfg.pgd_step_size or 2.5 * eps / cfg.pgd_steps
         index, target = random_targets(fragment.y, cfg.n_adv, self.num_classes, self.generator)
         result = targeted_l2_pgd(self.model, fragment.x[index.to(self.device)], target.to(self.device),
-                                 eps=eps, step_size=step_size, steps=cfg.pgd_steps, generator=self.generator)
+                                 eps=eps, step_size=step_size, steps=cfg.pgd_steps, generator=self.generator,
+                                 should_stop=should_stop)
         keep = result.success if cfg.adv_only_successful else torch.ones_like(result.success)
         return result.x[keep], result.target[keep], result.success_rate
 

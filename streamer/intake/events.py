@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -68,10 +69,11 @@ def parse_event(value: bytes, ctx: SampleContext) -> ForgetRequest:
 
 
 def request_id_of(value: bytes, key: bytes | None) -> str | None:
-    """Best effort: a valid request_id from the JSON value, else from the record key, else None."""
+    """Best effort: a valid request_id from the JSON value (read as strictly as `parse_event`),
+    else from the record key, else None."""
     try:
-        event = json.loads(value)
-    except (ValueError, TypeError, RecursionError):
+        event = _load_object(value)
+    except InvalidEvent:
         event = None
     if isinstance(event, dict) and (found := _valid_request_id(event.get("request_id"))):
         return found
@@ -105,17 +107,48 @@ def encode_event(request_id: str, mode: str, label: int, x: torch.Tensor,
 
 
 def _load_object(value: bytes) -> dict[str, Any]:
+    """The record value as a JSON object, strictly: UTF-8 (RFC 8259 sec. 8.1), no duplicate keys
+    (sec. 4 leaves them undefined: we refuse to guess which value was meant), no NaN/Infinity,
+    and no string that a UTF-8 store cannot hold or a person cannot see (unpaired surrogates from
+    \\uD800-\\uDFFF escapes, control characters)."""
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as err:
         raise InvalidEvent(f"payload is not UTF-8: {err}") from err
     try:
-        event = json.loads(text, parse_constant=_reject_constant)
+        event = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+    except InvalidEvent:
+        raise
     except (ValueError, RecursionError) as err:
         raise InvalidEvent(f"payload is not JSON: {err}") from err
     if not isinstance(event, dict):
         raise InvalidEvent(f"payload is a JSON {type(event).__name__}, expected an object")
     return event
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        _check_text(key, "a key")
+        if key in seen:
+            raise InvalidEvent(f"duplicate key {key!r}: JSON objects must not repeat a key")
+        if isinstance(value, str):
+            _check_text(value, f"the value of {key!r}")
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, str):
+                    _check_text(item, f"an item of {key!r}")
+        seen[key] = value
+    return seen
+
+
+def _check_text(text: str, where: str) -> None:
+    for char in text:
+        kind = unicodedata.category(char)
+        if kind == "Cs":
+            raise InvalidEvent(f"{where} holds an unpaired UTF-16 surrogate (U+{ord(char):04X}), not text")
+        if kind == "Cc":
+            raise InvalidEvent(f"{where} holds the control character U+{ord(char):04X}")
 
 
 def _reject_constant(name: str) -> None:

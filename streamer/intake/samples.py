@@ -28,6 +28,7 @@ from ..errors import ConfigError, StreamerError
 
 DTYPES = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}  # raw tensor bytes are little-endian
 FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy", ".pt")
+MAX_REASON_CHARS = 1000  # a reason quotes event content: bounded, so dead letters and ledger rows stay small
 _SAMPLE_FORMS = (frozenset({"tensor"}), frozenset({"image_b64"}), frozenset({"uri"}),
                  frozenset({"dataset", "index"}))
 _TENSOR_KEYS = frozenset({"dtype", "shape", "data_b64"})
@@ -36,7 +37,13 @@ _TENSOR_KEYS = frozenset({"dtype", "shape", "data_b64"})
 _IMAGE_MODES = {1: ("1", "L"), 3: ("RGB", "P", "YCbCr")}
 
 
-__all__ = ["DTYPES", "FILE_SUFFIXES", "InvalidEvent", "SampleContext", "decode_sample"]
+__all__ = ["DTYPES", "FILE_SUFFIXES", "InvalidEvent", "SampleContext", "decode_sample", "storable_text"]
+
+
+def storable_text(text: str) -> str:
+    """`text` with unpaired surrogates and non-printable characters written as Python escapes
+    (\\ud83d, \\x00): any UTF-8 store (SQLite, Kafka, JSON logs) takes the result."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 class InvalidEvent(StreamerError):
@@ -46,6 +53,8 @@ class InvalidEvent(StreamerError):
     """
 
     def __init__(self, reason: str, request_id: str | None = None):
+        reason = storable_text(reason if len(reason) <= MAX_REASON_CHARS else
+                               f"{reason[:MAX_REASON_CHARS]}... ({len(reason)} characters)")
         super().__init__(reason)
         self.reason = reason
         self.request_id = request_id

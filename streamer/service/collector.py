@@ -19,6 +19,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from ..intake.events import ForgetRequest, InvalidEvent, SampleContext, parse_event, request_id_of
 from ..state.checkpoints import rfc3339
 from ..state.ledger import Outcome
+from .goals import GoalIndex
 from .metrics import Metrics
 from .outbox import Outbox
 
@@ -51,9 +52,9 @@ class Repeat:
 class Collector:
     """Sorts records into the pending fragment; `take()` hands the fragment to the pipeline."""
 
-    def __init__(self, ctx: SampleContext, outbox: Outbox, metrics: Metrics, log: Any,
+    def __init__(self, ctx: SampleContext, outbox: Outbox, metrics: Metrics, log: Any, goals: GoalIndex,
                  clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic):
-        self._ctx, self._outbox, self._metrics, self._log = ctx, outbox, metrics, log
+        self._ctx, self._outbox, self._metrics, self._log, self._goals = ctx, outbox, metrics, log, goals
         self._clock, self._monotonic = clock, monotonic
         self.pending: list[Accepted] = []
         self.repeats: list[Repeat] = []
@@ -109,14 +110,35 @@ class Collector:
         self.pending, self.repeats, self.positions = [], [], {}
         return dropped
 
+    def _parse(self, record: ConsumerRecord) -> ForgetRequest:
+        """The record's request; any failure that depends on the record's bytes is InvalidEvent
+        (record-level policy: the record is rejected, the daemon keeps going)."""
+        if record.value is None:
+            raise InvalidEvent("the record has no value (a tombstone)")
+        if not isinstance(record.value, bytes):
+            raise InvalidEvent(f"the record value is a {type(record.value).__name__}, expected bytes")
+        try:
+            return parse_event(record.value, self._ctx)
+        except InvalidEvent:
+            raise
+        except Exception as err:  # noqa: BLE001 - a decoder bug or a hostile input: this record only
+            raise InvalidEvent(f"the event could not be decoded: {type(err).__name__}: {err}") from err
+
+    def _conflict(self, request: ForgetRequest) -> str | None:
+        """Why `request` cannot be met together with an applied or pending request for the same
+        instance (e.g. two relabels to different classes), or None."""
+        pending = [(a.request.request_id, a.request.label, a.request.target, a.request.x) for a in self.pending]
+        return self._goals.conflict(request, pending)
+
     def _sort(self, record: ConsumerRecord, dead_letters: list[Any]) -> Outcome | None:
         start = time.perf_counter()
         try:
-            if record.value is None:
-                raise InvalidEvent("the record has no value (a tombstone)")
-            request = parse_event(record.value, self._ctx)
+            request = self._parse(record)
+            conflict = self._conflict(request)
+            if conflict is not None:
+                raise InvalidEvent(conflict, request.request_id)
         except InvalidEvent as err:
-            request_id = err.request_id or request_id_of(record.value or b"", record.key)
+            request_id = err.request_id or _request_id_of(record)
             now = rfc3339(self._clock())
             dead_letters.append(self._outbox.send_dead_letter(err.reason, request_id, record.topic, record.partition,
                                                               record.offset, record.key, record.value, now))
@@ -134,6 +156,13 @@ class Collector:
             return None
         self.pending.append(Accepted(request, record.topic, record.partition, record.offset, self._monotonic(),
                                      record.timestamp if record.timestamp is not None and record.timestamp >= 0 else None))
+        return None
+
+
+def _request_id_of(record: ConsumerRecord) -> str | None:
+    try:
+        return request_id_of(record.value or b"", record.key if isinstance(record.key, bytes) else None)
+    except Exception:  # noqa: BLE001 - best effort only: the record is rejected either way
         return None
 
 

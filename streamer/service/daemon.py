@@ -35,13 +35,15 @@ from ..config import DaemonConfig
 from ..state.retained import load_retained
 from ..state.rollback import answer_request, run_rollback, take_request
 from .collector import Collector
+from .goals import GoalIndex
+from .undecodable import skip_undecodable
 from .crash import CRASH_POINTS, CrashHook
 from .kafka_io import (commit_offsets, consumer_lag, ensure_topics, make_consumer, make_producer,
                        topic_configs_by_name)
 from .http import MetricsServer, serve
 from .metrics import Metrics
 from .outbox import DeliveryError, Outbox
-from .pipeline import FragmentError, FragmentPipeline, Published
+from .pipeline import FragmentPipeline
 from .privacy import VaultKeeper
 from .recovery import Recovered, recover, resume_gauges, seek_to_offsets
 
@@ -49,7 +51,7 @@ POLL_TIMEOUT_MS = 200  # the longest the loop waits for records, a signal or a d
 HEALTH_STALL_S = 60.0  # /healthz fails when the main loop has not ticked for this long
 LAG_EVERY_S = 1.0
 
-__all__ = ["CRASH_POINTS", "CrashHook", "Daemon", "DeliveryError", "FragmentError", "run_daemon"]
+__all__ = ["CRASH_POINTS", "CrashHook", "Daemon", "DeliveryError", "run_daemon"]
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -133,22 +135,26 @@ class Daemon:
         topics = kafka.topics
         configs = topic_configs_by_name(topics, kafka.topic_configs)
         try:
-            created = ensure_topics(kafka.bootstrap_servers, kafka.client, list(configs), configs=configs)
+            created = ensure_topics(kafka.bootstrap_servers, kafka.settings("admin"), list(configs), configs=configs)
             self._log.info("topics_ensured", created={name: configs[name] for name in created})
         except KafkaError as err:  # e.g. no create permission: the topics may well exist
             self._log.warning("topics_not_ensured", error=repr(err))
         # Producer first (owed receipts, CURRENT's checkpoint record), then the consumer.
-        producer = make_producer(kafka.bootstrap_servers, kafka.client)
-        self._outbox = Outbox(producer, topics, state.ledger, self.metrics, self._log, self._clock, self._crash)
+        producer = make_producer(kafka.bootstrap_servers, kafka.settings("producer"))
+        self._outbox = Outbox(producer, topics, state.ledger, self.metrics, self._log, self._clock, self._crash,
+                              kafka.dead_letter_payload,
+                              int(kafka.settings("producer").get("max_request_size", 1_048_576)))
         self._outbox.send_owed()
         self._outbox.send_checkpoint_record(checkpoint.manifest, checkpoint.path)  # at least once
-        self._collector = Collector(state.ctx, self._outbox, self.metrics, self._log, self._clock, self._monotonic)
+        goals = GoalIndex(lambda: state.worker.forgotten, cfg.model.num_classes)
+        self._collector = Collector(state.ctx, self._outbox, self.metrics, self._log, goals, self._clock,
+                                    self._monotonic)
         self._pipeline = FragmentPipeline(state.worker, state.store, self._outbox, self.metrics, state.vault,
                                           self._clock, self._crash)
         self._keeper = VaultKeeper(state.vault, state.shreds, state.store, cfg.privacy, self.metrics, self._log,
                                    self._clock, self._monotonic, self._crash)
         self._keeper.tick(state.worker, checkpoint.manifest, force=True)  # windows that closed while stopped
-        self._consumer = make_consumer(kafka.bootstrap_servers, kafka.group_id, kafka.client,
+        self._consumer = make_consumer(kafka.bootstrap_servers, kafka.group_id, kafka.settings("consumer"),
                                        max_poll_interval_ms=kafka.max_poll_interval_ms)
         self._consumer.subscribe([topics.requests], listener=_Rebalance(self))
         self._log.info("daemon_started", version=self._version, group_id=kafka.group_id, topic=topics.requests,
@@ -172,8 +178,15 @@ class Daemon:
                 return
             self._keeper.tick(self._pipeline.worker, self._manifest)
         wait_ms = self._collector.wait_ms(POLL_TIMEOUT_MS, unlearning.max_wait_s)
-        batch = self._consumer.poll(timeout_ms=wait_ms,
-                                    max_records=unlearning.fragment_size - len(self._collector.pending))
+        try:
+            batch = self._consumer.poll(timeout_ms=wait_ms,
+                                        max_records=unlearning.fragment_size - len(self._collector.pending))
+        except Exception as err:  # noqa: BLE001 - a batch the client cannot decode, or infrastructure
+            assert self._outbox is not None
+            if not skip_undecodable(self._consumer, err, self._outbox, self._collector.positions, self.metrics,
+                                    self._log, self._clock):
+                raise
+            return
         if batch:
             self._collector.handle(batch)
         self._update_lag()
@@ -194,7 +207,7 @@ class Daemon:
         if answer["ok"]:
             checkpoint = store.load(answer["version"])
             forgotten, _ = load_retained(vault, checkpoint.manifest, self.cfg.model.input_shape)
-            self._pipeline.worker.reset(checkpoint.state_dict, forgotten)
+            self._pipeline.worker.reset(checkpoint.state_dict, forgotten, checkpoint.manifest.retained_misses)
             self._set_current(checkpoint.manifest)
             self._collector.clear()
             self._seek_to_current()
@@ -205,9 +218,9 @@ class Daemon:
                                                    message=answer["message"])
 
     def _run_fragment(self, replay: bool = False) -> None:
-        """Run the pipeline's engine half in a worker thread while this thread keeps the group
-        membership alive, then finish the fragment here. `replay`: the next rolled-back requests
-        of CURRENT's replay list, from the vault, instead of the collected ones."""
+        """Run the engine in a worker thread while this thread keeps the group membership alive,
+        then settle failures, publish and finish the fragment here (see pipeline.py). `replay`: the
+        next rolled-back requests of CURRENT's replay list, from the vault, instead of the collected ones."""
         consumer = self._consumer
         assert consumer is not None
         accepted, repeats, offsets = self._collector.take(self._offsets)
@@ -222,8 +235,7 @@ class Daemon:
 
         def work() -> None:
             try:
-                box["published"] = self._pipeline.unlearn_and_publish(accepted, repeats, offsets, parent,
-                                                                      self._cancel, replay=rest)
+                box["run"] = self._pipeline.unlearn(accepted, self._cancel, log)
             except BaseException as err:  # re-raised in the main thread
                 box["error"] = err
 
@@ -244,20 +256,23 @@ class Daemon:
                 thread.join(timeout=0.01)
         finally:
             self._fragment_running = False
-        if "error" in box:
-            error = box["error"]
-            self.metrics.fragments.labels(outcome="failed").inc()
-            log.error("fragment_failed", error=repr(error.__cause__ or error))
-            if isinstance(error, FragmentError):
-                raise error
-            raise FragmentError(f"unlearning a fragment failed: {error!r}") from error
-        published: Published | None = box.get("published")
-        if published is None:
+        if "error" in box:  # not a fragment failure (those are settled): a bug or the machine itself
+            raise box["error"]
+        run = box.get("run")
+        if run is None:
             log.info("fragment_abandoned", reason="cancelled by shutdown; nothing published or committed")
             return
-        self._set_current(published.manifest)
-        self._pipeline.finish(repeats, published, self._commit, log)
-        self._keeper.tick(self._pipeline.worker, self._manifest, force=True)
+        self._pipeline.settle_failures(run, repeats)
+        published = self._pipeline.publish(run, repeats, offsets, parent, replay=rest)
+        if published is not None:
+            self._set_current(published.manifest)
+            self._pipeline.finish(published, self._commit, log)
+            self._keeper.tick(self._pipeline.worker, self._manifest, force=True)
+        else:
+            log.warning("fragment_not_published", failed=len(run.failed),
+                        reason="no request of the fragment could be applied; CURRENT stays")
+            if replay:  # they failed when re-applied (receipted): off the replay list, or it would loop
+                self._set_current(self._pipeline.drop_replayed(parent, offsets, rest))
         if self._reseek:  # assigned while the fragment ran: positions came from the old manifest
             self._seek_to_current()
         consumer.resume(*consumer.paused())

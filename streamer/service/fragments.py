@@ -1,7 +1,9 @@
-"""One fragment through the engine: unlearn, then evaluate, then decide each request's status.
+"""One group of requests through the engine: unlearn, check the guard rails, evaluate, decide each
+request's status, and age the retained set (instances that keep missing their goal leave it).
 
 No Kafka and no disk here: `FragmentWorker.run` takes validated requests and returns what the
-daemon publishes. It owns the model being unlearned (updated in place), the retained
+daemon publishes, or raises a `FragmentFailure` (see failures.py) and leaves the model to be
+restored from `snapshot()`. It owns the model being unlearned (updated in place), the retained
 forgotten set and the evaluation sets.
 """
 from __future__ import annotations
@@ -9,18 +11,20 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..state.checkpoints import ForgottenSet
 from ..engine.data import Dataset
-from ..engine.evaluate import accuracy, goal_mask
-from ..intake.events import ForgetRequest
+from ..engine.evaluate import goal_mask
+from ..engine.evaluate import logits as logits_of
 from ..engine.objectives import goal_gap, goal_met
 from ..engine.unlearn import Fragment, FragmentOutcome, UnlearnConfig, Unlearner
+from ..intake.events import ForgetRequest
+from ..state.checkpoints import ForgottenSet
+from .failures import EngineFailure, NonFiniteOutputs, UtilityFloorBreached
 
 __all__ = ["FragmentResult", "FragmentWorker", "RequestStatus"]
 
@@ -36,10 +40,18 @@ class FragmentResult:
     outcome: FragmentOutcome
     statuses: list[RequestStatus]  # one per request, in order
     forgotten: ForgottenSet  # the retained set after this fragment (this fragment first)
-    retained_met: tuple[bool, ...]  # per instance of `forgotten`: its goal holds on the new weights
     accuracies: dict[str, float]  # fragment | forgotten | audit -> ratio (absent: no such set)
     evaluate_seconds: float
     metrics: dict[str, float | int | str | None] = field(default_factory=dict)  # for the manifest
+    abandoned: dict[str, str] = field(default_factory=dict)  # request_id -> why it left the retained set
+    retained_met: tuple[bool, ...] = ()  # per instance of `forgotten`: its goal holds on the new weights
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    state: dict[str, torch.Tensor]
+    forgotten: ForgottenSet
+    misses: dict[str, int]
 
 
 class FragmentWorker:
@@ -48,20 +60,26 @@ class FragmentWorker:
 
     def __init__(self, model: nn.Module, cfg: UnlearnConfig, num_classes: int, forgotten: ForgottenSet,
                  teacher: nn.Module | None = None, audit: Dataset | None = None, buffer: Dataset | None = None,
-                 audit_baseline: float | None = None):
+                 audit_baseline: float | None = None, max_audit_drop: float | None = None,
+                 max_missed_fragments: int = 3, misses: Mapping[str, int] | None = None):
         self.model, self.cfg, self.audit, self.audit_baseline = model, cfg, audit, audit_baseline
+        self.max_audit_drop, self.max_missed_fragments = max_audit_drop, max_missed_fragments
         self.forgotten = forgotten
+        self.misses: dict[str, int] = dict(misses or {})  # request_id -> fragments missed in a row
         self._unlearner = Unlearner(model, cfg, num_classes, buffer=buffer,
                                     forgotten=_as_fragment(forgotten) if len(forgotten) else None, teacher=teacher)
 
-    def reset(self, state_dict: dict[str, torch.Tensor], forgotten: ForgottenSet) -> None:
+    def reset(self, state_dict: dict[str, torch.Tensor], forgotten: ForgottenSet,
+              misses: Mapping[str, int] | None = None) -> None:
         """Make the model and the retained set those of a checkpoint (after a rollback)."""
         self.model.load_state_dict(state_dict)
         self.reset_forgotten(forgotten)
+        self.misses = dict(misses or {})
 
     def drop(self, request_ids: set[str]) -> None:
         """Take shredded instances out of the retained set and the anti-resurrection objective."""
         self.reset_forgotten(self.forgotten.without(request_ids))
+        self.misses = {rid: n for rid, n in self.misses.items() if rid not in request_ids}
 
     def reset_forgotten(self, forgotten: ForgottenSet) -> None:
         self.forgotten = forgotten
@@ -76,23 +94,54 @@ class FragmentWorker:
         f = self.forgotten
         return goal_mask(self.model, f.x[index], f.y[index], f.target[index]).tolist() if len(index) else []
 
+    def snapshot(self) -> _Snapshot:
+        """The model and retained set as they are: `restore()` undoes a failed `run`."""
+        return _Snapshot({k: v.detach().clone() for k, v in self.model.state_dict().items()}, self.forgotten,
+                         dict(self.misses))
+
+    def restore(self, snap: _Snapshot) -> None:
+        self.reset(snap.state, snap.forgotten, snap.misses)
+
     def run(self, requests: Sequence[ForgetRequest], cancel: threading.Event | None = None,
             progress: Callable[[int, float, int], None] | None = None) -> FragmentResult | None:
-        """Unlearn `requests` as one fragment; None when cancelled (the model must then be discarded)."""
+        """Unlearn `requests` as one fragment; None when cancelled (restore the snapshot then).
+
+        Raises EngineFailure (the engine or model raised), NonFiniteOutputs (NaN/Inf logits on the
+        fragment, the retained set or the audit set) or UtilityFloorBreached (audit accuracy more
+        than max_audit_drop below the base model's); the model is then left as it was, to restore."""
         x = torch.stack([r.x for r in requests])  # (k, C, H, W)
         y = torch.tensor([r.label for r in requests], dtype=torch.int64)
         target = torch.tensor([r.target for r in requests], dtype=torch.int64)
-        outcome = self._unlearner.unlearn(Fragment(x, y, target), progress=progress, cancel=cancel)
-        if outcome.stopped_by == "cancelled":
-            return None
-        start = time.perf_counter()
-        forgotten = self.forgotten.prepend(x, y, target, [r.request_id for r in requests])
-        self.forgotten = forgotten
-        statuses = _statuses(self.model, requests, x, y, target, outcome, self.cfg)
-        retained_met = tuple(goal_mask(self.model, forgotten.x, forgotten.y, forgotten.target).tolist())
-        accuracies = {"fragment": accuracy(self.model, x, y), "forgotten": accuracy(self.model, forgotten.x, forgotten.y)}
+        try:
+            outcome = self._unlearner.unlearn(Fragment(x, y, target), progress=progress, cancel=cancel)
+            if outcome.stopped_by == "cancelled":
+                return None
+            if outcome.stopped_by == "non_finite":
+                raise NonFiniteOutputs(f"the unlearning loss became NaN/Inf at step {outcome.steps}; not published")
+            start = time.perf_counter()
+            forgotten = self.forgotten.prepend(x, y, target, [r.request_id for r in requests])
+            logits = {"fragment": logits_of(self.model, x), "forgotten": logits_of(self.model, forgotten.x)}
+            if self.audit is not None:
+                logits["audit"] = logits_of(self.model, self.audit.x)
+        except NonFiniteOutputs:
+            raise
+        except Exception as err:  # any error here depends on the model or the inputs: no I/O runs
+            raise EngineFailure(f"the engine raised {type(err).__name__}: {err}") from err
+        for name, values in logits.items():
+            bad = int((~torch.isfinite(values)).any(1).sum())
+            if bad:
+                raise NonFiniteOutputs(f"non-finite logits on {bad} of {len(values)} {name} instances after "
+                                       f"{outcome.steps} steps; not published")
+        accuracies = {"fragment": _acc(logits["fragment"], y), "forgotten": _acc(logits["forgotten"], forgotten.y)}
         if self.audit is not None:
-            accuracies["audit"] = accuracy(self.model, self.audit.x, self.audit.y)
+            accuracies["audit"] = _acc(logits["audit"], self.audit.y)
+            self._check_floor(accuracies["audit"])
+        statuses = _statuses(logits["fragment"], requests, y, target, outcome, self.cfg)
+        met = dict(zip(forgotten.request_ids, goal_met(logits["forgotten"], forgotten.y, forgotten.target).tolist()))
+        forgotten, abandoned = self._age(forgotten, logits["forgotten"])
+        self.forgotten = forgotten
+        if abandoned:
+            self._unlearner.forgotten = _as_fragment(forgotten).to(self._unlearner.device) if len(forgotten) else None
         seconds = time.perf_counter() - start
         metrics: dict[str, float | int | str | None] = {
             "stopped_by": outcome.stopped_by, "steps": outcome.steps, "unlearn_seconds": round(outcome.seconds, 3),
@@ -102,7 +151,33 @@ class FragmentWorker:
             "audit_accuracy": _finite(accuracies.get("audit")), "audit_baseline_accuracy": _finite(self.audit_baseline),
             "forgotten_instances": len(forgotten),
         }
-        return FragmentResult(outcome, statuses, forgotten, retained_met, accuracies, seconds, metrics)
+        return FragmentResult(outcome, statuses, forgotten, accuracies, seconds, metrics, abandoned,
+                              tuple(bool(met[rid]) for rid in forgotten.request_ids))
+
+    def _check_floor(self, audit_accuracy: float) -> None:
+        if self.max_audit_drop is None or self.audit_baseline is None:
+            return
+        drop = self.audit_baseline - audit_accuracy
+        if drop > self.max_audit_drop:
+            raise UtilityFloorBreached(
+                f"audit accuracy would fall to {audit_accuracy:.4f}, {drop:.4f} below the base model's "
+                f"{self.audit_baseline:.4f} (unlearning.max_audit_drop {self.max_audit_drop:g}); not published")
+
+    def _age(self, forgotten: ForgottenSet, logits: torch.Tensor) -> tuple[ForgottenSet, dict[str, str]]:
+        """Count, per retained instance, the fragments in a row it missed its goal; those at
+        max_missed_fragments leave the retained set, so they stop taxing every later fragment."""
+        met = goal_met(logits, forgotten.y, forgotten.target)
+        misses = {rid: self.misses.get(rid, 0) + 1 for rid, ok in zip(forgotten.request_ids, met.tolist()) if not ok}
+        out = {rid for rid, n in misses.items() if n >= self.max_missed_fragments}
+        self.misses = {rid: n for rid, n in misses.items() if rid not in out}
+        if not out or not self.cfg.retain_forgotten:
+            return forgotten, {}
+        keep = torch.tensor([rid not in out for rid in forgotten.request_ids])
+        reason = (f"goal still missed after {self.max_missed_fragments} fragments: left the retained set "
+                  "(unlearning.max_missed_fragments); anti-resurrection no longer covers it")
+        kept = ForgottenSet(forgotten.x[keep], forgotten.y[keep], forgotten.target[keep],
+                            tuple(r for r, k in zip(forgotten.request_ids, keep.tolist()) if k))
+        return kept, {rid: reason for rid in forgotten.request_ids if rid in out}
 
 
 def _as_fragment(forgotten: ForgottenSet) -> Fragment:
@@ -113,18 +188,13 @@ def _finite(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else round(float(value), 6)
 
 
-@torch.no_grad()
-def _statuses(model: nn.Module, requests: Sequence[ForgetRequest], x: torch.Tensor, y: torch.Tensor,
-              target: torch.Tensor, outcome: FragmentOutcome, cfg: UnlearnConfig) -> list[RequestStatus]:
+def _acc(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(1) == y).float().mean()) if len(y) else float("nan")  # checked finite first
+
+
+def _statuses(logits: torch.Tensor, requests: Sequence[ForgetRequest], y: torch.Tensor, target: torch.Tensor,
+              outcome: FragmentOutcome, cfg: UnlearnConfig) -> list[RequestStatus]:
     """forgotten / relabelled when the instance meets its goal; failed (with by how much) when not."""
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        logits = model(x.to(device)).cpu()  # (k, num_classes)
-    finally:
-        model.train(was_training)
-    # Judged in eval mode, as the published model serves (the engine may step in train mode).
     met = goal_met(logits, y, target)
     gaps = goal_gap(logits, y, target)  # > 0: goal missed by this logit margin
     predicted = logits.argmax(1)
@@ -143,3 +213,4 @@ def _statuses(model: nn.Module, requests: Sequence[ForgetRequest], x: torch.Tens
                 f"{cap}: instance still predicted as its label {request.label} "
                 f"(logit margin {float(gaps[i]):.3f} above the next class); kept in the retained set")))
     return statuses
+

@@ -2,8 +2,9 @@
 
 Delivery: auto-commit is off (offsets are committed only after the state they cover is saved,
 so a crash replays rather than loses requests); the producer waits for all in-sync replicas.
-`client_settings` is the config's `kafka.client` (security_protocol, sasl_*, ssl_*...), passed
-to kafka-python as is. api_version is never set: kafka-python negotiates it with the broker.
+`client_settings` is `KafkaConfig.settings(client)`: the config's `kafka.client` (security_protocol,
+sasl_*, ssl_*...) merged with `kafka.consumer` / `kafka.producer` / `kafka.admin`, passed to
+kafka-python as is. api_version is never set: kafka-python negotiates it with the broker.
 """
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ def consumer_lag(consumer: KafkaConsumer) -> int:
 def _check_settings(client_settings: Mapping[str, Any]) -> None:
     owned = sorted(set(_OWNED_KEYS) & set(client_settings))
     if owned:
-        raise ConfigError(f"kafka.client must not set {', '.join(owned)}: streamer sets them")
+        raise ConfigError(f"kafka.client/consumer/producer/admin must not set {', '.join(owned)}: streamer sets them")
 
 
 def described_topic_configs(bootstrap: str, client_settings: Mapping[str, Any], names: Iterable[str],

@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 ACCURACY_SETS = ("fragment", "forgotten", "audit")
 REQUEST_OUTCOMES = ("forgotten", "relabelled", "duplicate", "rejected", "failed")
 FRAGMENT_OUTCOMES = ("goal", "step_cap", "time_cap", "failed")
+FAILURE_KINDS = ("engine_error", "non_finite", "utility_floor", "undecodable")
 STAGES = ("resolve", "adversarial", "importance", "unlearn", "evaluate", "checkpoint")
 
 # 10 ms (decoding one request) .. 30 min (a fragment running into unlearning.max_seconds with
@@ -32,6 +33,7 @@ STAGE_BUCKETS_SECONDS = (
 
 __all__ = [
     "ACCURACY_SETS",
+    "FAILURE_KINDS",
     "FRAGMENT_OUTCOMES",
     "REQUEST_OUTCOMES",
     "STAGES",
@@ -119,6 +121,18 @@ class Metrics:
             ["outcome"],
             registry=registry,
         )
+        self.failures = Counter(
+            "streamer_fragment_failures",
+            "Failed attempts under the failure policy: a group of requests the engine raised on, that gave "
+            "non-finite outputs or broke the utility floor, and undecodable record batches skipped.",
+            ["kind"],
+            registry=registry,
+        )
+        self.abandoned = Counter(
+            "streamer_abandoned_instances",
+            "Forgotten instances that left the retained set because their goal stayed out of reach.",
+            registry=registry,
+        )
         self.fragments = Counter(
             "streamer_fragments",
             "Fragments unlearned, by how the fragment ended.",
@@ -185,6 +199,8 @@ class Metrics:
         # rather than "no data".
         for outcome in REQUEST_OUTCOMES:
             self.requests.labels(outcome=outcome)
+        for kind in FAILURE_KINDS:
+            self.failures.labels(kind=kind)
         for outcome in FRAGMENT_OUTCOMES:
             self.fragments.labels(outcome=outcome)
         for stage in STAGES:
@@ -257,6 +273,10 @@ class Metrics:
         """Count one handled deletion request."""
         _check_member("request outcome", outcome, REQUEST_OUTCOMES)
         self.requests.labels(outcome=outcome).inc()
+
+    def count_failure(self, kind: str) -> None:
+        _check_member("failure kind", kind, FAILURE_KINDS)
+        self.failures.labels(kind=kind).inc()
 
     def set_lag(self, messages: int) -> None:
         """Record how many requests wait on the requests topic."""

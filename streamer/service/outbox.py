@@ -37,8 +37,11 @@ class Outbox:
     """Ledger rows, receipts, dead letters and checkpoint records for one daemon."""
 
     def __init__(self, producer: KafkaProducer, topics: KafkaTopics, ledger: Ledger, metrics: Metrics, log: Any,
-                 clock: Callable[[], float] = time.time, crash: CrashHook | None = None):
+                 clock: Callable[[], float] = time.time, crash: CrashHook | None = None,
+                 dead_letter_payload: bool = False, max_record_bytes: int = 1_048_576):
         self.producer, self.topics, self.ledger = producer, topics, ledger
+        self._dead_letter_payload = dead_letter_payload
+        self._dead_letter_max = max(4096, max_record_bytes - 16_384)  # headroom for headers and batch overhead
         self._metrics, self._log, self._clock = metrics, log, clock
         self._crash = crash if crash is not None else CrashHook()
 
@@ -56,7 +59,8 @@ class Outbox:
     def send_dead_letter(self, reason: str, request_id: str | None, topic: str, partition: int, offset: int,
                          key: bytes | None, value: bytes | None, rejected_at: str) -> Any:
         """Queue one dead letter; the caller delivers it before the ledger row is written."""
-        k, v, headers = outputs.dead_letter(reason, request_id, topic, partition, offset, key, value, rejected_at)
+        k, v, headers = outputs.dead_letter(reason, request_id, topic, partition, offset, key, value, rejected_at,
+                                            self._dead_letter_payload, self._dead_letter_max)
         return self.producer.send(self.topics.dead_letter, key=k, value=v, headers=headers)
 
     def send_checkpoint_record(self, manifest: Manifest, path: Path) -> None:
@@ -81,7 +85,10 @@ class Outbox:
         self.deliver(futures)
         self.ledger.mark_receipts_sent(sent, rfc3339(self._clock()))
         for outcome in outcomes:
-            self._metrics.count_request(outcome.status)
+            if outcome.status == "abandoned":  # a later outcome of an applied request, not a new request
+                self._metrics.abandoned.inc()
+            else:
+                self._metrics.count_request(outcome.status)
             self._log.bind(request_id=outcome.request_id, partition=outcome.partition, offset=outcome.offset,
                            version=outcome.version).info(
                 "request_outcome", status=outcome.status, topic=outcome.topic, reason=outcome.reason)

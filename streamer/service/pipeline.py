@@ -1,16 +1,16 @@
 """The fragment pipeline: unlearn -> evaluate -> publish -> ledger -> receipts -> commit.
 
-    unlearn_and_publish   (worker thread)  engine, the fragment's instances into the forget vault,
-                                           then the version dir written and CURRENT switched
-    finish                (main thread)    ledger rows, receipts + checkpoint record, offsets committed
+    unlearn   (worker thread)  the engine under the failure policy (failures.run_quarantined)
+    settle    (main thread)    requests that failed on their own: ledger rows + receipts, first
+    publish   (main thread)    the applied instances into the forget vault, then the version dir
+                               written and CURRENT switched (if anything applied)
+    finish    (main thread)    ledger rows, receipts + checkpoint record, offsets committed
 
 Each step is durable before the next starts, so a crash anywhere resumes exactly once: the
-offsets are in the same atomic manifest as the model, the vault entries a crash left
-unreferenced are removed on start (Kafka replays their records), and the ledger is rebuilt
-from manifests.
-An exception from the engine surfaces from `unlearn_and_publish` as FragmentError (nothing was
-published); this is the one place where a fragment-level failure policy decides what happens
-to the fragment's requests.
+offsets are in the same atomic manifest as the model; vault entries a crash left unreferenced
+are removed on start (Kafka replays their records); failed requests are in the ledger before
+any version's offsets pass them (a re-read finds them handled); the ledger is rebuilt from
+manifests on start. Only infrastructure errors (disk, ledger, broker) escape this module.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import StreamerError
 from ..state.checkpoints import CheckpointStore, Manifest, rfc3339
 from ..state.ledger import Outcome
 from ..state.retained import next_refs
@@ -28,22 +27,19 @@ from ..state.vault import ForgetVault, VaultItem
 from . import outputs
 from .collector import Accepted, Repeat
 from .crash import CrashHook
-from .fragments import FragmentResult, FragmentWorker
+from .failures import QuarantineRun, run_quarantined
+from .fragments import FragmentWorker
 from .metrics import Metrics
 from .outbox import Outbox
 
-__all__ = ["FragmentError", "FragmentPipeline", "Published"]
-
-
-class FragmentError(StreamerError):
-    """The engine failed on a fragment: nothing was published or committed."""
+__all__ = ["FragmentPipeline", "Published"]
 
 
 @dataclass(frozen=True)
 class Published:
     """A fragment whose version is CURRENT, not yet in the ledger."""
 
-    result: FragmentResult
+    run: QuarantineRun
     manifest: Manifest
     stage_seconds: dict[str, float]
 
@@ -57,48 +53,82 @@ class FragmentPipeline:
         self.vault = vault
         self._crash = crash if crash is not None else CrashHook()
 
-    def unlearn_and_publish(self, accepted: Sequence[Accepted], repeats: Sequence[Repeat],
-                            offsets: Mapping[str, Mapping[int, int]], parent: str,
-                            cancel: threading.Event, replay: Sequence[Mapping[str, Any]] = ()) -> Published | None:
-        """Worker thread: unlearn, evaluate, put the instances into the vault, write the version (its
-        retained set as vault references, `replay`: rolled-back requests still to re-apply), switch
-        CURRENT. None if cancelled.
-
-        Raises FragmentError when the engine raised (the model is then in an unknown state), VaultError
-        or CheckpointError when the vault or the version cannot be written (nothing was published)."""
+    def unlearn(self, accepted: Sequence[Accepted], cancel: threading.Event, log: Any) -> QuarantineRun | None:
+        """Worker thread: the engine under the failure policy. None if cancelled (nothing changed)."""
 
         def progress(step: int, loss: float, missing: int) -> None:
             self._crash.at("during_unlearn")
 
-        try:
-            result = self.worker.run([a.request for a in accepted], cancel=cancel, progress=progress)
-        except Exception as err:
-            raise FragmentError(f"unlearning a fragment failed: {err!r}") from err
-        if result is None or cancel.is_set():  # stopping: an unpublished fragment is abandoned
+        run = run_quarantined(self.worker, accepted, cancel, progress, log)
+        if run is None or cancel.is_set():
             return None
         self._crash.at("during_unlearn")  # also when the goal needed no step at all
+        return run
+
+    def settle_failures(self, run: QuarantineRun, repeats: Sequence[Repeat]) -> None:
+        """Main thread, before any publish: each request that failed on its own (and each repeat of
+        one) gets its ledger row and a `failed` receipt; they were never applied."""
+        for kind in run.trips:
+            self._metrics.count_failure(kind)
+        failed = {id(a): reason for a, reason in run.failed}
+        if not failed:
+            return
+        now = rfc3339(self._clock())
+        outcomes = [_outcome("failed", a.request.request_id, reason, a.topic, a.partition, a.offset,
+                             a.request.subject, now) for a, reason in run.failed]
+        outcomes += [_outcome("duplicate", r.request.request_id,
+                              f"repeats offset {r.first.offset} of partition {r.first.partition}, which failed: "
+                              f"{failed[id(r.first)]}", r.topic, r.partition, r.offset, r.request.subject, now)
+                     for r in repeats if id(r.first) in failed]
+        self._outbox.record(outcomes)
+
+    def publish(self, run: QuarantineRun, repeats: Sequence[Repeat], offsets: Mapping[str, Mapping[int, int]],
+                parent: str, replay: Sequence[Mapping[str, Any]] = ()) -> Published | None:
+        """Main thread: put the applied instances into the vault, write the version of the applied
+        requests (its retained set as vault references; `replay`: rolled-back requests still to
+        re-apply) and switch CURRENT (None when nothing was applied: CURRENT stays, and the offsets
+        move with the next version). Raises VaultError / CheckpointError when a write fails."""
+        if not run.applied or run.result is None:
+            return None
         start = time.perf_counter()
-        requests = [_entry(a, s.status, s.reason) for a, s in zip(accepted, result.statuses)]
-        duplicates = [_repeat_entry(r) for r in repeats]
+        failed = {id(a) for a, _ in run.failed}
+        requests = [_entry(a, s.status, s.reason) for a, s in run.applied]
+        duplicates = [_repeat_entry(r) for r in repeats if id(r.first) not in failed]
+        abandoned = [self._abandoned_entry(rid, reason) for rid, reason in run.abandoned.items()]
         items = [VaultItem(a.request.request_id, a.request.x.float().cpu(), a.request.label, a.request.target)
-                 for a in accepted]
+                 for a, _ in run.applied]
         entries = {e.request_id: e for e in self.vault.put(items)}  # before the version that references them
         self._crash.at("after_vault")
-        refs = next_refs(result.forgotten, result.retained_met, self.store.manifest(parent).retained, entries,
+        refs = next_refs(run.result.forgotten, run.result.retained_met, self.store.manifest(parent).retained, entries,
                          self.store.next_version())
         manifest = self.store.publish(parent, self.worker.model.state_dict(), refs, requests=requests,
-                                      offsets=offsets, metrics=result.metrics, duplicates=duplicates, replay=replay)
-        stages = {**result.outcome.stage_seconds, "evaluate": result.evaluate_seconds,
-                  "checkpoint": time.perf_counter() - start}
-        return Published(result, manifest, stages)
+                                      offsets=offsets, metrics=run.result.metrics, duplicates=duplicates,
+                                      abandoned=[a for a in abandoned if a is not None],
+                                      retained_misses=self.worker.misses, replay=replay)
+        stages = {**run.stage_seconds, "checkpoint": time.perf_counter() - start}
+        return Published(run, manifest, stages)
 
-    def finish(self, repeats: Sequence[Repeat], published: Published,
-               commit: Callable[[Mapping[str, Mapping[int, int]]], None], log: Any) -> None:
+    def drop_replayed(self, parent: str, offsets: Mapping[str, Mapping[int, int]],
+                      rest: Sequence[Mapping[str, Any]]) -> Manifest:
+        """Main thread, after a replay fragment of which nothing could be applied (each request has its
+        `failed` receipt): a version with the parent's weights and retained set whose replay list is
+        `rest`, so the daemon moves on. Raises CheckpointError when the write fails."""
+        before = self.store.manifest(parent)
+        manifest = self.store.publish(parent, self.worker.model.state_dict(), before.retained, offsets=offsets,
+                                      metrics={**before.metrics, "replay_failed": True}, replay=rest,
+                                      retained_misses=self.worker.misses)
+        self._outbox.send_checkpoint_record(manifest, self.store.path(manifest.version))
+        return manifest
+
+    def finish(self, published: Published, commit: Callable[[Mapping[str, Mapping[int, int]]], None],
+               log: Any) -> None:
         """Main thread, after CURRENT switched: ledger, receipts + checkpoint record, commit, metrics."""
-        manifest, result = published.manifest, published.result
+        manifest, run = published.manifest, published.run
+        result = run.result
+        assert result is not None
         self._crash.at("after_checkpoint")
         outcomes = [Outcome.from_json({**entry, "version": manifest.version, "completed_at": manifest.created_at})
-                    for entry in (*manifest.requests, *manifest.duplicates)]
+                    for entry in (*manifest.requests, *manifest.duplicates, *manifest.abandoned)]
         key, value = outputs.checkpoint_record(manifest, self.store.path(manifest.version))
         self._outbox.record(outcomes, extra=[(self._outbox.topics.checkpoints, key, value)],
                             crash_point="after_ledger")
@@ -110,13 +140,27 @@ class FragmentPipeline:
             steps=result.outcome.steps, stage_seconds=published.stage_seconds, accuracies=result.accuracies,
             version=manifest.number, timestamp=self._clock())
         self._metrics.set_forgotten(len(result.forgotten))
-        statuses = [s.status for s in result.statuses]
+        statuses = [s.status for _, s in run.applied]
         log.bind(version=manifest.version).info(
             "fragment_published", stopped_by=stopped_by, steps=result.outcome.steps,
             seconds=round(sum(published.stage_seconds.values()), 3),
             forgotten=statuses.count("forgotten"), relabelled=statuses.count("relabelled"),
-            failed=statuses.count("failed"), duplicates=len(repeats), missed=result.outcome.missed,
+            failed=statuses.count("failed"), quarantined=len(run.failed), abandoned=len(run.abandoned),
+            duplicates=len(manifest.duplicates), missed=result.outcome.missed,
             accuracies={k: round(v, 4) for k, v in result.accuracies.items()}, offsets=manifest.offsets)
+
+    def _abandoned_entry(self, request_id: str, reason: str) -> dict[str, Any] | None:
+        applied = self._outbox.ledger.last_applied(request_id)
+        if applied is None:  # applied in this very fragment and abandoned at once: its status says failed
+            return None
+        return {"request_id": request_id, "status": "abandoned", "reason": reason, "topic": applied.topic,
+                "partition": applied.partition, "offset": applied.offset, "subject": applied.subject}
+
+
+def _outcome(status: str, request_id: str, reason: str, topic: str, partition: int, offset: int,
+             subject: str | None, now: str) -> Outcome:
+    return Outcome(status=status, request_id=request_id, version=None, reason=reason, topic=topic,
+                   partition=partition, offset=offset, subject=subject, completed_at=now)
 
 
 def _entry(a: Accepted, status: str, reason: str | None) -> dict[str, Any]:

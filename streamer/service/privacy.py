@@ -1,7 +1,8 @@
 """The daemon's side of the forget vault: verification windows, crypto-shreds, replay, gauges.
 
     tick(worker, manifest)      vault gauges; after every fragment and every privacy.check_every_s:
-                                shred the instances whose verification window closed
+                                shred the instances whose verification window closed, and those
+                                CURRENT no longer needs (abandoned, or failed when replayed)
     replay_batch(manifest, k)   the next rolled-back requests to apply again, rebuilt from the vault
 
 A shred, for each instance whose window closed (privacy.verify_window, `state/retained.Window`):
@@ -67,23 +68,25 @@ class VaultKeeper:
         now, retained = self._clock(), set(worker.forgotten.request_ids)
         due = [r for r in manifest.retained if r.request_id in self.vault and r.request_id in retained
                and self.window.closed(r, manifest.number, now)]
-        if not due:
+        needed = {r.request_id for r in manifest.retained} | {str(e["request_id"]) for e in manifest.replay}
+        stray = sorted(e.request_id for e in self.vault.entries() if not e.shredded and e.request_id not in needed)
+        if not due and not stray:
             return []
         met = worker.check([r.request_id for r in due])  # the final check, on the weights CURRENT serves
         lineage = self._store.lineage(manifest.version)
         verified = [manifest.version if ok else last_verified(lineage, r.request_id) for r, ok in zip(due, met)]
-        records = self.vault.shred_many([(r.request_id, v) for r, v in zip(due, verified, strict=True)])
+        verified += [last_verified(lineage, rid) for rid in stray]
+        ids = [r.request_id for r in due] + stray
+        records = self.vault.shred_many(list(zip(ids, verified, strict=True)))
         self._crash.at("after_shred")  # keys destroyed, ledger rows not written yet
-        rows = []
-        for ref, ok, record in zip(due, met, records, strict=True):
-            closed_by = (f"{self.window.days:g} days since it was first applied at {ref.applied_at}"
-                         if now >= self.window.closes_at(ref) else
-                         f"verified in {manifest.number - version_number(ref.applied_in)} later versions")
-            check = (f"its goal held on {manifest.version} at the final check" if ok else
-                     f"its goal did NOT hold on {manifest.version} at the final check (last held in "
-                     f"{record.verified_version or 'no version'}); shredded anyway: the erasure deadline comes first")
-            rows.append(ShredRow(ref.request_id, record.verified_version, manifest.version, rfc3339(record.shredded_at),
-                                 record.key_id, f"verification window closed ({closed_by}); {check}"))
+        reasons = [self._window_reason(ref, ok, record.verified_version, manifest, now)
+                   for ref, ok, record in zip(due, met, records)]
+        abandoned = {str(a["request_id"]) for a in manifest.abandoned}
+        reasons += [("abandoned: its goal stayed out of reach (unlearning.max_missed_fragments), so it left the "
+                     "retained set; nothing needs its data any more") if rid in abandoned else
+                    "no version needs it any more (it failed when re-applied after a rollback)" for rid in stray]
+        rows = [ShredRow(rid, record.verified_version, manifest.version, rfc3339(record.shredded_at), record.key_id,
+                         reason) for rid, record, reason in zip(ids, records, reasons, strict=True)]
         self.shreds.append(rows)
         worker.drop({r.request_id for r in rows})
         for row in rows:
@@ -93,6 +96,15 @@ class VaultKeeper:
                 key_id=row.key_id, reason=row.reason)
         self._metrics.set_forgotten(len(worker.forgotten))
         return rows
+
+    def _window_reason(self, ref: Any, ok: bool, verified: str | None, manifest: Manifest, now: float) -> str:
+        closed_by = (f"{self.window.days:g} days since it was first applied at {ref.applied_at}"
+                     if now >= self.window.closes_at(ref) else
+                     f"verified in {manifest.number - version_number(ref.applied_in)} later versions")
+        check = (f"its goal held on {manifest.version} at the final check" if ok else
+                 f"its goal did NOT hold on {manifest.version} at the final check (last held in "
+                 f"{verified or 'no version'}); shredded anyway: the erasure deadline comes first")
+        return f"verification window closed ({closed_by}); {check}"
 
     def replay_batch(self, manifest: Manifest, size: int) -> list[Accepted]:
         """The first `size` requests of CURRENT's replay list, instances decrypted from the vault.

@@ -61,14 +61,14 @@ def recover(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], f
     VaultKeyError when the KEK is missing, unreadable or not the vault's."""
     device = resolve_device(cfg.device)
     store = CheckpointStore(cfg.checkpoints.dir, cfg.checkpoints.keep, clock)
-    stale = store.recover()
-    if stale:
-        log.info("stale_temp_files_removed", files=stale)
-    lock = DirectoryLock(store.root)
+    lock = DirectoryLock(store.root)  # single writer first: nothing is cleaned or written before it
     if not lock.acquire():
         raise CheckpointDirLocked(f"{store.root} is locked by another process ({store.root / 'LOCK'}): "
                                   "one daemon per checkpoint directory")
     try:
+        stale = store.recover()
+        if stale:
+            log.info("stale_temp_files_removed", files=stale)
         vault = open_vault(cfg, writer=True, clock=clock)  # fail fast: before any model is loaded
         if vault.recovered:
             log.info("vault_crash_leftovers_erased", files=len(vault.recovered))
@@ -97,7 +97,10 @@ def recover(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], f
         model.eval()
         baseline = accuracy(base, audit.x, audit.y) if audit is not None else None
         worker = FragmentWorker(model, cfg.unlearning.engine, cfg.model.num_classes, forgotten,
-                                teacher=base, audit=audit, buffer=buffer, audit_baseline=baseline)
+                                teacher=base, audit=audit, buffer=buffer, audit_baseline=baseline,
+                                max_audit_drop=cfg.unlearning.max_audit_drop,
+                                max_missed_fragments=cfg.unlearning.max_missed_fragments,
+                                misses=checkpoint.manifest.retained_misses)
         log.info("model_loaded", version=current, device=str(device), source=cfg.model.source)
         ledger = Ledger(store.root / LEDGER_FILE)
         reconciled = reconcile(ledger, store.lineage(checkpoint.manifest.version))
@@ -109,6 +112,8 @@ def recover(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], f
         for outcome in REQUEST_OUTCOMES:  # counters continue from the ledger, so they never reset
             if counts[outcome]:
                 metrics.requests.labels(outcome=outcome).inc(counts[outcome])
+        if counts["abandoned"]:
+            metrics.abandoned.inc(counts["abandoned"])
         if baseline is not None:
             metrics.set_audit_baseline(baseline)
         resume_gauges(metrics, checkpoint, len(forgotten))

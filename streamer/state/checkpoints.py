@@ -72,6 +72,11 @@ class CheckpointStore:
     def current_version(self) -> str | None:
         path = self.root / CURRENT_FILE
         if not path.exists():
+            existing = self.versions()
+            if existing:
+                raise CheckpointError(
+                    f"{path} is missing but {self.root} holds versions {existing[0]}..{existing[-1]}: the directory "
+                    f"is damaged; check one with `streamer verify VERSION`, then write its name to {path}")
             return None
         version = path.read_text(encoding="utf-8").strip()
         version_number(version)
@@ -126,13 +131,31 @@ class CheckpointStore:
         existing = self.versions()
         return format_version(version_number(existing[-1]) + 1) if existing else BASE_VERSION
 
+    def verify_files(self, version: str) -> None:
+        """Check the sha256 of every file `version`'s manifest names; raises CheckpointError naming
+        the first missing or damaged one."""
+        manifest = self.manifest(version)
+        directory = self.path(version)
+        _read_verified(directory / MODEL_FILE, manifest.model_sha256)
+        if manifest.legacy_forgotten_sha256 is not None:  # schema 1, until the daemon migrates it
+            _read_verified(directory / FORGOTTEN_FILE, manifest.legacy_forgotten_sha256)
+
+    def orphans(self) -> list[str]:
+        """Versions newer than CURRENT: written, but CURRENT never switched to them (a crash or a
+        failed switch). Not in any lineage; the next publish takes a higher number."""
+        current = self.current_version()
+        if current is None:
+            return []
+        return [v for v in self.versions() if version_number(v) > version_number(current)]
+
     # --- writing -----------------------------------------------------------------------------
 
     def publish(self, parent: str | None, state_dict: Mapping[str, torch.Tensor],
                 retained: Sequence[RetainedRef] = (), requests: Sequence[Mapping[str, Any]] = (),
                 offsets: Offsets | None = None, metrics: Mapping[str, Any] | None = None,
                 duplicates: Sequence[Mapping[str, Any]] = (), replay: Sequence[Mapping[str, Any]] = (),
-                created_at: float | None = None) -> Manifest:
+                created_at: float | None = None, abandoned: Sequence[Mapping[str, Any]] = (),
+                retained_misses: Mapping[str, int] | None = None) -> Manifest:
         """Write the next version atomically, switch CURRENT to it, prune; return its manifest.
 
         `retained` references the forget vault's entries (written before, see pipeline.py); `replay`
@@ -149,6 +172,7 @@ class CheckpointStore:
             offsets={t: dict(p) for t, p in (offsets or {}).items()}, metrics=dict(metrics or {}),
             model_sha256=hashlib.sha256(model_bytes).hexdigest(), retained=tuple(retained),
             replay=tuple(dict(r) for r in replay),
+            abandoned=tuple(dict(a) for a in abandoned), retained_misses=dict(retained_misses or {}),
         )
         manifest_bytes = (json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n").encode("utf-8")
         temp = self.root / f"{_TEMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}"

@@ -22,10 +22,13 @@ from typing import Any
 
 from .checkpoints import Manifest
 from ..errors import StreamerError
+from ..intake.samples import storable_text
 
 LEDGER_FILE = "ledger.sqlite3"  # beside the version directories
-STATUSES = ("forgotten", "relabelled", "duplicate", "rejected", "failed", "rolled_back")
-APPLIED = ("forgotten", "relabelled", "failed")  # in the model (failed: applied, goal missed)
+STATUSES = ("forgotten", "relabelled", "duplicate", "rejected", "failed", "rolled_back", "abandoned")
+APPLIED = ("forgotten", "relabelled", "failed")  # in the model (failed with a version: applied, goal missed;
+# failed without one: quarantined by the failure policy, never applied)
+SCHEMA_VERSION = 2  # PRAGMA user_version; 1 had a CHECK on the status list, which froze it
 RECEIPTED = ("forgotten", "relabelled", "duplicate", "rejected", "failed")  # statuses with a receipt
 
 __all__ = ["APPLIED", "LEDGER_FILE", "RECEIPTED", "STATUSES", "Ledger", "LedgerError", "LedgerRow", "Outcome", "Reconciled", "reconcile"]
@@ -34,7 +37,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outcomes (
     seq          INTEGER PRIMARY KEY AUTOINCREMENT,
     request_id   TEXT,
-    status       TEXT NOT NULL CHECK (status IN ('forgotten', 'relabelled', 'duplicate', 'rejected', 'failed', 'rolled_back')),
+    status       TEXT NOT NULL,
     version      TEXT,
     reason       TEXT,
     topic        TEXT NOT NULL,
@@ -116,7 +119,9 @@ class Ledger:
             self._db = sqlite3.connect(self.path, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a committed row survives power loss
+            _migrate(self._db)
             self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.Error as err:
             raise LedgerError(f"cannot open the ledger {self.path}: {err}") from err
 
@@ -139,7 +144,7 @@ class Ledger:
                 for o in outcomes:
                     self._db.execute(
                         f'INSERT OR IGNORE INTO outcomes ({", ".join(_quoted(_COLUMNS))}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)',
-                        tuple(getattr(o, c) for c in _COLUMNS),
+                        tuple(_storable(getattr(o, c)) for c in _COLUMNS),
                     )
                     (seq,) = self._db.execute(
                         'SELECT seq FROM outcomes WHERE topic = ? AND partition = ? AND "offset" = ? AND status = ? '
@@ -165,10 +170,20 @@ class Ledger:
         """The version that applied `request_id`, or None (never applied, or rolled back since)."""
         row = self._db.execute(
             "SELECT status, version FROM outcomes WHERE request_id = ? "
-            "AND status IN ('forgotten', 'relabelled', 'failed', 'rolled_back') ORDER BY seq DESC LIMIT 1",
+            "AND status IN ('forgotten', 'relabelled', 'failed', 'rolled_back') AND version IS NOT NULL "
+            "ORDER BY seq DESC LIMIT 1",
             (request_id,),
         ).fetchone()
         return None if row is None or row[0] == "rolled_back" else row[1]
+
+    def last_applied(self, request_id: str) -> Outcome | None:
+        """The outcome that applied `request_id` (its record's coordinates), or None."""
+        version = self.applied(request_id)
+        if version is None:
+            return None
+        rows = self._rows("WHERE request_id = ? AND version = ? AND status IN ('forgotten', 'relabelled', 'failed') "
+                          "ORDER BY seq DESC LIMIT 1", (request_id, version))
+        return rows[0].outcome if rows else None
 
     def handled(self, topic: str, partition: int, offset: int) -> bool:
         """Whether the record at (topic, partition, offset) already has an outcome that stands."""
@@ -230,7 +245,7 @@ def reconcile(ledger: Ledger, lineage: Sequence[Manifest]) -> Reconciled:
     missing: list[Outcome] = []
     for manifest in lineage:
         entries = [Outcome.from_json({**e, "version": manifest.version, "completed_at": manifest.created_at})
-                   for e in (*manifest.requests, *manifest.duplicates)]
+                   for e in (*manifest.requests, *manifest.duplicates, *manifest.abandoned)]
         absent = [o for o in entries if not ledger.contains(o)]
         if not absent and entries:
             break
@@ -259,6 +274,26 @@ def _rolled_back(o: Outcome, current: Manifest) -> Outcome:
                           "the request is applied again when its record is re-read",
                    topic=o.topic, partition=o.partition, offset=o.offset, subject=o.subject,
                    completed_at=current.created_at)
+
+
+def _storable(value: Any) -> Any:
+    """Every text column holds what SQLite can encode (no unpaired surrogates), by construction."""
+    return storable_text(value) if isinstance(value, str) else value
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Schema 1 -> 2: drop the CHECK on `status` (new statuses must not need a table rebuild).
+    The append-only triggers go with the old table and are re-created by _SCHEMA."""
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    exists = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outcomes'").fetchone()
+    if version >= 2 or not exists:
+        return
+    db.execute("PRAGMA legacy_alter_table = ON")  # receipts_sent keeps referring to `outcomes`
+    with _transaction(db):
+        db.execute("ALTER TABLE outcomes RENAME TO outcomes_v1")
+        db.execute(_SCHEMA.split(";")[0])  # CREATE TABLE outcomes (schema 2)
+        db.execute("INSERT INTO outcomes SELECT * FROM outcomes_v1")
+        db.execute("DROP TABLE outcomes_v1")
 
 
 def _quoted(columns: Sequence[str]) -> list[str]:

@@ -133,6 +133,9 @@ class Manifest:
     duplicates: tuple[Mapping[str, Any], ...] = ()  # repeats answered with this version
     retained: tuple[RetainedRef, ...] = ()  # the retained forgotten set, newest fragment first (engine order)
     replay: tuple[Mapping[str, Any], ...] = ()  # rolled-back request entries still to re-apply from the vault
+    # Earlier requests whose instance left the retained set here, goal unreachable (ledger: abandoned)
+    abandoned: tuple[Mapping[str, Any], ...] = ()
+    retained_misses: Mapping[str, int] = field(default_factory=dict)  # request_id -> fragments missed in a row
     legacy_forgotten_sha256: str | None = None  # schema 1 only: the sha256 of its plaintext forgotten.pt
     schema: int = MANIFEST_SCHEMA
 
@@ -147,6 +150,7 @@ class Manifest:
             "offsets": {t: {str(p): o for p, o in sorted(parts.items())} for t, parts in sorted(self.offsets.items())},
             "metrics": dict(self.metrics), "model_sha256": self.model_sha256,
             "retained": [r.to_json() for r in self.retained], "replay": [dict(r) for r in self.replay],
+            "abandoned": [dict(a) for a in self.abandoned], "retained_misses": dict(sorted(self.retained_misses.items())),
         }
         if self.legacy_forgotten_sha256 is not None:
             data["forgotten_sha256"] = self.legacy_forgotten_sha256
@@ -162,7 +166,8 @@ class Manifest:
                 metrics=data["metrics"], model_sha256=data["model_sha256"],
                 retained=tuple(RetainedRef.from_json(r) for r in data.get("retained", ())),
                 replay=tuple(data.get("replay", ())), legacy_forgotten_sha256=data.get("forgotten_sha256"),
-                schema=data.get("schema", 1),
+                schema=data.get("schema", 1), abandoned=tuple(data.get("abandoned", ())),
+                retained_misses={str(k): int(v) for k, v in data.get("retained_misses", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise CheckpointError(f"malformed manifest: {err!r}") from err

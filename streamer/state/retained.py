@@ -34,8 +34,10 @@ def open_vault(cfg: DaemonConfig, writer: bool, clock: Callable[[], float] = tim
 
 
 def referenced_ids(manifest: Manifest) -> set[str]:
-    """The vault ids a version needs: its retained set and the rolled-back requests it will replay."""
-    return {r.request_id for r in manifest.retained} | {str(e["request_id"]) for e in manifest.replay}
+    """The vault ids a version needs: its retained set, the rolled-back requests it will replay, and
+    the requests it abandoned (kept until the daemon shreds them with a ledger row)."""
+    return ({r.request_id for r in manifest.retained} | {str(e["request_id"]) for e in manifest.replay}
+            | {str(a["request_id"]) for a in manifest.abandoned})
 
 
 def load_retained(vault: ForgetVault, manifest: Manifest,

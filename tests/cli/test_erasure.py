@@ -30,7 +30,7 @@ def _entry(rid: str, offset: int, received: float) -> dict:
 def cfg(tmp_path: Path):
     """v1 applied a (shredded since) and b (window open); c was rejected; d has an unknown topic retention."""
     cfg = parse_config({"model": {"weights": "w.pt"}, "checkpoints": {"dir": "ckpt"},
-                        "kafka": {"topics": {"requests": "req", "dead_letter": "dlq"},
+                        "kafka": {"topics": {"requests": "req", "dead_letter": "dlq"}, "dead_letter_payload": True,
                                   "topic_configs": {"requests": {"retention.ms": str(3 * 86_400_000),
                                                                  "segment.ms": str(86_400_000)},
                                                     "dead_letter": {}}},
@@ -92,3 +92,11 @@ class TestErasureReport:
         assert "shredded at 2023-11-15T22:13:20.000Z: verified until v000001" in text
         assert "window open: opened 2023-11-14T22:13:20.000Z, closes by 2023-11-28T22:13:20.000Z or after v000004" in text
         assert "copy: record req[0]@1 until 2023-11-18T22:12:50.000Z" in text
+
+    def test_dead_letters_without_payload_hold_no_copy(self, cfg) -> None:
+        """With kafka.dead_letter_payload off (the default) a rejected event's only copy is its request record."""
+        from dataclasses import replace
+
+        plain = replace(cfg, kafka=replace(cfg.kafka, dead_letter_payload=False))
+        (c,) = [r for r in erasure_report(plain, offline=True, now=T0 + 2 * DAY)["requests"] if r["request_id"] == "c"]
+        assert [x["where"] for x in c["copies"]] == ["record req[0]@2"]

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamer.service.metrics import (
+    FAILURE_KINDS,
     FRAGMENT_OUTCOMES,
     REQUEST_OUTCOMES,
     STAGES,
@@ -37,6 +38,8 @@ ALL_SAMPLE_NAMES = {
     "streamer_vault_oldest_entry_age_seconds",
     "streamer_vault_verify_window_seconds",
     "streamer_vault_shreds_total",
+    "streamer_fragment_failures_total",
+    "streamer_abandoned_instances_total",
 }
 
 
@@ -250,10 +253,10 @@ class TestValidation:
             call(metrics)  # type: ignore[operator]
 
     def test_no_request_ids_as_labels(self, registry: CollectorRegistry, metrics: Metrics) -> None:
-        """Only the closed label sets set, outcome, stage, le and verified appear on any sample."""
+        """Only the closed label sets set, outcome, stage, kind, le and verified appear on any sample."""
         _populate(metrics)
         labels = {name for family in registry.collect() for s in family.samples for name in s.labels}
-        assert labels <= {"set", "outcome", "stage", "le", "verified"}
+        assert labels <= {"set", "outcome", "stage", "kind", "le", "verified"}
 
 
 def _get(server: MetricsServer, path: str) -> tuple[int, str, str]:
@@ -366,3 +369,14 @@ class TestSetAccuracies:
         assert abs(registry.get_sample_value("streamer_audit_accuracy_drift_ratio") - 0.1) < 1e-9
         assert registry.get_sample_value("streamer_fragments_total", {"outcome": "goal"}) == 0.0
         assert registry.get_sample_value("streamer_accuracy_ratio", {"set": "fragment"}) is None
+
+
+class TestFailureCounters:
+    def test_failure_kinds_are_closed_and_start_at_zero(self, registry: CollectorRegistry, metrics: Metrics) -> None:
+        """Every failure kind is exported at 0 before any failure; an unknown kind is refused."""
+        for kind in FAILURE_KINDS:
+            assert registry.get_sample_value("streamer_fragment_failures_total", {"kind": kind}) == 0
+        metrics.count_failure("non_finite")
+        assert registry.get_sample_value("streamer_fragment_failures_total", {"kind": "non_finite"}) == 1
+        with pytest.raises(ValueError):
+            metrics.count_failure("request-42")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from pathlib import Path
 
@@ -36,10 +37,27 @@ class TestReceipt:
 
 
 class TestDeadLetter:
-    def test_keeps_original_bytes_and_reason(self) -> None:
-        """The dead letter carries the original key and value bytes, the source record and the reason."""
+    def test_by_default_keeps_sizes_and_hashes_not_the_payload(self) -> None:
+        """Without the opt-in the dead letter holds sizes and sha256s, never the bytes (they may be personal data)."""
         raw = b"\xff\x00 not json"
-        key, value, headers = dead_letter("payload is not UTF-8", None, "req", 0, 7, b"k", raw, "2024-05-01T12:00:00Z")
+        key, value, _ = dead_letter("payload is not UTF-8", None, "req", 0, 7, b"k", raw, "2024-05-01T12:00:00Z")
+        body = json.loads(value)
+        assert body["value_b64"] is None and body["key_b64"] is None and body["payload"] == "omitted"
+        assert (body["value_bytes"], body["value_sha256"]) == (len(raw), hashlib.sha256(raw).hexdigest())
+        assert raw not in value and key == b"k"
+
+    def test_never_exceeds_the_record_limit(self) -> None:
+        """An opted-in payload larger than the limit is dropped, so the dead letter stays deliverable."""
+        raw = b"x" * 50_000
+        _, value, _ = dead_letter("too big", "r", "req", 0, 1, b"r", raw, "now", include_payload=True, max_bytes=10_000)
+        body = json.loads(value)
+        assert len(value) <= 10_000 and body["value_b64"] is None and body["payload"].startswith("omitted: over")
+
+    def test_keeps_original_bytes_and_reason_when_opted_in(self) -> None:
+        """With include_payload the dead letter carries the original key and value bytes, the source record and the reason."""
+        raw = b"\xff\x00 not json"
+        key, value, headers = dead_letter("payload is not UTF-8", None, "req", 0, 7, b"k", raw, "2024-05-01T12:00:00Z",
+                                          include_payload=True)
         body = json.loads(value)
         assert key == b"k" and base64.b64decode(body["value_b64"]) == raw and base64.b64decode(body["key_b64"]) == b"k"
         assert (body["reason"], body["topic"], body["partition"], body["offset"]) == ("payload is not UTF-8", "req", 0, 7)

@@ -83,7 +83,7 @@ class TestPublish:
         """A second root would fork the lineage: refused."""
         _publish_chain(store, 0)
         with pytest.raises(CheckpointError, match="only the first version"):
-            store.publish(None, _model().state_dict(), ForgottenSet.empty(SHAPE))
+            store.publish(None, _model().state_dict())
 
     def test_model_pt_loads_into_the_configured_model(self, store: CheckpointStore) -> None:
         """model.pt is a plain state_dict: torch.load(weights_only=True) fits the configured model."""

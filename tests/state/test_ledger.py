@@ -158,3 +158,50 @@ class TestReconcile:
         ledger.append([_o("forgotten", 1, "b", "v000002"), _o("rolled_back", 1, "b", "v000002"),
                        _o("forgotten", 1, "b", "v000003")])
         assert ledger.applied("b") == "v000003" and ledger.handled(T, 0, 1)
+
+
+_SCHEMA_1 = """
+CREATE TABLE outcomes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT,
+    status TEXT NOT NULL CHECK (status IN ('forgotten', 'relabelled', 'duplicate', 'rejected', 'failed', 'rolled_back')),
+    version TEXT, reason TEXT, topic TEXT NOT NULL, partition INTEGER NOT NULL, "offset" INTEGER NOT NULL,
+    subject TEXT, completed_at TEXT NOT NULL);
+CREATE UNIQUE INDEX outcomes_key ON outcomes (topic, partition, "offset", status, IFNULL(version, ''));
+CREATE TABLE receipts_sent (seq INTEGER PRIMARY KEY REFERENCES outcomes (seq), sent_at TEXT NOT NULL);
+CREATE TRIGGER outcomes_no_delete BEFORE DELETE ON outcomes BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
+INSERT INTO outcomes (request_id, status, version, reason, topic, partition, "offset", subject, completed_at)
+    VALUES ('r1', 'forgotten', 'v000001', NULL, 't', 0, 0, NULL, '2024-01-01T00:00:00.000Z');
+INSERT INTO receipts_sent (seq, sent_at) VALUES (1, '2024-01-01T00:00:01.000Z');
+"""
+
+
+class TestSchemaAndText:
+    def test_a_schema_1_ledger_keeps_its_rows_and_takes_new_statuses(self, tmp_path) -> None:
+        """A ledger written before `abandoned` existed opens with its rows and receipts, then accepts it."""
+        path = tmp_path / "ledger.sqlite3"
+        db = sqlite3.connect(path)
+        db.executescript(_SCHEMA_1)
+        db.close()
+        with Ledger(path) as ledger:
+            (row,) = ledger.rows()
+            assert (row.outcome.request_id, row.outcome.status, row.receipt_sent) == ("r1", "forgotten", True)
+            ledger.append([Outcome(status="abandoned", request_id="r1", version="v000002", reason=None, topic="t",
+                                   partition=0, offset=0, subject=None, completed_at=NOW)])
+            assert ledger.counts()["abandoned"] == 1
+            with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+                ledger._db.execute("DELETE FROM outcomes")
+
+    def test_text_a_utf8_store_cannot_hold_is_escaped(self, tmp_path) -> None:
+        """An unpaired surrogate or a control character in a reason or subject is stored escaped, never raised."""
+        with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+            outcome = Outcome(status="rejected", request_id=None, version=None, reason="bad \ud83d key\x00",
+                              topic="t", partition=0, offset=3, subject="user-\ud83d", completed_at="now")
+            ledger.append([outcome])
+            (row,) = ledger.rows()
+        assert row.outcome.reason == "bad \\ud83d key\\x00" and row.outcome.subject == "user-\\ud83d"
+
+    def test_a_quarantined_failure_is_not_applied(self, tmp_path) -> None:
+        """`failed` without a version (quarantined, never in the model) does not make a request applied."""
+        with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+            ledger.append([_o("failed", 5, "r9")])
+            assert ledger.applied("r9") is None and ledger.handled(T, 0, 5)
