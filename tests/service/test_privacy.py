@@ -122,6 +122,19 @@ class TestShredding:
         assert "did NOT hold on v000001" in row.reason and "erasure deadline" in row.reason
         assert rig.sample("streamer_vault_shreds_total", verified="false") == 1.0
 
+    def test_an_abandoned_instance_is_shredded_with_its_reason(self, tmp_path: Path) -> None:
+        """A vaulted instance CURRENT no longer references (abandoned) is shredded at once, recorded with the
+        last version that verified it, not left for a silent clean-up."""
+        rig = Rig(tmp_path, PrivacyConfig())
+        applied = rig.fragment([_request("a", 1, 0.1)])
+        abandoned = [{"request_id": "a", "status": "abandoned", "reason": "goal out of reach", "topic": "req",
+                      "partition": 0, "offset": 0, "subject": None}]
+        rig.worker.drop({"a"})
+        current = rig.store.publish(applied.version, rig.worker.model.state_dict(), abandoned=abandoned)
+        (row,) = rig.keeper.tick(rig.worker, current, force=True)
+        assert (row.request_id, row.verified_version, row.at_version) == ("a", "v000001", "v000002")
+        assert row.reason.startswith("abandoned:") and "a" not in rig.vault and not row.verified_at_shred
+
     def test_the_shred_counter_continues_from_the_ledger(self, tmp_path: Path) -> None:
         """A new keeper (a restart) counts the shreds already in the ledger."""
         rig = Rig(tmp_path, PrivacyConfig(verify_window_days=0.0))
