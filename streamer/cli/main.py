@@ -79,7 +79,8 @@ def _verify(args: argparse.Namespace) -> int:
 
     result = verify(load_config(args.config), args.version)
     audit = "-" if result.audit_accuracy is None else f"{result.audit_accuracy:.3f}"
-    print(f"version {result.version}: {result.checked} retained instances checked, audit accuracy {audit}")
+    print(f"version {result.version} ({result.model_format}): {result.checked} retained instances checked, "
+          f"audit accuracy {audit}")
     if result.unverifiable:
         print(f"UNVERIFIABLE: {len(result.unverifiable)} applied requests are not in the retained forgotten set "
               f"(unlearning.retain_forgotten was off, or they were applied before it was on): "

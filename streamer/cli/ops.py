@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass, replace
-
-import torch
+from dataclasses import dataclass
 
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from ..state.rollback import request_via_daemon, run_rollback
 from ..config import DaemonConfig
 from ..engine.evaluate import accuracy, goal_mask
 from ..state.ledger import LEDGER_FILE, Ledger
-from ..engine.models import load_model
+from ..engine.models import published_model
 from ..intake.resources import load_dataset_ref, resolve_device
 
 
@@ -62,6 +60,7 @@ class Verification:
     came_back: list[str]  # request ids whose instance no longer meets its goal
     unverifiable: list[str]  # applied in the lineage, but not in the retained forgotten set
     audit_accuracy: float | None
+    model_format: str = "state_dict"  # the version's model file, loaded as its user loads it
 
     @property
     def ok(self) -> bool:
@@ -70,14 +69,15 @@ class Verification:
 
 def verify(cfg: DaemonConfig, version: str | None = None) -> Verification:
     """Re-evaluate a version: every request applied in its lineage must still meet its goal on
-    its weights (needs the retained forgotten set, unlearning.retain_forgotten)."""
+    its model file, loaded in the format its manifest records as a serving stack loads it
+    (needs the retained forgotten set, unlearning.retain_forgotten)."""
     store = CheckpointStore(cfg.checkpoints.dir)
     version = version or store.current_version()
     if version is None:
         raise CheckpointError(f"no version in {cfg.checkpoints.dir}: nothing to verify")
     checkpoint = store.load(version)  # sha256 verified
     device = resolve_device(cfg.device)
-    model = load_model_from_state(cfg, checkpoint.state_dict, device)
+    model = published_model(cfg.model, checkpoint.model.data, checkpoint.model.format, device)
     forgotten = checkpoint.forgotten
     came_back: list[str] = []
     if len(forgotten):
@@ -90,7 +90,7 @@ def verify(cfg: DaemonConfig, version: str | None = None) -> Verification:
     if cfg.data.audit is not None:
         data = load_dataset_ref(cfg.data.audit, cfg.model.input_shape)
         audit = accuracy(model, data.x, data.y)
-    return Verification(version, len(forgotten), sorted(came_back), unverifiable, audit)
+    return Verification(version, len(forgotten), sorted(came_back), unverifiable, audit, checkpoint.model.format)
 
 
 def _applied_in_lineage(store: CheckpointStore, version: str) -> set[str]:
@@ -105,13 +105,6 @@ def _applied_in_lineage(store: CheckpointStore, version: str) -> set[str]:
                         if row.outcome.status in ("forgotten", "relabelled", "failed")
                         and row.outcome.version in lineage and ledger.applied(row.outcome.request_id) is not None}
     return applied
-
-
-def load_model_from_state(cfg: DaemonConfig, state: dict, device) -> torch.nn.Module:
-    """The configured architecture with a version's weights (no initial weights file needed)."""
-    model = load_model(replace(cfg.model, weights=None), device, require_weights=False)
-    model.load_state_dict(state)
-    return model.eval()
 
 
 def rollback(cfg, to_version: str, force: bool, timeout_s: float = 900.0) -> dict:

@@ -71,7 +71,7 @@ class FragmentPipeline:
         start = time.perf_counter()
         requests = [_entry(a, s.status, s.reason) for a, s in zip(accepted, result.statuses)]
         duplicates = [_repeat_entry(r) for r in repeats]
-        manifest = self.store.publish(parent, self.worker.model.state_dict(), result.forgotten, requests=requests,
+        manifest = self.store.publish(parent, self.worker.model_file(), result.forgotten, requests=requests,
                                       offsets=offsets, metrics=result.metrics, duplicates=duplicates)
         stages = {**result.outcome.stage_seconds, "evaluate": result.evaluate_seconds,
                   "checkpoint": time.perf_counter() - start}

@@ -1,8 +1,8 @@
 """What a checkpoint version is: its name, its manifest, its forgotten set (data only, no I/O).
 
     manifest.json   version, parent, created_at, the requests it applied with their outcomes,
-                    the consumed offsets {topic: {partition: next_offset}}, metrics, and the
-                    sha256 of model.pt and forgotten.pt
+                    the consumed offsets {topic: {partition: next_offset}}, metrics, the model
+                    file's name and format, and the sha256 of the model file and forgotten.pt
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch
 from ..errors import StreamerError
 
 MODEL_FILE = "model.pt"
+MODEL_FILES = {"state_dict": MODEL_FILE, "torchscript": MODEL_FILE, "export": "model.pt2"}  # by format
 FORGOTTEN_FILE = "forgotten.pt"
 MANIFEST_FILE = "manifest.json"
 CURRENT_FILE = "CURRENT"
@@ -28,7 +29,7 @@ _TEMP_PREFIX = ".tmp-"
 
 Offsets = Mapping[str, Mapping[int, int]]  # {topic: {partition: next offset to consume}}
 
-__all__ = ["BASE_VERSION", "Checkpoint", "CheckpointError", "ForgottenSet", "Manifest", "Offsets",
+__all__ = ["BASE_VERSION", "Checkpoint", "CheckpointError", "ForgottenSet", "Manifest", "ModelFile", "Offsets",
            "format_version", "rfc3339", "version_number"]
 
 
@@ -87,6 +88,19 @@ class ForgottenSet:
 
 
 @dataclass(frozen=True)
+class ModelFile:
+    """A version's model file: the user's network in `format` (state_dict | torchscript | export,
+    see engine/formats.py), as the bytes written to disk."""
+
+    format: str
+    data: bytes = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return MODEL_FILES[self.format]
+
+
+@dataclass(frozen=True)
 class Manifest:
     version: str
     parent: str | None
@@ -98,6 +112,8 @@ class Manifest:
     forgotten_sha256: str
     duplicates: tuple[Mapping[str, Any], ...] = ()  # repeats answered with this version
     schema: int = MANIFEST_SCHEMA
+    model_format: str = "state_dict"  # absent in manifests written before formats: a state_dict
+    model_file: str = MODEL_FILE
 
     @property
     def number(self) -> int:
@@ -109,11 +125,15 @@ class Manifest:
             "requests": [dict(r) for r in self.requests], "duplicates": [dict(d) for d in self.duplicates],
             "offsets": {t: {str(p): o for p, o in sorted(parts.items())} for t, parts in sorted(self.offsets.items())},
             "metrics": dict(self.metrics), "model_sha256": self.model_sha256,
-            "forgotten_sha256": self.forgotten_sha256,
+            "forgotten_sha256": self.forgotten_sha256, "model_format": self.model_format,
+            "model_file": self.model_file,
         }
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> Manifest:
+        if data.get("model_format", "state_dict") not in MODEL_FILES:
+            raise CheckpointError(f"malformed manifest: model_format {data.get('model_format')!r} is not one of "
+                                  f"{', '.join(MODEL_FILES)}")
         try:
             return Manifest(
                 version=data["version"], parent=data["parent"], created_at=data["created_at"],
@@ -121,6 +141,7 @@ class Manifest:
                 offsets={t: {int(p): int(o) for p, o in parts.items()} for t, parts in data["offsets"].items()},
                 metrics=data["metrics"], model_sha256=data["model_sha256"],
                 forgotten_sha256=data["forgotten_sha256"], schema=data.get("schema", MANIFEST_SCHEMA),
+                model_format=data.get("model_format", "state_dict"), model_file=data.get("model_file", MODEL_FILE),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise CheckpointError(f"malformed manifest: {err!r}") from err
@@ -129,6 +150,7 @@ class Manifest:
 @dataclass(frozen=True)
 class Checkpoint:
     manifest: Manifest
-    state_dict: dict[str, torch.Tensor] = field(repr=False)
+    state_dict: dict[str, torch.Tensor] = field(repr=False)  # the weights in the model file, its keys as is
     forgotten: ForgottenSet = field(repr=False)
     path: Path = Path()
+    model: ModelFile | None = field(default=None, repr=False)  # the model file itself, sha256 verified

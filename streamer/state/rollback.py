@@ -73,7 +73,8 @@ def apply_rollback(store: CheckpointStore, ledger: Ledger, plan: RollbackPlan, f
     checkpoint = store.load(plan.to.version)
     metrics = {**plan.to.metrics, "rollback_to": plan.to.version, "rolled_back_from": plan.current.version,
                "replayed_requests": len(plan.replay), "lost_requests": len(plan.lost)}
-    manifest = store.publish(plan.to.version, checkpoint.state_dict, checkpoint.forgotten,
+    # V's model file byte for byte (same format, same sha256): the weights are V's exactly.
+    manifest = store.publish(plan.to.version, checkpoint.model or checkpoint.state_dict, checkpoint.forgotten,
                              offsets=plan.to.offsets, metrics=metrics)
     now = rfc3339(clock())
     ledger.append([_rolled_back(o, manifest.version, now, "replayed from its record")
