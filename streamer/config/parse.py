@@ -78,7 +78,7 @@ def _model(s: _Section) -> ModelConfig:
         s.fail("weights", "is required (a state_dict file) unless model.source is torchscript:PATH or export:PATH")
     fmt = s.choice("format", ("auto", *FORMATS), "auto")
     if {source_format(source), fmt} == {"torchscript", "export"}:
-        s.fail("format", f"a {source_format(source)} model cannot be published as {fmt} "
+        s.fail("format", f"{source_format(source)} models cannot be published as {fmt} "
                          "(torch.export refuses TorchScript; TorchScript cannot compile an exported program)")
     kwargs = s.get("kwargs") or {}
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):

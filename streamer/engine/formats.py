@@ -18,6 +18,7 @@ import pickle
 import re
 import sys
 import types
+import warnings
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
 
@@ -117,7 +118,9 @@ def load_weights_file(path: str | os.PathLike[str] | BinaryIO) -> object:
     the file is instead when it is no weights file: a pickled module, TorchScript, a .pt2 archive."""
     where = path if isinstance(path, (str, os.PathLike)) else "the data"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a TorchScript archive: the error below says so, the warning adds nothing
+            warnings.filterwarnings("ignore", message=".torch.load. received a zip file")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         name = found.group(1) if found else "an object"
