@@ -170,7 +170,7 @@ class TestSections:
         cfg = _parse(raw, base=Path("/srv/conf"))
         assert cfg.model.source == "export:/srv/conf/net.pt2" and cfg.model.model_format == "export"
         assert _parse(_set(raw, "model.format", "state_dict")).model.model_format == "state_dict"
-        with pytest.raises(ConfigError, match=r"model\.format: a export model cannot be published as torchscript"):
+        with pytest.raises(ConfigError, match=r"model\.format: export models cannot be published as torchscript"):
             _parse(_set(raw, "model.format", "torchscript"))
         with pytest.raises(ConfigError, match=r"unlearning\.train_mode: must be false for an export: model"):
             _parse(_set(raw, "unlearning.train_mode", True))
