@@ -84,6 +84,7 @@ def test_torchscript_model_survives_kill9_and_rollback(kafka_bootstrap, net, cor
             assert daemon.wait(timeout_s=180) == -signal.SIGKILL, daemon.tail()
         finally:
             daemon.kill()
+        assert [e["point"] for e in daemon.events() if e["event"] == "crash_hook"] == [point]
     store = CheckpointStore(load_config(config).checkpoints.dir)
     assert store.current_version() == "v000001"  # published, then killed before the ledger and the commit
 
