@@ -192,7 +192,9 @@ def load_net_state(target: nn.Module, state: object, where: str | Path = "the we
     configured ones), possibly prefixed or wrapped as `formats.unwrap_state_dict` accepts.
     Raises a one-line ModelLoadError naming `where`."""
     net = target.net if isinstance(target, Normalized) else target
-    if isinstance(state, Mapping) and (split := split_normalized_state(state)) is not None:
+    expected = net.state_dict()
+    # A network whose own keys are net.*, mean and std (a wrapper of its own) is loaded as it is.
+    if isinstance(state, Mapping) and state.keys() != expected.keys() and (split := split_normalized_state(state)):
         state, mean, std = split
         if isinstance(target, Normalized) and not (
                 _same_values(mean, target.mean) and _same_values(std, target.std)):
@@ -200,7 +202,7 @@ def load_net_state(target: nn.Module, state: object, where: str | Path = "the we
                                  f"but model.mean / model.std are {target.mean.flatten().tolist()} / "
                                  f"{target.std.flatten().tolist()}: set them to the saved values")
     try:
-        net.load_state_dict(unwrap_state_dict(state, net.state_dict()))
+        net.load_state_dict(unwrap_state_dict(state, expected))
     except ModelLoadError as err:
         raise ModelLoadError(f"{where}: {err}") from err
 

@@ -114,6 +114,7 @@ class Manifest:
     schema: int = MANIFEST_SCHEMA
     model_format: str = "state_dict"  # absent in manifests written before formats: a state_dict
     model_file: str = MODEL_FILE
+    format_recorded: bool = field(default=True, compare=False)  # False: read from a manifest without it
 
     @property
     def number(self) -> int:
@@ -142,6 +143,7 @@ class Manifest:
                 metrics=data["metrics"], model_sha256=data["model_sha256"],
                 forgotten_sha256=data["forgotten_sha256"], schema=data.get("schema", MANIFEST_SCHEMA),
                 model_format=data.get("model_format", "state_dict"), model_file=data.get("model_file", MODEL_FILE),
+                format_recorded="model_format" in data,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise CheckpointError(f"malformed manifest: {err!r}") from err

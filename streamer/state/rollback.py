@@ -76,7 +76,7 @@ def apply_rollback(store: CheckpointStore, ledger: Ledger, plan: RollbackPlan, f
                "replayed_requests": len(plan.replay), "lost_requests": len(plan.lost)}
     # V's model file byte for byte (same format, same sha256); a V from before formats holds the
     # Normalized wrapper's keys, so its weights are republished with the user's keys instead.
-    legacy = split_normalized_state(checkpoint.state_dict)
+    legacy = None if plan.to.format_recorded else split_normalized_state(checkpoint.state_dict)
     model = legacy[0] if legacy is not None else checkpoint.model or checkpoint.state_dict
     manifest = store.publish(plan.to.version, model, checkpoint.forgotten,
                              offsets=plan.to.offsets, metrics=metrics)
