@@ -2,10 +2,11 @@
 
 On start the daemon loads CURRENT (sha256 verified, in the format its manifest records; the
 configured model is published as v000000, in the configured format, on the very first start),
-checks that the configured trainable parameters exist and logs them, rebuilds any ledger rows a crash lost from the manifests of
-CURRENT's lineage, and on every partition assignment seeks to the offsets in CURRENT's manifest:
-the checkpoint, not the group's committed offset, decides where consumption resumes. Owed
-receipts are re-sent by `Outbox.send_owed()` once the producer exists.
+checks that the configured trainable parameters exist and logs them, rebuilds any ledger rows a
+crash lost from the manifests of CURRENT's lineage, and on every partition assignment seeks to
+the offsets in CURRENT's manifest: the checkpoint, not the group's committed offset, decides
+where consumption resumes. Owed receipts are re-sent by `Outbox.send_owed()` once the producer
+exists.
 """
 from __future__ import annotations
 

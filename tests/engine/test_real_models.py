@@ -41,7 +41,7 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     x, y = cifar10()
     model = Normalized(torchvision.models.resnet18(num_classes=10), CIFAR_MEAN, CIFAR_STD).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(40):
+    for _ in range(25):
         optimizer.zero_grad()
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
