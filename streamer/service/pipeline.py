@@ -88,7 +88,7 @@ class FragmentPipeline:
         requests = [_entry(a, s.status, s.reason) for a, s in run.applied]
         duplicates = [_repeat_entry(r) for r in repeats if id(r.first) not in failed]
         abandoned = [self._abandoned_entry(rid, reason) for rid, reason in run.abandoned.items()]
-        manifest = self.store.publish(parent, self.worker.model.state_dict(), run.result.forgotten, requests=requests,
+        manifest = self.store.publish(parent, self.worker.model_file(), run.result.forgotten, requests=requests,
                                       offsets=offsets, metrics=run.result.metrics, duplicates=duplicates,
                                       abandoned=[a for a in abandoned if a is not None],
                                       retained_misses=self.worker.misses)

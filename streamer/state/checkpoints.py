@@ -2,12 +2,15 @@
 
 A version directory holds everything needed to resume:
 
-    model.pt        state_dict of the configured (Normalized) model, torch.load(weights_only=True)
+    model.pt        the user's network in the configured format (manifest `model_format`):
+                    a state_dict with the user's own keys, or a TorchScript archive;
+    model.pt2       instead, for the export format: a torch.export program
+                    (versions written before formats: a state_dict of the Normalized wrapper)
     forgotten.pt    the retained forgotten set: {"x": (N, C, H, W), "y": (N,), "target": (N,),
                     "request_ids": [str] * N}
     manifest.json   version, parent, created_at, the requests it applied with their outcomes,
-                    the consumed offsets {topic: {partition: next_offset}}, metrics, and the
-                    sha256 of model.pt and forgotten.pt
+                    the consumed offsets {topic: {partition: next_offset}}, metrics, the model
+                    file's name and format, and the sha256 of the model file and forgotten.pt
 
 Publishing writes a temporary directory, fsyncs every file and the directory, renames it to
 its version name (never over an existing one) and fsyncs the parent; only then is CURRENT
@@ -30,9 +33,11 @@ from typing import Any
 
 import torch
 
+from ..engine.formats import read_state_dict
+from ..errors import ModelLoadError
 from .manifest import (BASE_VERSION, CURRENT_FILE, FORGOTTEN_FILE, MANIFEST_FILE, MANIFEST_SCHEMA,  # noqa: F401
-                       MODEL_FILE, Checkpoint, CheckpointError, ForgottenSet, Manifest, Offsets, _TEMP_PREFIX,
-                       _VERSION, format_version, rfc3339, version_number)
+                       MODEL_FILE, Checkpoint, CheckpointError, ForgottenSet, Manifest, ModelFile, Offsets,
+                       _TEMP_PREFIX, _VERSION, format_version, rfc3339, version_number)
 
 __all__ = [
     "BASE_VERSION",
@@ -41,6 +46,7 @@ __all__ = [
     "CheckpointStore",
     "ForgottenSet",
     "Manifest",
+    "ModelFile",
     "format_version",
     "rfc3339",
     "version_number",
@@ -116,24 +122,26 @@ class CheckpointStore:
         return chain
 
     def load(self, version: str) -> Checkpoint:
-        """The version's model state, forgotten set and manifest, after checking both sha256s."""
+        """The version's model file (and the weights in it), forgotten set and manifest, after
+        checking both sha256s."""
         manifest = self.manifest(version)
         directory = self.path(version)
-        model_bytes = _read_verified(directory / MODEL_FILE, manifest.model_sha256)
+        model_bytes = _read_verified(directory / manifest.model_file, manifest.model_sha256)
         forgotten_bytes = _read_verified(directory / FORGOTTEN_FILE, manifest.forgotten_sha256)
-        state = _torch_load(model_bytes, directory / MODEL_FILE)
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise CheckpointError(f"{directory / MODEL_FILE} is not a state_dict")
+        try:
+            state = read_state_dict(model_bytes, manifest.model_format)
+        except ModelLoadError as err:
+            raise CheckpointError(f"cannot load {directory / manifest.model_file} ({manifest.model_format}): {err}") from err
         forgotten = ForgottenSet.from_state(_torch_load(forgotten_bytes, directory / FORGOTTEN_FILE),
                                             str(directory / FORGOTTEN_FILE))
-        return Checkpoint(manifest, state, forgotten, directory)
+        return Checkpoint(manifest, state, forgotten, directory, ModelFile(manifest.model_format, model_bytes))
 
     def verify_files(self, version: str) -> None:
         """Check the sha256 of every file `version`'s manifest names; raises CheckpointError naming
         the first missing or damaged one."""
         manifest = self.manifest(version)
         directory = self.path(version)
-        _read_verified(directory / MODEL_FILE, manifest.model_sha256)
+        _read_verified(directory / manifest.model_file, manifest.model_sha256)
         _read_verified(directory / FORGOTTEN_FILE, manifest.forgotten_sha256)
 
     def orphans(self) -> list[str]:
@@ -146,19 +154,22 @@ class CheckpointStore:
 
     # --- writing -----------------------------------------------------------------------------
 
-    def publish(self, parent: str | None, state_dict: Mapping[str, torch.Tensor], forgotten: ForgottenSet,
+    def publish(self, parent: str | None, model: ModelFile | Mapping[str, torch.Tensor], forgotten: ForgottenSet,
                 requests: Sequence[Mapping[str, Any]] = (), offsets: Offsets | None = None,
                 metrics: Mapping[str, Any] | None = None, duplicates: Sequence[Mapping[str, Any]] = (),
                 created_at: float | None = None, abandoned: Sequence[Mapping[str, Any]] = (),
                 retained_misses: Mapping[str, int] | None = None) -> Manifest:
         """Write the next version atomically, switch CURRENT to it, prune; return its manifest.
 
+        `model` is the model file (see engine/formats.py), or a state_dict to write as one.
         The first version ever published is v000000 (the base model, no parent)."""
         existing = self.versions()
         if parent is None and existing:
             raise CheckpointError(f"only the first version may have no parent; {self.root} has {existing[-1]}")
         version = format_version(version_number(existing[-1]) + 1) if existing else BASE_VERSION
-        model_bytes = _torch_bytes({k: v.detach().cpu() for k, v in state_dict.items()})
+        if not isinstance(model, ModelFile):
+            model = ModelFile("state_dict", _torch_bytes({k: v.detach().cpu() for k, v in model.items()}))
+        model_bytes = model.data
         forgotten_bytes = _torch_bytes(forgotten.to_state())
         manifest = Manifest(
             version=version, parent=parent, created_at=rfc3339(self._clock() if created_at is None else created_at),
@@ -167,13 +178,14 @@ class CheckpointStore:
             model_sha256=hashlib.sha256(model_bytes).hexdigest(),
             forgotten_sha256=hashlib.sha256(forgotten_bytes).hexdigest(),
             abandoned=tuple(dict(a) for a in abandoned), retained_misses=dict(retained_misses or {}),
+            model_format=model.format, model_file=model.name,
         )
         manifest_bytes = (json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n").encode("utf-8")
         temp = self.root / f"{_TEMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}"
         self.root.mkdir(parents=True, exist_ok=True)
         temp.mkdir()
         try:
-            _write_synced(temp / MODEL_FILE, model_bytes)
+            _write_synced(temp / model.name, model_bytes)
             _write_synced(temp / FORGOTTEN_FILE, forgotten_bytes)
             _write_synced(temp / MANIFEST_FILE, manifest_bytes)
             _fsync_dir(temp)

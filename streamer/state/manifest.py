@@ -1,8 +1,8 @@
 """What a checkpoint version is: its name, its manifest, its forgotten set (data only, no I/O).
 
     manifest.json   version, parent, created_at, the requests it applied with their outcomes,
-                    the consumed offsets {topic: {partition: next_offset}}, metrics, and the
-                    sha256 of model.pt and forgotten.pt
+                    the consumed offsets {topic: {partition: next_offset}}, metrics, the model
+                    file's name and format, and the sha256 of the model file and forgotten.pt
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch
 from ..errors import StreamerError
 
 MODEL_FILE = "model.pt"
+MODEL_FILES = {"state_dict": MODEL_FILE, "torchscript": MODEL_FILE, "export": "model.pt2"}  # by format
 FORGOTTEN_FILE = "forgotten.pt"
 MANIFEST_FILE = "manifest.json"
 CURRENT_FILE = "CURRENT"
@@ -28,7 +29,7 @@ _TEMP_PREFIX = ".tmp-"
 
 Offsets = Mapping[str, Mapping[int, int]]  # {topic: {partition: next offset to consume}}
 
-__all__ = ["BASE_VERSION", "Checkpoint", "CheckpointError", "ForgottenSet", "Manifest", "Offsets",
+__all__ = ["BASE_VERSION", "Checkpoint", "CheckpointError", "ForgottenSet", "Manifest", "ModelFile", "Offsets",
            "format_version", "rfc3339", "version_number"]
 
 
@@ -87,6 +88,19 @@ class ForgottenSet:
 
 
 @dataclass(frozen=True)
+class ModelFile:
+    """A version's model file: the user's network in `format` (state_dict | torchscript | export,
+    see engine/formats.py), as the bytes written to disk."""
+
+    format: str
+    data: bytes = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return MODEL_FILES[self.format]
+
+
+@dataclass(frozen=True)
 class Manifest:
     version: str
     parent: str | None
@@ -101,6 +115,9 @@ class Manifest:
     abandoned: tuple[Mapping[str, Any], ...] = ()
     retained_misses: Mapping[str, int] = field(default_factory=dict)  # request_id -> fragments missed in a row
     schema: int = MANIFEST_SCHEMA
+    model_format: str = "state_dict"  # absent in manifests written before formats: a state_dict
+    model_file: str = MODEL_FILE
+    format_recorded: bool = field(default=True, compare=False)  # False: read from a manifest without it
 
     @property
     def number(self) -> int:
@@ -114,10 +131,15 @@ class Manifest:
             "metrics": dict(self.metrics), "model_sha256": self.model_sha256,
             "forgotten_sha256": self.forgotten_sha256, "abandoned": [dict(a) for a in self.abandoned],
             "retained_misses": dict(sorted(self.retained_misses.items())),
+            "model_format": self.model_format,
+            "model_file": self.model_file,
         }
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> Manifest:
+        if data.get("model_format", "state_dict") not in MODEL_FILES:
+            raise CheckpointError(f"malformed manifest: model_format {data.get('model_format')!r} is not one of "
+                                  f"{', '.join(MODEL_FILES)}")
         try:
             return Manifest(
                 version=data["version"], parent=data["parent"], created_at=data["created_at"],
@@ -127,6 +149,8 @@ class Manifest:
                 forgotten_sha256=data["forgotten_sha256"], schema=data.get("schema", MANIFEST_SCHEMA),
                 abandoned=tuple(data.get("abandoned", ())),
                 retained_misses={str(k): int(v) for k, v in data.get("retained_misses", {}).items()},
+                model_format=data.get("model_format", "state_dict"), model_file=data.get("model_file", MODEL_FILE),
+                format_recorded="model_format" in data,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise CheckpointError(f"malformed manifest: {err!r}") from err
@@ -135,6 +159,7 @@ class Manifest:
 @dataclass(frozen=True)
 class Checkpoint:
     manifest: Manifest
-    state_dict: dict[str, torch.Tensor] = field(repr=False)
+    state_dict: dict[str, torch.Tensor] = field(repr=False)  # the weights in the model file, its keys as is
     forgotten: ForgottenSet = field(repr=False)
     path: Path = Path()
+    model: ModelFile | None = field(default=None, repr=False)  # the model file itself, sha256 verified

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..engine.models import split_normalized_state
 from .checkpoints import CheckpointStore, Manifest, rfc3339
 from ..errors import StreamerError
 from .ledger import Ledger, Outcome
@@ -73,7 +74,11 @@ def apply_rollback(store: CheckpointStore, ledger: Ledger, plan: RollbackPlan, f
     checkpoint = store.load(plan.to.version)
     metrics = {**plan.to.metrics, "rollback_to": plan.to.version, "rolled_back_from": plan.current.version,
                "replayed_requests": len(plan.replay), "lost_requests": len(plan.lost)}
-    manifest = store.publish(plan.to.version, checkpoint.state_dict, checkpoint.forgotten,
+    # V's model file byte for byte (same format, same sha256); a V from before formats holds the
+    # Normalized wrapper's keys, so its weights are republished with the user's keys instead.
+    legacy = None if plan.to.format_recorded else split_normalized_state(checkpoint.state_dict)
+    model = legacy[0] if legacy is not None else checkpoint.model or checkpoint.state_dict
+    manifest = store.publish(plan.to.version, model, checkpoint.forgotten,
                              offsets=plan.to.offsets, metrics=metrics)
     now = rfc3339(clock())
     ledger.append([_rolled_back(o, manifest.version, now, "replayed from its record")

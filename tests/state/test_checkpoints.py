@@ -15,7 +15,9 @@ from streamer.state.checkpoints import (
     CheckpointStore,
     ForgottenSet,
     Manifest,
+    ModelFile,
 )
+from streamer.engine.formats import save_user_model
 from streamer.engine.models import ModelConfig, Normalized, build_network
 
 SHAPE = (1, 8, 8)
@@ -92,8 +94,35 @@ class TestPublish:
         manifest = _publish_chain(store, 1)[-1]
         data = json.loads((store.path(manifest.version) / "manifest.json").read_text())
         assert {"version", "parent", "created_at", "requests", "duplicates", "offsets", "metrics",
-                "model_sha256", "forgotten_sha256"} <= data.keys()
+                "model_sha256", "forgotten_sha256", "model_format", "model_file"} <= data.keys()
         assert data["offsets"] == {"req": {"0": 1}}
+        assert (data["model_format"], data["model_file"]) == ("state_dict", "model.pt")
+
+    @pytest.mark.parametrize(("fmt", "name"), [("torchscript", "model.pt"), ("export", "model.pt2")])
+    def test_model_files_of_each_format(self, store: CheckpointStore, fmt: str, name: str) -> None:
+        """A ModelFile is written under its format's name, recorded in the manifest, sha256-checked and
+        read back: its bytes as written, its weights keyed as the user's network."""
+        net = _model(3).net.eval()
+        data = save_user_model(net, fmt, SHAPE)
+        manifest = store.publish(None, ModelFile(fmt, data), ForgottenSet.empty(SHAPE))
+        assert (manifest.model_format, manifest.model_file) == (fmt, name)
+        assert (store.path(BASE_VERSION) / name).read_bytes() == data
+        loaded = store.load(BASE_VERSION)
+        assert loaded.model == ModelFile(fmt, data)
+        assert loaded.state_dict.keys() == net.state_dict().keys()
+
+    def test_manifest_without_a_format_is_a_state_dict(self, store: CheckpointStore) -> None:
+        """Manifests written before formats (no model_format / model_file) read as model.pt, state_dict;
+        an unknown format is refused by name."""
+        _publish_chain(store, 0)
+        path = store.path(BASE_VERSION) / "manifest.json"
+        data = json.loads(path.read_text())
+        del data["model_format"], data["model_file"]
+        path.write_text(json.dumps(data))
+        assert store.load(BASE_VERSION).model.format == "state_dict"
+        path.write_text(json.dumps({**data, "model_format": "onnx"}))
+        with pytest.raises(CheckpointError, match="model_format 'onnx'"):
+            store.manifest(BASE_VERSION)
 
     def test_existing_version_is_never_overwritten(self, store: CheckpointStore) -> None:
         """A version left without CURRENT (crash between rename and switch) keeps its name; the next one skips it."""
