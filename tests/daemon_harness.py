@@ -98,9 +98,10 @@ def write_config(directory: Path, bootstrap: str, topics: dict[str, str], weight
 class DaemonProcess:
     """`python -m streamer run --config PATH` with its JSON log lines captured in a file."""
 
-    def __init__(self, config: Path, log_path: Path, crash_at: str | None = None, threads: int = 1):
+    def __init__(self, config: Path, log_path: Path, crash_at: str | None = None, threads: int = 1,
+                 env: dict[str, str] | None = None):
         self.config, self.log_path = config, log_path
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", **(env or {})}
         env.pop("STREAMER_CRASH_AT", None)
         if crash_at:
             env["STREAMER_CRASH_AT"] = crash_at
@@ -163,6 +164,12 @@ class DaemonProcess:
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def with_tests_on_path() -> dict[str, str]:
+    """Environment for a subprocess that imports test modules (e.g. `factory:user_models:build`)."""
+    tests = str(Path(__file__).resolve().parent)
+    return {"PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), tests) if p)}
 
 
 def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes]]) -> None:

@@ -26,8 +26,10 @@ from ..service.broker import Broker, free_port
 from ..service.kafka_io import ensure_topics, topic_configs_by_name
 from ..state.checkpoints import CheckpointStore
 from ..state.kek import generate_kek_file
-from ..config import load_config
-from ..engine.models import REFERENCE_INPUT
+from ..config import DaemonConfig, load_config
+from ..engine.evaluate import accuracy
+from ..engine.formats import USER_LOADERS
+from ..engine.models import REFERENCE, REFERENCE_INPUT, published_model
 from ..errors import StreamerError
 from ..intake.events import encode_event
 from ..intake.resources import load_dataset_ref
@@ -167,6 +169,22 @@ def erasure_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def published_line(cfg: DaemonConfig, dataset: str) -> str:
+    """CURRENT's model file, read in the format its manifest records and loaded as a serving stack
+    loads it; the line says how, and compares its audit accuracy with what the daemon recorded."""
+    store = CheckpointStore(cfg.checkpoints.dir)
+    manifest = store.manifest(store.current_version() or "")
+    path = store.path(manifest.version) / manifest.model_file
+    model = published_model(cfg.model, path.read_bytes(), manifest.model_format)
+    audit = load_dataset_ref(cfg.data.audit, cfg.model.input_shape) if cfg.data.audit else None
+    loader = USER_LOADERS[manifest.model_format].format(path=str(path))
+    if manifest.model_format == "state_dict":
+        loader = f"net = streamer.engine.models.{REFERENCE[dataset].__name__}(); {loader}"
+    measured = "" if audit is None else (f"; loaded so, its audit accuracy is {accuracy(model, audit.x, audit.y):.3f} "
+                                         f"(the daemon recorded {manifest.metrics.get('audit_accuracy')})")
+    return f"model: {path} ({manifest.model_format}): {loader}{measured}"
+
+
 def plot(rows: list[dict], out: Path) -> Path | None:
     try:
         import matplotlib
@@ -240,6 +258,7 @@ def run_demo(dataset: str = "mnist5k", requests: int = 24, workdir: Path | None 
     print(erasure_table(report))
     print(f"full erasure report: streamer erasure-report --config {config}  (saved: {workdir / 'erasure_report.json'})")
     print(f"checkpoints: {cfg.checkpoints.dir}  (CURRENT = {CheckpointStore(cfg.checkpoints.dir).current_version()})")
+    print(published_line(cfg, dataset))
     print(f"metrics were served at http://127.0.0.1:{metrics_port}/metrics while the daemon ran")
     print(f"plot: {png}" if png else "plot: matplotlib not installed (pip install -e '.[demo]')")
     print(f"config: {config}   daemon log: {workdir / 'daemon.log'}")

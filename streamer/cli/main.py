@@ -80,8 +80,8 @@ def _verify(args: argparse.Namespace) -> int:
 
     result = verify(load_config(args.config), args.version)
     audit = "-" if result.audit_accuracy is None else f"{result.audit_accuracy:.3f}"
-    print(f"version {result.version}: {result.checked} retained instances checked, audit accuracy {audit}; "
-          "every file in its lineage matches its sha256")
+    print(f"version {result.version} ({result.model_format}): {result.checked} retained instances checked, "
+          f"audit accuracy {audit}; every file in its lineage matches its sha256")
     if result.non_finite:
         print(f"BROKEN: {result.non_finite} retained or audit instances get NaN/Inf logits from this version")
     if result.abandoned:

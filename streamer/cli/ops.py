@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,7 +23,7 @@ from ..config import DaemonConfig
 from ..engine.evaluate import goal_mask
 from ..engine.evaluate import logits as predict_logits
 from ..state.ledger import LEDGER_FILE, Ledger, LedgerError
-from ..engine.models import load_model
+from ..engine.models import published_model
 from ..intake.resources import load_dataset_ref, resolve_device
 
 
@@ -81,6 +81,7 @@ class Verification:
     shredded: list[ShredRow] = field(default_factory=list)  # "verified until vN, shredded at T": neither pass nor fail
     abandoned: list[str] = field(default_factory=list)  # left the retained set, goal unreachable (own category)
     non_finite: int = 0  # retained or audit instances with NaN/Inf logits (they count as came back)
+    model_format: str = "state_dict"  # the version's model file, loaded as its user loads it
 
     @property
     def ok(self) -> bool:
@@ -94,7 +95,8 @@ class Verification:
 
 def verify(cfg: DaemonConfig, version: str | None = None) -> Verification:
     """Re-evaluate a version: every request applied in its lineage must still meet its goal on its
-    weights, decrypted from the forget vault (needs the KEK: raises VaultKeyError without it). A
+    model file, loaded in the format its manifest records as a serving stack loads it, with the
+    instances decrypted from the forget vault (needs the KEK: raises VaultKeyError without it). A
     request shredded since is reported with the last version that verified it, neither pass nor fail.
 
     Raises CheckpointError / LedgerError naming the first missing or damaged file: every file of
@@ -110,7 +112,7 @@ def verify(cfg: DaemonConfig, version: str | None = None) -> Verification:
     vault = open_vault(cfg, writer=False)
     forgotten, _ = load_retained(vault, checkpoint.manifest, cfg.model.input_shape)
     device = resolve_device(cfg.device)
-    model = load_model_from_state(cfg, checkpoint.state_dict, device)
+    model = published_model(cfg.model, checkpoint.model.data, checkpoint.model.format, device)
     came_back: list[str] = []
     non_finite = 0
     if len(forgotten):
@@ -134,7 +136,7 @@ def verify(cfg: DaemonConfig, version: str | None = None) -> Verification:
         non_finite += bad
         audit = float((logits.argmax(1) == data.y).float().mean()) if not bad else float("nan")
     return Verification(version, len(forgotten), sorted(came_back), unverifiable, audit, shredded,
-                        sorted(abandoned & applied), non_finite)
+                        sorted(abandoned & applied), non_finite, checkpoint.model.format)
 
 
 def _applied_in_lineage(store: CheckpointStore, version: str) -> set[str]:
@@ -153,13 +155,6 @@ def _applied_in_lineage(store: CheckpointStore, version: str) -> set[str]:
             except sqlite3.DatabaseError as err:
                 raise LedgerError(f"the ledger {ledger_path} is damaged: {err}") from err
     return applied
-
-
-def load_model_from_state(cfg: DaemonConfig, state: dict, device) -> torch.nn.Module:
-    """The configured architecture with a version's weights (no initial weights file needed)."""
-    model = load_model(replace(cfg.model, weights=None), device, require_weights=False)
-    model.load_state_dict(state)
-    return model.eval()
 
 
 def rollback(cfg, to_version: str, force: bool, timeout_s: float = 900.0) -> dict:

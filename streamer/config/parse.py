@@ -10,7 +10,8 @@ import yaml
 
 from ..engine.data import DATASETS
 from ..engine.methods import UnlearnConfig, method_config
-from ..engine.models import ModelConfig
+from ..engine.formats import FORMATS
+from ..engine.models import ModelConfig, source_format
 from ..errors import ConfigError
 from ._section import _same_kind, _Section
 from .schema import (DEFAULT_TOPIC_CONFIGS, DEVICES, LOG_LEVELS, SPLITS, CheckpointsConfig, DaemonConfig, DataConfig,
@@ -52,6 +53,9 @@ def parse_config(raw: Any, base_dir: Path) -> DaemonConfig:
         logging=LoggingConfig(level=root.section("logging").choice("level", LOG_LEVELS, "info")),
     )
     root.done()
+    if cfg.unlearning.engine.train_mode and source_format(cfg.model.source) == "export":
+        raise ConfigError("unlearning.train_mode: must be false for an export: model "
+                          "(an exported program runs in the mode it was exported in)")
     return cfg
 
 
@@ -60,8 +64,9 @@ def parse_config(raw: Any, base_dir: Path) -> DaemonConfig:
 
 def _model(s: _Section) -> ModelConfig:
     source = s.string("source", "reference:digits")
-    if source.startswith("torchscript:"):
-        source = "torchscript:" + str(s.resolve(source.split(":", 1)[1]))
+    kind, _, rest = source.partition(":")
+    if kind in ("torchscript", "export"):
+        source = f"{kind}:{s.resolve(rest)}"
     weights = s.optional_path("weights")
     input_shape = s.int_list("input_shape", [1, 8, 8])
     if len(input_shape) != 3 or min(input_shape) < 1:
@@ -74,12 +79,22 @@ def _model(s: _Section) -> ModelConfig:
             s.fail(key, f"needs 1 or C={input_shape[0]} values, got {len(values)}")
     if any(v <= 0 for v in std):
         s.fail("std", "values must be > 0")
-    if weights is None and not source.startswith("torchscript:"):
-        s.fail("weights", "is required (a state_dict file) unless model.source is torchscript:PATH")
+    if weights is None and source_format(source) == "state_dict":
+        s.fail("weights", "is required (a state_dict file) unless model.source is torchscript:PATH or export:PATH")
+    fmt = s.choice("format", ("auto", *FORMATS), "auto")
+    if {source_format(source), fmt} == {"torchscript", "export"}:
+        s.fail("format", f"{source_format(source)} models cannot be published as {fmt} "
+                         "(torch.export refuses TorchScript; TorchScript cannot compile an exported program)")
+    kwargs = s.get("kwargs") or {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        s.fail("kwargs", f"must be a mapping of keyword arguments, got {kwargs!r}")
+    if kwargs and kind not in ("factory", "torchvision"):
+        s.fail("kwargs", "only factory: and torchvision: sources take keyword arguments")
+    s.take("kwargs", None)
     s.done()
     return ModelConfig(source=source, weights=None if weights is None else str(weights), num_classes=num_classes,
                        input_shape=(input_shape[0], input_shape[1], input_shape[2]),
-                       mean=tuple(mean), std=tuple(std))
+                       mean=tuple(mean), std=tuple(std), format=fmt, kwargs=MappingProxyType(dict(kwargs)))
 
 
 def _data(s: _Section) -> DataConfig:
@@ -128,7 +143,7 @@ def _unlearning(s: _Section) -> UnlearningConfig:
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(s.key(k) for k in unknown)}")
     for key, value in overrides.items():
-        if key in defaults and not _same_kind(value, defaults[key]):
+        if key != "trainable" and key in defaults and not _same_kind(value, defaults[key]):
             s.fail(key, f"must be a {type(defaults[key]).__name__}, got {value!r}")
     try:
         engine = method_config(method, **overrides)

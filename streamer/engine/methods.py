@@ -25,7 +25,8 @@ class UnlearnConfig:
     max_steps: int = 1000
     max_seconds: float = 600.0
     train_mode: bool = False  # False keeps BatchNorm statistics and dropout frozen (eval mode)
-    update: str = "head"  # head: only the nn.Linear layers move (all when there are none) | all
+    update: str = "head"  # preset of `trainable`: head (the Linear layers; all when there are none) | all
+    trainable: tuple[str, ...] = ()  # parameter-name globs of the user's net, e.g. ("layer4.*", "fc.*"); () = update
     # adversarial regulariser (Eq. 6)
     n_adv: int = 10
     adv_weight: float = 3.0
@@ -52,6 +53,11 @@ class UnlearnConfig:
     seed: int = 0
 
     @property
+    def trainable_spec(self) -> str | tuple[str, ...]:
+        """What `trainable.select_trainable` takes: the globs, else the `update` preset."""
+        return self.trainable or self.update
+
+    @property
     def uses_adv(self) -> bool:
         return self.method in ("adv", "adv+imp", "default")
 
@@ -75,15 +81,33 @@ def method_config(method: str = "default", **overrides) -> UnlearnConfig:
     unknown = set(overrides) - known
     if unknown:
         raise ConfigError(f"unknown unlearning keys: {', '.join(sorted(unknown))}")
+    overrides = _trainable_override(overrides)
     cfg = UnlearnConfig(method=method, **{**_PRESETS[method], **overrides})
     _validate(cfg)
     return cfg
+
+
+def _trainable_override(overrides: dict) -> dict:
+    """`trainable: head|all` is the `update` preset of that name; a list of globs becomes a tuple."""
+    trainable = overrides.get("trainable")
+    if isinstance(trainable, list):
+        trainable = tuple(trainable)
+    explicit_update = overrides.get("update")
+    if trainable in ("head", "all"):
+        if explicit_update not in (None, trainable):
+            raise ConfigError(f"unlearning: trainable {trainable!r} and update {explicit_update!r} disagree: give one")
+        return {**overrides, "update": trainable, "trainable": ()}
+    if trainable and explicit_update is not None:
+        raise ConfigError("unlearning: trainable (globs) replaces update: give one of them")
+    return {**overrides, "trainable": trainable} if "trainable" in overrides else overrides
 
 
 def _validate(cfg: UnlearnConfig) -> None:
     checks = [
         (cfg.forget_loss in ("margin", "neg_ce"), "forget_loss must be 'margin' or 'neg_ce'"),
         (cfg.update in ("head", "all"), "update must be 'head' or 'all'"),
+        (isinstance(cfg.trainable, tuple) and all(isinstance(g, str) and g for g in cfg.trainable),
+         "trainable must be 'head', 'all' or a list of parameter-name globs such as ['fc.*']"),
         (cfg.weighting in ("fragment", "proportional"), "weighting must be 'fragment' or 'proportional'"),
         (cfg.optimizer in ("adam", "sgd"), "optimizer must be 'adam' or 'sgd'"),
         (cfg.lr > 0, "lr must be > 0"),

@@ -1,19 +1,26 @@
 """Classifiers: reference CNNs for the offline datasets and loaders for users' models.
 
 Every model streamer works with takes pixels in [0, 1]; mean/std normalisation lives inside
-`Normalized`, so attacks and the pixel-range projection work in pixel space.
+`Normalized` (from the config, never in a published file), so attacks and the pixel-range
+projection work in pixel space. The user's network is `Normalized.net`; versions publish it
+alone, in the user's format (see `formats`).
 """
 from __future__ import annotations
 
 import importlib
+import io
+from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import ModelLoadError
+from .formats import load_user_model_bytes, load_weights_file, unwrap_state_dict
 
 
 class Normalized(nn.Module):
@@ -74,8 +81,10 @@ REFERENCE_INPUT = {"digits": (1, 8, 8), "mnist5k": (1, 28, 28)}
 class ModelConfig:
     """How to build the classifier. `source` is one of:
     `reference:digits` / `reference:mnist5k` (built-in CNNs), `torchvision:<arch>`
-    (e.g. `torchvision:resnet18`), `torchscript:<path>`, or `factory:<module>:<function>`
-    (called with num_classes). `weights` is a state_dict file (required except for TorchScript).
+    (e.g. `torchvision:resnet18`), `factory:<module>:<function>` (called with num_classes and
+    `kwargs`), `torchscript:<path>` or `export:<path>` (a torch.export `.pt2` file). `weights`
+    is a state_dict file (required for the first three). `format` is the format versions are
+    published in: `auto` (the source's: see `source_format`), `state_dict`, `torchscript`, `export`.
     """
 
     source: str = "reference:digits"
@@ -84,9 +93,23 @@ class ModelConfig:
     input_shape: tuple[int, int, int] = (1, 8, 8)
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
+    format: str = "auto"
+    kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def model_format(self) -> str:
+        """The format every version's model file is written in."""
+        return source_format(self.source) if self.format == "auto" else self.format
+
+
+def source_format(source: str) -> str:
+    """The format a model source arrives in: torchscript:, export:, else state_dict."""
+    kind = source.partition(":")[0]
+    return kind if kind in ("torchscript", "export") else "state_dict"
 
 
 def build_network(cfg: ModelConfig) -> nn.Module:
+    """The architecture a reference:, torchvision: or factory: source names, freshly initialised."""
     kind, _, rest = cfg.source.partition(":")
     if kind == "reference":
         if rest not in REFERENCE:
@@ -96,7 +119,7 @@ def build_network(cfg: ModelConfig) -> nn.Module:
         import torchvision
 
         try:
-            return torchvision.models.get_model(rest, weights=None, num_classes=cfg.num_classes)
+            return torchvision.models.get_model(rest, weights=None, num_classes=cfg.num_classes, **cfg.kwargs)
         except ValueError as err:
             raise ModelLoadError(f"unknown torchvision architecture {rest!r}") from err
     if kind == "factory":
@@ -105,42 +128,89 @@ def build_network(cfg: ModelConfig) -> nn.Module:
             fn = getattr(importlib.import_module(module_name), fn_name)
         except (ImportError, AttributeError, ValueError) as err:
             raise ModelLoadError(f"cannot import factory {rest!r}: {err}") from err
-        return fn(num_classes=cfg.num_classes)
-    raise ModelLoadError(
-        f"model.source {cfg.source!r}: expected reference:NAME, torchvision:ARCH, torchscript:PATH or factory:MODULE:FUNCTION"
-    )
-
-
-def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", require_weights: bool = True) -> nn.Module:
-    """The configured classifier, weights loaded, wrapped in `Normalized`, in eval mode.
-    `require_weights=False` builds the architecture only (a checkpoint's state_dict follows)."""
-    if cfg.source.startswith("torchscript:"):
-        path = cfg.source.split(":", 1)[1]
         try:
-            net = torch.jit.load(path, map_location="cpu")
-        except (RuntimeError, ValueError, OSError) as err:
-            raise ModelLoadError(f"cannot load TorchScript model {path}: {err}") from err
-    else:
-        net = build_network(cfg)
-    model = Normalized(net, cfg.mean, cfg.std)
+            return fn(num_classes=cfg.num_classes, **cfg.kwargs)
+        except TypeError as err:
+            raise ModelLoadError(f"factory {rest!r} refuses its arguments (model.kwargs?): {err}") from err
+    raise ModelLoadError(f"model.source {cfg.source!r}: expected reference:NAME, torchvision:ARCH, "
+                         "factory:MODULE:FUNCTION, torchscript:PATH or export:PATH")
+
+
+def source_network(cfg: ModelConfig) -> nn.Module:
+    """The user's network as the source gives it, on the CPU, before `cfg.weights`: the
+    TorchScript or exported file, or the architecture built from code. Raises ModelLoadError."""
+    fmt = source_format(cfg.source)
+    if fmt == "state_dict":
+        return build_network(cfg)
+    path = cfg.source.split(":", 1)[1]
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ModelLoadError(f"cannot read model file {path}: {err.strerror or err}") from err
+    try:
+        return load_user_model_bytes(data, fmt)
+    except ModelLoadError as err:
+        raise ModelLoadError(f"{path}: {err}") from err
+
+
+def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", require_weights: bool = True) -> Normalized:
+    """The configured classifier wrapped in `Normalized`, in eval mode, with `cfg.weights` loaded
+    strictly (see `load_net_state`). `require_weights=False` accepts a model built from code
+    without weights (a checkpoint's weights follow). Raises a one-line ModelLoadError."""
+    model = Normalized(source_network(cfg), cfg.mean, cfg.std)
     if cfg.weights is not None:
         load_weights(model, cfg.weights)
-    elif require_weights and not cfg.source.startswith("torchscript:"):
-        raise ModelLoadError("model.weights is required (a state_dict file) for a non-TorchScript model")
+    elif require_weights and source_format(cfg.source) == "state_dict":
+        raise ModelLoadError("model.weights is required (a state_dict file) for a model built from code")
     return model.to(device).eval()
 
 
-def load_weights(model: Normalized, path: str | Path) -> None:
-    """Accepts a state_dict of the wrapper (keys `net.*`) or of the bare network."""
+def published_model(cfg: ModelConfig, data: bytes, fmt: str, device: torch.device | str = "cpu") -> Normalized:
+    """A published model file loaded as its user loads it (a state_dict into the configured
+    class, TorchScript with torch.jit.load, .pt2 with torch.export.load), wrapped with the
+    configured normalisation, in eval mode. Raises ModelLoadError."""
+    if fmt == "state_dict":
+        model = Normalized(source_network(cfg), cfg.mean, cfg.std)
+        load_net_state(model, load_weights_file(io.BytesIO(data)), where="the model file")
+    else:
+        model = Normalized(load_user_model_bytes(data, fmt), cfg.mean, cfg.std)
+    return model.to(device).eval()
+
+
+def split_normalized_state(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor] | None:
+    """(the network's state, mean, std) when `state` is a state_dict of the `Normalized` wrapper
+    (keys `net.*`, `mean`, `std`: checkpoints written before versions held the user's format,
+    or weights saved from the wrapper); None for any other state_dict."""
+    if not {"mean", "std"} <= state.keys() or not all(k.startswith("net.") for k in state if k not in ("mean", "std")):
+        return None
+    return {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}, state["mean"], state["std"]
+
+
+def load_net_state(target: nn.Module, state: object, where: str | Path = "the weights") -> None:
+    """Load `state` strictly into the user's network, in place. `target` is the network or its
+    `Normalized` wrapper; `state` a state_dict of either (a wrapper's mean/std must equal the
+    configured ones), possibly prefixed or wrapped as `formats.unwrap_state_dict` accepts.
+    Raises a one-line ModelLoadError naming `where`."""
+    net = target.net if isinstance(target, Normalized) else target
+    expected = net.state_dict()
+    # A network whose own keys are net.*, mean and std (a wrapper of its own) is loaded as it is.
+    if isinstance(state, Mapping) and state.keys() != expected.keys() and (split := split_normalized_state(state)):
+        state, mean, std = split
+        if isinstance(target, Normalized) and not (
+                _same_values(mean, target.mean) and _same_values(std, target.std)):
+            raise ModelLoadError(f"{where} was saved with mean {mean.flatten().tolist()} / std {std.flatten().tolist()}, "
+                                 f"but model.mean / model.std are {target.mean.flatten().tolist()} / "
+                                 f"{target.std.flatten().tolist()}: set them to the saved values")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as err:
-        raise ModelLoadError(f"cannot read weights {path}: {err}") from err
-    if not isinstance(state, dict):
-        raise ModelLoadError(f"{path} holds a {type(state).__name__}, expected a state_dict")
-    if not any(key.startswith("net.") for key in state):
-        state = {**{f"net.{k}": v for k, v in state.items()}, "mean": model.mean, "std": model.std}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise ModelLoadError(f"weights {path} do not fit the configured model: {err}") from err
+        net.load_state_dict(unwrap_state_dict(state, expected))
+    except ModelLoadError as err:
+        raise ModelLoadError(f"{where}: {err}") from err
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a weights file (see `load_net_state`) into `model`, in place."""
+    load_net_state(model, load_weights_file(path), where=str(path))
+
+
+def _same_values(saved: torch.Tensor, configured: torch.Tensor) -> bool:
+    return saved.shape == configured.shape and torch.allclose(saved.cpu(), configured.cpu())

@@ -20,6 +20,9 @@ from torch import nn
 from ..engine.data import Dataset
 from ..engine.evaluate import goal_mask
 from ..engine.evaluate import logits as logits_of
+from ..engine.formats import save_user_model
+from ..engine.models import load_net_state
+from ..state.checkpoints import ModelFile
 from ..engine.objectives import goal_gap, goal_met
 from ..engine.unlearn import Fragment, FragmentOutcome, UnlearnConfig, Unlearner
 from ..intake.events import ForgetRequest
@@ -56,23 +59,35 @@ class _Snapshot:
 
 class FragmentWorker:
     """The daemon's engine side. `run` may be called from a worker thread; nothing else touches
-    the model meanwhile."""
+    the model meanwhile. `model` is the user's network inside `Normalized`; versions publish the
+    network alone in `model_format` (`export` needs `input_shape`, C, H, W)."""
 
     def __init__(self, model: nn.Module, cfg: UnlearnConfig, num_classes: int, forgotten: ForgottenSet,
                  teacher: nn.Module | None = None, audit: Dataset | None = None, buffer: Dataset | None = None,
                  audit_baseline: float | None = None, max_audit_drop: float | None = None,
-                 max_missed_fragments: int = 3, misses: Mapping[str, int] | None = None):
+                 max_missed_fragments: int = 3, misses: Mapping[str, int] | None = None,
+                 model_format: str = "state_dict", input_shape: tuple[int, int, int] | None = None):
         self.model, self.cfg, self.audit, self.audit_baseline = model, cfg, audit, audit_baseline
         self.max_audit_drop, self.max_missed_fragments = max_audit_drop, max_missed_fragments
-        self.forgotten = forgotten
+        self.forgotten, self.model_format, self.input_shape = forgotten, model_format, input_shape
         self.misses: dict[str, int] = dict(misses or {})  # request_id -> fragments missed in a row
         self._unlearner = Unlearner(model, cfg, num_classes, buffer=buffer,
                                     forgotten=_as_fragment(forgotten) if len(forgotten) else None, teacher=teacher)
 
+    def model_file(self) -> ModelFile:
+        """The user's network with the current weights, as the file a version publishes. Raises
+        ModelLoadError when the network cannot be written in the format (checked at start-up)."""
+        return ModelFile(self.model_format, save_user_model(self._unlearner.net, self.model_format, self.input_shape))
+
+    def describe_trainable(self) -> dict:
+        """The parameters unlearning moves, by name, with counts (for the start-up log)."""
+        return self._unlearner.describe_trainable()
+
     def reset(self, state_dict: dict[str, torch.Tensor], forgotten: ForgottenSet,
               misses: Mapping[str, int] | None = None) -> None:
-        """Make the model and the retained set those of a checkpoint (after a rollback)."""
-        self.model.load_state_dict(state_dict)
+        """Make the model and the retained set those of a checkpoint (after a rollback); the
+        state_dict is the user's network's (or, from an older version, the wrapper's)."""
+        load_net_state(self.model, state_dict, where="the checkpoint")
         self.reset_forgotten(forgotten)
         self.misses = dict(misses or {})
 

@@ -8,7 +8,7 @@
                                         "rejected_at"}
                                         (+ headers streamer.reason, streamer.source)
     checkpoints topic  key version     {"schema": 1, "version", "parent", "path", "model_path",
-                                        "sha256", "created_at", "requests", "metrics"}
+                                        "model_format", "sha256", "created_at", "requests", "metrics"}
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..state.checkpoints import MODEL_FILE, Manifest
+from ..state.checkpoints import Manifest
 from ..state.ledger import Outcome
 
 SCHEMA = 1
@@ -65,7 +65,8 @@ def checkpoint_record(manifest: Manifest, directory: Path) -> tuple[bytes, bytes
     """(key, value) announcing a published version so serving systems can hot-reload it."""
     value = {
         "schema": SCHEMA, "version": manifest.version, "parent": manifest.parent, "path": str(directory),
-        "model_path": str(directory / MODEL_FILE), "sha256": manifest.model_sha256,
+        "model_path": str(directory / manifest.model_file), "model_format": manifest.model_format,
+        "sha256": manifest.model_sha256,
         "created_at": manifest.created_at, "requests": len(manifest.requests), "metrics": dict(manifest.metrics),
     }
     return manifest.version.encode("ascii"), _json(value)

@@ -101,7 +101,7 @@ class FragmentPipeline:
         self._crash.at("after_vault")
         refs = next_refs(run.result.forgotten, run.result.retained_met, self.store.manifest(parent).retained, entries,
                          self.store.next_version())
-        manifest = self.store.publish(parent, self.worker.model.state_dict(), refs, requests=requests,
+        manifest = self.store.publish(parent, self.worker.model_file(), refs, requests=requests,
                                       offsets=offsets, metrics=run.result.metrics, duplicates=duplicates,
                                       abandoned=[a for a in abandoned if a is not None],
                                       retained_misses=self.worker.misses, replay=replay)
@@ -114,7 +114,7 @@ class FragmentPipeline:
         `failed` receipt): a version with the parent's weights and retained set whose replay list is
         `rest`, so the daemon moves on. Raises CheckpointError when the write fails."""
         before = self.store.manifest(parent)
-        manifest = self.store.publish(parent, self.worker.model.state_dict(), before.retained, offsets=offsets,
+        manifest = self.store.publish(parent, self.worker.model_file(), before.retained, offsets=offsets,
                                       metrics={**before.metrics, "replay_failed": True}, replay=rest,
                                       retained_misses=self.worker.misses)
         self._outbox.send_checkpoint_record(manifest, self.store.path(manifest.version))

@@ -2,19 +2,19 @@
 
 On start the daemon opens the forget vault with the configured KEK first (a missing or wrong KEK
 refuses the start, before any model is loaded), migrates schema-1 versions' plaintext
-forgotten.pt into the vault, loads CURRENT (sha256 verified; the configured weights are published
-as v000000 on the very first start) and its retained set from the vault, removes vault entries
-CURRENT does not reference (a crash between the vault write and the publish), records shreds a
-crash kept out of the ledger, rebuilds any ledger rows a crash lost from the manifests of
-CURRENT's lineage, and on every partition assignment seeks to the offsets in CURRENT's manifest:
-the checkpoint, not the group's committed offset, decides where consumption resumes. Owed
-receipts are re-sent by `Outbox.send_owed()` once the producer exists.
+forgotten.pt into the vault, loads CURRENT (sha256 verified, in the format its manifest records;
+the configured model is published as v000000, in the configured format, on the very first start)
+and its retained set from the vault, removes vault entries CURRENT does not reference (a crash
+between the vault write and the publish), records shreds a crash kept out of the ledger, checks
+that the configured trainable parameters exist and logs them, rebuilds any ledger rows a crash
+lost from the manifests of CURRENT's lineage, and on every partition assignment seeks to the
+offsets in CURRENT's manifest: the checkpoint, not the group's committed offset, decides where
+consumption resumes. Owed receipts are re-sent by `Outbox.send_owed()` once the producer exists.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from copy import deepcopy
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -23,10 +23,12 @@ from kafka import KafkaConsumer
 
 from ..config import DaemonConfig
 from ..engine.evaluate import accuracy
-from ..engine.models import load_model
+from ..engine.formats import clone_module, save_user_model
+from ..engine.models import load_model, load_net_state
+from ..engine.trainable import select_trainable
 from ..intake.events import SampleContext
 from ..intake.resources import load_dataset_ref, resolve_device, sample_context
-from ..state.checkpoints import BASE_VERSION, Checkpoint, CheckpointStore
+from ..state.checkpoints import BASE_VERSION, Checkpoint, CheckpointStore, ModelFile
 from ..state.ledger import LEDGER_FILE, Ledger, Reconciled, reconcile
 from ..state.lock import CheckpointDirLocked, DirectoryLock
 from ..state.migrate import migrate_legacy
@@ -77,31 +79,38 @@ def recover(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], f
             log.warning("plaintext_forgotten_sets_migrated", versions=migrated,
                         detail="forgotten.pt moved into the vault and erased")
         base = load_model(cfg.model, device)
-        audit = load_dataset_ref(cfg.data.audit, cfg.model.input_shape) if cfg.data.audit else None
-        buffer = load_dataset_ref(cfg.data.buffer, cfg.model.input_shape) if cfg.data.buffer else None
+        select_trainable(base.net, cfg.unlearning.engine.trainable_spec)  # a bad glob fails before any publish
+        fmt, shape = cfg.model.model_format, cfg.model.input_shape
+        audit = load_dataset_ref(cfg.data.audit, shape) if cfg.data.audit else None
+        buffer = load_dataset_ref(cfg.data.buffer, shape) if cfg.data.buffer else None
         if store.current_version() is None:
             first = {"audit_accuracy": accuracy(base, audit.x, audit.y)} if audit is not None else {}
-            store.publish(None, base.state_dict(), metrics=first)
-            log.info("base_version_published", version=BASE_VERSION, weights=cfg.model.weights)
+            store.publish(None, ModelFile(fmt, save_user_model(base.net, fmt, shape)), metrics=first)
+            log.info("base_version_published", version=BASE_VERSION, weights=cfg.model.weights, model_format=fmt)
         current = store.current_version() or BASE_VERSION
-        checkpoint = store.load(current)  # sha256 verified
+        checkpoint = store.load(current)  # sha256 verified, read in the format its manifest records
         orphans = vault.remove_orphans(referenced_ids(checkpoint.manifest))
         if orphans:
             log.info("vault_orphans_removed", request_ids=orphans,
                      reason="written for a fragment that was never published; Kafka replays their records")
-        forgotten, shredded = load_retained(vault, checkpoint.manifest, cfg.model.input_shape)
-        if current != BASE_VERSION and store.path(BASE_VERSION).is_dir():
-            base.load_state_dict(store.load(BASE_VERSION).state_dict)  # the lineage's own base is the teacher
-        model = deepcopy(base)
-        model.load_state_dict(checkpoint.state_dict)
+        forgotten, shredded = load_retained(vault, checkpoint.manifest, shape)
+        if current != BASE_VERSION and store.path(BASE_VERSION).is_dir():  # the lineage's own base is the teacher
+            load_net_state(base, store.load(BASE_VERSION).state_dict, where=store.path(BASE_VERSION))
+        model = clone_module(base)  # not deepcopy: a deep-copied TorchScript module cannot be trained
+        load_net_state(model, checkpoint.state_dict, where=checkpoint.path)
         model.eval()
         baseline = accuracy(base, audit.x, audit.y) if audit is not None else None
         worker = FragmentWorker(model, cfg.unlearning.engine, cfg.model.num_classes, forgotten,
                                 teacher=base, audit=audit, buffer=buffer, audit_baseline=baseline,
                                 max_audit_drop=cfg.unlearning.max_audit_drop,
                                 max_missed_fragments=cfg.unlearning.max_missed_fragments,
-                                misses=checkpoint.manifest.retained_misses)
-        log.info("model_loaded", version=current, device=str(device), source=cfg.model.source)
+                                misses=checkpoint.manifest.retained_misses,
+                                model_format=fmt, input_shape=shape)
+        if checkpoint.manifest.model_format != fmt:
+            worker.model_file()  # the configured format changed: a net that cannot be written in it fails now
+        log.info("model_loaded", version=current, device=str(device), source=cfg.model.source,
+                 model_format=checkpoint.manifest.model_format, publishes=fmt)
+        log.info("trainable_parameters", **worker.describe_trainable())
         ledger = Ledger(store.root / LEDGER_FILE)
         reconciled = reconcile(ledger, store.lineage(checkpoint.manifest.version))
         shreds = ShredLog(store.root / LEDGER_FILE)

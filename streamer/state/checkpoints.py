@@ -2,11 +2,15 @@
 
 A version directory holds everything needed to resume:
 
-    model.pt        state_dict of the configured (Normalized) model, torch.load(weights_only=True)
+    model.pt        the user's network in the configured format (manifest `model_format`):
+                    a state_dict with the user's own keys, or a TorchScript archive;
+    model.pt2       instead, for the export format: a torch.export program
+                    (versions written before formats: a state_dict of the Normalized wrapper)
     manifest.json   version, parent, created_at, the requests it applied with their outcomes,
-                    the consumed offsets {topic: {partition: next_offset}}, metrics, the sha256 of
-                    model.pt, and the retained forgotten set as references into the forget vault
-                    (ids and keyed content digests; no instance data: `state/vault.py`)
+                    the consumed offsets {topic: {partition: next_offset}}, metrics, the model
+                    file's name, format and sha256, and the retained forgotten set as references
+                    into the forget vault (ids and keyed content digests; no instance data:
+                    `state/vault.py`)
 
 Publishing writes a temporary directory, fsyncs every file and the directory, renames it to
 its version name (never over an existing one) and fsyncs the parent; only then is CURRENT
@@ -29,9 +33,11 @@ from typing import Any
 
 import torch
 
+from ..engine.formats import read_state_dict
+from ..errors import ModelLoadError
 from .durable import fsync_dir as _fsync_dir, write_new as _write_synced
 from .manifest import (BASE_VERSION, CURRENT_FILE, FORGOTTEN_FILE, MANIFEST_FILE, MANIFEST_SCHEMA,  # noqa: F401
-                       MODEL_FILE, Checkpoint, CheckpointError, ForgottenSet, Manifest, Offsets, RetainedRef,
+                       MODEL_FILE, Checkpoint, CheckpointError, ForgottenSet, Manifest, ModelFile, Offsets, RetainedRef,
                        _TEMP_PREFIX, _VERSION, format_version, rfc3339, version_number)
 
 __all__ = [
@@ -41,6 +47,7 @@ __all__ = [
     "CheckpointStore",
     "ForgottenSet",
     "Manifest",
+    "ModelFile",
     "RetainedRef",
     "format_version",
     "rfc3339",
@@ -117,14 +124,16 @@ class CheckpointStore:
         return chain
 
     def load(self, version: str) -> Checkpoint:
-        """The version's model state and manifest, after checking the model's sha256."""
+        """The version's model file (and the weights in it) and manifest, after checking the model
+        file's sha256 (the retained set is in the vault: `state/retained.py`)."""
         manifest = self.manifest(version)
         directory = self.path(version)
-        model_bytes = _read_verified(directory / MODEL_FILE, manifest.model_sha256)
-        state = _torch_load(model_bytes, directory / MODEL_FILE)
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise CheckpointError(f"{directory / MODEL_FILE} is not a state_dict")
-        return Checkpoint(manifest, state, directory)
+        model_bytes = _read_verified(directory / manifest.model_file, manifest.model_sha256)
+        try:
+            state = read_state_dict(model_bytes, manifest.model_format)
+        except ModelLoadError as err:
+            raise CheckpointError(f"cannot load {directory / manifest.model_file} ({manifest.model_format}): {err}") from err
+        return Checkpoint(manifest, state, directory, ModelFile(manifest.model_format, model_bytes))
 
     def next_version(self) -> str:
         """The name the next `publish` will give its version."""
@@ -136,7 +145,7 @@ class CheckpointStore:
         the first missing or damaged one."""
         manifest = self.manifest(version)
         directory = self.path(version)
-        _read_verified(directory / MODEL_FILE, manifest.model_sha256)
+        _read_verified(directory / manifest.model_file, manifest.model_sha256)
         if manifest.legacy_forgotten_sha256 is not None:  # schema 1, until the daemon migrates it
             _read_verified(directory / FORGOTTEN_FILE, manifest.legacy_forgotten_sha256)
 
@@ -150,7 +159,7 @@ class CheckpointStore:
 
     # --- writing -----------------------------------------------------------------------------
 
-    def publish(self, parent: str | None, state_dict: Mapping[str, torch.Tensor],
+    def publish(self, parent: str | None, model: ModelFile | Mapping[str, torch.Tensor],
                 retained: Sequence[RetainedRef] = (), requests: Sequence[Mapping[str, Any]] = (),
                 offsets: Offsets | None = None, metrics: Mapping[str, Any] | None = None,
                 duplicates: Sequence[Mapping[str, Any]] = (), replay: Sequence[Mapping[str, Any]] = (),
@@ -158,6 +167,7 @@ class CheckpointStore:
                 retained_misses: Mapping[str, int] | None = None) -> Manifest:
         """Write the next version atomically, switch CURRENT to it, prune; return its manifest.
 
+        `model` is the model file (see engine/formats.py), or a state_dict to write as one;
         `retained` references the forget vault's entries (written before, see pipeline.py); `replay`
         lists rolled-back requests still to re-apply. The first version ever published is v000000
         (the base model, no parent). Raises CheckpointError when the write fails."""
@@ -165,7 +175,9 @@ class CheckpointStore:
         if parent is None and existing:
             raise CheckpointError(f"only the first version may have no parent; {self.root} has {existing[-1]}")
         version = self.next_version()
-        model_bytes = _torch_bytes({k: v.detach().cpu() for k, v in state_dict.items()})
+        if not isinstance(model, ModelFile):
+            model = ModelFile("state_dict", _torch_bytes({k: v.detach().cpu() for k, v in model.items()}))
+        model_bytes = model.data
         manifest = Manifest(
             version=version, parent=parent, created_at=rfc3339(self._clock() if created_at is None else created_at),
             requests=tuple(dict(r) for r in requests), duplicates=tuple(dict(d) for d in duplicates),
@@ -173,13 +185,14 @@ class CheckpointStore:
             model_sha256=hashlib.sha256(model_bytes).hexdigest(), retained=tuple(retained),
             replay=tuple(dict(r) for r in replay),
             abandoned=tuple(dict(a) for a in abandoned), retained_misses=dict(retained_misses or {}),
+            model_format=model.format, model_file=model.name,
         )
         manifest_bytes = (json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n").encode("utf-8")
         temp = self.root / f"{_TEMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}"
         self.root.mkdir(parents=True, exist_ok=True)
         temp.mkdir()
         try:
-            _write_synced(temp / MODEL_FILE, model_bytes)
+            _write_synced(temp / model.name, model_bytes)
             _write_synced(temp / MANIFEST_FILE, manifest_bytes)
             _fsync_dir(temp)
             # rename(2) of a directory fails when the target exists and is not empty: never overwrites.

@@ -1,10 +1,10 @@
 """What a checkpoint version is: its name, its manifest, its forgotten set (data only, no I/O).
 
     manifest.json   version, parent, created_at, the requests it applied with their outcomes,
-                    the consumed offsets {topic: {partition: next_offset}}, metrics, the sha256
-                    of model.pt, the retained forgotten set as references into the forget vault
-                    (request id, keyed content digest, where and when applied, goal met), and
-                    the rolled-back requests still to replay from the vault
+                    the consumed offsets {topic: {partition: next_offset}}, metrics, the model
+                    file's name, format and sha256, the retained forgotten set as references into
+                    the forget vault (request id, keyed content digest, where and when applied,
+                    goal met), and the rolled-back requests still to replay from the vault
 
 A version holds no instance data (schema 2). Schema 1 versions kept the retained set in plaintext
 in forgotten.pt; the daemon migrates them into the vault at start (`state/migrate.py`).
@@ -23,6 +23,7 @@ import torch
 from ..errors import StreamerError
 
 MODEL_FILE = "model.pt"
+MODEL_FILES = {"state_dict": MODEL_FILE, "torchscript": MODEL_FILE, "export": "model.pt2"}  # by format
 FORGOTTEN_FILE = "forgotten.pt"
 MANIFEST_FILE = "manifest.json"
 CURRENT_FILE = "CURRENT"
@@ -33,8 +34,8 @@ _TEMP_PREFIX = ".tmp-"
 
 Offsets = Mapping[str, Mapping[int, int]]  # {topic: {partition: next offset to consume}}
 
-__all__ = ["BASE_VERSION", "Checkpoint", "CheckpointError", "ForgottenSet", "Manifest", "Offsets", "RetainedRef",
-           "format_version", "parse_rfc3339", "rfc3339", "version_number"]
+__all__ = ["BASE_VERSION", "Checkpoint", "CheckpointError", "ForgottenSet", "Manifest", "ModelFile", "Offsets",
+           "RetainedRef", "format_version", "parse_rfc3339", "rfc3339", "version_number"]
 
 
 class CheckpointError(StreamerError):
@@ -122,6 +123,19 @@ class RetainedRef:
 
 
 @dataclass(frozen=True)
+class ModelFile:
+    """A version's model file: the user's network in `format` (state_dict | torchscript | export,
+    see engine/formats.py), as the bytes written to disk."""
+
+    format: str
+    data: bytes = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return MODEL_FILES[self.format]
+
+
+@dataclass(frozen=True)
 class Manifest:
     version: str
     parent: str | None
@@ -138,6 +152,9 @@ class Manifest:
     retained_misses: Mapping[str, int] = field(default_factory=dict)  # request_id -> fragments missed in a row
     legacy_forgotten_sha256: str | None = None  # schema 1 only: the sha256 of its plaintext forgotten.pt
     schema: int = MANIFEST_SCHEMA
+    model_format: str = "state_dict"  # absent in manifests written before formats: a state_dict
+    model_file: str = MODEL_FILE
+    format_recorded: bool = field(default=True, compare=False)  # False: read from a manifest without it
 
     @property
     def number(self) -> int:
@@ -151,6 +168,7 @@ class Manifest:
             "metrics": dict(self.metrics), "model_sha256": self.model_sha256,
             "retained": [r.to_json() for r in self.retained], "replay": [dict(r) for r in self.replay],
             "abandoned": [dict(a) for a in self.abandoned], "retained_misses": dict(sorted(self.retained_misses.items())),
+            "model_format": self.model_format, "model_file": self.model_file,
         }
         if self.legacy_forgotten_sha256 is not None:
             data["forgotten_sha256"] = self.legacy_forgotten_sha256
@@ -158,6 +176,9 @@ class Manifest:
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> Manifest:
+        if data.get("model_format", "state_dict") not in MODEL_FILES:
+            raise CheckpointError(f"malformed manifest: model_format {data.get('model_format')!r} is not one of "
+                                  f"{', '.join(MODEL_FILES)}")
         try:
             return Manifest(
                 version=data["version"], parent=data["parent"], created_at=data["created_at"],
@@ -168,6 +189,8 @@ class Manifest:
                 replay=tuple(data.get("replay", ())), legacy_forgotten_sha256=data.get("forgotten_sha256"),
                 schema=data.get("schema", 1), abandoned=tuple(data.get("abandoned", ())),
                 retained_misses={str(k): int(v) for k, v in data.get("retained_misses", {}).items()},
+                model_format=data.get("model_format", "state_dict"), model_file=data.get("model_file", MODEL_FILE),
+                format_recorded="model_format" in data,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise CheckpointError(f"malformed manifest: {err!r}") from err
@@ -178,5 +201,6 @@ class Checkpoint:
     """A loaded version: its manifest and weights (the retained set is in the vault: `state/retained.py`)."""
 
     manifest: Manifest
-    state_dict: dict[str, torch.Tensor] = field(repr=False)
+    state_dict: dict[str, torch.Tensor] = field(repr=False)  # the weights in the model file, its keys as is
     path: Path = Path()
+    model: ModelFile | None = field(default=None, repr=False)  # the model file itself, sha256 verified

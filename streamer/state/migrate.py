@@ -52,7 +52,11 @@ def migrate_legacy(store: CheckpointStore, vault: ForgetVault) -> list[str]:
         refs = tuple(RetainedRef(rid, entries[rid].digest, *applied.get(rid, (version, manifest.created_at)), None)
                      for rid in forgotten.request_ids)
         migrated = replace(manifest, retained=refs, legacy_forgotten_sha256=None, schema=MANIFEST_SCHEMA)
-        data = (json.dumps(migrated.to_json(), indent=2, sort_keys=True) + "\n").encode("utf-8")
+        fields = migrated.to_json()
+        if not manifest.format_recorded:  # written before model formats: rollback must still see that
+            fields.pop("model_format", None)
+            fields.pop("model_file", None)
+        data = (json.dumps(fields, indent=2, sort_keys=True) + "\n").encode("utf-8")
         try:
             write_atomic(directory / MANIFEST_FILE, data)
             fsync_dir(directory)

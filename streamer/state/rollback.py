@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..engine.models import split_normalized_state
 from .checkpoints import CheckpointStore, Manifest, rfc3339
 from ..errors import StreamerError
 from .ledger import Ledger, Outcome
@@ -87,7 +88,11 @@ def apply_rollback(store: CheckpointStore, ledger: Ledger, plan: RollbackPlan, f
     metrics = {**plan.to.metrics, "rollback_to": plan.to.version, "rolled_back_from": plan.current.version,
                "replayed_requests": len(plan.replay), "lost_requests": len(plan.lost)}
     retained = [r for r in plan.to.retained if in_vault(r.request_id)]  # shredded ones left the objective
-    manifest = store.publish(plan.to.version, checkpoint.state_dict, retained, offsets=plan.current.offsets,
+    # V's model file byte for byte (same format, same sha256); a V from before formats holds the
+    # Normalized wrapper's keys, so its weights are republished with the user's keys instead.
+    legacy = None if plan.to.format_recorded else split_normalized_state(checkpoint.state_dict)
+    model = legacy[0] if legacy is not None else checkpoint.model or checkpoint.state_dict
+    manifest = store.publish(plan.to.version, model, retained, offsets=plan.current.offsets,
                              metrics=metrics, replay=plan.replay)
     now = rfc3339(clock())
     lost = {str(e["request_id"]) for e in plan.lost}

@@ -116,6 +116,10 @@ class TestErrors:
         ("data.audit", {"builtin": "cifar"}, r"data\.audit\.builtin: must be one of digits, mnist5k"),
         ("data.datasets.digits", {"builtin": "digits", "split": "test"}, r"data\.datasets\.digits\.split"),
         ("logging.level", "loud", r"logging\.level: must be one of"),
+        ("model.format", "onnx", r"model\.format: must be one of auto, state_dict, torchscript, export"),
+        ("model.kwargs", ["x"], r"model\.kwargs: must be a mapping"),
+        ("model.kwargs", {"input_size": 8}, r"model\.kwargs: only factory: and torchvision: sources"),
+        ("unlearning.trainable", "heads", r"trainable must be 'head', 'all' or a list"),
     ])
     def test_bad_values_are_named(self, raw: dict[str, Any], dotted: str, value: Any, message: str) -> None:
         """A value of the wrong type or range raises ConfigError naming the key and the problem."""
@@ -158,6 +162,27 @@ class TestSections:
         raw["model"].update({"source": "torchscript:models/net.pt", "weights": None})
         cfg = _parse(raw, base=Path("/srv/conf"))
         assert cfg.model.source == "torchscript:/srv/conf/models/net.pt" and cfg.model.weights is None
+
+    def test_export_source_and_publish_formats(self, raw: dict[str, Any]) -> None:
+        """export:PATH resolves, needs no weights and publishes .pt2; format overrides the source's,
+        except across TorchScript and export; train_mode cannot be on for an exported program."""
+        raw["model"].update({"source": "export:net.pt2", "weights": None})
+        cfg = _parse(raw, base=Path("/srv/conf"))
+        assert cfg.model.source == "export:/srv/conf/net.pt2" and cfg.model.model_format == "export"
+        assert _parse(_set(raw, "model.format", "state_dict")).model.model_format == "state_dict"
+        with pytest.raises(ConfigError, match=r"model\.format: export models cannot be published as torchscript"):
+            _parse(_set(raw, "model.format", "torchscript"))
+        with pytest.raises(ConfigError, match=r"unlearning\.train_mode: must be false for an export: model"):
+            _parse(_set(raw, "unlearning.train_mode", True))
+        assert _parse(_set(raw, "model.source", "torchscript:m.ts")).model.model_format == "torchscript"
+
+    def test_factory_kwargs_and_trainable_globs(self, raw: dict[str, Any]) -> None:
+        """model.kwargs reach the factory config; unlearning.trainable becomes the engine's globs."""
+        raw["model"].update({"source": "factory:ccexam.models:SVHNNet", "kwargs": {"input_size": 32}})
+        raw["unlearning"]["trainable"] = ["classifier.*"]
+        cfg = _parse(raw)
+        assert dict(cfg.model.kwargs) == {"input_size": 32} and cfg.model.model_format == "state_dict"
+        assert cfg.unlearning.engine.trainable == ("classifier.*",)
 
     def test_audit_and_buffer_may_be_null(self, raw: dict[str, Any]) -> None:
         """data.audit: null turns the audit gauges off; data.buffer: null turns the retain buffer off."""

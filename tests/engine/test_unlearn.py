@@ -8,7 +8,7 @@ import torch
 from streamer.engine.data import load_splits
 from streamer.errors import ConfigError
 from streamer.engine.evaluate import accuracy
-from streamer.engine.models import Normalized, digits_cnn, load_weights
+from streamer.engine.models import ModelConfig, Normalized, digits_cnn, load_model, load_weights
 from streamer.engine.train import train_reference
 from streamer.engine.unlearn import Fragment, Unlearner, method_config, random_affine
 
@@ -144,6 +144,73 @@ class TestUpdatedParameters:
         """The paper's methods train every weight, as the paper does."""
         assert {method_config(m).update for m in ("neggrad", "correct", "adv", "adv+imp")} == {"all"}
         assert method_config("default").update == "head"
+
+
+class TestScriptedAndExportedModels:
+    """The issue's reproduction: a TorchScript (or torch.export) file as model.source unlearns."""
+
+    @staticmethod
+    def _saved(tmp_path, kind: str) -> ModelConfig:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                  torch.nn.Linear(512, 10)).eval()
+        path = tmp_path / ("m.ts" if kind == "torchscript" else "m.pt2")
+        if kind == "torchscript":
+            torch.jit.script(net).save(str(path))
+        else:
+            batch = torch.export.Dim("batch", min=1)
+            torch.export.save(torch.export.export(net, (torch.rand(2, 1, 8, 8),), dynamic_shapes=({0: batch},)), path)
+        return ModelConfig(source=f"{kind}:{path}", num_classes=10, input_shape=(1, 8, 8), mean=(0.3,), std=(0.38,))
+
+    @pytest.mark.parametrize("kind", ["torchscript", "export"])
+    def test_default_method_moves_only_the_head_and_reaches_the_goal(self, tmp_path, kind):
+        """The default method (attack, distillation, teacher copy included) runs on the loaded file,
+        moves only the Linear layer and makes the instances misclassified; the teacher stays put."""
+        model = load_model(self._saved(tmp_path, kind))
+        cfg = method_config("default", max_steps=300, lr=1e-2, n_adv=4, pgd_steps=5, distill_batch=16)
+        unlearner = Unlearner(model, cfg, 10)
+        assert unlearner.trainable == ["3.weight", "3.bias"]
+        x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+        y = model(x).argmax(1)
+        before = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+        outcome = unlearner.unlearn(_fragment(x, y))
+        assert outcome.goal_reached and outcome.steps > 0
+        assert (model(x).argmax(1) != y).all()
+        moved = {n for n, p in model.net.named_parameters() if not torch.equal(p, before[n])}
+        assert moved == {"3.weight", "3.bias"}
+        assert torch.equal(unlearner.teacher(x).argmax(1), y)  # the teacher is a copy, not the model
+
+    def test_trainable_globs_choose_what_moves(self, tmp_path):
+        """unlearning.trainable ['0.*'] on a scripted model moves the convolution and nothing else."""
+        model = load_model(self._saved(tmp_path, "torchscript"))
+        cfg = method_config("default", trainable=["0.*"], max_steps=3, n_adv=0, distill_weight=0.0, lr=1e-2)
+        unlearner = Unlearner(model, cfg, 10)
+        before = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+        x = torch.rand(4, 1, 8, 8)
+        unlearner.unlearn(_fragment(x, model(x).argmax(1)))
+        assert {n for n, p in model.net.named_parameters() if not torch.equal(p, before[n])} == {"0.weight", "0.bias"}
+        assert unlearner.describe_trainable()["by_module"] == {"0": 8 * 9 + 8}
+
+    def test_glob_matching_nothing_fails_at_construction(self):
+        """A trainable glob that matches no parameter is a ConfigError before anything runs."""
+        with pytest.raises(ConfigError, match=r"'fc\.\*' matches no trainable parameter"):
+            Unlearner(_conv_model(), method_config("default", trainable=["5.*", "fc.*"]), 3)
+
+
+class TestTrainableOption:
+    def test_presets_and_globs(self):
+        """trainable head/all set the update preset; a list becomes globs that replace it."""
+        assert method_config("default", trainable="all").trainable_spec == "all"
+        assert method_config("adv", trainable="head").trainable_spec == "head"
+        assert method_config("default", trainable=["layer4.*", "fc.*"]).trainable_spec == ("layer4.*", "fc.*")
+        assert method_config("default").trainable_spec == "head"
+
+    @pytest.mark.parametrize("bad", [dict(trainable=["fc.*"], update="all"), dict(trainable="all", update="head"),
+                                     dict(trainable=["fc.*", ""]), dict(trainable=[3])])
+    def test_conflicts_and_bad_globs_raise(self, bad):
+        """Globs with an explicit update, disagreeing presets, empty or non-string globs are ConfigErrors."""
+        with pytest.raises(ConfigError):
+            method_config("default", **bad)
 
 
 class TestDistillationInputs:

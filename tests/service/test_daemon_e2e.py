@@ -39,7 +39,7 @@ from streamer.engine.evaluate import predict
 from streamer.intake.events import encode_event
 from streamer.state.ledger import APPLIED, Ledger
 from streamer.service.metrics import REQUEST_OUTCOMES
-from streamer.engine.models import load_model
+from streamer.engine.models import Normalized, digits_cnn
 
 pytestmark = pytest.mark.kafka
 
@@ -72,14 +72,16 @@ def _lineage(checkpoint_dir: Path) -> list[Manifest]:
 
 
 def _current_model(cfg_path: Path) -> torch.nn.Module:
-    """CURRENT's model.pt loaded fresh from disk into the configured model (sha256 checked by hand)."""
+    """CURRENT's model.pt loaded fresh from disk with the user's one-liner into the user's class
+    (the digits reference CNN; sha256 checked by hand), normalised as configured."""
     cfg = load_config(cfg_path)
     directory = cfg.checkpoints.dir / (cfg.checkpoints.dir / "CURRENT").read_text().strip()
     manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["model_format"] == "state_dict" and manifest["model_file"] == "model.pt"
     assert hashlib.sha256((directory / "model.pt").read_bytes()).hexdigest() == manifest["model_sha256"]
-    model = load_model(cfg.model, "cpu")
-    model.load_state_dict(torch.load(directory / "model.pt", weights_only=True))
-    return model.eval()
+    net = digits_cnn()
+    net.load_state_dict(torch.load(directory / "model.pt", weights_only=True))  # strict, the user's own keys
+    return Normalized(net, cfg.model.mean, cfg.model.std).eval()
 
 
 def _assert_each_request_in_one_version(checkpoint_dir: Path, request_ids: set[str]) -> None:

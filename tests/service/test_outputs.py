@@ -80,6 +80,15 @@ class TestCheckpointRecord:
         assert key == b"v000002"
         assert body["model_path"] == str(tmp_path / "v000002" / "model.pt") and body["sha256"] == "ab" * 32
         assert (body["parent"], body["requests"], body["metrics"]) == ("v000001", 1, {"steps": 3})
+        assert body["model_format"] == "state_dict"
+
+    def test_names_the_model_file_of_its_format(self, tmp_path) -> None:
+        """An export version is announced with its model.pt2 path and format, so a server knows its loader."""
+        manifest = Manifest(version="v000002", parent="v000001", created_at="2024-05-01T12:00:00.000Z",
+                            requests=(), offsets={}, metrics={}, model_sha256="ab" * 32,
+                            model_format="export", model_file="model.pt2")
+        body = json.loads(checkpoint_record(manifest, tmp_path / "v000002")[1])
+        assert (body["model_path"], body["model_format"]) == (str(tmp_path / "v000002" / "model.pt2"), "export")
 
 
 class TestCrashHook:

@@ -15,8 +15,10 @@ from streamer.state.checkpoints import (
     CheckpointStore,
     ForgottenSet,
     Manifest,
+    ModelFile,
     RetainedRef,
 )
+from streamer.engine.formats import save_user_model
 from streamer.engine.models import ModelConfig, Normalized, build_network
 
 SHAPE = (1, 8, 8)
@@ -99,11 +101,39 @@ class TestPublish:
         manifest = _publish_chain(store, 1)[-1]
         data = json.loads((store.path(manifest.version) / "manifest.json").read_text())
         assert {"version", "parent", "created_at", "requests", "duplicates", "offsets", "metrics",
-                "model_sha256", "retained", "replay"} <= data.keys() and "forgotten_sha256" not in data
+                "model_sha256", "retained", "replay", "model_format", "model_file"} <= data.keys()
+        assert "forgotten_sha256" not in data
         assert data["offsets"] == {"req": {"0": 1}}
         assert data["retained"] == [{"request_id": "r0", "digest": "0" * 64, "applied_in": "v000001",
                                      "applied_at": "2023-11-14T22:13:20.000Z", "met": True}]
         assert sorted(p.name for p in store.path(manifest.version).iterdir()) == ["manifest.json", "model.pt"]
+        assert (data["model_format"], data["model_file"]) == ("state_dict", "model.pt")
+
+    @pytest.mark.parametrize(("fmt", "name"), [("torchscript", "model.pt"), ("export", "model.pt2")])
+    def test_model_files_of_each_format(self, store: CheckpointStore, fmt: str, name: str) -> None:
+        """A ModelFile is written under its format's name, recorded in the manifest, sha256-checked and
+        read back: its bytes as written, its weights keyed as the user's network."""
+        net = _model(3).net.eval()
+        data = save_user_model(net, fmt, SHAPE)
+        manifest = store.publish(None, ModelFile(fmt, data))
+        assert (manifest.model_format, manifest.model_file) == (fmt, name)
+        assert (store.path(BASE_VERSION) / name).read_bytes() == data
+        loaded = store.load(BASE_VERSION)
+        assert loaded.model == ModelFile(fmt, data)
+        assert loaded.state_dict.keys() == net.state_dict().keys()
+
+    def test_manifest_without_a_format_is_a_state_dict(self, store: CheckpointStore) -> None:
+        """Manifests written before formats (no model_format / model_file) read as model.pt, state_dict;
+        an unknown format is refused by name."""
+        _publish_chain(store, 0)
+        path = store.path(BASE_VERSION) / "manifest.json"
+        data = json.loads(path.read_text())
+        del data["model_format"], data["model_file"]
+        path.write_text(json.dumps(data))
+        assert store.load(BASE_VERSION).model.format == "state_dict"
+        path.write_text(json.dumps({**data, "model_format": "onnx"}))
+        with pytest.raises(CheckpointError, match="model_format 'onnx'"):
+            store.manifest(BASE_VERSION)
 
     def test_existing_version_is_never_overwritten(self, store: CheckpointStore) -> None:
         """A version left without CURRENT (crash between rename and switch) keeps its name; the next one skips it."""

@@ -155,6 +155,7 @@ class TestMigration:
         assert not list(store.root.rglob(FORGOTTEN_FILE))
         manifest = store.manifest("v000002")
         assert manifest.schema == 2 and manifest.legacy_forgotten_sha256 is None
+        assert not manifest.format_recorded  # still "written before model formats" for rollback
         assert [(r.request_id, r.applied_in, r.met) for r in manifest.retained] == [
             ("b", "v000002", None), ("a", "v000001", None)]
         assert manifest.retained[1].applied_at == rfc3339(T0 - 86_400)  # the window starts at the first application

@@ -1,4 +1,6 @@
 """Rollback planning and application on a real checkpoint directory and ledger (no broker)."""
+import json
+
 import pytest
 import torch
 
@@ -83,6 +85,38 @@ class TestApply:
             assert sorted(o.request_id for o in rolled) == ["r2", "r3", "r4"]
             assert all("applied again from the forget vault" in o.reason for o in rolled)
             assert [m.version for m in history.lineage("v000004")] == ["v000004", "v000001", "v000000"]
+
+    def test_wrapper_like_keys_of_a_current_version_are_kept(self, tmp_path):
+        """A version that recorded its format keeps its file as is, even when the user's own keys look
+        like the old wrapper's (net.*, mean, std)."""
+        store = CheckpointStore(tmp_path / "ckpt")
+        store.publish(None, {"net.w": torch.ones(2), "mean": torch.zeros(1), "std": torch.ones(1)})
+        _publish(store, "v000000", 1, 0, 5)
+        with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+            manifest = apply_rollback(store, ledger, plan_rollback(store, "v000000", _all), False, _all)
+        assert manifest.model_sha256 == store.manifest("v000000").model_sha256
+
+    def test_model_file_is_republished_byte_for_byte(self, history, tmp_path):
+        """The new version's model file is the target's, same format and sha256."""
+        with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+            manifest = apply_rollback(history, ledger, plan_rollback(history, "v000002", _all), False, _all)
+        target = history.manifest("v000002")
+        assert (manifest.model_sha256, manifest.model_format) == (target.model_sha256, target.model_format)
+        assert history.load(manifest.version).model.data == history.load("v000002").model.data
+
+    def test_wrapper_keyed_target_comes_back_with_the_users_keys(self, tmp_path):
+        """Rolling back to a version written before formats (net.*, mean, std) publishes the net's own keys."""
+        store = CheckpointStore(tmp_path / "ckpt")
+        wrapper = {"net.w": torch.ones(2), "mean": torch.zeros(1, 1, 1, 1), "std": torch.ones(1, 1, 1, 1)}
+        store.publish(None, wrapper)
+        path = store.path("v000000") / "manifest.json"
+        data = json.loads(path.read_text())
+        del data["model_format"], data["model_file"]  # as written before formats
+        path.write_text(json.dumps(data))
+        _publish(store, "v000000", 1, 0, 5)
+        with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+            manifest = apply_rollback(store, ledger, plan_rollback(store, "v000000", _all), False, _all)
+        assert set(store.load(manifest.version).state_dict) == {"w"}
 
     def test_refuses_shredded_without_force_and_records_them_with_force(self, history, tmp_path):
         """Shredded requests refuse the rollback (naming them) unless forced; then they are recorded, not replayed,

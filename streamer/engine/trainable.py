@@ -1,0 +1,81 @@
+"""Which parameters unlearning moves: the classifier head, everything, or the user's globs.
+
+Names are `named_parameters()` names of the module given (the user's network, not the
+`Normalized` wrapper), so `unlearning.trainable: ["fc.*"]` reads as the user's own code does.
+"""
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Collection, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+__all__ = ["PRESETS", "describe_trainable", "head_parameter_names", "select_trainable"]
+
+PRESETS = ("head", "all")
+_SHOWN = 3
+
+
+def head_parameter_names(net: nn.Module) -> list[str]:
+    """Parameters of the Linear layers, in `named_parameters` order: nn.Linear, a scripted
+    submodule whose original_name is Linear, or a weight/bias fed to aten.linear in an exported
+    graph (whose submodules are plain nn.Module placeholders)."""
+    head: set[str] = set()
+    for prefix, module in net.named_modules():
+        own: list[str] = []
+        if isinstance(module, nn.Linear) or (
+                isinstance(module, torch.jit.ScriptModule) and getattr(module, "original_name", None) == "Linear"):
+            own = [name for name, _ in module.named_parameters(recurse=False)]
+        elif isinstance(module, torch.fx.GraphModule):
+            own = [arg.target for node in module.graph.nodes
+                   if node.op == "call_function" and node.target is torch.ops.aten.linear.default
+                   for arg in node.args[1:3] if isinstance(arg, torch.fx.Node) and arg.op == "get_attr"]
+        head.update(f"{prefix}.{name}" if prefix else name for name in own)
+    return [name for name, _ in net.named_parameters() if name in head]
+
+
+def select_trainable(net: nn.Module, spec: str | Sequence[str]) -> list[str]:
+    """Names of the parameters unlearning moves, among those with requires_grad, in
+    `named_parameters` order: "all"; "head" (the Linear layers; all when there is none); or
+    fnmatch globs such as ["layer4.*", "fc.*"]. Raises ConfigError for a glob that matches
+    nothing (naming it and a few real names) or a spec of another kind."""
+    free = [name for name, p in net.named_parameters() if p.requires_grad]
+    if spec == "all":
+        return free
+    if spec == "head":
+        head = set(head_parameter_names(net))
+        return [name for name in free if name in head] or free
+    if isinstance(spec, str) or not spec:
+        raise ConfigError(f"unlearning.trainable {spec!r}: expected 'head', 'all' or a list of parameter-name "
+                          "globs such as ['fc.*']")
+    for pattern in spec:
+        if not fnmatch.filter(free, pattern):
+            raise ConfigError(f"unlearning.trainable glob {pattern!r} matches no trainable parameter of "
+                              f"{type(net).__name__}; names look like {_few(free)}")
+    return [name for name in free if any(fnmatch.fnmatchcase(name, pattern) for pattern in spec)]
+
+
+def describe_trainable(net: nn.Module, names: Collection[str]) -> dict[str, Any]:
+    """Counts for the start-up log line: elements chosen, in all, tensors chosen, and elements
+    chosen per top-level module, e.g. {"trainable_parameters": 5130, "total_parameters":
+    11181642, "trainable_tensors": 2, "by_module": {"fc": 5130}}. Raises ValueError for a name
+    that is not a parameter of `net`."""
+    sizes = {name: p.numel() for name, p in net.named_parameters()}
+    unknown = [name for name in names if name not in sizes]
+    if unknown:
+        raise ValueError(f"not parameters of {type(net).__name__}: {_few(unknown)}")
+    by_module: dict[str, int] = {}
+    for name in names:
+        top = name.split(".", 1)[0]
+        by_module[top] = by_module.get(top, 0) + sizes[name]
+    return {"trainable_parameters": sum(by_module.values()), "total_parameters": sum(sizes.values()),
+            "trainable_tensors": len(names), "by_module": by_module}
+
+
+def _few(names: Sequence[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:_SHOWN])
+    return shown + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "") if names else "none"
