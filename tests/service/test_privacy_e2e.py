@@ -20,7 +20,7 @@ from daemon_harness import DaemonProcess, new_topics, produce, read_topic, train
 from streamer.config import load_config
 from streamer.engine.data import load_splits
 from streamer.engine.evaluate import predict
-from streamer.engine.models import load_model
+from streamer.engine.models import published_model
 from streamer.intake.events import encode_event
 from streamer.service.broker import create_topics
 from streamer.state.checkpoints import CheckpointStore
@@ -65,11 +65,12 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def _current_model(config: Path) -> torch.nn.Module:
+    """CURRENT's model file, loaded as its user loads it (sha256 checked by the store)."""
     cfg = load_config(config)
     store = CheckpointStore(cfg.checkpoints.dir)
-    model = load_model(cfg.model, "cpu")
-    model.load_state_dict(store.load(store.current_version() or "").state_dict)
-    return model.eval()
+    model_file = store.load(store.current_version() or "").model
+    assert model_file is not None
+    return published_model(cfg.model, model_file.data, model_file.format, "cpu")
 
 
 def _applied_once(checkpoint_dir: Path, ids: set[str]) -> None:
