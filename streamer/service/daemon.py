@@ -168,8 +168,11 @@ class Daemon:
                                         max_records=unlearning.fragment_size - len(self._collector.pending))
         except Exception as err:  # noqa: BLE001 - a batch the client cannot decode, or infrastructure
             assert self._outbox is not None
-            if not skip_undecodable(self._consumer, err, self._outbox, self._collector.positions, self.metrics,
-                                    self._log, self._clock):
+            kafka = self.cfg.kafka
+            probe = lambda: KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, group_id=None,  # noqa: E731
+                                          enable_auto_commit=False, **kafka.settings("consumer"))
+            if not skip_undecodable(self._consumer, probe, err, self._outbox, self._collector.positions,
+                                    self.metrics, self._log, self._clock):
                 raise
             return
         if batch:
