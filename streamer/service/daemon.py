@@ -36,7 +36,8 @@ from .collector import Collector
 from .goals import GoalIndex
 from .undecodable import skip_undecodable
 from .crash import CRASH_POINTS, CrashHook
-from .kafka_io import commit_offsets, consumer_lag, ensure_topics, kafka_earliest, make_consumer, make_producer
+from .kafka_io import (commit_offsets, consumer_lag, ensure_topics, kafka_earliest, make_consumer, make_producer,
+                       poll_while)
 from .http import MetricsServer, serve
 from .metrics import Metrics
 from .outbox import DeliveryError, Outbox
@@ -215,34 +216,12 @@ class Daemon:
         parent = self._version
         log = self._log.bind(parent=parent, requests=len(accepted))
         log.info("fragment_started", request_ids=[a.request.request_id for a in accepted])
-        box: dict[str, Any] = {}
-
-        def work() -> None:
-            try:
-                box["run"] = self._pipeline.unlearn(accepted, self._cancel, log)
-            except BaseException as err:  # re-raised in the main thread
-                box["error"] = err
-
         self._fragment_running, self._reseek = True, False
-        consumer.pause(*consumer.assignment())
-        thread = threading.Thread(target=work, name="fragment", daemon=True)
-        thread.start()
         try:
-            while thread.is_alive():
-                # Paused partitions return nothing; poll() keeps the member alive in its group.
-                for tp, records in consumer.poll(timeout_ms=POLL_TIMEOUT_MS).items():
-                    consumer.seek(tp, records[0].offset)  # an unpaused (newly assigned) partition: read later
-                    consumer.pause(tp)
-                self._tick()
-                self._update_lag()
-                if self._stop.is_set():
-                    self._cancel.set()
-                thread.join(timeout=0.01)
+            run = poll_while(self._consumer, lambda: self._pipeline.unlearn(accepted, self._cancel, log),
+                             POLL_TIMEOUT_MS, self._while_unlearning)
         finally:
             self._fragment_running = False
-        if "error" in box:  # not a fragment failure (those are settled): a bug or the machine itself
-            raise box["error"]
-        run = box.get("run")
         if run is None:
             log.info("fragment_abandoned", reason="cancelled by shutdown; nothing published or committed")
             return
@@ -257,6 +236,12 @@ class Daemon:
         if self._reseek:  # assigned while the fragment ran: positions came from the old manifest
             self._seek_to_current()
         consumer.resume(*consumer.paused())
+
+    def _while_unlearning(self) -> None:
+        self._tick()
+        self._update_lag()
+        if self._stop.is_set():
+            self._cancel.set()
 
     def _commit(self, offsets: Mapping[str, Mapping[int, int]]) -> None:
         assert self._consumer is not None

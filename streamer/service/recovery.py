@@ -61,6 +61,9 @@ def recover(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], f
         stale = store.recover()
         if stale:
             log.info("stale_temp_files_removed", files=stale)
+        orphans = store.orphans()
+        if orphans:  # written, never CURRENT (a crash or a failed switch): kept, never part of a lineage
+            log.warning("orphan_versions", versions=orphans, current=store.current_version())
         base = load_model(cfg.model, device)
         select_trainable(base.net, cfg.unlearning.engine.trainable_spec)  # a bad glob fails before any publish
         fmt, shape = cfg.model.model_format, cfg.model.input_shape
