@@ -172,8 +172,10 @@ def with_tests_on_path() -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), tests) if p)}
 
 
-def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes]]) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes]],
+            compression: str | None = None) -> None:
+    """Send and flush; with `compression` (gzip, snappy, lz4, zstd) the records travel as compressed batches."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", compression_type=compression, linger_ms=50)
     try:
         for key, value in records:
             producer.send(topic, key=key, value=value)

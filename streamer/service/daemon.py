@@ -38,7 +38,7 @@ from .collector import Collector
 from .goals import GoalIndex
 from .undecodable import skip_undecodable
 from .crash import CRASH_POINTS, CrashHook
-from .kafka_io import (commit_offsets, consumer_lag, ensure_topics, make_consumer, make_producer,
+from .kafka_io import (commit_offsets, consumer_lag, ensure_topics, make_consumer, make_producer, poll_while,
                        topic_configs_by_name)
 from .http import MetricsServer, serve
 from .metrics import Metrics
@@ -183,8 +183,11 @@ class Daemon:
                                         max_records=unlearning.fragment_size - len(self._collector.pending))
         except Exception as err:  # noqa: BLE001 - a batch the client cannot decode, or infrastructure
             assert self._outbox is not None
-            if not skip_undecodable(self._consumer, err, self._outbox, self._collector.positions, self.metrics,
-                                    self._log, self._clock):
+            kafka = self.cfg.kafka
+            probe = lambda: KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, group_id=None,  # noqa: E731
+                                          enable_auto_commit=False, **kafka.settings("consumer"))
+            if not skip_undecodable(self._consumer, probe, err, self._outbox, self._collector.positions,
+                                    self.metrics, self._log, self._clock):
                 raise
             return
         if batch:
@@ -231,34 +234,12 @@ class Daemon:
         parent = self._version
         log = self._log.bind(parent=parent, requests=len(accepted))
         log.info("fragment_started", request_ids=[a.request.request_id for a in accepted], replay=replay)
-        box: dict[str, Any] = {}
-
-        def work() -> None:
-            try:
-                box["run"] = self._pipeline.unlearn(accepted, self._cancel, log)
-            except BaseException as err:  # re-raised in the main thread
-                box["error"] = err
-
         self._fragment_running, self._reseek = True, False
-        consumer.pause(*consumer.assignment())
-        thread = threading.Thread(target=work, name="fragment", daemon=True)
-        thread.start()
         try:
-            while thread.is_alive():
-                # Paused partitions return nothing; poll() keeps the member alive in its group.
-                for tp, records in consumer.poll(timeout_ms=POLL_TIMEOUT_MS).items():
-                    consumer.seek(tp, records[0].offset)  # an unpaused (newly assigned) partition: read later
-                    consumer.pause(tp)
-                self._tick()
-                self._update_lag()
-                if self._stop.is_set():
-                    self._cancel.set()
-                thread.join(timeout=0.01)
+            run = poll_while(self._consumer, lambda: self._pipeline.unlearn(accepted, self._cancel, log),
+                             POLL_TIMEOUT_MS, self._while_unlearning)
         finally:
             self._fragment_running = False
-        if "error" in box:  # not a fragment failure (those are settled): a bug or the machine itself
-            raise box["error"]
-        run = box.get("run")
         if run is None:
             log.info("fragment_abandoned", reason="cancelled by shutdown; nothing published or committed")
             return
@@ -276,6 +257,12 @@ class Daemon:
         if self._reseek:  # assigned while the fragment ran: positions came from the old manifest
             self._seek_to_current()
         consumer.resume(*consumer.paused())
+
+    def _while_unlearning(self) -> None:
+        self._tick()
+        self._update_lag()
+        if self._stop.is_set():
+            self._cancel.set()
 
     def _commit(self, offsets: Mapping[str, Mapping[int, int]]) -> None:
         assert self._consumer is not None

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import StreamerError
+from ..intake.samples import storable_text
 
 if TYPE_CHECKING:
     from .collector import Accepted
@@ -40,6 +41,7 @@ class FragmentFailure(StreamerError):
     bisect = True
 
     def __init__(self, reason: str):
+        reason = storable_text(reason if len(reason) <= 1000 else f"{reason[:1000]}... ({len(reason)} characters)")
         super().__init__(reason)
         self.reason = reason
 

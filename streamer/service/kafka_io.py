@@ -8,7 +8,8 @@ kafka-python as is. api_version is never set: kafka-python negotiates it with th
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+import threading
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
@@ -16,6 +17,8 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 from kafka.structs import OffsetAndMetadata
 
 from ..errors import ConfigError
+
+T = TypeVar("T")
 
 # Join/rebalance time is about session_timeout_ms / 2 on some brokers: keep it short.
 SESSION_TIMEOUT_MS = 6000
@@ -155,3 +158,31 @@ def commit_offsets(consumer: KafkaConsumer, offsets: Mapping[str, Mapping[int, i
         consumer.commit(commit)
     except KafkaError as err:
         log.warning("offset_commit_failed", error=repr(err))
+
+
+def poll_while(consumer: KafkaConsumer, work: Callable[[], T], poll_ms: int, tick: Callable[[], None]) -> T:
+    """Run `work()` in a thread while this thread keeps calling poll() on paused partitions, so
+    the group sees a live member and max.poll.interval never expires however long `work` takes
+    (minutes of unlearning on a CPU). `tick()` runs after every poll. Returns work's result, or
+    re-raises what it raised. A partition assigned meanwhile comes unpaused: it is sought back
+    to its first polled record and paused, so nothing is consumed before the work is done."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = work()
+        except BaseException as err:  # re-raised in the calling thread
+            box["error"] = err
+
+    consumer.pause(*consumer.assignment())
+    thread = threading.Thread(target=run, name="fragment", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        for tp, records in consumer.poll(timeout_ms=poll_ms).items():
+            consumer.seek(tp, records[0].offset)
+            consumer.pause(tp)
+        tick()
+        thread.join(timeout=0.01)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]

@@ -71,6 +71,9 @@ def recover(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], f
         stale = store.recover()
         if stale:
             log.info("stale_temp_files_removed", files=stale)
+        orphans = store.orphans()
+        if orphans:  # written, never CURRENT (a crash or a failed switch): kept, never part of a lineage
+            log.warning("orphan_versions", versions=orphans, current=store.current_version())
         vault = open_vault(cfg, writer=True, clock=clock)  # fail fast: before any model is loaded
         if vault.recovered:
             log.info("vault_crash_leftovers_erased", files=len(vault.recovered))

@@ -4,8 +4,8 @@ kafka-python raises from `poll()` when a fetched batch cannot be decoded (a code
 not installed, a CRC mismatch, a malformed batch) and leaves the partition's position where it
 was, so without this the daemon would fail on the same offset forever. Kafka returns whole
 batches, so a fetch from any offset inside a bad batch fails the same way: the undecodable run
-is found by probing offset by offset, in isolation from the other partitions, until a fetch
-succeeds (or the log ends). The caller records an outcome for every skipped offset.
+is found by probing offset by offset with a separate consumer until a fetch succeeds (or the log
+ends). The caller records an outcome for every skipped offset.
 """
 from __future__ import annotations
 
@@ -27,41 +27,41 @@ MAX_SKIP = 100_000  # offsets one undecodable run may span before the search giv
 PROBE_S = 3.0  # how long one offset is fetched before it counts as past the end of the log
 
 
-def find_undecodable(consumer: KafkaConsumer, log: Any, probe_s: float = PROBE_S) -> tuple[TopicPartition, int, int] | None:
-    """(partition, first, last) of the undecodable run at an assigned partition's position, the
-    consumer positioned at `last + 1`; None when no partition fails to decode (the error was not
-    about the data). Other partitions keep their positions and pause state."""
-    paused = set(consumer.paused())
-    active = [tp for tp in consumer.assignment() if tp not in paused]
+def find_undecodable(consumer: KafkaConsumer, open_probe: Callable[[], KafkaConsumer], log: Any,
+                     probe_s: float = PROBE_S) -> tuple[TopicPartition, int, int] | None:
+    """(partition, first, last) of the undecodable run at an assigned partition's position, and
+    the consumer sought to `last + 1`; None when no partition fails to decode (the error was not
+    about the data). The probing runs on a separate, group-less consumer from `open_probe()`, so
+    the group consumer's membership, positions and pause state are not touched."""
+    positions = {tp: consumer.position(tp) for tp in consumer.assignment() if tp not in consumer.paused()}
+    probe = open_probe()
     try:
-        for tp in active:
-            consumer.pause(*[t for t in active if t != tp])
-            consumer.resume(tp)
-            first = consumer.position(tp)
-            error = _probe(consumer, tp, first, probe_s)
+        for tp, first in positions.items():
+            probe.assign([tp])
+            error = _probe(probe, tp, first, probe_s)
             if error is None:
                 continue
             last = first
-            while last - first < MAX_SKIP and _probe(consumer, tp, last + 1, probe_s) is not None:
+            while last - first < MAX_SKIP and _probe(probe, tp, last + 1, probe_s) is not None:
                 last += 1
             consumer.seek(tp, last + 1)
             log.warning("undecodable_batch_skipped", topic=tp.topic, partition=tp.partition, first=first, last=last,
-                        error=repr(error))
+                        error=f"{type(error).__name__}: {error}")
             return tp, first, last
         return None
     finally:
-        consumer.resume(*active)
-        if paused:
-            consumer.pause(*paused)
+        probe.close()
 
 
-def skip_undecodable(consumer: KafkaConsumer, error: Exception, outbox: Outbox, positions: dict[tuple[str, int], int],
-                     metrics: Metrics, log: Any, clock: Callable[[], float] = time.time) -> bool:
+def skip_undecodable(consumer: KafkaConsumer, open_probe: Callable[[], KafkaConsumer], error: Exception,
+                     outbox: Outbox, positions: dict[tuple[str, int], int], metrics: Metrics, log: Any,
+                     clock: Callable[[], float] = time.time) -> bool:
     """Record-level policy for a batch the client cannot decode: each skipped offset gets a
     `rejected` ledger row, the run one dead letter naming partition and offsets, and `positions`
     moves past it (committed with the next fragment). False when no partition fails to decode
     (the error is not about the data: the caller treats it as infrastructure)."""
-    found = find_undecodable(consumer, log)
+    log.warning("poll_failed", error=f"{type(error).__name__}: {error}", action="probing each assigned partition")
+    found = find_undecodable(consumer, open_probe, log)
     if found is None:
         return False
     tp, first, last = found

@@ -93,3 +93,17 @@ def test_an_orphan_version_is_never_shown_as_lineage(directory: Path) -> None:
     row = next(line for line in listing.stdout.splitlines() if line.startswith("| v000002"))
     assert "orphan" in row and "lineage |" not in row
     assert store.orphans() == ["v000002"]
+
+
+def test_an_abandoned_request_is_its_own_category(directory: Path) -> None:
+    """A request that left the retained set (goal out of reach) is listed ABANDONED, not CAME BACK, and verify passes."""
+    store = CheckpointStore(directory / "ckpt")
+    entry = {"request_id": "a", "status": "failed", "reason": "step cap", "topic": "t", "partition": 0, "offset": 1,
+             "subject": None}
+    weights = torch.load(directory / "w.pt")
+    store.publish("v000001", weights, requests=[entry])
+    store.publish("v000002", weights,
+                  abandoned=[{**entry, "status": "abandoned", "reason": "goal still missed"}])
+    result = _cli("verify", "--config", str(directory / "config.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ABANDONED: 1 requests" in result.stdout and "CAME BACK" not in result.stdout

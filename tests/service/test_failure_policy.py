@@ -9,6 +9,7 @@ all-0.5 image, as a user's model with an assertion, or a CUDA OOM on one input, 
 """
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from kafka import KafkaProducer
 
 from daemon_harness import DaemonProcess, new_topics, produce, read_topic, train_digits, values, write_config
 from streamer.engine.data import load_splits
@@ -55,16 +55,6 @@ def _with_member(rid: str, index: int, member: str) -> tuple[bytes, bytes]:
     return rid.encode(), ('{' + member + ',' + value[1:]).encode()
 
 
-def _produce_compressed(bootstrap: str, topic: str, records, codec: str) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", compression_type=codec, linger_ms=50)
-    try:
-        for key, value in records:
-            producer.send(topic, key=key, value=value)
-        producer.flush(timeout=30)
-    finally:
-        producer.close()
-
-
 def _receipts(bootstrap: str, topic: str, expected: int) -> dict[str, list[dict]]:
     by_id: dict[str, list[dict]] = {}
     for receipt in values(read_topic(bootstrap, topic, expected, timeout_s=60)):
@@ -73,8 +63,9 @@ def _receipts(bootstrap: str, topic: str, expected: int) -> dict[str, list[dict]
 
 
 def _verify(config: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}  # the factory model's module
     return subprocess.run([sys.executable, "-m", "streamer", "verify", "--config", str(config)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
 
 
 def _scrape(daemon: DaemonProcess) -> str:
@@ -101,9 +92,9 @@ def test_a_mixed_stream_of_poison_and_healthy_requests_keeps_the_daemon_alive(ka
     plain += [_with_member("bad-text", 1, '"subject":"user-\\ud83d"'), _with_member("dup-key", 2, '"label":5')]
     plain += [_event("c-a", 20, conflict_target), _event("c-b", 20, (conflict_target + 1) % 10)]
     produce(kafka_bootstrap, topics["requests"], plain)
-    _produce_compressed(kafka_bootstrap, topics["requests"], [_event("h4", 14), _event("h5", 15)], "lz4")
-    _produce_compressed(kafka_bootstrap, topics["requests"], [_event("h6", 16), _event("h7", 17)], "zstd")
-    _produce_compressed(kafka_bootstrap, topics["requests"], [_event("h8", 18)], "snappy")
+    produce(kafka_bootstrap, topics["requests"], [_event("h4", 14), _event("h5", 15)], "lz4")
+    produce(kafka_bootstrap, topics["requests"], [_event("h6", 16), _event("h7", 17)], "zstd")
+    produce(kafka_bootstrap, topics["requests"], [_event("h8", 18)], "snappy")
     produce(kafka_bootstrap, topics["requests"], [_event("h9", 19)])  # healthy, behind everything
     total = 16
 
@@ -143,7 +134,7 @@ def test_an_undecodable_batch_is_skipped_by_offset_range(kafka_bootstrap, weight
     topics = new_topics(kafka_bootstrap, "codec")
     config = write_config(tmp_path, kafka_bootstrap, topics, weights)
     produce(kafka_bootstrap, topics["requests"], [_event("u0", 10)])
-    _produce_compressed(kafka_bootstrap, topics["requests"], [_event("u1", 11), _event("u2", 12)], "lz4")
+    produce(kafka_bootstrap, topics["requests"], [_event("u1", 11), _event("u2", 12)], "lz4")
     produce(kafka_bootstrap, topics["requests"], [_event("u3", 13)])
 
     daemon = DaemonProcess(config, tmp_path / "daemon.log", env={"PYTHONPATH": str(stub)})
@@ -163,7 +154,7 @@ def test_an_undecodable_batch_is_skipped_by_offset_range(kafka_bootstrap, weight
 
 
 @pytest.mark.parametrize("unlearning, kind, words", [
-    ({"method": "neggrad", "lr": 1.0, "max_steps": 50}, "non_finite", "NaN/Inf"),
+    ({"method": "neggrad", "lr": 1e20, "max_steps": 50}, "non_finite", "NaN/Inf"),  # blows up at step 1
     ({"max_audit_drop": 0.0}, "utility_floor", "below the base model"),
 ])
 def test_a_broken_or_collapsed_model_is_never_published(kafka_bootstrap, weights, tmp_path, unlearning, kind, words):
