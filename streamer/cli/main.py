@@ -104,6 +104,24 @@ def _verify(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def _verify_attacks(args: argparse.Namespace) -> int:
+    """`verify --attacks`: verify as usual (same output, same exit code), then the attacks."""
+    from ..config import load_config
+    from .ops import attack_table, verify_attacks
+
+    code = _verify(args)
+    cfg = load_config(args.config)
+    run = verify_attacks(cfg, args.version)
+    print(f"\nattacks on {run.version}, held-out data: data.audit ({cfg.data.audit.describe()}, "
+          f"{run.report.held_out} instances), forgotten: {run.report.forgotten} retained instances")
+    print(f"reference: original model {run.reference} (no retrained reference available)")
+    print(attack_table(run))
+    for note in run.report.notes:
+        print(f"note: {note}")
+    print(f"wrote {run.path} (the manifest is not rewritten; attacks.json is not covered by its sha256)")
+    return code
+
+
 def _rollback(args: argparse.Namespace) -> int:
     from ..config import load_config
     from .ops import rollback
@@ -179,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="re-check that every request applied up to a version is still forgotten")
     verify.add_argument("version", nargs="?", help="default: CURRENT")
     verify.add_argument("--config", required=True)
+    verify.add_argument("--attacks", action="store_true", help="also run the forgetting attacks (probe, relearning, "
+                        "MIA, loss and Streisand AUC) against the base version; writes VERSION/attacks.json")
     verify.set_defaults(func=_verify)
     keygen = sub.add_parser("keygen", help="write a new random key-encryption key (KEK) for the forget vault")
     keygen.add_argument("path", help="where to write it (mode 0600; an existing file is never overwritten)")
@@ -199,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     """Every failure is one `streamer: error: ...` line on stderr and exit status 2 (verify uses 1
     for "instances came back"); `--log-level debug` adds the traceback of unexpected errors."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "attacks", False):
+        args.func = _verify_attacks
     configure_logging(args.log_level or "info")
     try:
         return args.func(args)

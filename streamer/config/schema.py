@@ -50,7 +50,7 @@ class DatasetRef:
     """A labelled image set: a split of a built-in dataset, or a torch file holding
     {"x": (N, C, H, W) float in [0, 1], "y": (N,) int}."""
 
-    builtin: str | None = None  # digits | mnist5k
+    builtin: str | None = None  # digits | mnist5k | fashion
     split: str = "train"  # train | buffer | audit (built-in only)
     path: Path | None = None
 
