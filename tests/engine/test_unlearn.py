@@ -215,19 +215,26 @@ class TestTrainableOption:
 
 class TestDistillationInputs:
     @pytest.mark.parametrize("distill_buffer", [True, False])
-    def test_buffer_images_join_the_distillation_pool(self, distill_buffer, monkeypatch):
-        """With a retain buffer and distill_buffer on, a buffer batch joins the images the
-        distillation inputs are made from; off, only the objective's instances do."""
+    @pytest.mark.parametrize("fast_path", [True, False])
+    def test_buffer_images_join_the_distillation_pool(self, distill_buffer, fast_path, monkeypatch):
+        """With a retain buffer and distill_buffer on, buffer images join the images the
+        distillation inputs are made from; off, only the objective's instances do. Old path: a
+        buffer batch every step; fast path: the whole buffer, once per fragment (the pool)."""
         from streamer.engine.data import Dataset
         model = tiny_model()
         x, y = _correct_subset(model, 4)
         bx, by = tiny_data(50, seed=1)
         seen = []
         original = Unlearner._distill_inputs
-        monkeypatch.setattr(Unlearner, "_distill_inputs", lambda self, src, adv: seen.append(len(src)) or original(self, src, adv))
-        cfg = method_config("default", n_adv=0, lr=1e-7, max_steps=2, buffer_batch=16, distill_buffer=distill_buffer)
+        monkeypatch.setattr(Unlearner, "_distill_inputs",
+                            lambda self, src, adv, *count: seen.append(len(src)) or original(self, src, adv, *count))
+        cfg = method_config("default", n_adv=0, lr=1e-7, max_steps=2, buffer_batch=16, distill_buffer=distill_buffer,
+                            fast_path=fast_path)
         Unlearner(model, cfg, 3, buffer=Dataset(bx, by)).unlearn(_fragment(x, y))
-        assert seen == [4 + 16] * 2 if distill_buffer else seen == [4] * 2
+        if fast_path:
+            assert seen == ([4 + 50] if distill_buffer else [4])
+        else:
+            assert seen == ([4 + 16] * 2 if distill_buffer else [4] * 2)
 
 
 class TestRandomAffine:
