@@ -59,14 +59,15 @@ def _counted_flops(model_factory, cfg, fragment: Fragment, max_steps: int) -> in
     return counter.get_total_flops()
 
 
-def run_path(run: str, seed: int, path: str, splits, state, load: str) -> dict:
+def run_path(run: str, seed: int, path: str, splits, state, load: str, overrides: dict | None = None) -> dict:
     total, size = RUNS[run]
     index, _ = pt._forget_order(splits, seed)
     x, y = splits.train.x[index[:total]], splits.train.y[index[:total]]
     target = torch.full_like(y, -1)
     model = pt._model("mnist5k", state, "cpu")
-    cfg = dict(seed=seed, fast_path=PATHS[path], max_seconds=UNLIMITED_SECONDS)
+    cfg = dict(seed=seed, fast_path=PATHS[path], max_seconds=UNLIMITED_SECONDS, **(overrides or {}))
     unlearner = Unlearner(model, method_config("default", **cfg), 10)
+    cpu0 = time.process_time()
     stages = {"adversarial": 0.0, "importance": 0.0, "unlearn": 0.0, "evaluate": 0.0}
     steps, goals, outcomes = 0, 0, []
     for start in range(0, total, size):
@@ -82,7 +83,9 @@ def run_path(run: str, seed: int, path: str, splits, state, load: str) -> dict:
         goals += outcome.goal_reached
         outcomes.append(dict(stopped_by=outcome.stopped_by, steps=outcome.steps, missed=outcome.missed,
                              attack_success_ratio=round(outcome.attack_success_ratio, 4)))
-    rec = dict(run=run, seed=seed, path=path, k=total, fragment_size=size, load=load,
+    cpu_seconds = time.process_time() - cpu0  # this process's CPU time: less sensitive to other load
+    rec = dict(run=run, seed=seed, path=path, k=total, fragment_size=size, load=load, overrides=overrides or {},
+               cpu_seconds=round(cpu_seconds, 3),
                stage_seconds={k: round(v, 3) for k, v in stages.items()}, seconds=round(sum(stages.values()), 3),
                steps=steps, fragments=len(outcomes), goal_reached=goals,
                forget_acc=accuracy(model, x, y), test_acc=accuracy(model, splits.audit.x, splits.audit.y),
@@ -112,17 +115,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--flops", action="store_true", help="count FLOPs for fragment8 (adds a few runs)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="UnlearnConfig overrides for the new path (numbers as JSON), e.g. distill_pool=8192")
     p.add_argument("--load", default="", help="say what else ran on the machine meanwhile (recorded)")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/fragment_speed.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     splits, state = pt._setup("mnist5k", Path("artifacts"), torch.device("cpu"))
     load = args.load or f"loadavg {os.getloadavg()[0]:.2f} at start"
+    new_overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     records = []
     for run in args.runs:
         for seed in args.seeds:
             for path in args.paths:
-                rec = run_path(run, seed, path, splits, state, load)
+                rec = run_path(run, seed, path, splits, state, load, new_overrides if path == "new" else None)
                 rec["loadavg_after"] = round(os.getloadavg()[0], 2)
                 if args.flops and run == "fragment8":
                     rec.update(flop_floor(seed, path, splits, state, rec["steps"],

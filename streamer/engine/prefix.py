@@ -65,7 +65,9 @@ class _NormalizedPrefix(nn.Module):
 
     def __init__(self, head: nn.Module, mean: torch.Tensor, std: torch.Tensor):
         super().__init__()
-        self.head, self.mean, self.std = head, mean, std
+        self.head = head
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head((x - self.mean) / self.std)

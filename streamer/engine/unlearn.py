@@ -210,7 +210,7 @@ class Unlearner:
         index, target = random_targets(fragment.y, cfg.n_adv, self.num_classes, self.generator)
         result = targeted_l2_pgd(self.model, fragment.x[index.to(self.device)], target.to(self.device),
                                  eps=eps, step_size=step_size, steps=cfg.pgd_steps, generator=self.generator,
-                                 should_stop=should_stop, early_exit=cfg.fast_path)
+                                 should_stop=should_stop, early_exit=cfg.pgd_early_exit)
         keep = result.success if cfg.adv_only_successful else torch.ones_like(result.success)
         return result.x[keep], result.target[keep], result.success_rate
 
@@ -230,9 +230,13 @@ class Unlearner:
             if self.buffer is not None and cfg.distill_buffer:
                 source = torch.cat([source, self.buffer.x])
             pixels = self._distill_inputs(source, adv_x, cfg.distill_pool)
-            with torch.no_grad():
-                pool_teacher = torch.cat([self.teacher(c) for c in pixels.split(512)])
             pool = torch.cat([encode(c) for c in pixels.split(512)])
+            # The teacher shares the frozen prefix while it holds the same weights (head-only
+            # updates keep it so): its logits are then its suffix on the same features.
+            teacher_suffix = _same_prefix_suffix(self.teacher, split, self.trainable)
+            with torch.no_grad():
+                pool_teacher = (torch.cat([teacher_suffix(c) for c in pool.split(512)]) if teacher_suffix is not None
+                                else torch.cat([self.teacher(c) for c in pixels.split(512)]))
         return _StepInputs(forward, split, encode(objective.x), encode(adv_x) if len(adv_x) else adv_x, adv_y, adv_x, buffer_in, pool, pool_teacher)
 
     def _loss(self, logits, objective: Fragment, k: int, inputs: "_StepInputs", imp, step: int) -> torch.Tensor:
@@ -309,6 +313,22 @@ class Unlearner:
         choice = torch.randint(0, 3, (n, 1, 1, 1), generator=g).to(dev)
         out = torch.where(choice == 0, mixed, torch.where(choice == 1, warped, adv))
         return out.clamp(0.0, 1.0)
+
+
+def _same_prefix_suffix(teacher: nn.Module, split: FrozenPrefix | None, trainable: list[str]) -> nn.Module | None:
+    """The teacher's suffix when its prefix is the student's frozen prefix, weight for weight
+    and buffer for buffer (both in eval mode); None otherwise."""
+    if split is None:
+        return None
+    other = split_frozen_prefix(teacher, trainable)
+    if other is None or other.length != split.length:
+        return None
+    mine, theirs = split.prefix.state_dict(), other.prefix.state_dict()
+    if mine.keys() != theirs.keys() or not all(torch.equal(mine[k], theirs[k]) for k in mine):
+        return None
+    if teacher.training or any(m.training for m in split.prefix.modules()):
+        return None
+    return other.suffix
 
 
 @dataclass(frozen=True)

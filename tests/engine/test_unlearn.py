@@ -303,7 +303,7 @@ class TestDigitsIntegration:
         assert time.perf_counter() - started < 600  # a hang guard, not a speed target
 
 
-def _conv_model() -> Normalized:
+def _bn_conv_model() -> Normalized:
     """A tiny CNN with BatchNorm (eval mode), so the frozen prefix is more than a Flatten."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
@@ -324,12 +324,12 @@ class TestFastPath:
         (the prefix once on the objective and the adversarial batch, as the old path does every
         step), so they agree bit for bit here; 1e-6 only absorbs a BLAS kernel choice that could
         differ with a tensor's memory layout. BatchNorm stays in eval mode in both."""
-        x, y = _correct_subset(_conv_model(), 6)
+        x, y = _correct_subset(_bn_conv_model(), 6)
         adv = (torch.rand(12, 1, 4, 4, generator=torch.Generator().manual_seed(3)), torch.arange(12) % 3)
         monkeypatch.setattr(Unlearner, "_adversarial", lambda self, frag, stop=None: (*adv, 1.0))
         runs = {}
         for fast in (False, True):
-            model = _conv_model()
+            model = _bn_conv_model()
             cfg = method_config("default", distill_weight=0.0, lr=1e-2, max_steps=5, fast_path=fast)
             out = Unlearner(model, cfg, 3).unlearn(_fragment(x, y))
             runs[fast] = (out, model)
@@ -338,28 +338,28 @@ class TestFastPath:
                                                                              new.fragment_met, new.missed)
         for p_old, p_new in zip(old_model.parameters(), new_model.parameters()):
             assert torch.allclose(p_old, p_new, atol=1e-6)
-        assert not torch.equal(old_model.net[6].weight, _conv_model().net[6].weight)  # it did move
+        assert not torch.equal(old_model.net[6].weight, _bn_conv_model().net[6].weight)  # it did move
         with torch.no_grad():
             assert torch.allclose(old_model(x), new_model(x), atol=1e-6)
         assert old_model.training is False and new_model.training is False
 
     def test_default_method_reaches_the_same_goal(self):
         """With everything on (distillation pool, PGD early exit), the goal outcome is the old path's."""
-        x, y = _correct_subset(_conv_model(), 6)
+        x, y = _correct_subset(_bn_conv_model(), 6)
         outcomes = {}
         for fast in (False, True):
             cfg = method_config("default", n_adv=2, pgd_steps=10, lr=1e-2, max_steps=500, distill_weight=0.1,
                                 distill_pool=64, fast_path=fast)
-            outcomes[fast] = Unlearner(_conv_model(), cfg, 3).unlearn(_fragment(x, y))
+            outcomes[fast] = Unlearner(_bn_conv_model(), cfg, 3).unlearn(_fragment(x, y))
         assert outcomes[True].goal_reached and outcomes[False].goal_reached
         assert outcomes[True].fragment_met == outcomes[False].fragment_met == [True] * 6
 
     def test_no_caching_in_train_mode_or_on_the_old_path(self):
         """train_mode (BatchNorm statistics move) and fast_path false run the whole model."""
-        x, y = _correct_subset(_conv_model(), 4)
+        x, y = _correct_subset(_bn_conv_model(), 4)
         frag = _fragment(x, y)
         for overrides, cached in (({}, True), ({"train_mode": True}, False), ({"fast_path": False}, False)):
-            unlearner = Unlearner(_conv_model(), method_config("default", **overrides), 3)
+            unlearner = Unlearner(_bn_conv_model(), method_config("default", **overrides), 3)
             inputs = unlearner._step_inputs(frag, x[:0], y[:0])
             assert (inputs.split is not None) == cached
             assert (inputs.pool is not None) == overrides.get("fast_path", True)
