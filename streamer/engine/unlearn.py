@@ -317,7 +317,8 @@ class Unlearner:
 
 def _same_prefix_suffix(teacher: nn.Module, split: FrozenPrefix | None, trainable: list[str]) -> nn.Module | None:
     """The teacher's suffix when its prefix is the student's frozen prefix, weight for weight
-    and buffer for buffer (both in eval mode); None otherwise."""
+    and buffer for buffer, and it is in eval mode (as the student is whenever it is split);
+    None otherwise."""
     if split is None:
         return None
     other = split_frozen_prefix(teacher, trainable)
@@ -326,7 +327,7 @@ def _same_prefix_suffix(teacher: nn.Module, split: FrozenPrefix | None, trainabl
     mine, theirs = split.prefix.state_dict(), other.prefix.state_dict()
     if mine.keys() != theirs.keys() or not all(torch.equal(mine[k], theirs[k]) for k in mine):
         return None
-    if teacher.training or any(m.training for m in split.prefix.modules()):
+    if any(m.training for m in teacher.modules()):  # the student's prefix is split in eval mode only
         return None
     return other.suffix
 

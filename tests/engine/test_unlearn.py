@@ -364,6 +364,21 @@ class TestFastPath:
             assert (inputs.split is not None) == cached
             assert (inputs.pool is not None) == overrides.get("fast_path", True)
 
+    def test_teacher_suffix_only_while_it_shares_the_prefix(self):
+        """The pool's teacher logits come from the teacher's suffix on the cached features only
+        while the teacher's prefix has the student's weights; they equal the teacher's own."""
+        from streamer.engine.prefix import split_frozen_prefix
+        from streamer.engine.unlearn import _same_prefix_suffix
+        model = _bn_conv_model()
+        unlearner = Unlearner(model, method_config("default"), 3)
+        split = split_frozen_prefix(model, unlearner.trainable)
+        suffix = _same_prefix_suffix(unlearner.teacher, split, unlearner.trainable)
+        x = torch.rand(7, 1, 4, 4)
+        with torch.no_grad():
+            assert torch.allclose(suffix(split.features(x)), unlearner.teacher(x), atol=1e-6)
+            model.net[0].weight.add_(0.1)  # the student's prefix moved (e.g. update: all earlier)
+        assert _same_prefix_suffix(unlearner.teacher, split, unlearner.trainable) is None
+
 
 class TestCapCause:
     def test_time_when_still_progressing_difficulty_when_stalled(self):
