@@ -50,9 +50,16 @@ def targeted_l2_pgd(
     chunk_size: int = 512,
     generator: torch.Generator | None = None,
     should_stop: Callable[[], bool] | None = None,
+    early_exit: bool = False,
 ) -> AttackResult:
     """Attack each x[i] towards target[i]; x is not modified; the model's mode and its
     parameters' requires_grad are restored. Chunks of `chunk_size` bound memory.
+
+    early_exit: an example stops moving at the first iteration whose forward pass predicts its
+    target (its x_adv is then the one that was predicted as the target), and the chunk stops
+    when every example has. Examples never reach their target run all `steps` iterations along
+    the same path as without it (examples do not interact in eval mode), so a failed attack
+    stays exactly as it was; one that succeeded without early exit also succeeds with it.
 
     x: (N, C, H, W) pixels in [0, 1]; target: (N,) class indices. Raises `Interrupted` within one
     PGD iteration of `should_stop()` turning true."""
@@ -60,7 +67,7 @@ def targeted_l2_pgd(
     with grad_only(model):  # gradients for the inputs only, BatchNorm and dropout frozen
         chunks = [
             _attack_chunk(model, x[i : i + chunk_size], start[i : i + chunk_size], target[i : i + chunk_size],
-                          eps, step_size, steps, should_stop)
+                          eps, step_size, steps, should_stop, early_exit)
             for i in range(0, len(x), chunk_size)
         ]
     if not chunks:
@@ -71,19 +78,27 @@ def targeted_l2_pgd(
     return AttackResult(x_adv, target.clone(), success)
 
 
-def _attack_chunk(model, x, start, target, eps, step_size, steps, should_stop) -> torch.Tensor:
+def _attack_chunk(model, x, start, target, eps, step_size, steps, should_stop, early_exit=False) -> torch.Tensor:
     x = x.detach()
     x_adv = (x + start).clamp(0.0, 1.0)
+    active = torch.arange(len(x), device=x.device)  # examples still moving (all, without early exit)
     for _ in range(steps):
         if should_stop is not None and should_stop():
             raise Interrupted("stop requested during the adversarial attack")
-        x_adv.requires_grad_(True)
-        loss = F.cross_entropy(model(x_adv), target, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x_adv)
+        cur = x_adv[active].requires_grad_(True)  # (A, C, H, W)
+        logits = model(cur)
+        moving = torch.ones(len(active), dtype=torch.bool, device=x.device)
+        if early_exit:  # those predicted as their target keep the x_adv just predicted
+            moving = logits.detach().argmax(1) != target[active]
+            if not bool(moving.any()):
+                break
+        loss = F.cross_entropy(logits[moving], target[active][moving], reduction="sum")
+        (grad,) = torch.autograd.grad(loss, cur)
         grad_norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
         with torch.no_grad():
-            x_adv = x_adv - step_size * grad / grad_norm  # descend: targeted
-            x_adv = (x + _project_l2(x_adv - x, eps)).clamp(0.0, 1.0)
+            active, cur, grad, grad_norm = active[moving], cur[moving], grad[moving], grad_norm[moving]
+            moved = cur - step_size * grad / grad_norm  # descend: targeted
+            x_adv = x_adv.index_copy(0, active, (x[active] + _project_l2(moved - x[active], eps)).clamp(0.0, 1.0))
     return x_adv.detach()
 
 

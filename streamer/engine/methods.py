@@ -51,6 +51,13 @@ class UnlearnConfig:
     buffer_batch: int = 128
     distill_buffer: bool = True  # the buffer's images join the distillation inputs
     seed: int = 0
+    # fast path (issue 13): frozen-prefix features cached per fragment, distillation inputs drawn
+    # from a pool made once per fragment (teacher outputs cached), PGD early exit per example.
+    # False: the earlier path, every input through the whole network every step (for benchmarks).
+    fast_path: bool = True
+    distill_pool: int = 2048  # distillation inputs made per fragment on the fast path
+    pgd_early_exit: bool = False  # stop each attack once its example is predicted as the target (measured: fewer
+    # PGD FLOPs, but examples left at the boundary double the steps a fragment takes: off by default)
 
     @property
     def trainable_spec(self) -> str | tuple[str, ...]:
@@ -119,7 +126,8 @@ def _validate(cfg: UnlearnConfig) -> None:
         (cfg.distill_warp in ("affine", "shift"), "distill_warp must be 'affine' or 'shift'"),
         (cfg.distill_temperature > 0, "distill_temperature must be > 0"),
         (cfg.distill_halve_every >= 0, "distill_halve_every must be >= 0 (0: never)"),
-        (min(cfg.adv_batch, cfg.distill_batch, cfg.buffer_batch) >= 1, "batch sizes must be >= 1"),
+        (min(cfg.adv_batch, cfg.distill_batch, cfg.buffer_batch, cfg.distill_pool) >= 1,
+         "batch sizes and distill_pool must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:

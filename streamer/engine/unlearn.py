@@ -23,6 +23,7 @@ from .importance import ImportancePenalty, mas_importance
 from .models import Normalized, grad_only
 from .methods import METHODS, UnlearnConfig, method_config  # noqa: F401 (the engine's public API)
 from .objectives import distillation_loss, forget_loss, goal_met
+from .prefix import FrozenPrefix, split_frozen_prefix
 from .trainable import describe_trainable, select_trainable
 
 @dataclass(frozen=True)
@@ -55,6 +56,23 @@ class FragmentOutcome:
     resurrected_at_start: int  # retained instances that had come back before this fragment
     attack_success_ratio: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    missed_trend: tuple[tuple[int, int], ...] = ()  # (step, instances missing their goal), every 25 steps and the last
+    cap_cause: str | None = None  # step_cap/time_cap only: "time" (still progressing) | "difficulty" (stalled)
+
+
+_TREND_EVERY = 25
+
+
+def cap_cause(stopped_by: str, trend: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> str | None:
+    """Why a step or time cap was hit: "time" when the count of instances missing their goal
+    still fell over the last half of the steps taken (more steps would most likely have reached
+    the goal: the cap, not the fragment, decided), "difficulty" when it did not (stalled).
+    None for any other stop."""
+    if stopped_by not in ("step_cap", "time_cap") or not trend:
+        return None
+    last_step, last_missed = trend[-1]
+    earlier = [missed for step, missed in trend if step <= last_step / 2]
+    return "time" if earlier and last_missed < earlier[-1] else "difficulty"
 
 
 Progress = Callable[[int, float, int], None]  # (step, loss, instances missing their goal)
@@ -121,10 +139,14 @@ class Unlearner:
         params = self._trainable()
         optimizer = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)(params, lr=cfg.lr)
         steps, stopped_by, met = 0, "step_cap", torch.zeros(len(objective), dtype=torch.bool)
+        trend: list[tuple[int, int]] = []  # (step, instances missing their goal), every _TREND_EVERY steps
         with grad_only(model, params, train=cfg.train_mode):  # no gradients for the weights that stay put
+            inputs = self._step_inputs(objective, adv_x, adv_y)  # frozen-prefix features computed once
             while True:
-                logits = model(objective.x)
+                logits = inputs.forward(inputs.objective)
                 met = goal_met(logits.detach(), objective.y, objective.target)
+                if steps % _TREND_EVERY == 0:
+                    trend.append((steps, int((~met).sum())))
                 if bool(met.all()):
                     stopped_by = "goal"
                     break
@@ -137,7 +159,7 @@ class Unlearner:
                 if cancel is not None and cancel.is_set():
                     stopped_by = "cancelled"
                     break
-                loss = self._loss(logits, objective, k, adv_x, adv_y, imp, steps)
+                loss = self._loss(logits, objective, k, inputs, imp, steps)
                 if not torch.isfinite(loss):  # a step on it would make every weight NaN
                     stopped_by = "non_finite"
                     break
@@ -147,11 +169,13 @@ class Unlearner:
                 steps += 1
                 if progress is not None and (steps % 25 == 0 or steps == 1):
                     progress(steps, loss.item(), int((~met).sum()))
+        if not trend or trend[-1][0] != steps:
+            trend.append((steps, int((~met).sum())))
         stages["unlearn"] = time.perf_counter() - t0
 
         if stopped_by == "cancelled":
             return FragmentOutcome(False, stopped_by, steps, sum(stages.values()), [False] * k,
-                                   int((~met).sum()), resurrected, success_ratio, stages)
+                                   int((~met).sum()), resurrected, success_ratio, stages, tuple(trend))
         if cfg.retain_forgotten:
             self.forgotten = objective  # the fragment joins the retained set
         self.fragments_done += 1
@@ -160,6 +184,7 @@ class Unlearner:
             goal_reached=stopped_by == "goal", stopped_by=stopped_by, steps=steps,
             seconds=sum(stages.values()), fragment_met=met[:k].tolist(), missed=int((~met).sum()),
             resurrected_at_start=resurrected, attack_success_ratio=success_ratio, stage_seconds=stages,
+            missed_trend=tuple(trend), cap_cause=cap_cause(stopped_by, trend),
         )
 
     def describe_trainable(self) -> dict:
@@ -185,36 +210,67 @@ class Unlearner:
         index, target = random_targets(fragment.y, cfg.n_adv, self.num_classes, self.generator)
         result = targeted_l2_pgd(self.model, fragment.x[index.to(self.device)], target.to(self.device),
                                  eps=eps, step_size=step_size, steps=cfg.pgd_steps, generator=self.generator,
-                                 should_stop=should_stop)
+                                 should_stop=should_stop, early_exit=cfg.pgd_early_exit)
         keep = result.success if cfg.adv_only_successful else torch.ones_like(result.success)
         return result.x[keep], result.target[keep], result.success_rate
 
-    def _loss(self, logits, objective: Fragment, k: int, adv_x, adv_y, imp, step: int) -> torch.Tensor:
-        cfg, model = self.cfg, self.model
+    def _step_inputs(self, objective: Fragment, adv_x: torch.Tensor, adv_y: torch.Tensor) -> "_StepInputs":
+        """What every step feeds the model. Fast path, eval mode, a splittable network: the frozen
+        prefix's features of the objective, the adversarial examples and the retain buffer, so a
+        step runs the trainable suffix only (same arithmetic: eval mode makes the prefix a fixed
+        function); and the distillation pool. Otherwise the pixels, through the whole model."""
+        cfg = self.cfg
+        split = split_frozen_prefix(self.model, self.trainable) if cfg.fast_path and not cfg.train_mode else None
+        encode = split.features if split is not None else (lambda x: x)  # noqa: E731
+        forward = split.suffix if split is not None else self.model
+        buffer_in = encode(self.buffer.x) if self.buffer is not None and cfg.buffer_weight > 0 else None
+        pool = pool_teacher = None
+        if cfg.fast_path and cfg.distill_weight > 0:
+            source = objective.x
+            if self.buffer is not None and cfg.distill_buffer:
+                source = torch.cat([source, self.buffer.x])
+            pixels = self._distill_inputs(source, adv_x, cfg.distill_pool)
+            pool = torch.cat([encode(c) for c in pixels.split(512)])
+            # The teacher shares the frozen prefix while it holds the same weights (head-only
+            # updates keep it so): its logits are then its suffix on the same features.
+            teacher_suffix = _same_prefix_suffix(self.teacher, split, self.trainable)
+            with torch.no_grad():
+                pool_teacher = (torch.cat([teacher_suffix(c) for c in pool.split(512)]) if teacher_suffix is not None
+                                else torch.cat([self.teacher(c) for c in pixels.split(512)]))
+        return _StepInputs(forward, split, encode(objective.x), encode(adv_x) if len(adv_x) else adv_x, adv_y, adv_x, buffer_in, pool, pool_teacher)
+
+    def _loss(self, logits, objective: Fragment, k: int, inputs: "_StepInputs", imp, step: int) -> torch.Tensor:
+        cfg, model, forward = self.cfg, self.model, inputs.forward
         per_instance = forget_loss(cfg.forget_loss, logits, objective.y, objective.target, cfg.margin)
+        adv_in, adv_y = inputs.adv, inputs.adv_y
         n_adv = len(adv_y)
         if cfg.weighting == "proportional":
             # Eq. 6: one mean over D_f and D_adv together, each term weighted by its share
             total = len(per_instance) + n_adv
             loss = per_instance.sum() / total
             if n_adv:
-                loss = loss + cfg.adv_weight * F.cross_entropy(model(adv_x), adv_y, reduction="sum") / total
+                loss = loss + cfg.adv_weight * F.cross_entropy(forward(adv_in), adv_y, reduction="sum") / total
         else:
             loss = per_instance.sum() / k  # not diluted by the retained set or the adv batch
             if n_adv:
                 pick = self._sample(n_adv, cfg.adv_batch)
-                loss = loss + cfg.adv_weight * F.cross_entropy(model(adv_x[pick]), adv_y[pick])
+                loss = loss + cfg.adv_weight * F.cross_entropy(forward(adv_in[pick]), adv_y[pick])
         if cfg.distill_weight > 0:
-            source = objective.x
-            if self.buffer is not None and cfg.distill_buffer:  # real images: their warps and mixups are distilled too
-                source = torch.cat([source, self.buffer.x[self._sample(len(self.buffer), cfg.buffer_batch)]])
-            inputs = self._distill_inputs(source, adv_x)
-            with torch.no_grad():
-                teacher = self.teacher(inputs)
-            loss = loss + self._distill_weight(step) * distillation_loss(model(inputs), teacher, cfg.distill_temperature)
-        if self.buffer is not None and cfg.buffer_weight > 0:
+            if inputs.pool is not None:  # a batch of the fragment's pool, teacher outputs cached
+                pick = self._sample(len(inputs.pool), cfg.distill_batch)
+                student, teacher = forward(inputs.pool[pick]), inputs.pool_teacher[pick]
+            else:
+                source = objective.x
+                if self.buffer is not None and cfg.distill_buffer:  # real images: their warps and mixups are distilled too
+                    source = torch.cat([source, self.buffer.x[self._sample(len(self.buffer), cfg.buffer_batch)]])
+                pixels = self._distill_inputs(source, inputs.adv_pixels)
+                with torch.no_grad():
+                    teacher = self.teacher(pixels)
+                student = model(pixels)
+            loss = loss + self._distill_weight(step) * distillation_loss(student, teacher, cfg.distill_temperature)
+        if inputs.buffer is not None:
             pick = self._sample(len(self.buffer), cfg.buffer_batch)
-            loss = loss + cfg.buffer_weight * F.cross_entropy(model(self.buffer.x[pick]), self.buffer.y[pick])
+            loss = loss + cfg.buffer_weight * F.cross_entropy(forward(inputs.buffer[pick]), self.buffer.y[pick])
         if imp is not None:
             loss = loss + cfg.imp_lambda * imp.penalty(model)
         return loss
@@ -234,14 +290,15 @@ class Unlearner:
     def _draw(self, n: int, count: int) -> torch.Tensor:
         return torch.randint(0, n, (count,), generator=self.generator).to(self.device)
 
-    def _distill_inputs(self, x: torch.Tensor, adv_x: torch.Tensor) -> torch.Tensor:
+    def _distill_inputs(self, x: torch.Tensor, adv_x: torch.Tensor, count: int | None = None) -> torch.Tensor:
         """(distill_batch, C, H, W) inputs made from the forget set (and the retain buffer's images
         when there is one): mixup of pairs, random affine warps (rotation, scale, translation)
         and the adversarial examples -- never a forget instance as it is, whose teacher output
         is exactly what must be unlearned. A warped instance looks like another example of its
         class, so the teacher's outputs on them hold what the original model knew about the
-        classes being forgotten from."""
-        n, g, dev = self.cfg.distill_batch, self.generator, self.device
+        classes being forgotten from. (count, C, H, W) with `count`; the fast path makes
+        `distill_pool` of them once per fragment and samples `distill_batch` per step."""
+        n, g, dev = count or self.cfg.distill_batch, self.generator, self.device
         pool = torch.cat([x, adv_x]) if len(adv_x) else x
         a = pool[self._draw(len(pool), n)]
         b = pool[self._draw(len(pool), n)]
@@ -256,6 +313,39 @@ class Unlearner:
         choice = torch.randint(0, 3, (n, 1, 1, 1), generator=g).to(dev)
         out = torch.where(choice == 0, mixed, torch.where(choice == 1, warped, adv))
         return out.clamp(0.0, 1.0)
+
+
+def _same_prefix_suffix(teacher: nn.Module, split: FrozenPrefix | None, trainable: list[str]) -> nn.Module | None:
+    """The teacher's suffix when its prefix is the student's frozen prefix, weight for weight
+    and buffer for buffer, and it is in eval mode (as the student is whenever it is split);
+    None otherwise."""
+    if split is None:
+        return None
+    other = split_frozen_prefix(teacher, trainable)
+    if other is None or other.length != split.length:
+        return None
+    mine, theirs = split.prefix.state_dict(), other.prefix.state_dict()
+    if mine.keys() != theirs.keys() or not all(torch.equal(mine[k], theirs[k]) for k in mine):
+        return None
+    if any(m.training for m in teacher.modules()):  # the student's prefix is split in eval mode only
+        return None
+    return other.suffix
+
+
+@dataclass(frozen=True)
+class _StepInputs:
+    """A fragment's step inputs: `forward` maps them to logits (the trainable suffix on cached
+    frozen-prefix features, or the whole model on pixels)."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    split: FrozenPrefix | None
+    objective: torch.Tensor  # (n_obj, ...) the fragment then the retained set
+    adv: torch.Tensor  # (n_adv, ...)
+    adv_y: torch.Tensor  # (n_adv,) their target classes
+    adv_pixels: torch.Tensor  # (n_adv, C, H, W) for the distillation inputs made per step
+    buffer: torch.Tensor | None  # (n_buffer, ...) when the buffer's cross-entropy term is on
+    pool: torch.Tensor | None  # (distill_pool, ...) fast path: distillation inputs
+    pool_teacher: torch.Tensor | None  # (distill_pool, classes) the teacher's logits on them
 
 
 def random_affine(x: torch.Tensor, generator: torch.Generator, rotate: float = 0.26, scale: float = 0.15,

@@ -135,7 +135,8 @@ class FragmentWorker:
                 raise NonFiniteOutputs(f"the unlearning loss became NaN/Inf at step {outcome.steps}; not published")
             start = time.perf_counter()
             forgotten = self.forgotten.prepend(x, y, target, [r.request_id for r in requests])
-            logits = {"fragment": logits_of(self.model, x), "forgotten": logits_of(self.model, forgotten.x)}
+            on_forgotten = logits_of(self.model, forgotten.x)  # the fragment comes first in it: one pass for both
+            logits = {"fragment": on_forgotten[: len(requests)], "forgotten": on_forgotten}
             if self.audit is not None:
                 logits["audit"] = logits_of(self.model, self.audit.x)
         except NonFiniteOutputs:
@@ -160,7 +161,7 @@ class FragmentWorker:
         seconds = time.perf_counter() - start
         metrics: dict[str, float | int | str | None] = {
             "stopped_by": outcome.stopped_by, "steps": outcome.steps, "unlearn_seconds": round(outcome.seconds, 3),
-            "missed": outcome.missed, "resurrected_at_start": outcome.resurrected_at_start,
+            "missed": outcome.missed, "cap_cause": outcome.cap_cause, "resurrected_at_start": outcome.resurrected_at_start,
             "attack_success_ratio": _finite(outcome.attack_success_ratio),
             "fragment_accuracy": _finite(accuracies["fragment"]), "forgotten_accuracy": _finite(accuracies["forgotten"]),
             "audit_accuracy": _finite(accuracies.get("audit")), "audit_baseline_accuracy": _finite(self.audit_baseline),
@@ -215,6 +216,11 @@ def _statuses(logits: torch.Tensor, requests: Sequence[ForgetRequest], y: torch.
     predicted = logits.argmax(1)
     cap = {"step_cap": f"step cap {cfg.max_steps} hit", "time_cap": f"time cap {cfg.max_seconds:g} s hit",
            "goal": "goal reached for the fragment"}.get(outcome.stopped_by, outcome.stopped_by)
+    why = ""
+    if outcome.cap_cause is not None and outcome.missed_trend:  # time: still progressing; difficulty: stalled
+        trend = ", ".join(f"{missed} at step {step}" for step, missed in outcome.missed_trend[-4:])
+        why = (f"; cap hit while still progressing, more time would likely have reached the goal (missing: {trend})"
+               if outcome.cap_cause == "time" else f"; cap hit after progress stalled (missing: {trend})")
     statuses = []
     for i, request in enumerate(requests):
         if bool(met[i]):
@@ -222,10 +228,10 @@ def _statuses(logits: torch.Tensor, requests: Sequence[ForgetRequest], y: torch.
         elif request.mode == "relabel":
             statuses.append(RequestStatus("failed", (
                 f"{cap}: instance predicted as {int(predicted[i])}, not its target {request.target_label} "
-                f"(target logit {float(gaps[i]):.3f} below the top class); kept in the retained set")))
+                f"(target logit {float(gaps[i]):.3f} below the top class); kept in the retained set{why}")))
         else:
             statuses.append(RequestStatus("failed", (
                 f"{cap}: instance still predicted as its label {request.label} "
-                f"(logit margin {float(gaps[i]):.3f} above the next class); kept in the retained set")))
+                f"(logit margin {float(gaps[i]):.3f} above the next class); kept in the retained set{why}")))
     return statuses
 

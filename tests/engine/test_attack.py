@@ -61,3 +61,22 @@ class TestRandomTargets:
         if per_instance <= 9:
             for i in range(4):
                 assert len(set(target[index == i].tolist())) == per_instance
+
+
+class TestEarlyExit:
+    def test_successes_kept_failures_unchanged(self):
+        """Early exit: every attack that succeeds without it succeeds with it, each early-exited
+        example is predicted as its target, and an attack that never reaches its target follows
+        exactly the path it follows without early exit."""
+        model = tiny_model()
+        x, y = tiny_data(40)
+        target = (y + 1) % 3
+        kwargs = dict(eps=0.2, step_size=0.05, steps=10)
+        full = targeted_l2_pgd(model, x, target, generator=torch.Generator().manual_seed(0), **kwargs)
+        early = targeted_l2_pgd(model, x, target, generator=torch.Generator().manual_seed(0), early_exit=True, **kwargs)
+        assert 0 < int(full.success.sum()) < len(x)  # some succeed, some fail: both cases are exercised
+        assert bool(early.success[full.success].all())
+        assert torch.equal(early.success, model(early.x).argmax(1) == target)
+        failed = ~early.success
+        assert torch.allclose(early.x[failed], full.x[failed], atol=1e-6)
+        assert (early.x - x).flatten(1).norm(dim=1).max() <= 0.2 + 1e-5

@@ -215,19 +215,26 @@ class TestTrainableOption:
 
 class TestDistillationInputs:
     @pytest.mark.parametrize("distill_buffer", [True, False])
-    def test_buffer_images_join_the_distillation_pool(self, distill_buffer, monkeypatch):
-        """With a retain buffer and distill_buffer on, a buffer batch joins the images the
-        distillation inputs are made from; off, only the objective's instances do."""
+    @pytest.mark.parametrize("fast_path", [True, False])
+    def test_buffer_images_join_the_distillation_pool(self, distill_buffer, fast_path, monkeypatch):
+        """With a retain buffer and distill_buffer on, buffer images join the images the
+        distillation inputs are made from; off, only the objective's instances do. Old path: a
+        buffer batch every step; fast path: the whole buffer, once per fragment (the pool)."""
         from streamer.engine.data import Dataset
         model = tiny_model()
         x, y = _correct_subset(model, 4)
         bx, by = tiny_data(50, seed=1)
         seen = []
         original = Unlearner._distill_inputs
-        monkeypatch.setattr(Unlearner, "_distill_inputs", lambda self, src, adv: seen.append(len(src)) or original(self, src, adv))
-        cfg = method_config("default", n_adv=0, lr=1e-7, max_steps=2, buffer_batch=16, distill_buffer=distill_buffer)
+        monkeypatch.setattr(Unlearner, "_distill_inputs",
+                            lambda self, src, adv, *count: seen.append(len(src)) or original(self, src, adv, *count))
+        cfg = method_config("default", n_adv=0, lr=1e-7, max_steps=2, buffer_batch=16, distill_buffer=distill_buffer,
+                            fast_path=fast_path)
         Unlearner(model, cfg, 3, buffer=Dataset(bx, by)).unlearn(_fragment(x, y))
-        assert seen == [4 + 16] * 2 if distill_buffer else seen == [4] * 2
+        if fast_path:
+            assert seen == ([4 + 50] if distill_buffer else [4])
+        else:
+            assert seen == ([4 + 16] * 2 if distill_buffer else [4] * 2)
 
 
 class TestRandomAffine:
@@ -294,3 +301,97 @@ class TestDigitsIntegration:
         # exactly on the measurement and failed on float rounding of another CPU.
         assert before >= 0.95 and after >= 0.80 * before, (before, after)
         assert time.perf_counter() - started < 600  # a hang guard, not a speed target
+
+
+def _bn_conv_model() -> Normalized:
+    """A tiny CNN with BatchNorm (eval mode), so the frozen prefix is more than a Flatten."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.5, 2)
+    return Normalized(net, (0.5,), (0.25,)).eval()
+
+
+class TestFastPath:
+    """The fast path (cached frozen-prefix features) against the old path (whole model per step)."""
+
+    def test_same_parameters_and_outcome_as_old_path(self, monkeypatch):
+        """Same seed, same adversarial examples, no distillation (whose pool draws other random
+        inputs by design): after 5 Adam steps both paths hold the same weights and logits, and
+        reach the same outcome. Tolerance 1e-6: both paths run the same ops on the same batches
+        (the prefix once on the objective and the adversarial batch, as the old path does every
+        step), so they agree bit for bit here; 1e-6 only absorbs a BLAS kernel choice that could
+        differ with a tensor's memory layout. BatchNorm stays in eval mode in both."""
+        x, y = _correct_subset(_bn_conv_model(), 6)
+        adv = (torch.rand(12, 1, 4, 4, generator=torch.Generator().manual_seed(3)), torch.arange(12) % 3)
+        monkeypatch.setattr(Unlearner, "_adversarial", lambda self, frag, stop=None: (*adv, 1.0))
+        runs = {}
+        for fast in (False, True):
+            model = _bn_conv_model()
+            cfg = method_config("default", distill_weight=0.0, lr=1e-2, max_steps=5, fast_path=fast)
+            out = Unlearner(model, cfg, 3).unlearn(_fragment(x, y))
+            runs[fast] = (out, model)
+        (old, old_model), (new, new_model) = runs[False], runs[True]
+        assert (old.steps, old.stopped_by, old.fragment_met, old.missed) == (new.steps, new.stopped_by,
+                                                                             new.fragment_met, new.missed)
+        for p_old, p_new in zip(old_model.parameters(), new_model.parameters()):
+            assert torch.allclose(p_old, p_new, atol=1e-6)
+        assert not torch.equal(old_model.net[6].weight, _bn_conv_model().net[6].weight)  # it did move
+        with torch.no_grad():
+            assert torch.allclose(old_model(x), new_model(x), atol=1e-6)
+        assert old_model.training is False and new_model.training is False
+
+    def test_default_method_reaches_the_same_goal(self):
+        """With everything on (distillation pool, PGD early exit), the goal outcome is the old path's."""
+        x, y = _correct_subset(_bn_conv_model(), 6)
+        outcomes = {}
+        for fast in (False, True):
+            cfg = method_config("default", n_adv=2, pgd_steps=10, lr=1e-2, max_steps=500, distill_weight=0.1,
+                                distill_pool=64, fast_path=fast)
+            outcomes[fast] = Unlearner(_bn_conv_model(), cfg, 3).unlearn(_fragment(x, y))
+        assert outcomes[True].goal_reached and outcomes[False].goal_reached
+        assert outcomes[True].fragment_met == outcomes[False].fragment_met == [True] * 6
+
+    def test_no_caching_in_train_mode_or_on_the_old_path(self):
+        """train_mode (BatchNorm statistics move) and fast_path false run the whole model."""
+        x, y = _correct_subset(_bn_conv_model(), 4)
+        frag = _fragment(x, y)
+        for overrides, cached in (({}, True), ({"train_mode": True}, False), ({"fast_path": False}, False)):
+            unlearner = Unlearner(_bn_conv_model(), method_config("default", **overrides), 3)
+            inputs = unlearner._step_inputs(frag, x[:0], y[:0])
+            assert (inputs.split is not None) == cached
+            assert (inputs.pool is not None) == overrides.get("fast_path", True)
+
+    def test_teacher_suffix_only_while_it_shares_the_prefix(self):
+        """The pool's teacher logits come from the teacher's suffix on the cached features only
+        while the teacher's prefix has the student's weights; they equal the teacher's own."""
+        from streamer.engine.prefix import split_frozen_prefix
+        from streamer.engine.unlearn import _same_prefix_suffix
+        model = _bn_conv_model()
+        unlearner = Unlearner(model, method_config("default"), 3)
+        split = split_frozen_prefix(model, unlearner.trainable)
+        suffix = _same_prefix_suffix(unlearner.teacher, split, unlearner.trainable)
+        x = torch.rand(7, 1, 4, 4)
+        with torch.no_grad():
+            assert torch.allclose(suffix(split.features(x)), unlearner.teacher(x), atol=1e-6)
+            model.net[0].weight.add_(0.1)  # the student's prefix moved (e.g. update: all earlier)
+        assert _same_prefix_suffix(unlearner.teacher, split, unlearner.trainable) is None
+
+
+class TestCapCause:
+    def test_time_when_still_progressing_difficulty_when_stalled(self):
+        """A cap hit while the missing count still falls is "time"; a flat count is "difficulty"."""
+        from streamer.engine.unlearn import cap_cause
+        assert cap_cause("time_cap", [(0, 8), (25, 6), (50, 3)]) == "time"
+        assert cap_cause("step_cap", [(0, 8), (25, 3), (50, 3), (75, 3)]) == "difficulty"
+        assert cap_cause("goal", [(0, 8), (25, 0)]) is None
+
+    def test_outcome_carries_the_trend(self):
+        """The outcome reports the missing count every 25 steps and at the last step."""
+        model = tiny_model()
+        x, y = _correct_subset(model)
+        out = Unlearner(model, method_config("default", n_adv=0, lr=1e-7, max_steps=30), 3).unlearn(_fragment(x, y))
+        assert [s for s, _ in out.missed_trend] == [0, 25, 30]
+        assert out.stopped_by == "step_cap" and out.cap_cause == "difficulty"

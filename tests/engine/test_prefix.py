@@ -1,0 +1,68 @@
+"""The frozen prefix: where a network is split, and that the split computes the model's logits."""
+import torch
+from torch import nn
+
+from streamer.engine.models import Normalized
+from streamer.engine.prefix import frozen_prefix_length, split_frozen_prefix
+from streamer.engine.trainable import select_trainable
+
+from engine_fixtures import tiny_model
+
+
+def _bn_cnn() -> Normalized:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),
+                        nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 3))
+    model = Normalized(net, (0.5,), (0.25,))
+    with torch.no_grad():  # non-trivial running statistics, so eval mode visibly differs from train mode
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+class _OwnForward(nn.Sequential):
+    def forward(self, x):  # not Sequential's forward: cannot be split
+        return super().forward(x) * 2
+
+
+class TestFrozenPrefixLength:
+    def test_head_and_globs(self):
+        """The prefix ends at the first top-level child holding a trainable parameter."""
+        net = _bn_cnn().net
+        assert frozen_prefix_length(net, select_trainable(net, "head")) == 5
+        assert frozen_prefix_length(net, select_trainable(net, ["7.*"])) == 7
+        assert frozen_prefix_length(net, select_trainable(net, ["1.*", "7.*"])) == 1
+        assert frozen_prefix_length(net, select_trainable(net, "all")) == 0
+
+    def test_unsplittable_networks(self):
+        """TorchScript, a custom forward and a non-Sequential module are not split."""
+        net = tiny_model().net
+        names = select_trainable(net, "head")
+        assert frozen_prefix_length(torch.jit.script(net), names) is None
+        assert frozen_prefix_length(_OwnForward(*net.children()), names) is None
+        assert frozen_prefix_length(Normalized(net, (0.0,), (1.0,)), ["net.1.weight"]) is None
+
+    def test_nothing_to_cache(self):
+        """A prefix of length 0 (every layer may move) or an unsplittable net gives no split."""
+        model = _bn_cnn()
+        assert split_frozen_prefix(model, select_trainable(model.net, "all")) is None
+        assert split_frozen_prefix(torch.jit.script(model.net), ["5.weight"]) is None
+
+
+class TestSplit:
+    def test_suffix_of_prefix_is_the_model_in_eval_mode(self):
+        """suffix(prefix(x)) equals model(x) with BatchNorm running statistics and dropout off."""
+        model = _bn_cnn()
+        split = split_frozen_prefix(model, select_trainable(model.net, "head"))
+        x = torch.rand(10, 1, 4, 4)
+        assert split is not None and split.length == 5
+        feats = split.features(x)
+        assert not feats.requires_grad and feats.shape == (10, 64)
+        with torch.no_grad():
+            assert torch.allclose(split.suffix(feats), model(x), atol=1e-6)
+
+    def test_shares_the_model_parameters(self):
+        """The suffix holds the model's own parameters: an update through it is the model's."""
+        model = _bn_cnn()
+        split = split_frozen_prefix(model, select_trainable(model.net, "head"))
+        assert {id(p) for p in split.suffix.parameters()} == {id(p) for p in model.net[5:].parameters()}
