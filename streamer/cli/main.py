@@ -91,10 +91,16 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"UNVERIFIABLE: {len(result.unverifiable)} applied requests are not in the retained forgotten set "
               f"(unlearning.retain_forgotten was off, or they were applied before it was on): "
               + ", ".join(result.unverifiable))
+    if result.shredded:
+        print(f"SHREDDED: {len(result.shredded)} requests left the vault when their verification window closed "
+              "(neither pass nor fail): " + ", ".join(
+                  f"{r.request_id} verified until {r.verified_version or 'never'}, shredded at {r.shredded_at}"
+                  for r in result.shredded))
     if result.came_back:
         print(f"CAME BACK: {len(result.came_back)} instances no longer meet their goal: " + ", ".join(result.came_back))
     if result.ok:
-        print("OK: every request applied in this version's lineage is still forgotten / relabelled")
+        print("OK: every request applied in this version's lineage and still in the vault is still forgotten / "
+              "relabelled")
     return result.exit_code
 
 
@@ -123,6 +129,24 @@ def _rollback(args: argparse.Namespace) -> int:
     answer = rollback(load_config(args.config), args.to, args.force, args.timeout)
     print(answer["message"])
     return 0 if answer["ok"] else 1
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from ..state.kek import generate_kek_file
+
+    kek = generate_kek_file(args.path)
+    print(f"wrote a new 256-bit KEK to {args.path} (mode 0600, key id {kek.key_id}); keep a copy in your secret "
+          "store: without it the vault cannot be read. Point privacy.kek_file at it.")
+    return 0
+
+
+def _erasure_report(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from .erasure import erasure_report, format_report, report_json
+
+    report = erasure_report(load_config(args.config), args.request_id, args.subject, args.offline)
+    print(report_json(report) if args.json else format_report(report))
+    return 0 if report["requests"] or not (args.request_id or args.subject) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--attacks", action="store_true", help="also run the forgetting attacks (probe, relearning, "
                         "MIA, loss and Streisand AUC) against the base version; writes VERSION/attacks.json")
     verify.set_defaults(func=_verify)
+    keygen = sub.add_parser("keygen", help="write a new random key-encryption key (KEK) for the forget vault")
+    keygen.add_argument("path", help="where to write it (mode 0600; an existing file is never overwritten)")
+    keygen.set_defaults(func=_keygen)
+    report = sub.add_parser("erasure-report", help="per request: received, applied, verified, shredded, and where "
+                                                   "copies may still exist")
+    report.add_argument("--config", required=True)
+    who = report.add_mutually_exclusive_group()
+    who.add_argument("--request-id", help="only this request")
+    who.add_argument("--subject", help="only the requests of this subject")
+    report.add_argument("--json", action="store_true", help="JSON instead of text")
+    report.add_argument("--offline", action="store_true", help="do not ask the brokers for the topics' retention")
+    report.set_defaults(func=_erasure_report)
     return parser
 
 

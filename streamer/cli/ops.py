@@ -14,10 +14,12 @@ import torch
 
 from pathlib import Path
 
-from ..service.kafka_io import kafka_earliest
 from ..state.checkpoints import CheckpointError, CheckpointStore
 from ..state.lock import DirectoryLock
+from ..state.retained import load_retained, open_vault
 from ..state.rollback import request_via_daemon, run_rollback
+from ..state.shreds import ShredLog, ShredRow
+from ..state.vault import read_index
 from ..config import DaemonConfig
 from ..engine.evaluate import goal_mask
 from ..engine.evaluate import logits as predict_logits
@@ -75,8 +77,9 @@ class Verification:
     version: str
     checked: int  # retained instances evaluated
     came_back: list[str]  # request ids whose instance no longer meets its goal
-    unverifiable: list[str]  # applied in the lineage, but not in the retained forgotten set
+    unverifiable: list[str]  # applied in the lineage, but neither in the retained forgotten set nor shredded
     audit_accuracy: float | None
+    shredded: list[ShredRow] = field(default_factory=list)  # "verified until vN, shredded at T": neither pass nor fail
     abandoned: list[str] = field(default_factory=list)  # left the retained set, goal unreachable (own category)
     non_finite: int = 0  # retained or audit instances with NaN/Inf logits (they count as came back)
     model_format: str = "state_dict"  # the version's model file, loaded as its user loads it
@@ -92,9 +95,10 @@ class Verification:
 
 
 def verify(cfg: DaemonConfig, version: str | None = None) -> Verification:
-    """Re-evaluate a version: every request applied in its lineage must still meet its goal on
-    its model file, loaded in the format its manifest records as a serving stack loads it
-    (needs the retained forgotten set, unlearning.retain_forgotten).
+    """Re-evaluate a version: every request applied in its lineage must still meet its goal on its
+    model file, loaded in the format its manifest records as a serving stack loads it, with the
+    instances decrypted from the forget vault (needs the KEK: raises VaultKeyError without it). A
+    request shredded since is reported with the last version that verified it, neither pass nor fail.
 
     Raises CheckpointError / LedgerError naming the first missing or damaged file: every file of
     every version in the lineage, the base included, is checked against its sha256 first."""
@@ -106,9 +110,10 @@ def verify(cfg: DaemonConfig, version: str | None = None) -> Verification:
     for manifest in lineage:
         store.verify_files(manifest.version)
     checkpoint = store.load(version)
+    vault = open_vault(cfg, writer=False)
+    forgotten, _ = load_retained(vault, checkpoint.manifest, cfg.model.input_shape)
     device = resolve_device(cfg.device)
     model = published_model(cfg.model, checkpoint.model.data, checkpoint.model.format, device)
-    forgotten = checkpoint.forgotten
     came_back: list[str] = []
     non_finite = 0
     if len(forgotten):
@@ -118,7 +123,12 @@ def verify(cfg: DaemonConfig, version: str | None = None) -> Verification:
     retained = set(forgotten.request_ids)
     abandoned = {a["request_id"] for m in lineage for a in m.abandoned}
     applied = _applied_in_lineage(store, version)
-    unverifiable = sorted(rid for rid in applied if rid not in retained and rid not in abandoned)
+    shreds: dict[str, ShredRow] = {}
+    if (store.root / LEDGER_FILE).exists():
+        with ShredLog(store.root / LEDGER_FILE) as log:
+            shreds = log.rows()
+    shredded = [shreds[rid] for rid in sorted(applied) if rid in shreds and rid not in retained]
+    unverifiable = sorted(rid for rid in applied if rid not in retained and rid not in abandoned and rid not in shreds)
     audit = None
     if cfg.data.audit is not None:
         data = load_dataset_ref(cfg.data.audit, cfg.model.input_shape)
@@ -126,8 +136,8 @@ def verify(cfg: DaemonConfig, version: str | None = None) -> Verification:
         bad = int((~torch.isfinite(logits)).any(1).sum())
         non_finite += bad
         audit = float((logits.argmax(1) == data.y).float().mean()) if not bad else float("nan")
-    return Verification(version, len(forgotten), sorted(came_back), unverifiable, audit, sorted(abandoned & applied),
-                        non_finite, checkpoint.model.format)
+    return Verification(version, len(forgotten), sorted(came_back), unverifiable, audit, shredded,
+                        sorted(abandoned & applied), non_finite, checkpoint.model.format)
 
 
 def _applied_in_lineage(store: CheckpointStore, version: str) -> set[str]:
@@ -157,9 +167,9 @@ def rollback(cfg, to_version: str, force: bool, timeout_s: float = 900.0) -> dic
         return request_via_daemon(root, to_version, force, timeout_s)
     try:
         store = CheckpointStore(root, cfg.checkpoints.keep)
-        earliest = kafka_earliest(cfg.kafka.bootstrap_servers, cfg.kafka.settings("consumer"))
+        live = {e.request_id for e in read_index(cfg.privacy.vault_path(root)) if not e.shredded}
         with Ledger(root / LEDGER_FILE) as ledger:
-            return run_rollback(store, ledger, to_version, force, earliest)
+            return run_rollback(store, ledger, to_version, force, live.__contains__)
     finally:
         lock.release()
 
@@ -178,8 +188,8 @@ class AttackRun:
 def verify_attacks(cfg: DaemonConfig, version: str | None = None, seed: int = 0) -> AttackRun:
     """`streamer verify --attacks`: the attacks of `engine.verification` on `version`'s model
     (default CURRENT) and on the base version's (the original model: no retrained reference is
-    available to the daemon), with held-out data = data.audit and the retained forgotten set as
-    the forgotten instances (their training labels). Writes VERSION/attacks.json (atomically);
+    available to the daemon), with held-out data = data.audit and the retained forgotten set,
+    decrypted from the vault (needs the KEK), as the forgotten instances (their training labels). Writes VERSION/attacks.json (atomically);
     the manifest is not rewritten, so attacks.json is outside the sha256-checked files."""
     from ..engine.verification import attack_report
     from ..errors import ConfigError
@@ -195,15 +205,15 @@ def verify_attacks(cfg: DaemonConfig, version: str | None = None, seed: int = 0)
         raise CheckpointError(f"{version}'s lineage stops at {base.version}: its base version was pruned, "
                               "so there is no original model to compare with")
     checkpoint = store.load(version)
-    if len(checkpoint.forgotten) < 2:
-        raise CheckpointError(f"{version} retains {len(checkpoint.forgotten)} forgotten instances; the attacks need "
-                              ">= 2 (unlearning.retain_forgotten must be on)")
+    forgotten, _ = load_retained(open_vault(cfg, writer=False), checkpoint.manifest, cfg.model.input_shape)
+    if len(forgotten) < 2:
+        raise CheckpointError(f"{version} retains {len(forgotten)} forgotten instances in the vault; the attacks "
+                              "need >= 2 (shredded instances cannot be attacked)")
     device = resolve_device(cfg.device)
     model = published_model(cfg.model, checkpoint.model.data, checkpoint.model.format, device)
     original = store.load(base.version)
     reference = published_model(cfg.model, original.model.data, original.model.format, device)
     audit = load_dataset_ref(cfg.data.audit, cfg.model.input_shape)
-    forgotten = checkpoint.forgotten
     report = attack_report(model, reference, forgotten.x, forgotten.y, audit.x, audit.y, seed=seed)
     path = store.path(version) / ATTACKS_FILE
     temp = path.with_name(f".{ATTACKS_FILE}.tmp")

@@ -10,7 +10,7 @@ Public API: the section dataclasses, `load_config`, `parse_config`.
 """
 from .parse import load_config, parse_config
 from .schema import (CheckpointsConfig, DaemonConfig, DataConfig, DatasetRef, KafkaConfig, KafkaTopics, LoggingConfig,
-                     MetricsConfig, UnlearningConfig)
+                     MetricsConfig, PrivacyConfig, UnlearningConfig)
 
 __all__ = ["CheckpointsConfig", "DaemonConfig", "DataConfig", "DatasetRef", "KafkaConfig", "KafkaTopics",
-           "LoggingConfig", "MetricsConfig", "UnlearningConfig", "load_config", "parse_config"]
+           "LoggingConfig", "MetricsConfig", "PrivacyConfig", "UnlearningConfig", "load_config", "parse_config"]

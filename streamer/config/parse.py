@@ -14,8 +14,11 @@ from ..engine.formats import FORMATS
 from ..engine.models import ModelConfig, source_format
 from ..errors import ConfigError
 from ._section import _same_kind, _Section
-from .schema import (DEVICES, LOG_LEVELS, SPLITS, CheckpointsConfig, DaemonConfig, DataConfig, DatasetRef, KafkaConfig,
-                     KafkaTopics, LoggingConfig, MetricsConfig, UnlearningConfig)
+from .schema import (DEFAULT_TOPIC_CONFIGS, DEVICES, LOG_LEVELS, SPLITS, CheckpointsConfig, DaemonConfig, DataConfig,
+                     DatasetRef, KafkaConfig, KafkaTopics, LoggingConfig, MetricsConfig, PrivacyConfig,
+                     UnlearningConfig)
+
+MAX_WINDOW_DAYS = 30.0  # GDPR Art. 12(3): one month to act on an erasure request
 
 __all__ = ["load_config", "parse_config"]
 
@@ -37,13 +40,15 @@ def load_config(path: str | Path) -> DaemonConfig:
 def parse_config(raw: Any, base_dir: Path) -> DaemonConfig:
     """Validate an already-loaded config mapping; relative paths resolve against `base_dir`."""
     root = _Section(raw if raw is not None else {}, "", base_dir)
+    checkpoints = _checkpoints(root.section("checkpoints"))
     cfg = DaemonConfig(
         device=root.choice("device", DEVICES, "auto"),
         model=_model(root.section("model", required=True)),
         data=_data(root.section("data")),
         unlearning=_unlearning(root.section("unlearning")),
         kafka=_kafka(root.section("kafka")),
-        checkpoints=_checkpoints(root.section("checkpoints")),
+        checkpoints=checkpoints,
+        privacy=_privacy(root.section("privacy"), checkpoints.dir),
         metrics=_metrics(root.section("metrics")),
         logging=LoggingConfig(level=root.section("logging").choice("level", LOG_LEVELS, "info")),
     )
@@ -173,7 +178,8 @@ def _kafka(s: _Section) -> KafkaConfig:
         section.done()
     cfg = KafkaConfig(bootstrap_servers=bootstrap, group_id=group_id, topics=topics, **clients,
                       max_poll_interval_ms=s.integer("max_poll_interval_ms", 300_000, minimum=1000),
-                      dead_letter_payload=s.boolean("dead_letter_payload", False))
+                      dead_letter_payload=s.boolean("dead_letter_payload", False),
+                      topic_configs=_topic_configs(s.section("topic_configs")))
     s.done()
     return cfg
 
@@ -188,3 +194,44 @@ def _metrics(s: _Section) -> MetricsConfig:
     cfg = MetricsConfig(host=s.string("host", "127.0.0.1"), port=s.integer("port", 9108, minimum=0, maximum=65535))
     s.done()
     return cfg
+
+
+def _topic_configs(s: _Section) -> MappingProxyType:
+    """{role: {kafka topic config: str}}: a role left out keeps its default, `{}` means the broker's."""
+    out = {}
+    for role, defaults in DEFAULT_TOPIC_CONFIGS.items():
+        raw = s.take(role, defaults)
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict) or not all(isinstance(k, str) and k and isinstance(v, (str, int))
+                                                and not isinstance(v, bool) for k, v in raw.items()):
+            s.fail(role, f"must map Kafka topic config names to strings or integers, got {raw!r}")
+        out[role] = MappingProxyType({k: str(v) for k, v in raw.items()})
+    s.done()
+    return MappingProxyType(out)
+
+
+def _privacy(s: _Section, checkpoints_dir: Path) -> PrivacyConfig:
+    kek_file = s.optional_path("kek_file")
+    kek_env = s.take("kek_env", None)
+    if kek_env is not None and (not isinstance(kek_env, str) or not kek_env):
+        s.fail("kek_env", f"must be an environment variable name, got {kek_env!r}")
+    if kek_file is not None and kek_env is not None:
+        s.fail("", "set one of kek_file and kek_env, not both")
+    vault_dir = s.optional_path("vault_dir") or checkpoints_dir / "vault"
+    for name, directory in (("checkpoints.dir", checkpoints_dir), ("privacy.vault_dir", vault_dir)):
+        if kek_file is not None and kek_file.is_relative_to(directory):
+            s.fail("kek_file", f"{kek_file} is inside {name}: a copy of that directory would hold the key "
+                               "with the data it protects; keep the KEK elsewhere")
+    window = s.section("verify_window")
+    days = window.number("days", 14.0, minimum=0.0)
+    if days > MAX_WINDOW_DAYS:
+        window.fail("days", f"must be <= {MAX_WINDOW_DAYS:g} (GDPR Art. 12(3): erasure within one month), got {days:g}")
+    fragments = window.take("fragments", None)
+    if fragments is not None and (isinstance(fragments, bool) or not isinstance(fragments, int) or fragments < 0):
+        window.fail("fragments", f"must be null or an integer >= 0, got {fragments!r}")
+    window.done()
+    check_every_s = s.number("check_every_s", 60.0, minimum=0.001)
+    s.done()
+    return PrivacyConfig(kek_file=kek_file, kek_env=kek_env, vault_dir=vault_dir, verify_window_days=days,
+                         verify_window_fragments=fragments, check_every_s=check_every_s)

@@ -31,8 +31,18 @@ __all__ = [
     "KafkaTopics",
     "LoggingConfig",
     "MetricsConfig",
+    "PrivacyConfig",
     "UnlearningConfig",
 ]
+
+DAY_S = 86_400.0
+# Topic settings the daemon creates its topics with (kafka.topic_configs). Kafka deletes a whole
+# log segment once its newest record is older than retention.ms, and the active segment only
+# after it rolls (segment.ms), so a record can live up to retention.ms + segment.ms (+ the
+# broker's retention check interval, 5 min by default): 3 + 1 days for requests and dead letters.
+SHORT_RETENTION = {"retention.ms": str(3 * 86_400_000), "segment.ms": str(86_400_000), "cleanup.policy": "delete"}
+DEFAULT_TOPIC_CONFIGS = {"requests": SHORT_RETENTION, "dead_letter": SHORT_RETENTION, "receipts": {},
+                         "checkpoints": {}}
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,10 @@ class KafkaConfig:
     # to cover one poll loop iteration, not a whole fragment.
     max_poll_interval_ms: int = 300_000
     dead_letter_payload: bool = False  # copy the raw record into its dead letter (it may hold personal data)
+    # {requests|receipts|dead_letter|checkpoints: {kafka topic config: value}}, used when the
+    # daemon creates a topic; existing topics keep theirs.
+    topic_configs: Mapping[str, Mapping[str, str]] = field(
+        default_factory=lambda: MappingProxyType({k: MappingProxyType(v) for k, v in DEFAULT_TOPIC_CONFIGS.items()}))
 
     def settings(self, client: str) -> dict[str, Any]:
         """kafka-python keyword arguments for `client` ("consumer", "producer" or "admin"):
@@ -103,6 +117,27 @@ class KafkaConfig:
 class CheckpointsConfig:
     dir: Path = Path("runs/checkpoints")
     keep: int = 0  # 0 keeps every version
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """The forget vault and its verification window (README "Data protection")."""
+
+    kek_file: Path | None = None  # the KEK: a file (base64, 64 hex digits or 32 raw bytes) ...
+    kek_env: str | None = None  # ... or an environment variable (base64 or hex); exactly one
+    vault_dir: Path | None = None  # None: <checkpoints.dir>/vault
+    # GDPR Art. 12(3)/17: erasure within one month. Shred 14 days after a request was first
+    # applied, or after it was verified in this many later versions, whichever comes first.
+    verify_window_days: float = 14.0
+    verify_window_fragments: int | None = None
+    check_every_s: float = 60.0  # how often an idle daemon looks for closed windows
+
+    def vault_path(self, checkpoints_dir: Path) -> Path:
+        return self.vault_dir if self.vault_dir is not None else checkpoints_dir / "vault"
+
+    @property
+    def window_seconds(self) -> float:
+        return self.verify_window_days * DAY_S
 
 
 @dataclass(frozen=True)
@@ -124,5 +159,6 @@ class DaemonConfig:
     unlearning: UnlearningConfig = field(default_factory=UnlearningConfig)
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

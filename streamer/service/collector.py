@@ -35,6 +35,7 @@ class Accepted:
     partition: int
     offset: int
     received_at: float  # monotonic seconds
+    record_time_ms: int | None = None  # the record's Kafka timestamp (when it was written): the erasure report's start
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,8 @@ class Collector:
         if first is not None:  # answered with the version that applies the first one
             self.repeats.append(Repeat(request, record.topic, record.partition, record.offset, first))
             return None
-        self.pending.append(Accepted(request, record.topic, record.partition, record.offset, self._monotonic()))
+        self.pending.append(Accepted(request, record.topic, record.partition, record.offset, self._monotonic(),
+                                     record.timestamp if record.timestamp is not None and record.timestamp >= 0 else None))
         return None
 
 

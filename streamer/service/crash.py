@@ -15,9 +15,11 @@ import structlog
 from ..errors import ConfigError
 
 CRASH_ENV = "STREAMER_CRASH_AT"
-CRASH_POINTS = ("during_unlearn", "after_checkpoint", "after_ledger", "after_receipts")
+# In the order a fragment passes them; after_shred: between a vault shred and its ledger row.
+FRAGMENT_CRASH_POINTS = ("during_unlearn", "after_vault", "after_checkpoint", "after_ledger", "after_receipts")
+CRASH_POINTS = (*FRAGMENT_CRASH_POINTS, "after_shred")
 
-__all__ = ["CRASH_ENV", "CRASH_POINTS", "CrashHook"]
+__all__ = ["CRASH_ENV", "CRASH_POINTS", "FRAGMENT_CRASH_POINTS", "CrashHook"]
 
 
 @dataclass(frozen=True)

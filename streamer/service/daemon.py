@@ -1,9 +1,10 @@
 """The daemon's poll loop: deletion events in from Kafka; versions, receipts and metrics out.
 
-    recovery.recover    load CURRENT, reconcile the ledger (start-up)
+    recovery.recover    open the vault, load CURRENT, reconcile the ledger and the vault (start-up)
     Outbox.send_owed    re-send receipts a crash left owed
     Collector.handle    records -> the pending fragment, or answered now (rejected, duplicate)
-    FragmentPipeline    unlearn -> evaluate -> publish -> ledger -> receipts -> commit
+    FragmentPipeline    unlearn -> evaluate -> vault -> publish -> ledger -> receipts -> commit
+    VaultKeeper         shred instances whose verification window closed; replay after a rollback
 
 While the worker thread unlearns (minutes on CPU), the main thread pauses the assigned
 partitions and keeps calling poll(): the group sees a live member and max.poll.interval never
@@ -31,17 +32,19 @@ from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from ..config import DaemonConfig
+from ..state.retained import load_retained
 from ..state.rollback import answer_request, run_rollback, take_request
 from .collector import Collector
 from .goals import GoalIndex
 from .undecodable import skip_undecodable
 from .crash import CRASH_POINTS, CrashHook
-from .kafka_io import (commit_offsets, consumer_lag, ensure_topics, kafka_earliest, make_consumer, make_producer,
-                       poll_while)
+from .kafka_io import (commit_offsets, consumer_lag, ensure_topics, make_consumer, make_producer, poll_while,
+                       topic_configs_by_name)
 from .http import MetricsServer, serve
 from .metrics import Metrics
 from .outbox import DeliveryError, Outbox
 from .pipeline import FragmentPipeline
+from .privacy import VaultKeeper
 from .recovery import Recovered, recover, resume_gauges, seek_to_offsets
 
 POLL_TIMEOUT_MS = 200  # the longest the loop waits for records, a signal or a due fragment
@@ -82,6 +85,7 @@ class Daemon:
         self.assignments = 0  # partition assignments seen by this process
         self._offsets: dict[str, dict[int, int]] = {}  # CURRENT's consumed offsets
         self._version = ""
+        self._manifest: Any = None  # CURRENT's manifest
         self._last_lag = 0.0
         # Set by _start(); _close() closes whichever of them exist.
         self._server: MetricsServer | None = None
@@ -90,6 +94,7 @@ class Daemon:
         self._outbox: Outbox | None = None
         self._collector: Collector
         self._pipeline: FragmentPipeline
+        self._keeper: VaultKeeper
 
     # --- public ------------------------------------------------------------------------------
 
@@ -124,13 +129,14 @@ class Daemon:
         state = self._state = recover(cfg, self.metrics, self._log, self._clock)
         checkpoint = state.checkpoint
         self._set_current(checkpoint.manifest)
-        self._log.info("checkpoint_loaded", version=self._version, forgotten=len(checkpoint.forgotten),
+        self._log.info("checkpoint_loaded", version=self._version, forgotten=len(state.worker.forgotten),
                        offsets=checkpoint.manifest.offsets, audit_baseline=state.baseline,
                        ledger_rows_added=state.reconciled.added, ledger_rows_rolled_back=state.reconciled.rolled_back)
         topics = kafka.topics
+        configs = topic_configs_by_name(topics, kafka.topic_configs)
         try:
-            ensure_topics(kafka.bootstrap_servers, kafka.settings("admin"),
-                          [topics.requests, topics.receipts, topics.dead_letter, topics.checkpoints])
+            created = ensure_topics(kafka.bootstrap_servers, kafka.settings("admin"), list(configs), configs=configs)
+            self._log.info("topics_ensured", created={name: configs[name] for name in created})
         except KafkaError as err:  # e.g. no create permission: the topics may well exist
             self._log.warning("topics_not_ensured", error=repr(err))
         # Producer first (owed receipts, CURRENT's checkpoint record), then the consumer.
@@ -143,8 +149,11 @@ class Daemon:
         goals = GoalIndex(lambda: state.worker.forgotten, cfg.model.num_classes)
         self._collector = Collector(state.ctx, self._outbox, self.metrics, self._log, goals, self._clock,
                                     self._monotonic)
-        self._pipeline = FragmentPipeline(state.worker, state.store, self._outbox, self.metrics, self._clock,
-                                          self._crash)
+        self._pipeline = FragmentPipeline(state.worker, state.store, self._outbox, self.metrics, state.vault,
+                                          self._clock, self._crash)
+        self._keeper = VaultKeeper(state.vault, state.shreds, state.store, cfg.privacy, self.metrics, self._log,
+                                   self._clock, self._monotonic, self._crash)
+        self._keeper.tick(state.worker, checkpoint.manifest, force=True)  # windows that closed while stopped
         self._consumer = make_consumer(kafka.bootstrap_servers, kafka.group_id, kafka.settings("consumer"),
                                        max_poll_interval_ms=kafka.max_poll_interval_ms)
         self._consumer.subscribe([topics.requests], listener=_Rebalance(self))
@@ -152,6 +161,7 @@ class Daemon:
                        fragment_size=cfg.unlearning.fragment_size, max_wait_s=cfg.unlearning.max_wait_s)
 
     def _set_current(self, manifest: Any) -> None:
+        self._manifest = manifest
         self._version = manifest.version
         self._offsets = {t: dict(p) for t, p in manifest.offsets.items()}
 
@@ -163,6 +173,10 @@ class Daemon:
         self._tick()
         if not self._collector.pending:
             self._maybe_rollback()
+            if self._manifest.replay and not self._stop.is_set():  # rolled back: re-apply before reading on
+                self._run_fragment(replay=True)
+                return
+            self._keeper.tick(self._pipeline.worker, self._manifest)
         wait_ms = self._collector.wait_ms(POLL_TIMEOUT_MS, unlearning.max_wait_s)
         try:
             batch = self._consumer.poll(timeout_ms=wait_ms,
@@ -184,38 +198,42 @@ class Daemon:
 
     def _maybe_rollback(self) -> None:
         """Carry out an operator's `streamer rollback` between fragments (see state/rollback.py):
-        publish the new version, then resume consuming from its offsets so the rolled-back
-        requests are applied again."""
+        publish the new version; the next steps re-apply the rolled-back requests from the vault."""
         assert self._state is not None and self._outbox is not None
         store = self._state.store
         request = take_request(store.root)
         if request is None:
             return
-        kafka = self.cfg.kafka
+        vault = self._state.vault
         answer = run_rollback(store, self._state.ledger, str(request.get("to")), bool(request.get("force")),
-                              kafka_earliest(kafka.bootstrap_servers, kafka.settings("consumer")))
+                              vault.__contains__)
         if answer["ok"]:
             checkpoint = store.load(answer["version"])
-            self._pipeline.worker.reset(checkpoint.state_dict, checkpoint.forgotten,
-                                        checkpoint.manifest.retained_misses)
+            forgotten, _ = load_retained(vault, checkpoint.manifest, self.cfg.model.input_shape)
+            self._pipeline.worker.reset(checkpoint.state_dict, forgotten, checkpoint.manifest.retained_misses)
             self._set_current(checkpoint.manifest)
             self._collector.clear()
             self._seek_to_current()
             self._outbox.send_checkpoint_record(checkpoint.manifest, checkpoint.path)
-            resume_gauges(self.metrics, checkpoint)
+            resume_gauges(self.metrics, checkpoint, len(forgotten))
         answer_request(store.root, request, answer)
         self._log.bind(version=self._version).info("rollback", to=request.get("to"), ok=answer["ok"],
                                                    message=answer["message"])
 
-    def _run_fragment(self) -> None:
+    def _run_fragment(self, replay: bool = False) -> None:
         """Run the engine in a worker thread while this thread keeps the group membership alive,
-        then settle failures, publish and finish the fragment here (see pipeline.py)."""
+        then settle failures, publish and finish the fragment here (see pipeline.py). `replay`: the
+        next rolled-back requests of CURRENT's replay list, from the vault, instead of the collected ones."""
         consumer = self._consumer
         assert consumer is not None
         accepted, repeats, offsets = self._collector.take(self._offsets)
+        rest: tuple = ()
+        if replay:
+            accepted = self._keeper.replay_batch(self._manifest, self.cfg.unlearning.fragment_size)
+            rest = tuple(self._manifest.replay[len(accepted):])
         parent = self._version
         log = self._log.bind(parent=parent, requests=len(accepted))
-        log.info("fragment_started", request_ids=[a.request.request_id for a in accepted])
+        log.info("fragment_started", request_ids=[a.request.request_id for a in accepted], replay=replay)
         self._fragment_running, self._reseek = True, False
         try:
             run = poll_while(self._consumer, lambda: self._pipeline.unlearn(accepted, self._cancel, log),
@@ -226,13 +244,16 @@ class Daemon:
             log.info("fragment_abandoned", reason="cancelled by shutdown; nothing published or committed")
             return
         self._pipeline.settle_failures(run, repeats)
-        published = self._pipeline.publish(run, repeats, offsets, parent)
+        published = self._pipeline.publish(run, repeats, offsets, parent, replay=rest)
         if published is not None:
             self._set_current(published.manifest)
             self._pipeline.finish(published, self._commit, log)
+            self._keeper.tick(self._pipeline.worker, self._manifest, force=True)
         else:
             log.warning("fragment_not_published", failed=len(run.failed),
                         reason="no request of the fragment could be applied; CURRENT stays")
+            if replay:  # they failed when re-applied (receipted): off the replay list, or it would loop
+                self._set_current(self._pipeline.drop_replayed(parent, offsets, rest))
         if self._reseek:  # assigned while the fragment ran: positions came from the old manifest
             self._seek_to_current()
         consumer.resume(*consumer.paused())
@@ -311,6 +332,7 @@ class Daemon:
                 self._log.warning("producer_close_failed", error=repr(err))
         if state is not None:
             state.ledger.close()
+            state.shreds.close()
         if self._server is not None:
             self._server.close()
         self._log.info("daemon_stopped", version=self._version)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..engine.data import Dataset
+from ..engine.evaluate import goal_mask
 from ..engine.evaluate import logits as logits_of
 from ..engine.formats import save_user_model
 from ..engine.models import load_net_state
@@ -46,6 +47,7 @@ class FragmentResult:
     evaluate_seconds: float
     metrics: dict[str, float | int | str | None] = field(default_factory=dict)  # for the manifest
     abandoned: dict[str, str] = field(default_factory=dict)  # request_id -> why it left the retained set
+    retained_met: tuple[bool, ...] = ()  # per instance of `forgotten`: its goal holds on the new weights
 
 
 @dataclass(frozen=True)
@@ -86,10 +88,26 @@ class FragmentWorker:
         """Make the model and the retained set those of a checkpoint (after a rollback); the
         state_dict is the user's network's (or, from an older version, the wrapper's)."""
         load_net_state(self.model, state_dict, where="the checkpoint")
-        self.forgotten = forgotten
+        self.reset_forgotten(forgotten)
         self.misses = dict(misses or {})
+
+    def drop(self, request_ids: set[str]) -> None:
+        """Take shredded instances out of the retained set and the anti-resurrection objective."""
+        self.reset_forgotten(self.forgotten.without(request_ids))
+        self.misses = {rid: n for rid, n in self.misses.items() if rid not in request_ids}
+
+    def reset_forgotten(self, forgotten: ForgottenSet) -> None:
+        self.forgotten = forgotten
         device = next(self.model.parameters()).device
         self._unlearner.forgotten = _as_fragment(forgotten).to(device) if len(forgotten) else None
+
+    def check(self, request_ids: Sequence[str]) -> list[bool]:
+        """Whether each retained instance meets its goal on the current weights (the final check
+        before a shred). Raises KeyError for an id not in the retained set."""
+        where = {rid: i for i, rid in enumerate(self.forgotten.request_ids)}
+        index = torch.tensor([where[rid] for rid in request_ids], dtype=torch.int64)
+        f = self.forgotten
+        return goal_mask(self.model, f.x[index], f.y[index], f.target[index]).tolist() if len(index) else []
 
     def snapshot(self) -> _Snapshot:
         """The model and retained set as they are: `restore()` undoes a failed `run`."""
@@ -135,6 +153,7 @@ class FragmentWorker:
             accuracies["audit"] = _acc(logits["audit"], self.audit.y)
             self._check_floor(accuracies["audit"])
         statuses = _statuses(logits["fragment"], requests, y, target, outcome, self.cfg)
+        met = dict(zip(forgotten.request_ids, goal_met(logits["forgotten"], forgotten.y, forgotten.target).tolist()))
         forgotten, abandoned = self._age(forgotten, logits["forgotten"])
         self.forgotten = forgotten
         if abandoned:
@@ -148,7 +167,8 @@ class FragmentWorker:
             "audit_accuracy": _finite(accuracies.get("audit")), "audit_baseline_accuracy": _finite(self.audit_baseline),
             "forgotten_instances": len(forgotten),
         }
-        return FragmentResult(outcome, statuses, forgotten, accuracies, seconds, metrics, abandoned)
+        return FragmentResult(outcome, statuses, forgotten, accuracies, seconds, metrics, abandoned,
+                              tuple(bool(met[rid]) for rid in forgotten.request_ids))
 
     def _check_floor(self, audit_accuracy: float) -> None:
         if self.max_audit_drop is None or self.audit_baseline is None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import NewTopic
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 from kafka.structs import OffsetAndMetadata
 
@@ -58,26 +58,38 @@ def make_producer(bootstrap: str, client_settings: Mapping[str, Any]) -> KafkaPr
 
 
 def ensure_topics(bootstrap: str, client_settings: Mapping[str, Any], names: Iterable[str],
-                  partitions: int = 1, replication_factor: int = -1) -> None:
-    """Create the topics that do not exist yet; existing ones are left as they are.
+                  partitions: int = 1, replication_factor: int = -1,
+                  configs: Mapping[str, Mapping[str, str]] | None = None) -> list[str]:
+    """Create the topics that do not exist yet, each with its `configs[name]` (Kafka topic configs
+    such as retention.ms, segment.ms); existing ones are left as they are. Returns the names created.
 
     replication_factor -1 uses the broker's default.
     """
     _check_settings(client_settings)
     wanted = list(dict.fromkeys(names))
     if not wanted:
-        return
+        return []
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, **client_settings)
     try:
         response = admin.create_topics(
-            [NewTopic(name, partitions, replication_factor) for name in wanted], raise_errors=False
+            [NewTopic(name, partitions, replication_factor, topic_configs=dict((configs or {}).get(name, {})))
+             for name in wanted], raise_errors=False
         )
     finally:
         admin.close()
+    created = []
     for topic in response["topics"]:
         error = for_code(topic["error_code"])
-        if topic["error_code"] != 0 and error is not TopicAlreadyExistsError:
+        if topic["error_code"] == 0:
+            created.append(topic["name"])
+        elif error is not TopicAlreadyExistsError:
             raise error(f"cannot create topic {topic['name']}: {topic.get('error_message') or error.__name__}")
+    return created
+
+
+def topic_configs_by_name(topics: Any, roles: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str, str]]:
+    """kafka.topic_configs keyed by topic name instead of role (requests, receipts, dead_letter, checkpoints)."""
+    return {getattr(topics, role): dict(settings) for role, settings in roles.items()}
 
 
 def consumer_lag(consumer: KafkaConsumer) -> int:
@@ -103,21 +115,35 @@ def _check_settings(client_settings: Mapping[str, Any]) -> None:
         raise ConfigError(f"kafka.client/consumer/producer/admin must not set {', '.join(owned)}: streamer sets them")
 
 
-def kafka_earliest(bootstrap: str, client: Mapping) -> Callable[[str, int], int]:
-    """First offset each partition still holds, asked of the brokers (cached per partition)."""
-    cache: dict[tuple[str, int], int] = {}
-
-    def earliest(topic: str, partition: int) -> int:
-        if (topic, partition) not in cache:
-            consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, **client)
-            try:
-                tp = TopicPartition(topic, partition)
-                cache[(topic, partition)] = int(consumer.beginning_offsets([tp])[tp])
-            finally:
-                consumer.close()
-        return cache[(topic, partition)]
-
-    return earliest
+def described_topic_configs(bootstrap: str, client_settings: Mapping[str, Any], names: Iterable[str],
+                            keys: Iterable[str] = ("retention.ms", "segment.ms", "cleanup.policy"),
+                            timeout_ms: int = 5000) -> dict[str, dict[str, str]]:
+    """{topic: {config: value}} as the brokers report them (DescribeConfigs); a topic or key the
+    broker does not report is left out (some Kafka-compatible brokers report none). Raises KafkaError
+    when the brokers cannot be reached."""
+    _check_settings(client_settings)
+    wanted = set(keys)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms, **client_settings)
+    try:
+        resources = [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
+        try:
+            response = admin.describe_configs(resources, config_filter="all")  # kafka-python 3: a parsed dict
+        except TypeError:
+            response = admin.describe_configs(resources)  # kafka-python 2: the raw responses
+    finally:
+        admin.close()
+    found: dict[str, dict[str, str]] = {}
+    if isinstance(response, dict):
+        for name, configs in response.get("topic", {}).items():
+            found[name] = {k: str(c.get("value")) for k, c in configs.items()
+                           if k in wanted and isinstance(c, dict) and c.get("value") is not None}
+        return found
+    for reply in response:
+        for resource in getattr(reply, "resources", None) or []:
+            error_code, _, _, name, entries = resource[:5]
+            if error_code == 0:
+                found[name] = {e[0]: e[1] for e in entries if e[0] in wanted and e[1] is not None}
+    return found
 
 
 def commit_offsets(consumer: KafkaConsumer, offsets: Mapping[str, Mapping[int, int]], log: Any) -> None:

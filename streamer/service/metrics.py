@@ -171,6 +171,28 @@ class Metrics:
             "Instances in the retained forgotten set.",
             registry=registry,
         )
+        self.vault_entries = Gauge(
+            "streamer_vault_entries",
+            "Instances held encrypted in the forget vault (applied, verification window still open).",
+            registry=registry,
+        )
+        self.vault_oldest_age = Gauge(
+            "streamer_vault_oldest_entry_age_seconds",
+            "Age of the oldest instance still in the forget vault (0 when it is empty).",
+            registry=registry,
+        )
+        self.vault_window = Gauge(
+            "streamer_vault_verify_window_seconds",
+            "The configured verification window (privacy.verify_window.days): entries older than this are overdue.",
+            registry=registry,
+        )
+        self.vault_shreds = Counter(
+            "streamer_vault_shreds",
+            "Instances crypto-shredded (data key destroyed), by whether the final check before the shred found "
+            "the goal met on the current weights.",
+            ["verified"],
+            registry=registry,
+        )
         self._audit_accuracy: float | None = None
         self._audit_lock = threading.RLock()
         # Pre-initialised so that increase()/rate() see the first event, and dashboards show 0
@@ -183,6 +205,8 @@ class Metrics:
             self.fragments.labels(outcome=outcome)
         for stage in STAGES:
             self.stage_duration.labels(stage=stage)
+        for verified in ("true", "false"):
+            self.vault_shreds.labels(verified=verified)
 
     def observe_fragment(
         self,
@@ -263,6 +287,22 @@ class Metrics:
         """Record the size of the retained forgotten set."""
         _check_count("forgotten instances", instances)
         self.forgotten_instances.set(instances)
+
+    def set_vault(self, entries: int, oldest_age_seconds: float) -> None:
+        """Record the forget vault's live entries and the age of the oldest one."""
+        _check_count("vault entries", entries)
+        _check_seconds("oldest entry age", oldest_age_seconds)
+        self.vault_entries.set(entries)
+        self.vault_oldest_age.set(oldest_age_seconds)
+
+    def set_verify_window(self, seconds: float) -> None:
+        _check_seconds("verify window", seconds)
+        self.vault_window.set(seconds)
+
+    def count_shreds(self, verified: bool, n: int = 1) -> None:
+        """Count crypto-shreds (continued from the ledger's shred log at start)."""
+        _check_count("shreds", n)
+        self.vault_shreds.labels(verified="true" if verified else "false").inc(n)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         """Record one stage run outside `observe_fragment` (e.g. resolving one request)."""

@@ -2,11 +2,13 @@
 
     unlearn   (worker thread)  the engine under the failure policy (failures.run_quarantined)
     settle    (main thread)    requests that failed on their own: ledger rows + receipts, first
-    publish   (main thread)    the version dir written and CURRENT switched (if anything applied)
+    publish   (main thread)    the applied instances into the forget vault, then the version dir
+                               written and CURRENT switched (if anything applied)
     finish    (main thread)    ledger rows, receipts + checkpoint record, offsets committed
 
 Each step is durable before the next starts, so a crash anywhere resumes exactly once: the
-offsets are in the same atomic manifest as the model; failed requests are in the ledger before
+offsets are in the same atomic manifest as the model; vault entries a crash left unreferenced
+are removed on start (Kafka replays their records); failed requests are in the ledger before
 any version's offsets pass them (a re-read finds them handled); the ledger is rebuilt from
 manifests on start. Only infrastructure errors (disk, ledger, broker) escape this module.
 """
@@ -20,6 +22,8 @@ from typing import Any
 
 from ..state.checkpoints import CheckpointStore, Manifest, rfc3339
 from ..state.ledger import Outcome
+from ..state.retained import next_refs
+from ..state.vault import ForgetVault, VaultItem
 from . import outputs
 from .collector import Accepted, Repeat
 from .crash import CrashHook
@@ -44,8 +48,9 @@ class FragmentPipeline:
     """Runs fragments through the engine and the durable outputs, in order."""
 
     def __init__(self, worker: FragmentWorker, store: CheckpointStore, outbox: Outbox, metrics: Metrics,
-                 clock: Callable[[], float] = time.time, crash: CrashHook | None = None):
+                 vault: ForgetVault, clock: Callable[[], float] = time.time, crash: CrashHook | None = None):
         self.worker, self.store, self._outbox, self._metrics, self._clock = worker, store, outbox, metrics, clock
+        self.vault = vault
         self._crash = crash if crash is not None else CrashHook()
 
     def unlearn(self, accepted: Sequence[Accepted], cancel: threading.Event, log: Any) -> QuarantineRun | None:
@@ -78,9 +83,11 @@ class FragmentPipeline:
         self._outbox.record(outcomes)
 
     def publish(self, run: QuarantineRun, repeats: Sequence[Repeat], offsets: Mapping[str, Mapping[int, int]],
-                parent: str) -> Published | None:
-        """Main thread: write the version of the applied requests and switch CURRENT (None when
-        nothing was applied: CURRENT stays, and the offsets move with the next version)."""
+                parent: str, replay: Sequence[Mapping[str, Any]] = ()) -> Published | None:
+        """Main thread: put the applied instances into the vault, write the version of the applied
+        requests (its retained set as vault references; `replay`: rolled-back requests still to
+        re-apply) and switch CURRENT (None when nothing was applied: CURRENT stays, and the offsets
+        move with the next version). Raises VaultError / CheckpointError when a write fails."""
         if not run.applied or run.result is None:
             return None
         start = time.perf_counter()
@@ -88,12 +95,30 @@ class FragmentPipeline:
         requests = [_entry(a, s.status, s.reason) for a, s in run.applied]
         duplicates = [_repeat_entry(r) for r in repeats if id(r.first) not in failed]
         abandoned = [self._abandoned_entry(rid, reason) for rid, reason in run.abandoned.items()]
-        manifest = self.store.publish(parent, self.worker.model_file(), run.result.forgotten, requests=requests,
+        items = [VaultItem(a.request.request_id, a.request.x.float().cpu(), a.request.label, a.request.target)
+                 for a, _ in run.applied]
+        entries = {e.request_id: e for e in self.vault.put(items)}  # before the version that references them
+        self._crash.at("after_vault")
+        refs = next_refs(run.result.forgotten, run.result.retained_met, self.store.manifest(parent).retained, entries,
+                         self.store.next_version())
+        manifest = self.store.publish(parent, self.worker.model_file(), refs, requests=requests,
                                       offsets=offsets, metrics=run.result.metrics, duplicates=duplicates,
                                       abandoned=[a for a in abandoned if a is not None],
-                                      retained_misses=self.worker.misses)
+                                      retained_misses=self.worker.misses, replay=replay)
         stages = {**run.stage_seconds, "checkpoint": time.perf_counter() - start}
         return Published(run, manifest, stages)
+
+    def drop_replayed(self, parent: str, offsets: Mapping[str, Mapping[int, int]],
+                      rest: Sequence[Mapping[str, Any]]) -> Manifest:
+        """Main thread, after a replay fragment of which nothing could be applied (each request has its
+        `failed` receipt): a version with the parent's weights and retained set whose replay list is
+        `rest`, so the daemon moves on. Raises CheckpointError when the write fails."""
+        before = self.store.manifest(parent)
+        manifest = self.store.publish(parent, self.worker.model_file(), before.retained, offsets=offsets,
+                                      metrics={**before.metrics, "replay_failed": True}, replay=rest,
+                                      retained_misses=self.worker.misses)
+        self._outbox.send_checkpoint_record(manifest, self.store.path(manifest.version))
+        return manifest
 
     def finish(self, published: Published, commit: Callable[[Mapping[str, Mapping[int, int]]], None],
                log: Any) -> None:
@@ -142,7 +167,8 @@ def _entry(a: Accepted, status: str, reason: str | None) -> dict[str, Any]:
     r = a.request
     return {"request_id": r.request_id, "status": status, "reason": reason, "topic": a.topic,
             "partition": a.partition, "offset": a.offset, "subject": r.subject, "mode": r.mode,
-            "label": r.label, "target_label": r.target_label, "requested_at": r.requested_at}
+            "label": r.label, "target_label": r.target_label, "requested_at": r.requested_at,
+            "received_at": None if a.record_time_ms is None else rfc3339(a.record_time_ms / 1000)}
 
 
 def _repeat_entry(r: Repeat) -> dict[str, Any]:

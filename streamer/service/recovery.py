@@ -1,12 +1,15 @@
-"""Start-up recovery: load CURRENT, reconcile the ledger, resume gauges; seek to CURRENT's offsets.
+"""Start-up recovery: load CURRENT, reconcile the ledger and the vault, resume gauges; seek to CURRENT's offsets.
 
-On start the daemon loads CURRENT (sha256 verified, in the format its manifest records; the
-configured model is published as v000000, in the configured format, on the very first start),
-checks that the configured trainable parameters exist and logs them, rebuilds any ledger rows a
-crash lost from the manifests of CURRENT's lineage, and on every partition assignment seeks to
-the offsets in CURRENT's manifest: the checkpoint, not the group's committed offset, decides
-where consumption resumes. Owed receipts are re-sent by `Outbox.send_owed()` once the producer
-exists.
+On start the daemon opens the forget vault with the configured KEK first (a missing or wrong KEK
+refuses the start, before any model is loaded), migrates schema-1 versions' plaintext
+forgotten.pt into the vault, loads CURRENT (sha256 verified, in the format its manifest records;
+the configured model is published as v000000, in the configured format, on the very first start)
+and its retained set from the vault, removes vault entries CURRENT does not reference (a crash
+between the vault write and the publish), records shreds a crash kept out of the ledger, checks
+that the configured trainable parameters exist and logs them, rebuilds any ledger rows a crash
+lost from the manifests of CURRENT's lineage, and on every partition assignment seeks to the
+offsets in CURRENT's manifest: the checkpoint, not the group's committed offset, decides where
+consumption resumes. Owed receipts are re-sent by `Outbox.send_owed()` once the producer exists.
 """
 from __future__ import annotations
 
@@ -25,9 +28,13 @@ from ..engine.models import load_model, load_net_state
 from ..engine.trainable import select_trainable
 from ..intake.events import SampleContext
 from ..intake.resources import load_dataset_ref, resolve_device, sample_context
-from ..state.checkpoints import BASE_VERSION, Checkpoint, CheckpointStore, ForgottenSet, ModelFile
+from ..state.checkpoints import BASE_VERSION, Checkpoint, CheckpointStore, ModelFile
 from ..state.ledger import LEDGER_FILE, Ledger, Reconciled, reconcile
 from ..state.lock import CheckpointDirLocked, DirectoryLock
+from ..state.migrate import migrate_legacy
+from ..state.retained import load_retained, open_vault, referenced_ids
+from ..state.shreds import ShredLog
+from ..state.vault import ForgetVault
 from .fragments import FragmentWorker
 from .metrics import REQUEST_OUTCOMES, Metrics
 
@@ -46,11 +53,14 @@ class Recovered:
     checkpoint: Checkpoint
     baseline: float | None  # the base model's audit accuracy (None without an audit set)
     reconciled: Reconciled
+    vault: ForgetVault
+    shreds: ShredLog
 
 
 def recover(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], float] = time.time) -> Recovered:
     """Load CURRENT and everything around it; the counters and gauges continue from the ledger
-    and CURRENT's manifest. Raises CheckpointDirLocked if another process holds the directory."""
+    and CURRENT's manifest. Raises CheckpointDirLocked if another process holds the directory,
+    VaultKeyError when the KEK is missing, unreadable or not the vault's."""
     device = resolve_device(cfg.device)
     store = CheckpointStore(cfg.checkpoints.dir, cfg.checkpoints.keep, clock)
     lock = DirectoryLock(store.root)  # single writer first: nothing is cleaned or written before it
@@ -64,6 +74,13 @@ def recover(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], f
         orphans = store.orphans()
         if orphans:  # written, never CURRENT (a crash or a failed switch): kept, never part of a lineage
             log.warning("orphan_versions", versions=orphans, current=store.current_version())
+        vault = open_vault(cfg, writer=True, clock=clock)  # fail fast: before any model is loaded
+        if vault.recovered:
+            log.info("vault_crash_leftovers_erased", files=len(vault.recovered))
+        migrated = migrate_legacy(store, vault)
+        if migrated:
+            log.warning("plaintext_forgotten_sets_migrated", versions=migrated,
+                        detail="forgotten.pt moved into the vault and erased")
         base = load_model(cfg.model, device)
         select_trainable(base.net, cfg.unlearning.engine.trainable_spec)  # a bad glob fails before any publish
         fmt, shape = cfg.model.model_format, cfg.model.input_shape
@@ -71,18 +88,22 @@ def recover(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], f
         buffer = load_dataset_ref(cfg.data.buffer, shape) if cfg.data.buffer else None
         if store.current_version() is None:
             first = {"audit_accuracy": accuracy(base, audit.x, audit.y)} if audit is not None else {}
-            store.publish(None, ModelFile(fmt, save_user_model(base.net, fmt, shape)), ForgottenSet.empty(shape),
-                          metrics=first)
+            store.publish(None, ModelFile(fmt, save_user_model(base.net, fmt, shape)), metrics=first)
             log.info("base_version_published", version=BASE_VERSION, weights=cfg.model.weights, model_format=fmt)
         current = store.current_version() or BASE_VERSION
         checkpoint = store.load(current)  # sha256 verified, read in the format its manifest records
+        orphans = vault.remove_orphans(referenced_ids(checkpoint.manifest))
+        if orphans:
+            log.info("vault_orphans_removed", request_ids=orphans,
+                     reason="written for a fragment that was never published; Kafka replays their records")
+        forgotten, shredded = load_retained(vault, checkpoint.manifest, shape)
         if current != BASE_VERSION and store.path(BASE_VERSION).is_dir():  # the lineage's own base is the teacher
             load_net_state(base, store.load(BASE_VERSION).state_dict, where=store.path(BASE_VERSION))
         model = clone_module(base)  # not deepcopy: a deep-copied TorchScript module cannot be trained
         load_net_state(model, checkpoint.state_dict, where=checkpoint.path)
         model.eval()
         baseline = accuracy(base, audit.x, audit.y) if audit is not None else None
-        worker = FragmentWorker(model, cfg.unlearning.engine, cfg.model.num_classes, checkpoint.forgotten,
+        worker = FragmentWorker(model, cfg.unlearning.engine, cfg.model.num_classes, forgotten,
                                 teacher=base, audit=audit, buffer=buffer, audit_baseline=baseline,
                                 max_audit_drop=cfg.unlearning.max_audit_drop,
                                 max_missed_fragments=cfg.unlearning.max_missed_fragments,
@@ -95,6 +116,10 @@ def recover(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], f
         log.info("trainable_parameters", **worker.describe_trainable())
         ledger = Ledger(store.root / LEDGER_FILE)
         reconciled = reconcile(ledger, store.lineage(checkpoint.manifest.version))
+        shreds = ShredLog(store.root / LEDGER_FILE)
+        repaired = shreds.record_missing(vault.entries(), vault.kek.key_id)
+        if repaired:
+            log.warning("shreds_recorded_on_start", request_ids=[r.request_id for r in repaired])
         counts = ledger.counts()
         for outcome in REQUEST_OUTCOMES:  # counters continue from the ledger, so they never reset
             if counts[outcome]:
@@ -103,19 +128,20 @@ def recover(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], f
             metrics.abandoned.inc(counts["abandoned"])
         if baseline is not None:
             metrics.set_audit_baseline(baseline)
-        resume_gauges(metrics, checkpoint)
+        resume_gauges(metrics, checkpoint, len(forgotten))
         ctx = sample_context(cfg)
     except BaseException:
         lock.release()  # a start that failed leaves the directory to the next one
         raise
-    return Recovered(store, lock, ledger, worker, ctx, checkpoint, baseline, reconciled)
+    log.info("vault_opened", key_id=vault.kek.key_id, live=len(forgotten), shredded_since=len(shredded))
+    return Recovered(store, lock, ledger, worker, ctx, checkpoint, baseline, reconciled, vault, shreds)
 
 
-def resume_gauges(metrics: Metrics, checkpoint: Checkpoint) -> None:
+def resume_gauges(metrics: Metrics, checkpoint: Checkpoint, forgotten: int) -> None:
     """Gauges as CURRENT's manifest recorded them, so a restart shows no gap until the next fragment."""
     m = checkpoint.manifest
     metrics.set_checkpoint(m.number, _timestamp(m.created_at))
-    metrics.set_forgotten(len(checkpoint.forgotten))
+    metrics.set_forgotten(forgotten)
     recorded = {name: m.metrics.get(f"{name}_accuracy") for name in ("fragment", "forgotten", "audit")}
     metrics.set_accuracies({k: float(v) for k, v in recorded.items() if v is not None})
 

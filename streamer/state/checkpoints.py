@@ -6,11 +6,11 @@ A version directory holds everything needed to resume:
                     a state_dict with the user's own keys, or a TorchScript archive;
     model.pt2       instead, for the export format: a torch.export program
                     (versions written before formats: a state_dict of the Normalized wrapper)
-    forgotten.pt    the retained forgotten set: {"x": (N, C, H, W), "y": (N,), "target": (N,),
-                    "request_ids": [str] * N}
     manifest.json   version, parent, created_at, the requests it applied with their outcomes,
                     the consumed offsets {topic: {partition: next_offset}}, metrics, the model
-                    file's name and format, and the sha256 of the model file and forgotten.pt
+                    file's name, format and sha256, and the retained forgotten set as references
+                    into the forget vault (ids and keyed content digests; no instance data:
+                    `state/vault.py`)
 
 Publishing writes a temporary directory, fsyncs every file and the directory, renames it to
 its version name (never over an existing one) and fsyncs the parent; only then is CURRENT
@@ -35,8 +35,9 @@ import torch
 
 from ..engine.formats import read_state_dict
 from ..errors import ModelLoadError
+from .durable import fsync_dir as _fsync_dir, write_new as _write_synced
 from .manifest import (BASE_VERSION, CURRENT_FILE, FORGOTTEN_FILE, MANIFEST_FILE, MANIFEST_SCHEMA,  # noqa: F401
-                       MODEL_FILE, Checkpoint, CheckpointError, ForgottenSet, Manifest, ModelFile, Offsets,
+                       MODEL_FILE, Checkpoint, CheckpointError, ForgottenSet, Manifest, ModelFile, Offsets, RetainedRef,
                        _TEMP_PREFIX, _VERSION, format_version, rfc3339, version_number)
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "ForgottenSet",
     "Manifest",
     "ModelFile",
+    "RetainedRef",
     "format_version",
     "rfc3339",
     "version_number",
@@ -122,19 +124,21 @@ class CheckpointStore:
         return chain
 
     def load(self, version: str) -> Checkpoint:
-        """The version's model file (and the weights in it), forgotten set and manifest, after
-        checking both sha256s."""
+        """The version's model file (and the weights in it) and manifest, after checking the model
+        file's sha256 (the retained set is in the vault: `state/retained.py`)."""
         manifest = self.manifest(version)
         directory = self.path(version)
         model_bytes = _read_verified(directory / manifest.model_file, manifest.model_sha256)
-        forgotten_bytes = _read_verified(directory / FORGOTTEN_FILE, manifest.forgotten_sha256)
         try:
             state = read_state_dict(model_bytes, manifest.model_format)
         except ModelLoadError as err:
             raise CheckpointError(f"cannot load {directory / manifest.model_file} ({manifest.model_format}): {err}") from err
-        forgotten = ForgottenSet.from_state(_torch_load(forgotten_bytes, directory / FORGOTTEN_FILE),
-                                            str(directory / FORGOTTEN_FILE))
-        return Checkpoint(manifest, state, forgotten, directory, ModelFile(manifest.model_format, model_bytes))
+        return Checkpoint(manifest, state, directory, ModelFile(manifest.model_format, model_bytes))
+
+    def next_version(self) -> str:
+        """The name the next `publish` will give its version."""
+        existing = self.versions()
+        return format_version(version_number(existing[-1]) + 1) if existing else BASE_VERSION
 
     def verify_files(self, version: str) -> None:
         """Check the sha256 of every file `version`'s manifest names; raises CheckpointError naming
@@ -142,7 +146,8 @@ class CheckpointStore:
         manifest = self.manifest(version)
         directory = self.path(version)
         _read_verified(directory / manifest.model_file, manifest.model_sha256)
-        _read_verified(directory / FORGOTTEN_FILE, manifest.forgotten_sha256)
+        if manifest.legacy_forgotten_sha256 is not None:  # schema 1, until the daemon migrates it
+            _read_verified(directory / FORGOTTEN_FILE, manifest.legacy_forgotten_sha256)
 
     def orphans(self) -> list[str]:
         """Versions newer than CURRENT: written, but CURRENT never switched to them (a crash or a
@@ -154,29 +159,31 @@ class CheckpointStore:
 
     # --- writing -----------------------------------------------------------------------------
 
-    def publish(self, parent: str | None, model: ModelFile | Mapping[str, torch.Tensor], forgotten: ForgottenSet,
-                requests: Sequence[Mapping[str, Any]] = (), offsets: Offsets | None = None,
-                metrics: Mapping[str, Any] | None = None, duplicates: Sequence[Mapping[str, Any]] = (),
+    def publish(self, parent: str | None, model: ModelFile | Mapping[str, torch.Tensor],
+                retained: Sequence[RetainedRef] = (), requests: Sequence[Mapping[str, Any]] = (),
+                offsets: Offsets | None = None, metrics: Mapping[str, Any] | None = None,
+                duplicates: Sequence[Mapping[str, Any]] = (), replay: Sequence[Mapping[str, Any]] = (),
                 created_at: float | None = None, abandoned: Sequence[Mapping[str, Any]] = (),
                 retained_misses: Mapping[str, int] | None = None) -> Manifest:
         """Write the next version atomically, switch CURRENT to it, prune; return its manifest.
 
-        `model` is the model file (see engine/formats.py), or a state_dict to write as one.
-        The first version ever published is v000000 (the base model, no parent)."""
+        `model` is the model file (see engine/formats.py), or a state_dict to write as one;
+        `retained` references the forget vault's entries (written before, see pipeline.py); `replay`
+        lists rolled-back requests still to re-apply. The first version ever published is v000000
+        (the base model, no parent). Raises CheckpointError when the write fails."""
         existing = self.versions()
         if parent is None and existing:
             raise CheckpointError(f"only the first version may have no parent; {self.root} has {existing[-1]}")
-        version = format_version(version_number(existing[-1]) + 1) if existing else BASE_VERSION
+        version = self.next_version()
         if not isinstance(model, ModelFile):
             model = ModelFile("state_dict", _torch_bytes({k: v.detach().cpu() for k, v in model.items()}))
         model_bytes = model.data
-        forgotten_bytes = _torch_bytes(forgotten.to_state())
         manifest = Manifest(
             version=version, parent=parent, created_at=rfc3339(self._clock() if created_at is None else created_at),
             requests=tuple(dict(r) for r in requests), duplicates=tuple(dict(d) for d in duplicates),
             offsets={t: dict(p) for t, p in (offsets or {}).items()}, metrics=dict(metrics or {}),
-            model_sha256=hashlib.sha256(model_bytes).hexdigest(),
-            forgotten_sha256=hashlib.sha256(forgotten_bytes).hexdigest(),
+            model_sha256=hashlib.sha256(model_bytes).hexdigest(), retained=tuple(retained),
+            replay=tuple(dict(r) for r in replay),
             abandoned=tuple(dict(a) for a in abandoned), retained_misses=dict(retained_misses or {}),
             model_format=model.format, model_file=model.name,
         )
@@ -186,7 +193,6 @@ class CheckpointStore:
         temp.mkdir()
         try:
             _write_synced(temp / model.name, model_bytes)
-            _write_synced(temp / FORGOTTEN_FILE, forgotten_bytes)
             _write_synced(temp / MANIFEST_FILE, manifest_bytes)
             _fsync_dir(temp)
             # rename(2) of a directory fails when the target exists and is not empty: never overwrites.
@@ -248,18 +254,3 @@ def _read_verified(path: Path, sha256: str) -> bytes:
     if actual != sha256:
         raise CheckpointError(f"{path} has sha256 {actual}, its manifest says {sha256}: the file is corrupt")
     return data
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "xb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -2,7 +2,12 @@
 
     manifest.json   version, parent, created_at, the requests it applied with their outcomes,
                     the consumed offsets {topic: {partition: next_offset}}, metrics, the model
-                    file's name and format, and the sha256 of the model file and forgotten.pt
+                    file's name, format and sha256, the retained forgotten set as references into
+                    the forget vault (request id, keyed content digest, where and when applied,
+                    goal met), and the rolled-back requests still to replay from the vault
+
+A version holds no instance data (schema 2). Schema 1 versions kept the retained set in plaintext
+in forgotten.pt; the daemon migrates them into the vault at start (`state/migrate.py`).
 """
 from __future__ import annotations
 
@@ -23,14 +28,14 @@ FORGOTTEN_FILE = "forgotten.pt"
 MANIFEST_FILE = "manifest.json"
 CURRENT_FILE = "CURRENT"
 BASE_VERSION = "v000000"
-MANIFEST_SCHEMA = 1
+MANIFEST_SCHEMA = 2
 _VERSION = re.compile(r"v(\d{6,})")
 _TEMP_PREFIX = ".tmp-"
 
 Offsets = Mapping[str, Mapping[int, int]]  # {topic: {partition: next offset to consume}}
 
 __all__ = ["BASE_VERSION", "Checkpoint", "CheckpointError", "ForgottenSet", "Manifest", "ModelFile", "Offsets",
-           "format_version", "rfc3339", "version_number"]
+           "RetainedRef", "format_version", "parse_rfc3339", "rfc3339", "version_number"]
 
 
 class CheckpointError(StreamerError):
@@ -50,6 +55,11 @@ def version_number(version: str) -> int:
 
 def rfc3339(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_rfc3339(text: str) -> float:
+    """Unix seconds of an RFC 3339 time as `rfc3339` writes it."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,12 @@ class ForgottenSet:
         return ForgottenSet(torch.cat([x.cpu(), self.x]), torch.cat([y.cpu(), self.y]),
                             torch.cat([target.cpu(), self.target]), (*request_ids, *self.request_ids))
 
+    def without(self, request_ids: set[str]) -> ForgottenSet:
+        """This set less the given ids (shredded), order kept."""
+        keep = [i for i, rid in enumerate(self.request_ids) if rid not in request_ids]
+        index = torch.tensor(keep, dtype=torch.int64)
+        return ForgottenSet(self.x[index], self.y[index], self.target[index], tuple(self.request_ids[i] for i in keep))
+
     def to_state(self) -> dict[str, Any]:
         return {"x": self.x.cpu(), "y": self.y.cpu(), "target": self.target.cpu(), "request_ids": list(self.request_ids)}
 
@@ -85,6 +101,25 @@ class ForgottenSet:
         if not len(result.x) == len(result.y) == len(result.target) == len(result.request_ids):
             raise CheckpointError(f"{where}: x, y, target and request_ids have different lengths")
         return result
+
+
+@dataclass(frozen=True)
+class RetainedRef:
+    """One instance of a version's retained forgotten set: a reference into the forget vault."""
+
+    request_id: str
+    digest: str  # the vault entry's keyed content digest (state/sealed.py): binds the version to the content
+    applied_in: str  # the version that applied it (after a rollback: the one that replayed it)
+    applied_at: str  # RFC 3339, first applied (the vault entry's creation): the verification window starts here
+    met: bool | None = None  # whether it met its goal on this version's weights (None: not evaluated)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"request_id": self.request_id, "digest": self.digest, "applied_in": self.applied_in,
+                "applied_at": self.applied_at, "met": self.met}
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> RetainedRef:
+        return RetainedRef(data["request_id"], data["digest"], data["applied_in"], data["applied_at"], data.get("met"))
 
 
 @dataclass(frozen=True)
@@ -109,11 +144,13 @@ class Manifest:
     offsets: Offsets
     metrics: Mapping[str, Any]
     model_sha256: str
-    forgotten_sha256: str
     duplicates: tuple[Mapping[str, Any], ...] = ()  # repeats answered with this version
+    retained: tuple[RetainedRef, ...] = ()  # the retained forgotten set, newest fragment first (engine order)
+    replay: tuple[Mapping[str, Any], ...] = ()  # rolled-back request entries still to re-apply from the vault
     # Earlier requests whose instance left the retained set here, goal unreachable (ledger: abandoned)
     abandoned: tuple[Mapping[str, Any], ...] = ()
     retained_misses: Mapping[str, int] = field(default_factory=dict)  # request_id -> fragments missed in a row
+    legacy_forgotten_sha256: str | None = None  # schema 1 only: the sha256 of its plaintext forgotten.pt
     schema: int = MANIFEST_SCHEMA
     model_format: str = "state_dict"  # absent in manifests written before formats: a state_dict
     model_file: str = MODEL_FILE
@@ -124,16 +161,18 @@ class Manifest:
         return version_number(self.version)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "schema": self.schema, "version": self.version, "parent": self.parent, "created_at": self.created_at,
             "requests": [dict(r) for r in self.requests], "duplicates": [dict(d) for d in self.duplicates],
             "offsets": {t: {str(p): o for p, o in sorted(parts.items())} for t, parts in sorted(self.offsets.items())},
             "metrics": dict(self.metrics), "model_sha256": self.model_sha256,
-            "forgotten_sha256": self.forgotten_sha256, "abandoned": [dict(a) for a in self.abandoned],
-            "retained_misses": dict(sorted(self.retained_misses.items())),
-            "model_format": self.model_format,
-            "model_file": self.model_file,
+            "retained": [r.to_json() for r in self.retained], "replay": [dict(r) for r in self.replay],
+            "abandoned": [dict(a) for a in self.abandoned], "retained_misses": dict(sorted(self.retained_misses.items())),
+            "model_format": self.model_format, "model_file": self.model_file,
         }
+        if self.legacy_forgotten_sha256 is not None:
+            data["forgotten_sha256"] = self.legacy_forgotten_sha256
+        return data
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> Manifest:
@@ -146,8 +185,9 @@ class Manifest:
                 requests=tuple(data["requests"]), duplicates=tuple(data.get("duplicates", ())),
                 offsets={t: {int(p): int(o) for p, o in parts.items()} for t, parts in data["offsets"].items()},
                 metrics=data["metrics"], model_sha256=data["model_sha256"],
-                forgotten_sha256=data["forgotten_sha256"], schema=data.get("schema", MANIFEST_SCHEMA),
-                abandoned=tuple(data.get("abandoned", ())),
+                retained=tuple(RetainedRef.from_json(r) for r in data.get("retained", ())),
+                replay=tuple(data.get("replay", ())), legacy_forgotten_sha256=data.get("forgotten_sha256"),
+                schema=data.get("schema", 1), abandoned=tuple(data.get("abandoned", ())),
                 retained_misses={str(k): int(v) for k, v in data.get("retained_misses", {}).items()},
                 model_format=data.get("model_format", "state_dict"), model_file=data.get("model_file", MODEL_FILE),
                 format_recorded="model_format" in data,
@@ -158,8 +198,9 @@ class Manifest:
 
 @dataclass(frozen=True)
 class Checkpoint:
+    """A loaded version: its manifest and weights (the retained set is in the vault: `state/retained.py`)."""
+
     manifest: Manifest
     state_dict: dict[str, torch.Tensor] = field(repr=False)  # the weights in the model file, its keys as is
-    forgotten: ForgottenSet = field(repr=False)
     path: Path = Path()
     model: ModelFile | None = field(default=None, repr=False)  # the model file itself, sha256 verified

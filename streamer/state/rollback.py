@@ -1,11 +1,14 @@
-"""Rollback with replay: history stays append-only and nobody is silently un-forgotten.
+"""Rollback with replay from the forget vault: history stays append-only and nobody is silently un-forgotten.
 
-`streamer rollback --to V` publishes a NEW version whose weights, forgotten set and consumed
-offsets are V's (parent V, so CURRENT's lineage no longer holds the versions after V), marks every
-request those versions applied `rolled_back` in the ledger, and the daemon then re-consumes from
-V's offsets: each such request is applied again and gets a new receipt naming the new version.
-If the topic no longer holds a record to replay (retention), rollback refuses and names the
-requests, unless forced: then they are recorded `rolled_back` with that reason and not replayed.
+`streamer rollback --to V` publishes a NEW version whose weights and retained forgotten set are V's
+(parent V, so CURRENT's lineage no longer holds the versions after V) and whose consumed offsets
+stay CURRENT's; it lists every request those versions applied as `replay`, and marks them
+`rolled_back` in the ledger. The daemon then applies them again, before it reads any new record,
+from their instances in the vault (not from Kafka: the requests topic can keep a short retention),
+and each gets a new receipt naming the version that re-applied it. A request whose instance was
+crypto-shredded since (its verification window closed) cannot be applied again: the rollback is
+refused and names those requests, unless forced; then they are recorded `rolled_back` and stay
+un-applied (the model rolled back to V no longer forgets them).
 
 While the daemon runs it owns the checkpoint directory (an flock on LOCK): the command then
 leaves a request file that the daemon carries out between fragments and answers in a result
@@ -16,9 +19,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..engine.models import split_normalized_state
 from .checkpoints import CheckpointStore, Manifest, rfc3339
@@ -28,7 +32,7 @@ from .ledger import Ledger, Outcome
 REQUEST_FILE = "ROLLBACK.request.json"
 RESULT_FILE = "ROLLBACK.result.json"
 
-Earliest = Callable[[str, int], int]  # (topic, partition) -> first offset the topic still holds
+InVault = Callable[[str], bool]  # request_id -> its instance is still in the vault (not shredded)
 
 
 class RollbackRefused(StreamerError):
@@ -39,11 +43,12 @@ class RollbackRefused(StreamerError):
 class RollbackPlan:
     to: Manifest
     current: Manifest
-    replay: tuple[Outcome, ...]  # applied after `to`, record still in the topic: applied again
-    lost: tuple[Outcome, ...]  # applied after `to`, record gone (retention): cannot be replayed
+    replay: tuple[Mapping[str, Any], ...]  # request entries applied after `to`, in the vault: applied again
+    lost: tuple[Mapping[str, Any], ...]  # applied after `to`, shredded since: cannot be applied again
+    undone: tuple[Outcome, ...]  # the applied outcomes being rolled back (ledger rows)
 
 
-def plan_rollback(store: CheckpointStore, to_version: str, earliest: Earliest) -> RollbackPlan:
+def plan_rollback(store: CheckpointStore, to_version: str, in_vault: InVault) -> RollbackPlan:
     """What rolling CURRENT back to `to_version` would replay, from the manifests (the source of truth)."""
     current_version = store.current_version()
     if current_version is None:
@@ -55,36 +60,45 @@ def plan_rollback(store: CheckpointStore, to_version: str, earliest: Earliest) -
     if to_version not in names:
         raise RollbackRefused(f"{to_version} is not an ancestor of CURRENT {current_version} "
                               f"(lineage: {' <- '.join(names)}); rolling to it would skip requests")
+    to = lineage[names.index(to_version)]
+    if any(m.legacy_forgotten_sha256 is not None for m in lineage[: names.index(to_version) + 1]):
+        raise RollbackRefused("these versions keep their forgotten set in plaintext (forgotten.pt): start the "
+                              "daemon once, it migrates them into the vault, then roll back")
     after = lineage[: names.index(to_version)]  # newest first, the versions being undone
-    applied = [Outcome.from_json({**r, "version": m.version, "completed_at": m.created_at})
-               for m in reversed(after) for r in m.requests]
-    lost = tuple(o for o in applied if o.offset < earliest(o.topic, o.partition))
-    replay = tuple(o for o in applied if o not in lost)
-    return RollbackPlan(to=lineage[names.index(to_version)], current=lineage[0], replay=replay, lost=lost)
+    undone = tuple(Outcome.from_json({**r, "version": m.version, "completed_at": m.created_at})
+                   for m in reversed(after) for r in m.requests)
+    entries = [*(r for m in reversed(after) for r in m.requests), *lineage[0].replay]  # + a replay not done yet
+    lost = tuple(e for e in entries if not in_vault(str(e["request_id"])))
+    replay = tuple(e for e in entries if in_vault(str(e["request_id"])))
+    return RollbackPlan(to=to, current=lineage[0], replay=replay, lost=lost, undone=undone)
 
 
-def apply_rollback(store: CheckpointStore, ledger: Ledger, plan: RollbackPlan, force: bool,
+def apply_rollback(store: CheckpointStore, ledger: Ledger, plan: RollbackPlan, force: bool, in_vault: InVault,
                    clock: Callable[[], float] = time.time) -> Manifest:
-    """Publish the new version (V's state, parent V) and record the rolled-back requests."""
+    """Publish the new version (V's weights and live retained set, CURRENT's offsets, parent V, the
+    requests to replay) and record the rolled-back requests. Raises RollbackRefused for shredded
+    requests unless `force`."""
     if plan.lost and not force:
         raise RollbackRefused(
-            f"the topic no longer holds {len(plan.lost)} records to replay after {plan.to.version} (retention); "
-            f"these requests could not be applied again: {', '.join(sorted(str(o.request_id) for o in plan.lost))}. "
-            "Re-send them, or use --force to record them as rolled_back")
+            f"{len(plan.lost)} requests applied after {plan.to.version} were crypto-shredded since (their "
+            "verification window closed), so they cannot be applied again: "
+            f"{', '.join(sorted(str(e['request_id']) for e in plan.lost))}. Roll back to a later version, or use "
+            "--force to record them as rolled_back: the model would then no longer forget them")
     checkpoint = store.load(plan.to.version)
     metrics = {**plan.to.metrics, "rollback_to": plan.to.version, "rolled_back_from": plan.current.version,
                "replayed_requests": len(plan.replay), "lost_requests": len(plan.lost)}
+    retained = [r for r in plan.to.retained if in_vault(r.request_id)]  # shredded ones left the objective
     # V's model file byte for byte (same format, same sha256); a V from before formats holds the
     # Normalized wrapper's keys, so its weights are republished with the user's keys instead.
     legacy = None if plan.to.format_recorded else split_normalized_state(checkpoint.state_dict)
     model = legacy[0] if legacy is not None else checkpoint.model or checkpoint.state_dict
-    manifest = store.publish(plan.to.version, model, checkpoint.forgotten,
-                             offsets=plan.to.offsets, metrics=metrics)
+    manifest = store.publish(plan.to.version, model, retained, offsets=plan.current.offsets,
+                             metrics=metrics, replay=plan.replay)
     now = rfc3339(clock())
-    ledger.append([_rolled_back(o, manifest.version, now, "replayed from its record")
-                   for o in plan.replay] +
-                  [_rolled_back(o, manifest.version, now, "NOT replayed: the record is gone (retention), --force")
-                   for o in plan.lost])
+    lost = {str(e["request_id"]) for e in plan.lost}
+    ledger.append([_rolled_back(o, manifest.version, now, "NOT applied again: its instance was shredded (--force)"
+                                if o.request_id in lost else "applied again from the forget vault")
+                   for o in plan.undone])
     return manifest
 
 
@@ -132,18 +146,18 @@ def answer_request(root: Path, request: dict, answer: dict) -> None:
     os.replace(temp, root / RESULT_FILE)
 
 
-def run_rollback(store: CheckpointStore, ledger: Ledger, to_version: str, force: bool, earliest: Earliest) -> dict:
+def run_rollback(store: CheckpointStore, ledger: Ledger, to_version: str, force: bool, in_vault: InVault) -> dict:
     """Plan and apply; the answer the command prints (and the daemon writes to the result file)."""
     try:
-        plan = plan_rollback(store, to_version, earliest)
-        manifest = apply_rollback(store, ledger, plan, force)
+        plan = plan_rollback(store, to_version, in_vault)
+        manifest = apply_rollback(store, ledger, plan, force, in_vault)
     except RollbackRefused as err:
         return {"ok": False, "version": None, "message": f"rollback refused: {err}"}
-    replayed = ", ".join(str(o.request_id) for o in plan.replay) or "none"
+    replayed = ", ".join(str(e["request_id"]) for e in plan.replay) or "none"
     message = (f"published {manifest.version} = weights of {plan.to.version} (was {plan.current.version}); "
-               f"CURRENT = {manifest.version}; {len(plan.replay)} requests will be applied again from their "
-               f"records when the daemon consumes: {replayed}")
+               f"CURRENT = {manifest.version}; {len(plan.replay)} requests will be applied again from the forget "
+               f"vault by the daemon: {replayed}")
     if plan.lost:
-        message += f"; {len(plan.lost)} recorded rolled_back without replay (--force): " + \
-                   ", ".join(str(o.request_id) for o in plan.lost)
+        message += f"; {len(plan.lost)} shredded requests recorded rolled_back, not applied again (--force): " + \
+                   ", ".join(str(e["request_id"]) for e in plan.lost)
     return {"ok": True, "version": manifest.version, "message": message}

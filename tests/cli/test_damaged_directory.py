@@ -15,7 +15,9 @@ import torch
 import yaml
 
 from streamer.engine.models import digits_cnn
-from streamer.state.checkpoints import CheckpointStore, ForgottenSet
+from streamer.state.checkpoints import CheckpointStore
+from streamer.state.kek import generate_kek_file
+from streamer.state.vault import ForgetVault
 from streamer.state.ledger import LEDGER_FILE, Ledger, Outcome
 
 
@@ -30,12 +32,12 @@ def directory(tmp_path: Path) -> Path:
     net = digits_cnn()
     torch.save(net.state_dict(), tmp_path / "w.pt")
     config = {"device": "cpu", "model": {"source": "reference:digits", "weights": "w.pt", "input_shape": [1, 8, 8]},
-              "data": {"audit": None}, "checkpoints": {"dir": "ckpt"}}
+              "data": {"audit": None}, "checkpoints": {"dir": "ckpt"}, "privacy": {"kek_file": "kek.key"}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    ForgetVault.open(tmp_path / "ckpt" / "vault", generate_kek_file(tmp_path / "kek.key"))  # an empty vault
     store = CheckpointStore(tmp_path / "ckpt")
-    empty = ForgottenSet.empty((1, 8, 8))
-    store.publish(None, net.state_dict(), empty)
-    store.publish("v000000", net.state_dict(), empty, requests=[])
+    store.publish(None, net.state_dict())
+    store.publish("v000000", net.state_dict(), requests=[])
     with Ledger(tmp_path / "ckpt" / LEDGER_FILE) as ledger:
         ledger.append([Outcome(status="rejected", request_id="x", version=None, reason="r", topic="t", partition=0,
                                offset=0, subject=None, completed_at="2026-01-01T00:00:00.000Z")])
@@ -84,7 +86,7 @@ def test_a_missing_current_is_called_damage(directory: Path) -> None:
 def test_an_orphan_version_is_never_shown_as_lineage(directory: Path) -> None:
     """A version written but never made CURRENT (a failed switch) is listed as an orphan."""
     store = CheckpointStore(directory / "ckpt")
-    store.publish("v000001", torch.load(directory / "w.pt"), ForgottenSet.empty((1, 8, 8)))
+    store.publish("v000001", torch.load(directory / "w.pt"))
     store.switch("v000001")  # as if the switch to v000002 never happened
     listing = _cli("checkpoints", "list", "--config", str(directory / "config.yaml"))
     assert listing.returncode == 0, listing.stderr
@@ -99,8 +101,8 @@ def test_an_abandoned_request_is_its_own_category(directory: Path) -> None:
     entry = {"request_id": "a", "status": "failed", "reason": "step cap", "topic": "t", "partition": 0, "offset": 1,
              "subject": None}
     weights = torch.load(directory / "w.pt")
-    store.publish("v000001", weights, ForgottenSet.empty((1, 8, 8)), requests=[entry])
-    store.publish("v000002", weights, ForgottenSet.empty((1, 8, 8)),
+    store.publish("v000001", weights, requests=[entry])
+    store.publish("v000002", weights,
                   abandoned=[{**entry, "status": "abandoned", "reason": "goal still missed"}])
     result = _cli("verify", "--config", str(directory / "config.yaml"))
     assert result.returncode == 0, result.stdout + result.stderr

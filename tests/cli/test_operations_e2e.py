@@ -39,8 +39,8 @@ def weights(tmp_path_factory) -> Path:
 
 class TestRollbackAndVerify:
     def test_rollback_replays_and_verify_holds(self, kafka_bootstrap, weights, tmp_path):
-        """Rolled back while running and while stopped, every request is applied again in a new version
-        with a new receipt, and verify passes; a tampered version fails verify with the ids."""
+        """Rolled back while running and while stopped, every request is applied again from the vault in a
+        new version with a new receipt, and verify passes; a tampered version fails verify with the ids."""
         topics = new_topics(kafka_bootstrap, "ops")
         config = write_config(tmp_path, kafka_bootstrap, topics, weights)
         cfg = load_config(config)
@@ -96,9 +96,8 @@ class TestRollbackAndVerify:
         ok = _cli("verify", "--config", str(config))
         assert ok.returncode == 0 and "OK" in ok.stdout, ok.stdout + ok.stderr
 
-        # a version whose weights are the base model's but whose forgotten set is full: everything came back
-        tampered = store.load("v000006")
-        store.publish("v000006", store.load("v000000").state_dict, tampered.forgotten)
+        # a version whose weights are the base model's but whose retained set is full: everything came back
+        store.publish("v000006", store.load("v000000").state_dict, store.manifest("v000006").retained)
         bad = _cli("verify", "--config", str(config))
         assert bad.returncode == 1 and "CAME BACK" in bad.stdout
         assert all(rid in bad.stdout for rid in ids)
@@ -108,8 +107,7 @@ class TestRollbackAndVerify:
         topics = new_topics(kafka_bootstrap, "ops2")
         config = write_config(tmp_path, kafka_bootstrap, topics, weights)
         store = CheckpointStore(load_config(config).checkpoints.dir)
-        from streamer.state.checkpoints import ForgottenSet
-        store.publish(None, torch.load(weights, weights_only=True), ForgottenSet.empty((1, 8, 8)))
+        store.publish(None, torch.load(weights, weights_only=True))
         out = _cli("rollback", "--to", "v000000", "--config", str(config))
         assert out.returncode == 1 and "CURRENT already" in out.stdout
 

@@ -17,6 +17,9 @@ import yaml
 from streamer.engine.data import load_splits
 from streamer.engine.models import digits_cnn
 from streamer.state.checkpoints import CheckpointStore, ForgottenSet
+from streamer.state.kek import generate_kek_file
+from streamer.state.retained import next_refs
+from streamer.state.vault import ForgetVault, VaultItem
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -29,7 +32,8 @@ def directory(tmp_path: Path) -> Path:
     net = digits_cnn().eval()
     torch.save(net.state_dict(), tmp_path / "w.pt")
     config = {"device": "cpu", "model": {"source": "reference:digits", "weights": "w.pt", "input_shape": [1, 8, 8]},
-              "data": {"audit": {"builtin": "digits", "split": "audit"}}, "checkpoints": {"dir": "ckpt"}}
+              "data": {"audit": {"builtin": "digits", "split": "audit"}}, "checkpoints": {"dir": "ckpt"},
+              "privacy": {"kek_file": "kek.key"}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     train = load_splits("digits").train
     with torch.no_grad():
@@ -39,8 +43,11 @@ def directory(tmp_path: Path) -> Path:
     entries = [{"request_id": rid, "status": "forgotten", "reason": None, "topic": "t", "partition": 0, "offset": i,
                 "subject": None} for i, rid in enumerate(ids)]
     store = CheckpointStore(tmp_path / "ckpt")
-    store.publish(None, net.state_dict(), ForgottenSet.empty((1, 8, 8)))
-    store.publish("v000000", net.state_dict(), forgotten, requests=entries)
+    store.publish(None, net.state_dict())
+    vault = ForgetVault.open(tmp_path / "ckpt" / "vault", generate_kek_file(tmp_path / "kek.key"))
+    stored = vault.put([VaultItem(rid, forgotten.x[i], int(forgotten.y[i]), -1) for i, rid in enumerate(ids)])
+    refs = next_refs(forgotten, [True] * len(ids), (), {e.request_id: e for e in stored}, store.next_version())
+    store.publish("v000000", net.state_dict(), refs, requests=entries)
     return tmp_path
 
 

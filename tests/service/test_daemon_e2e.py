@@ -32,7 +32,7 @@ from daemon_harness import (
 )
 from streamer.state.checkpoints import CheckpointStore, Manifest
 from streamer.config import load_config
-from streamer.service.crash import CRASH_POINTS
+from streamer.service.crash import FRAGMENT_CRASH_POINTS
 from streamer.state.ledger import LEDGER_FILE
 from streamer.engine.data import load_splits
 from streamer.engine.evaluate import predict
@@ -305,7 +305,7 @@ def test_crash_at_every_point_loses_nothing_and_applies_nothing_twice(
     records.append(_event(ids[1], 11))  # a repeat, read by the last run
     produce(kafka_bootstrap, topics["requests"], records)
 
-    for run, point in enumerate(CRASH_POINTS):
+    for run, point in enumerate(FRAGMENT_CRASH_POINTS):
         daemon = DaemonProcess(config, tmp_path / f"run{run}.log", crash_at=point)
         try:
             code = daemon.wait(timeout_s=180)

@@ -12,6 +12,7 @@ from streamer.state.checkpoints import ForgottenSet
 from streamer.engine.data import Dataset
 from streamer.intake.events import ForgetRequest
 from streamer.service.fragments import FragmentWorker
+from engine_fixtures import constant_classifier
 from streamer.engine.models import Normalized
 from streamer.engine.unlearn import method_config
 
@@ -20,12 +21,7 @@ ENGINE = dict(n_adv=0, distill_weight=0.0, lr=1e-4, seed=0)
 
 
 def _model(bias: float) -> Normalized:
-    """A linear classifier that predicts class 0 for every input, by `bias` logits."""
-    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
-    with torch.no_grad():
-        net[1].weight.zero_()
-        net[1].bias.copy_(torch.tensor([bias, 0.0, 0.0]))
-    return Normalized(net, (0.0,), (1.0,)).eval()
+    return constant_classifier(bias, SHAPE)
 
 
 def _request(rid: str, label: int, target: int | None = None) -> ForgetRequest:
@@ -66,6 +62,27 @@ class TestFragmentWorker:
         worker.run([_request("a", label=0)])
         result = worker.run([_request("b", label=1)])
         assert result is not None and result.forgotten.request_ids == ("b", "a")
+
+    def test_each_retained_instance_is_checked_after_the_fragment(self) -> None:
+        """retained_met holds the goal of every retained instance on the new weights, in retained order."""
+        worker = _worker(_model(50.0), max_steps=1)
+        worker.run([_request("a", label=1)])  # predicted 0 != 1: its goal holds
+        result = worker.run([_request("b", label=0)])  # still predicted 0 after one step: missed
+        assert result is not None and result.forgotten.request_ids == ("b", "a")
+        assert result.retained_met == (False, True)
+        assert worker.check(["a", "b"]) == [True, False]
+
+    def test_drop_takes_shredded_instances_out_of_the_objective(self) -> None:
+        """After drop, neither the retained set nor the engine's anti-resurrection set holds the instance."""
+        worker = _worker(_model(5.0))
+        worker.run([_request("a", label=1), _request("b", label=2)])
+        worker.drop({"a"})
+        assert worker.forgotten.request_ids == ("b",)
+        assert worker._unlearner.forgotten is not None and len(worker._unlearner.forgotten) == 1
+        with pytest.raises(KeyError):
+            worker.check(["a"])
+        worker.drop({"b"})
+        assert worker._unlearner.forgotten is None and len(worker.forgotten) == 0
 
     def test_cancel_returns_none_and_keeps_the_retained_set(self) -> None:
         """A cancelled fragment yields nothing to publish and does not join the retained set."""

@@ -14,7 +14,8 @@ from kafka.consumer.fetcher import ConsumerRecord
 from streamer.service import broker as kafka_broker
 from streamer.service.broker import Broker, BrokerError
 from streamer.errors import ConfigError
-from streamer.service.kafka_io import consumer_lag, ensure_topics, make_consumer, make_producer
+from streamer.service.kafka_io import (consumer_lag, described_topic_configs, ensure_topics, make_consumer,
+                                       make_producer)
 
 JOIN_SETTINGS = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}  # joins take session/2
 
@@ -162,6 +163,17 @@ class TestKafkaIO:
             assert consumer.partitions_for_topic(new) == {0}
         finally:
             consumer.close()
+
+    def test_topics_are_created_with_their_retention(self, kafka_bootstrap: str,
+                                                     unique_topic: Callable[[str], str]) -> None:
+        """ensure_topics creates a topic with its configs (and reports it created once); the broker reports them."""
+        short, plain = unique_topic("short"), unique_topic("plain")
+        configs = {short: {"retention.ms": "259200000", "segment.ms": "86400000"}}
+        assert ensure_topics(kafka_bootstrap, {}, [short, plain], configs=configs) == [short, plain]
+        assert ensure_topics(kafka_bootstrap, {}, [short], configs={short: {"retention.ms": "1"}}) == []
+        described = described_topic_configs(kafka_bootstrap, {}, [short, plain])
+        assert described[short]["retention.ms"] == "259200000" and described[short]["segment.ms"] == "86400000"
+        assert described[plain].get("retention.ms") != "259200000"
 
     def test_round_trip_and_lag(self, kafka_bootstrap: str, unique_topic: Callable[[str], str]) -> None:
         """consumer_lag is 0 before any fetch, 3 after taking 2 of 5 records, 0 when caught up."""

@@ -34,6 +34,10 @@ ALL_SAMPLE_NAMES = {
     "streamer_last_fragment_timestamp_seconds",
     "streamer_fragment_steps",
     "streamer_forgotten_instances",
+    "streamer_vault_entries",
+    "streamer_vault_oldest_entry_age_seconds",
+    "streamer_vault_verify_window_seconds",
+    "streamer_vault_shreds_total",
     "streamer_fragment_failures_total",
     "streamer_abandoned_instances_total",
 }
@@ -196,6 +200,21 @@ class TestGauges:
         assert registry.get_sample_value("streamer_checkpoint_version") == 7.0
         assert registry.get_sample_value("streamer_last_fragment_timestamp_seconds") == 1_700_000_000.0
 
+    def test_vault_gauges_and_shreds(self, registry: CollectorRegistry, metrics: Metrics) -> None:
+        """set_vault, set_verify_window and count_shreds set the vault's gauges and counter."""
+        assert registry.get_sample_value("streamer_vault_shreds_total", {"verified": "false"}) == 0.0
+        metrics.set_vault(12, 3600.0)
+        metrics.set_verify_window(14 * 86_400.0)
+        metrics.count_shreds(True, 3)
+        metrics.count_shreds(False)
+        assert registry.get_sample_value("streamer_vault_entries") == 12.0
+        assert registry.get_sample_value("streamer_vault_oldest_entry_age_seconds") == 3600.0
+        assert registry.get_sample_value("streamer_vault_verify_window_seconds") == 1_209_600.0
+        assert registry.get_sample_value("streamer_vault_shreds_total", {"verified": "true"}) == 3.0
+        assert registry.get_sample_value("streamer_vault_shreds_total", {"verified": "false"}) == 1.0
+        with pytest.raises(ValueError):
+            metrics.set_vault(-1, 0.0)
+
     def test_observe_stage(self, registry: CollectorRegistry, metrics: Metrics) -> None:
         """observe_stage adds one observation to its stage's histogram."""
         metrics.observe_stage("resolve", 0.02)
@@ -234,10 +253,10 @@ class TestValidation:
             call(metrics)  # type: ignore[operator]
 
     def test_no_request_ids_as_labels(self, registry: CollectorRegistry, metrics: Metrics) -> None:
-        """Only the closed label sets set, outcome, stage, kind and le appear on any sample."""
+        """Only the closed label sets set, outcome, stage, kind, le and verified appear on any sample."""
         _populate(metrics)
         labels = {name for family in registry.collect() for s in family.samples for name in s.labels}
-        assert labels <= {"set", "outcome", "stage", "kind", "le"}
+        assert labels <= {"set", "outcome", "stage", "kind", "le", "verified"}
 
 
 def _get(server: MetricsServer, path: str) -> tuple[int, str, str]:

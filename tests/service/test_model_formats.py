@@ -25,7 +25,7 @@ from streamer.service.collector import Accepted
 from streamer.service.metrics import Metrics
 from streamer.service.pipeline import FragmentPipeline
 from streamer.service.recovery import recover
-from streamer.state.checkpoints import CheckpointStore, ForgottenSet
+from streamer.state.checkpoints import CheckpointStore
 from user_models import INPUTS, MEAN, STD, UserDigitsNet, predict_logits, trained_net, user_load, write_source
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -63,7 +63,8 @@ def _one_fragment(cfg, x: torch.Tensor, y: torch.Tensor):
     Returns (the published manifest, the daemon's model after the fragment)."""
     state = _recover(cfg)
     try:
-        pipeline = FragmentPipeline(state.worker, state.store, None, Metrics(CollectorRegistry()))  # no outbox: not finished
+        pipeline = FragmentPipeline(state.worker, state.store, None, Metrics(CollectorRegistry()),  # no outbox: not finished
+                                    state.vault)
         accepted = [Accepted(ForgetRequest(f"r{i}", "misclassify", int(label), None, xi), "r", 0, i, 0.0)
                     for i, (xi, label) in enumerate(zip(x, y))]
         run = pipeline.unlearn(accepted, threading.Event(), structlog.get_logger())
@@ -152,7 +153,7 @@ class TestOlderCheckpoints:
         """A checkpoint directory as streamer wrote it before formats: Normalized keys, no format in the manifest."""
         store = CheckpointStore(cfg.checkpoints.dir)
         store.recover()
-        manifest = store.publish(None, Normalized(net, mean, std).state_dict(), ForgottenSet.empty((1, 8, 8)))
+        manifest = store.publish(None, Normalized(net, mean, std).state_dict())
         path = store.path(manifest.version) / "manifest.json"
         data = json.loads(path.read_text())
         del data["model_format"], data["model_file"]

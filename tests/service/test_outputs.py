@@ -74,7 +74,7 @@ class TestCheckpointRecord:
         """The record names the version, where its model.pt is and the sha256 to check it against."""
         manifest = Manifest(version="v000002", parent="v000001", created_at="2024-05-01T12:00:00.000Z",
                             requests=({"request_id": "a"},), offsets={}, metrics={"steps": 3},
-                            model_sha256="ab" * 32, forgotten_sha256="cd" * 32)
+                            model_sha256="ab" * 32)
         key, value = checkpoint_record(manifest, tmp_path / "v000002")
         body = json.loads(value)
         assert key == b"v000002"
@@ -85,7 +85,7 @@ class TestCheckpointRecord:
     def test_names_the_model_file_of_its_format(self, tmp_path) -> None:
         """An export version is announced with its model.pt2 path and format, so a server knows its loader."""
         manifest = Manifest(version="v000002", parent="v000001", created_at="2024-05-01T12:00:00.000Z",
-                            requests=(), offsets={}, metrics={}, model_sha256="ab" * 32, forgotten_sha256="cd" * 32,
+                            requests=(), offsets={}, metrics={}, model_sha256="ab" * 32,
                             model_format="export", model_file="model.pt2")
         body = json.loads(checkpoint_record(manifest, tmp_path / "v000002")[1])
         assert (body["model_path"], body["model_format"]) == (str(tmp_path / "v000002" / "model.pt2"), "export")

@@ -16,6 +16,7 @@ from streamer.state.checkpoints import (
     ForgottenSet,
     Manifest,
     ModelFile,
+    RetainedRef,
 )
 from streamer.engine.formats import save_user_model
 from streamer.engine.models import ModelConfig, Normalized, build_network
@@ -35,12 +36,16 @@ def _forgotten(n: int, seed: int = 0) -> ForgottenSet:
                         torch.full((n,), -1), tuple(f"r{seed}-{i}" for i in range(n)))
 
 
+def _refs(n: int, version: str = "v000001") -> tuple[RetainedRef, ...]:
+    return tuple(RetainedRef(f"r{i}", f"{i:064x}", version, "2023-11-14T22:13:20.000Z", i % 2 == 0) for i in range(n))
+
+
 def _publish_chain(store: CheckpointStore, n: int) -> list[Manifest]:
     """The base version and n children, each with one request."""
-    manifests = [store.publish(None, _model().state_dict(), ForgottenSet.empty(SHAPE))]
+    manifests = [store.publish(None, _model().state_dict())]
     for i in range(1, n + 1):
         manifests.append(store.publish(
-            manifests[-1].version, _model(i).state_dict(), _forgotten(i, i),
+            manifests[-1].version, _model(i).state_dict(), _refs(i),
             requests=[{"request_id": f"r{i}", "status": "forgotten"}], offsets={"req": {0: i}},
             metrics={"steps": i}))
     return manifests
@@ -53,19 +58,20 @@ def store(tmp_path: Path) -> CheckpointStore:
 
 class TestPublish:
     def test_round_trip(self, store: CheckpointStore) -> None:
-        """A published version loads back with the same weights, forgotten set and manifest."""
-        base = store.publish(None, _model().state_dict(), ForgottenSet.empty(SHAPE))
-        model, forgotten = _model(1), _forgotten(3)
-        manifest = store.publish(base.version, model.state_dict(), forgotten,
+        """A published version loads back with the same weights, retained references, replay list and manifest."""
+        base = store.publish(None, _model().state_dict())
+        model, refs = _model(1), _refs(3)
+        replay = [{"request_id": "z", "status": "forgotten", "topic": "req", "partition": 0, "offset": 9}]
+        manifest = store.publish(base.version, model.state_dict(), refs,
                                  requests=[{"request_id": "a", "status": "forgotten"}],
                                  offsets={"req": {0: 7, 2: 3}}, metrics={"steps": 5},
-                                 duplicates=[{"request_id": "a", "status": "duplicate"}])
+                                 duplicates=[{"request_id": "a", "status": "duplicate"}], replay=replay)
         loaded = store.load(manifest.version)
-        assert loaded.manifest == manifest
+        assert loaded.manifest == manifest and store.manifest(manifest.version) == manifest
         assert loaded.manifest.offsets == {"req": {0: 7, 2: 3}}
+        assert loaded.manifest.retained == refs and [dict(r) for r in loaded.manifest.replay] == replay
         assert all(torch.equal(loaded.state_dict[k], v) for k, v in model.state_dict().items())
-        assert torch.equal(loaded.forgotten.x, forgotten.x) and loaded.forgotten.request_ids == forgotten.request_ids
-        assert manifest.created_at == "2023-11-14T22:13:20.000Z"
+        assert manifest.created_at == "2023-11-14T22:13:20.000Z" and manifest.schema == 2
 
     def test_versions_are_numbered_from_the_base(self, store: CheckpointStore) -> None:
         """The first version is v000000 with no parent; each next one names its parent and becomes CURRENT."""
@@ -79,7 +85,7 @@ class TestPublish:
         """A second root would fork the lineage: refused."""
         _publish_chain(store, 0)
         with pytest.raises(CheckpointError, match="only the first version"):
-            store.publish(None, _model().state_dict(), ForgottenSet.empty(SHAPE))
+            store.publish(None, _model().state_dict())
 
     def test_model_pt_loads_into_the_configured_model(self, store: CheckpointStore) -> None:
         """model.pt is a plain state_dict: torch.load(weights_only=True) fits the configured model."""
@@ -90,12 +96,17 @@ class TestPublish:
         assert torch.equal(fresh.net[0].weight, _model(1).net[0].weight)
 
     def test_manifest_file_has_the_documented_fields(self, store: CheckpointStore) -> None:
-        """manifest.json carries version, parent, created_at, requests, offsets, metrics and sha256s."""
+        """manifest.json carries version, parent, created_at, requests, offsets, metrics, the model's sha256
+        and vault references; the version directory holds no forgotten.pt."""
         manifest = _publish_chain(store, 1)[-1]
         data = json.loads((store.path(manifest.version) / "manifest.json").read_text())
         assert {"version", "parent", "created_at", "requests", "duplicates", "offsets", "metrics",
-                "model_sha256", "forgotten_sha256", "model_format", "model_file"} <= data.keys()
+                "model_sha256", "retained", "replay", "model_format", "model_file"} <= data.keys()
+        assert "forgotten_sha256" not in data
         assert data["offsets"] == {"req": {"0": 1}}
+        assert data["retained"] == [{"request_id": "r0", "digest": "0" * 64, "applied_in": "v000001",
+                                     "applied_at": "2023-11-14T22:13:20.000Z", "met": True}]
+        assert sorted(p.name for p in store.path(manifest.version).iterdir()) == ["manifest.json", "model.pt"]
         assert (data["model_format"], data["model_file"]) == ("state_dict", "model.pt")
 
     @pytest.mark.parametrize(("fmt", "name"), [("torchscript", "model.pt"), ("export", "model.pt2")])
@@ -104,7 +115,7 @@ class TestPublish:
         read back: its bytes as written, its weights keyed as the user's network."""
         net = _model(3).net.eval()
         data = save_user_model(net, fmt, SHAPE)
-        manifest = store.publish(None, ModelFile(fmt, data), ForgottenSet.empty(SHAPE))
+        manifest = store.publish(None, ModelFile(fmt, data))
         assert (manifest.model_format, manifest.model_file) == (fmt, name)
         assert (store.path(BASE_VERSION) / name).read_bytes() == data
         loaded = store.load(BASE_VERSION)
@@ -129,7 +140,7 @@ class TestPublish:
         _publish_chain(store, 1)
         store.switch(BASE_VERSION)  # as after a crash: v000001 exists, CURRENT still names the parent
         before = (store.path("v000001") / "model.pt").read_bytes()
-        manifest = store.publish(BASE_VERSION, _model(5).state_dict(), _forgotten(1))
+        manifest = store.publish(BASE_VERSION, _model(5).state_dict(), _refs(1))
         assert (manifest.version, manifest.parent) == ("v000002", BASE_VERSION)
         assert (store.path("v000001") / "model.pt").read_bytes() == before
         assert [m.version for m in store.lineage("v000002")] == ["v000002", BASE_VERSION]
@@ -145,14 +156,14 @@ class TestAtomicity:
 
         def failing(path: Path, data: bytes) -> None:
             calls.append(path.name)
-            if path.name == "forgotten.pt":
+            if path.name == "manifest.json":
                 raise OSError(28, "No space left on device")
             real(path, data)
 
         monkeypatch.setattr(checkpoints, "_write_synced", failing)
         with pytest.raises(CheckpointError, match="No space left"):
-            store.publish("v000001", _model(2).state_dict(), _forgotten(2))
-        assert calls == ["model.pt", "forgotten.pt"]
+            store.publish("v000001", _model(2).state_dict(), _refs(2))
+        assert calls == ["model.pt", "manifest.json"]
         assert store.current_version() == "v000001"
         assert store.versions() == ["v000000", "v000001"]
         assert [p.name for p in store.root.iterdir() if p.name.startswith(".tmp")] == []
@@ -175,14 +186,14 @@ class TestAtomicity:
         real_fsync, real_rename = os.fsync, os.rename
         monkeypatch.setattr(os, "fsync", lambda fd: (log.append("fsync"), real_fsync(fd))[1])
         monkeypatch.setattr(os, "rename", lambda a, b: (log.append("rename"), real_rename(a, b))[1])
-        store.publish(None, _model().state_dict(), ForgottenSet.empty(SHAPE))
-        # 3 files + the temp dir, then the rename, then the parent; CURRENT: file + parent
-        assert log[:6] == ["fsync"] * 4 + ["rename", "fsync"]
-        assert log.count("fsync") == 7
+        store.publish(None, _model().state_dict())
+        # 2 files + the temp dir, then the rename, then the parent; CURRENT: file + parent
+        assert log[:5] == ["fsync"] * 3 + ["rename", "fsync"]
+        assert log.count("fsync") == 6
 
 
 class TestLoad:
-    @pytest.mark.parametrize("name", ["model.pt", "forgotten.pt"])
+    @pytest.mark.parametrize("name", ["model.pt"])
     def test_corruption_is_detected(self, store: CheckpointStore, name: str) -> None:
         """A flipped byte in a version's file fails the sha256 check instead of loading silently."""
         manifest = _publish_chain(store, 1)[-1]
@@ -221,7 +232,7 @@ class TestPruneAndLineage:
         store.switch("v000003")
         store.keep = 1
         assert store.prune() == []  # v000003 is CURRENT, v000004 the newest, v000000 the base
-        store.publish("v000003", _model(7).state_dict(), _forgotten(1))
+        store.publish("v000003", _model(7).state_dict(), _refs(1))
         assert store.versions() == ["v000000", "v000005"]
 
     def test_keep_zero_keeps_everything(self, store: CheckpointStore) -> None:
@@ -242,3 +253,13 @@ class TestPruneAndLineage:
         new = old.prepend(torch.zeros((1, *SHAPE)), torch.tensor([4]), torch.tensor([7]), ["n"])
         assert new.request_ids == ("n", "r1-0", "r1-1")
         assert new.y.tolist()[0] == 4 and new.target.tolist() == [7, -1, -1] and len(new) == 3
+        less = new.without({"r1-0"})
+        assert less.request_ids == ("n", "r1-1") and torch.equal(less.x[1], old.x[1]) and less.y.tolist()[0] == 4
+
+    def test_schema_1_manifests_still_parse(self) -> None:
+        """A manifest written before the vault parses, keeping forgotten.pt's sha256 for the migration."""
+        data = {"version": "v000001", "parent": "v000000", "created_at": "2023-11-14T22:13:20.000Z", "requests": [],
+                "offsets": {}, "metrics": {}, "model_sha256": "ab" * 32, "forgotten_sha256": "cd" * 32}
+        manifest = Manifest.from_json(data)
+        assert (manifest.schema, manifest.legacy_forgotten_sha256, manifest.retained) == (1, "cd" * 32, ())
+        assert manifest.to_json()["forgotten_sha256"] == "cd" * 32

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from streamer.state.checkpoints import CheckpointStore, ForgottenSet, Manifest
+from streamer.state.checkpoints import CheckpointStore, Manifest
 from streamer.state.ledger import STATUSES, Ledger, Outcome, reconcile
 
 T = "requests"
@@ -40,7 +40,7 @@ def store(tmp_path: Path) -> CheckpointStore:
 def _publish(store: CheckpointStore, parent: str | None, entries: list[dict[str, Any]],
              duplicates: list[dict[str, Any]] = ()) -> Manifest:  # type: ignore[assignment]
     state = {"w": torch.zeros(1)}
-    return store.publish(parent, state, ForgottenSet.empty((1, 2, 2)), requests=entries, duplicates=duplicates,
+    return store.publish(parent, state, requests=entries, duplicates=duplicates,
                          offsets={T: {0: max([e["offset"] for e in entries], default=-1) + 1}})
 
 

@@ -1,0 +1,316 @@
+"""The forget vault: the retained forgotten instances, encrypted one by one, each erasable on its own.
+
+Each instance is encrypted with AES-256-GCM (NIST SP 800-38D) under a fresh random data key (DEK)
+stored only wrapped by the key-encryption key (`kek.py`, RFC 3394). Destroying the wrapped DEK
+leaves ciphertext nobody can decrypt, KEK or not: cryptographic erase (NIST SP 800-88 Rev. 1,
+2.6), how one request is erased (GDPR Art. 17) without touching the others, in every copy and
+backup of the directory at once.
+
+    <root>/kek-check.json   key_id + a known plaintext under a DEK wrapped by the KEK
+    <root>/index.json       metadata, never pixels: request_id, created_at, digest, shape;
+                            shredded_at and verified_version (digest erased) once shredded
+    <root>/keys/<id>.dek    the wrapped DEK, 40 bytes            <id> = sha256(request_id)
+    <root>/data/<id>.bin    nonce (12) || AES-GCM(y, target, x) || tag (16); AAD = request_id + shape
+
+An entry's digest is HMAC-SHA256 of its plaintext under a key derived from its own DEK (HKDF,
+RFC 5869): it binds checkpoint manifests to the exact content, and once the DEK is destroyed it
+no longer identifies the image to anyone, even someone holding it.
+
+The index is the truth: `put` writes files then the index; `shred` and `remove_orphans` write the
+index then erase files; a writer's `open` erases temp files and every file no live entry owns, so
+a crash leaves the old state or the new one. One writer per root (the daemon, under the
+checkpoint LOCK); other processes open with `writer=False`; `read_index` needs no KEK.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .durable import TEMP_PREFIX, erase_file, fsync_dir, write_atomic
+from .kek import KeyEncryptionKey, VaultError, VaultKeyError
+from .sealed import (SCHEMA, Sealed, VaultIntegrityError, VaultItem, digest_under, json_bytes, key_check, seal,
+                     unseal, validate, verify_key_check)
+
+INDEX_FILE, CHECK_FILE, KEYS_DIR, DATA_DIR = "index.json", "kek-check.json", "keys", "data"
+_FIELDS = ("request_id", "created_at", "digest", "shape", "shredded_at", "verified_version")
+
+__all__ = ["ForgetVault", "ShredRecord", "VaultEntry", "VaultEntryMissing", "VaultError", "VaultIntegrityError",
+           "VaultItem", "VaultKeyError", "read_index"]
+
+
+class VaultEntryMissing(VaultError):
+    """Requested entries were shredded or never stored: the caller drops or reports those ids."""
+
+    def __init__(self, missing: Mapping[str, str]):
+        self.missing = dict(missing)  # request_id -> "shredded" | "absent"
+        shown = ", ".join(f"{rid!r} ({why})" for rid, why in list(self.missing.items())[:10])
+        more = f" and {len(self.missing) - 10} more" if len(self.missing) > 10 else ""
+        super().__init__(f"{len(self.missing)} request id(s) not in the vault: {shown}{more}")
+
+
+@dataclass(frozen=True)
+class VaultEntry:
+    """What the index says about one request, read without the KEK."""
+
+    request_id: str
+    digest: str  # HMAC-SHA256 hex of the plaintext under a DEK-derived key; "" once shredded
+    created_at: float  # unix s, the vault's clock at the first put(): the verification window starts here
+    shredded: bool
+    shape: tuple[int, ...] = ()  # (C, H, W)
+    shredded_at: float | None = None  # unix s
+    verified_version: str | None = None  # the last version that proved the request forgotten
+
+
+@dataclass(frozen=True)
+class ShredRecord:
+    """Evidence of one cryptographic erase, for the ledger."""
+
+    request_id: str
+    verified_version: str | None  # None: no version ever verified it (it never met its goal)
+    shredded_at: float  # unix s
+    key_id: str  # the KEK that had wrapped the destroyed DEK
+
+
+def read_index(root: str | Path) -> list[VaultEntry]:
+    """Every entry of the vault at `root`, oldest first, without the KEK (for reports and gauges).
+    A missing vault has no entries; raises VaultError for an unreadable index."""
+    return _entries(_load_index(Path(root)) if Path(root).is_dir() else {})
+
+
+class ForgetVault:
+    """Encrypted per-request storage of forgotten instances; build it with `ForgetVault.open`."""
+
+    def __init__(self, root: Path, kek: KeyEncryptionKey, index: dict[str, dict[str, Any]], writer: bool,
+                 clock: Callable[[], float]):
+        self.root, self.kek, self._index, self._writer, self._clock = root, kek, index, writer, clock
+        self.recovered: tuple[str, ...] = ()  # what a crash left, erased by a writer's open (log it)
+
+    @classmethod
+    def open(cls, root: str | Path, kek: KeyEncryptionKey, *, clock: Callable[[], float] = time.time,
+             writer: bool = True) -> ForgetVault:
+        """Open the vault at `root` (a writer creates it) and prove `kek` is its KEK by decrypting the key
+        check; a writer then erases what a crash left. Raises VaultKeyError ("the KEK does not match the
+        vault's (key id X) ...") or VaultError (not a vault, index missing). Never open two writers."""
+        root = Path(root)
+        if not (root / CHECK_FILE).is_file():
+            if not writer or (root / INDEX_FILE).exists() or _has_entry_files(root):
+                raise VaultError(f"{root} is not a forget vault: it has no {CHECK_FILE}")
+            _create(root, kek)
+        _verify_key_check(root / CHECK_FILE, kek)
+        vault = cls(root, kek, _load_index(root), writer, clock)
+        if writer:
+            vault.recovered = vault._erase_unowned()
+        return vault
+
+    def __contains__(self, request_id: object) -> bool:
+        """True when `request_id` is stored and not shredded."""
+        meta = self._index.get(request_id) if isinstance(request_id, str) else None
+        return meta is not None and meta["shredded_at"] is None
+
+    def entries(self) -> list[VaultEntry]:
+        """Every entry, shredded ones included, oldest first; nothing is decrypted."""
+        return _entries(self._index)
+
+    def _entry(self, request_id: str) -> VaultEntry:
+        return _entries({request_id: self._index[request_id]})[0]
+
+    def oldest_age_seconds(self, now: float | None = None) -> float:
+        """Seconds since the oldest unshredded entry was stored (0.0 when there is none)."""
+        live = [m["created_at"] for m in self._index.values() if m["shredded_at"] is None]
+        return max(0.0, (self._clock() if now is None else now) - min(live)) if live else 0.0
+
+    def get(self, request_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decrypt entries in the given order: x (N, C, H, W) float32 in [0, 1], y (N,) and target (N,)
+        int64, bitwise as stored. Raises VaultEntryMissing naming every shredded or absent id,
+        VaultIntegrityError when an entry fails authentication or its digest, ValueError when
+        `request_ids` is empty (use ForgottenSet.empty) or the entries' shapes differ."""
+        ids = list(request_ids)
+        if not ids:
+            raise ValueError("get() needs at least one request id (use ForgottenSet.empty(input_shape) for none)")
+        missing = {rid: "shredded" if rid in self._index else "absent" for rid in ids if rid not in self}
+        if missing:
+            raise VaultEntryMissing(missing)
+        if len({tuple(self._index[rid]["shape"]) for rid in ids}) > 1:
+            raise ValueError("the requested entries have different shapes: they cannot be stacked")
+        xs, ys, targets = zip(*(self._decrypt(rid) for rid in ids), strict=True)
+        return torch.stack(xs), torch.tensor(ys, dtype=torch.int64), torch.tensor(targets, dtype=torch.int64)
+
+    def put(self, items: Iterable[VaultItem]) -> list[VaultEntry]:
+        """Store a whole fragment before its version is published; all or nothing. An id already stored
+        with the same content is skipped (a replayed fragment) and keeps its created_at. Returns the
+        items' entries in order. Raises ValueError for a bad item (x not a finite float32 (C, H, W)
+        tensor in [0, 1], y or target not an int, an id twice), VaultError for an id stored with other
+        content or already shredded, or for a failed write."""
+        self._require_writer("put")
+        items, now, new = list(items), float(self._clock()), {}
+        if len({item.request_id for item in items}) != len(items):
+            raise ValueError("a request id appears twice in one put()")
+        for item in items:
+            validate(item)
+        for item in items:
+            old, fid = self._index.get(item.request_id), _file_id(item.request_id)
+            if old is not None and old["shredded_at"] is not None:
+                raise VaultError(f"request {item.request_id!r} was shredded; a request id is never stored twice")
+            if old is not None:
+                if not hmac.compare_digest(digest_under(item, self._read(KEYS_DIR, f"{fid}.dek", item.request_id),
+                                                        self.kek), old["digest"]):
+                    raise VaultError(f"request {item.request_id!r} is already stored with other content")
+                continue
+            sealed = seal(item, self.kek)
+            self._write(DATA_DIR, f"{fid}.bin", sealed.blob)
+            self._write(KEYS_DIR, f"{fid}.dek", sealed.wrapped_dek)
+            values = (item.request_id, now, sealed.digest, list(item.x.shape), None, None)
+            new[item.request_id] = dict(zip(_FIELDS, values, strict=True))
+        if new:
+            fsync_dir(self.root / DATA_DIR)
+            fsync_dir(self.root / KEYS_DIR)
+            self._save_index({**self._index, **new})
+        return [self._entry(item.request_id) for item in items]
+
+    def shred(self, request_id: str, verified_version: str | None) -> ShredRecord:
+        """Crypto-shred one request (NIST SP 800-88 cryptographic erase): mark it in the index with the
+        last version that verified it, then overwrite, unlink and fsync away its wrapped DEK and its
+        ciphertext. Idempotent: a repeat returns the first record. Raises VaultEntryMissing for an id
+        never stored, VaultError when the files cannot be erased."""
+        return self.shred_many([(request_id, verified_version)])[0]
+
+    def shred_many(self, requests: Sequence[tuple[str, str | None]]) -> list[ShredRecord]:
+        """`shred` for several (request_id, verified_version) with one index write, all or none marked."""
+        self._require_writer("shred")
+        missing = {rid: "absent" for rid, _ in requests if rid not in self._index}
+        if missing:
+            raise VaultEntryMissing(missing)
+        index, now = dict(self._index), float(self._clock())
+        for rid, verified_version in requests:
+            if index[rid]["shredded_at"] is None:
+                index[rid] = {**index[rid], "digest": "", "shredded_at": now, "verified_version": verified_version}
+        if index != self._index:
+            self._save_index(index)
+        self._erase_files([_file_id(rid) for rid, _ in requests])
+        return [ShredRecord(rid, index[rid]["verified_version"], index[rid]["shredded_at"], self.kek.key_id)
+                for rid, _ in requests]
+
+    def __len__(self) -> int:
+        """Live (not shredded) entries."""
+        return sum(1 for m in self._index.values() if m["shredded_at"] is None)
+
+    def remove_orphans(self, keep: set[str]) -> list[str]:
+        """Delete (index entry and files) every unshredded entry whose id is not in `keep`, the ids
+        CURRENT's manifest references (retained or waiting for replay): it was written for a fragment
+        whose version was never published (a crash), which Kafka will replay. Returns the ids, sorted."""
+        self._require_writer("remove_orphans")
+        orphans = sorted(rid for rid in self._index if rid not in keep and rid in self)
+        if orphans:
+            gone = set(orphans)
+            self._save_index({rid: m for rid, m in self._index.items() if rid not in gone})
+            self._erase_files([_file_id(rid) for rid in orphans])
+        return orphans
+
+    def _decrypt(self, rid: str) -> tuple[torch.Tensor, int, int]:
+        meta, fid = self._index[rid], _file_id(rid)
+        sealed = Sealed(self._read(DATA_DIR, f"{fid}.bin", rid), self._read(KEYS_DIR, f"{fid}.dek", rid),
+                        meta["digest"])
+        return unseal(rid, meta["shape"], sealed, self.kek)
+
+    def _read(self, directory: str, name: str, rid: str) -> bytes:
+        try:
+            return (self.root / directory / name).read_bytes()
+        except OSError as err:
+            raise VaultIntegrityError(f"entry {rid!r} is indexed but {err.filename} cannot be read: {err}") from err
+
+    def _require_writer(self, operation: str) -> None:
+        if not self._writer:
+            raise VaultError(f"{operation}() needs the vault opened with writer=True ({self.root})")
+
+    def _write(self, directory: str, name: str, data: bytes) -> None:
+        try:
+            write_atomic(self.root / directory / name, data)
+        except OSError as err:
+            raise VaultError(f"cannot write {self.root / directory / name}: {err}") from err
+
+    def _save_index(self, index: dict[str, dict[str, Any]]) -> None:
+        ordered = sorted(index.values(), key=lambda m: (m["created_at"], m["request_id"]))
+        self._write(".", INDEX_FILE, json_bytes({"schema": SCHEMA, "entries": ordered}))
+        fsync_dir(self.root)
+        self._index = index
+
+    def _erase_files(self, file_ids: Iterable[str]) -> None:
+        try:
+            for fid in file_ids:  # the key first: once the wrapped DEK is gone the ciphertext is noise
+                erase_file(self.root / KEYS_DIR / f"{fid}.dek")
+                erase_file(self.root / DATA_DIR / f"{fid}.bin")
+            fsync_dir(self.root / KEYS_DIR)
+            fsync_dir(self.root / DATA_DIR)
+        except OSError as err:
+            raise VaultError(f"cannot erase vault files in {self.root}: {err}") from err
+
+    def _erase_unowned(self) -> tuple[str, ...]:
+        live = {_file_id(rid) for rid in self._index if rid in self}
+        stale = list(self.root.glob(f"{TEMP_PREFIX}*"))
+        for directory in (self.root / KEYS_DIR, self.root / DATA_DIR):
+            directory.mkdir(exist_ok=True)
+            stale += [p for p in directory.iterdir() if p.name.startswith(TEMP_PREFIX) or p.stem not in live]
+        try:
+            for path in stale:
+                erase_file(path)
+            for directory in (self.root, self.root / KEYS_DIR, self.root / DATA_DIR):
+                fsync_dir(directory)
+        except OSError as err:
+            raise VaultError(f"cannot erase what a crash left in {self.root}: {err}") from err
+        return tuple(sorted(str(p.relative_to(self.root)) for p in stale))
+
+
+def _entries(index: Mapping[str, Mapping[str, Any]]) -> list[VaultEntry]:
+    return [VaultEntry(rid, m["digest"], m["created_at"], m["shredded_at"] is not None, tuple(m["shape"]),
+                       m["shredded_at"], m["verified_version"])
+            for rid, m in sorted(index.items(), key=lambda kv: (kv[1]["created_at"], kv[0]))]
+
+
+def _create(root: Path, kek: KeyEncryptionKey) -> None:
+    for directory in (root, root / KEYS_DIR, root / DATA_DIR):
+        directory.mkdir(parents=True, exist_ok=True)
+    try:
+        write_atomic(root / CHECK_FILE, json_bytes(key_check(kek)))
+        write_atomic(root / INDEX_FILE, json_bytes({"schema": SCHEMA, "entries": []}))
+    except OSError as err:
+        raise VaultError(f"cannot create the forget vault in {root}: {err}") from err
+    fsync_dir(root)
+
+
+def _verify_key_check(path: Path, kek: KeyEncryptionKey) -> None:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise VaultError(f"{path} is not a key check record: {err!r}") from err
+    verify_key_check(record, kek, str(path))
+
+
+def _load_index(root: Path) -> dict[str, dict[str, Any]]:
+    if not (root / INDEX_FILE).exists():
+        if _has_entry_files(root):
+            raise VaultError(f"{root} holds encrypted entries but no {INDEX_FILE}: restore it from backup")
+        return {}  # a crash between writing the key check and the index of a new vault
+    try:
+        entries = json.loads((root / INDEX_FILE).read_text(encoding="utf-8"))["entries"]
+        if not all(isinstance(m, dict) and set(_FIELDS) <= m.keys() for m in entries):
+            raise ValueError(f"an entry lacks one of {_FIELDS}")
+        return {m["request_id"]: m for m in entries}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise VaultError(f"{root / INDEX_FILE} is not a vault index: {err!r}") from err
+
+
+def _has_entry_files(root: Path) -> bool:
+    dirs = [d for d in (root / KEYS_DIR, root / DATA_DIR) if d.is_dir()]
+    return any(not p.name.startswith(TEMP_PREFIX) for d in dirs for p in d.iterdir())
+
+
+def _file_id(request_id: str) -> str:
+    return hashlib.sha256(request_id.encode("utf-8")).hexdigest()
