@@ -8,7 +8,7 @@ time cap is hit -- the outcome says which, and how many instances still miss the
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
@@ -25,55 +25,8 @@ from .methods import METHODS, UnlearnConfig, method_config  # noqa: F401 (the en
 from .objectives import distillation_loss, forget_loss, goal_met
 from .prefix import FrozenPrefix, split_frozen_prefix
 from .trainable import describe_trainable, select_trainable
-
-@dataclass(frozen=True)
-class Fragment:
-    """k instances to forget. target[i] = -1: misclassify; c >= 0: relabel to class c."""
-
-    x: torch.Tensor  # (k, C, H, W) pixels in [0, 1]
-    y: torch.Tensor  # (k,) original labels
-    target: torch.Tensor  # (k,)
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def to(self, device) -> "Fragment":
-        return Fragment(self.x.to(device), self.y.to(device), self.target.to(device))
-
-    @staticmethod
-    def cat(parts: list["Fragment"]) -> "Fragment":
-        return Fragment(*(torch.cat([getattr(p, n) for p in parts]) for n in ("x", "y", "target")))
-
-
-@dataclass(frozen=True)
-class FragmentOutcome:
-    goal_reached: bool  # every instance of the fragment (and every retained one) meets its goal
-    stopped_by: str  # goal | step_cap | time_cap | cancelled | non_finite (the loss became NaN/Inf)
-    steps: int
-    seconds: float
-    fragment_met: list[bool]  # per instance of the fragment
-    missed: int  # instances (fragment + retained) still missing their goal
-    resurrected_at_start: int  # retained instances that had come back before this fragment
-    attack_success_ratio: float
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    missed_trend: tuple[tuple[int, int], ...] = ()  # (step, instances missing their goal), every 25 steps and the last
-    cap_cause: str | None = None  # step_cap/time_cap only: "time" (still progressing) | "difficulty" (stalled)
-
-
-_TREND_EVERY = 25
-
-
-def cap_cause(stopped_by: str, trend: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> str | None:
-    """Why a step or time cap was hit: "time" when the count of instances missing their goal
-    still fell over the last half of the steps taken (more steps would most likely have reached
-    the goal: the cap, not the fragment, decided), "difficulty" when it did not (stalled).
-    None for any other stop."""
-    if stopped_by not in ("step_cap", "time_cap") or not trend:
-        return None
-    last_step, last_missed = trend[-1]
-    earlier = [missed for step, missed in trend if step <= last_step / 2]
-    return "time" if earlier and last_missed < earlier[-1] else "difficulty"
-
+from .augment import random_affine  # noqa: F401 (re-exported)
+from .fragment import _TREND_EVERY, Fragment, FragmentOutcome, cap_cause  # noqa: F401 (re-exported)
 
 Progress = Callable[[int, float, int], None]  # (step, loss, instances missing their goal)
 
@@ -346,16 +299,3 @@ class _StepInputs:
     buffer: torch.Tensor | None  # (n_buffer, ...) when the buffer's cross-entropy term is on
     pool: torch.Tensor | None  # (distill_pool, ...) fast path: distillation inputs
     pool_teacher: torch.Tensor | None  # (distill_pool, classes) the teacher's logits on them
-
-
-def random_affine(x: torch.Tensor, generator: torch.Generator, rotate: float = 0.26, scale: float = 0.15,
-                  translate: float = 0.1) -> torch.Tensor:
-    """x (N, C, H, W) warped per image: rotation up to `rotate` radians (0.26 = 15 degrees), zoom
-    1 +- `scale`, shift up to `translate` x the image size; zero padding."""
-    n = len(x)
-    u = lambda *shape: (torch.rand(*shape, generator=generator) * 2 - 1).to(x.device)  # noqa: E731
-    angle, zoom, shift = u(n) * rotate, 1 + u(n) * scale, u(n, 2) * 2 * translate
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, align_corners=False)
