@@ -5,7 +5,6 @@ They read the version directories and the ledger only, so they work whether the 
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,13 +14,14 @@ import torch
 from pathlib import Path
 
 from ..state.checkpoints import CheckpointError, CheckpointStore
+from ..state.durable import write_atomic
 from ..state.lock import DirectoryLock
 from ..state.retained import load_retained, open_vault
 from ..state.rollback import request_via_daemon, run_rollback
 from ..state.shreds import ShredLog, ShredRow
 from ..state.vault import read_index
 from ..config import DaemonConfig
-from ..engine.evaluate import goal_mask
+from ..engine.objectives import goal_met
 from ..engine.evaluate import logits as predict_logits
 from ..state.ledger import LEDGER_FILE, Ledger, LedgerError
 from ..engine.models import published_model
@@ -117,12 +117,13 @@ def verify(cfg: DaemonConfig, version: str | None = None) -> Verification:
     came_back: list[str] = []
     non_finite = 0
     if len(forgotten):
-        met = goal_mask(model, forgotten.x, forgotten.y, forgotten.target)  # NaN/Inf rows never meet a goal
+        logits = predict_logits(model, forgotten.x)
+        met = goal_met(logits, forgotten.y, forgotten.target)  # NaN/Inf rows never meet a goal
         came_back = [rid for rid, ok in zip(forgotten.request_ids, met.tolist()) if not ok]
-        non_finite = int((~torch.isfinite(predict_logits(model, forgotten.x))).any(1).sum())
+        non_finite = int((~torch.isfinite(logits)).any(1).sum())
     retained = set(forgotten.request_ids)
     abandoned = {a["request_id"] for m in lineage for a in m.abandoned}
-    applied = _applied_in_lineage(store, version)
+    applied = _applied_in_lineage(store, lineage)
     shreds: dict[str, ShredRow] = {}
     if (store.root / LEDGER_FILE).exists():
         with ShredLog(store.root / LEDGER_FILE) as log:
@@ -140,11 +141,11 @@ def verify(cfg: DaemonConfig, version: str | None = None) -> Verification:
                         sorted(abandoned & applied), non_finite, checkpoint.model.format)
 
 
-def _applied_in_lineage(store: CheckpointStore, version: str) -> set[str]:
-    """Request ids applied (forgotten / relabelled / failed) by `version` and its ancestors:
-    from the manifests, cross-checked with the ledger when it is there."""
-    lineage = {m.version for m in store.lineage(version)}
-    applied = {r["request_id"] for m in store.lineage(version) for r in m.requests}
+def _applied_in_lineage(store: CheckpointStore, manifests: list) -> set[str]:
+    """Request ids applied (forgotten / relabelled / failed) by a version and its ancestors
+    (`manifests`, its lineage): from the manifests, cross-checked with the ledger when it is there."""
+    lineage = {m.version for m in manifests}
+    applied = {r["request_id"] for m in manifests for r in m.requests}
     ledger_path = store.root / LEDGER_FILE
     if ledger_path.exists():
         with Ledger(ledger_path) as ledger:
@@ -216,11 +217,9 @@ def verify_attacks(cfg: DaemonConfig, version: str | None = None, seed: int = 0)
     audit = load_dataset_ref(cfg.data.audit, cfg.model.input_shape)
     report = attack_report(model, reference, forgotten.x, forgotten.y, audit.x, audit.y, seed=seed)
     path = store.path(version) / ATTACKS_FILE
-    temp = path.with_name(f".{ATTACKS_FILE}.tmp")
     data = {"version": version, "reference": base.version, "reference_kind": "original (no retrained reference)",
             "held_out": cfg.data.audit.describe(), "seed": seed, **report.to_json()}
-    temp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(temp, path)
+    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return AttackRun(version, base.version, report, path)
 
 

@@ -116,9 +116,7 @@ class Ledger:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            self._db = sqlite3.connect(self.path, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")  # a committed row survives power loss
+            self._db = connect(self.path)
             _migrate(self._db)
             self._db.executescript(_SCHEMA)
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -140,7 +138,7 @@ class Ledger:
         """Append outcomes in one transaction; one already present is kept. Returns each one's seq."""
         seqs: list[int] = []
         try:
-            with _transaction(self._db):
+            with transaction(self._db):
                 for o in outcomes:
                     self._db.execute(
                         f'INSERT OR IGNORE INTO outcomes ({", ".join(_quoted(_COLUMNS))}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)',
@@ -158,7 +156,7 @@ class Ledger:
 
     def mark_receipts_sent(self, seqs: Iterable[int], sent_at: str) -> None:
         try:
-            with _transaction(self._db):
+            with transaction(self._db):
                 self._db.executemany("INSERT OR IGNORE INTO receipts_sent (seq, sent_at) VALUES (?, ?)",
                                      [(seq, sent_at) for seq in seqs])
         except sqlite3.Error as err:
@@ -276,6 +274,15 @@ def _rolled_back(o: Outcome, current: Manifest) -> Outcome:
                    completed_at=current.created_at)
 
 
+def connect(path: Path) -> sqlite3.Connection:
+    """The ledger database (the outcomes and the shred log share it): autocommit, WAL, and
+    synchronous=FULL, so a committed row survives power loss. Raises sqlite3.Error."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    return db
+
+
 def _storable(value: Any) -> Any:
     """Every text column holds what SQLite can encode (no unpaired surrogates), by construction."""
     return storable_text(value) if isinstance(value, str) else value
@@ -289,7 +296,7 @@ def _migrate(db: sqlite3.Connection) -> None:
     if version >= 2 or not exists:
         return
     db.execute("PRAGMA legacy_alter_table = ON")  # receipts_sent keeps referring to `outcomes`
-    with _transaction(db):
+    with transaction(db):
         db.execute("ALTER TABLE outcomes RENAME TO outcomes_v1")
         db.execute(_SCHEMA.split(";")[0])  # CREATE TABLE outcomes (schema 2)
         db.execute("INSERT INTO outcomes SELECT * FROM outcomes_v1")
@@ -300,7 +307,7 @@ def _quoted(columns: Sequence[str]) -> list[str]:
     return [f'"{c}"' for c in columns]
 
 
-class _transaction:
+class transaction:
     """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error (autocommit connection)."""
 
     def __init__(self, db: sqlite3.Connection):

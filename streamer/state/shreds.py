@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .ledger import LedgerError
+from .ledger import LedgerError, connect, transaction
 from .manifest import rfc3339
 from .vault import VaultEntry
 
@@ -57,9 +57,7 @@ class ShredLog:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            self._db = sqlite3.connect(self.path, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db = connect(self.path)
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as err:
             raise LedgerError(f"cannot open the shred log in {self.path}: {err}") from err
@@ -76,14 +74,9 @@ class ShredLog:
     def append(self, rows: Iterable[ShredRow]) -> None:
         """Record shreds in one transaction; a request already recorded keeps its first row."""
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(self._db):
                 self._db.executemany(f"INSERT OR IGNORE INTO shreds ({', '.join(_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?)",
                                      [tuple(getattr(r, c) for c in _COLUMNS) for r in rows])
-            except sqlite3.Error:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
         except sqlite3.Error as err:
             raise LedgerError(f"cannot append to the shred log in {self.path}: {err}") from err
 
