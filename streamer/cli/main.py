@@ -56,9 +56,10 @@ def _produce(args: argparse.Namespace) -> int:
         print(f"nothing sent: {len(invalid)} of {len(prepared)} events are invalid (--skip-invalid sends the rest)",
               file=sys.stderr)
         return 1
-    if args.dry_run:
-        print(f"{len(prepared) - len(invalid)} valid events, nothing sent (--dry-run)")
-        return 0
+    if args.dry_run or len(invalid) == len(prepared):
+        reason = "--dry-run" if args.dry_run else "no valid event"
+        print(f"{len(prepared) - len(invalid)} valid events, nothing sent ({reason})")
+        return 1 if invalid else 0
     for p, partition, offset in send(cfg, prepared):
         print(f"sent {p.request_id} ({p.where}) -> {cfg.kafka.topics.requests}[{partition}]@{offset}")
     return 1 if invalid else 0
@@ -230,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the one place that turns anything else into one line
         if (args.log_level or "info") == "debug":
             traceback.print_exc()
-        print(f"streamer: error: {type(err).__name__}: {err}", file=sys.stderr)
+        name = type(err).__name__  # some errors (kafka-python's) already start with their name
+        print(f"streamer: error: {err if str(err).startswith(name) else f'{name}: {err}'}", file=sys.stderr)
         return 2
 
 

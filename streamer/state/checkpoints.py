@@ -104,6 +104,10 @@ class CheckpointStore:
 
     def manifest(self, version: str) -> Manifest:
         path = self.path(version) / MANIFEST_FILE
+        if not self.path(version).is_dir():
+            existing = self.versions()
+            held = f"{existing[0]}..{existing[-1]}" if existing else "none"
+            raise CheckpointError(f"no version {version} in {self.root} (versions on disk: {held})")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:

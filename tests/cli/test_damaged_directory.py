@@ -107,3 +107,10 @@ def test_an_abandoned_request_is_its_own_category(directory: Path) -> None:
     result = _cli("verify", "--config", str(directory / "config.yaml"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ABANDONED: 1 requests" in result.stdout and "CAME BACK" not in result.stdout
+
+
+def test_a_version_that_does_not_exist_is_named(directory: Path) -> None:
+    """verify and checkpoints show on a version never written: one line naming it and what exists, exit 2."""
+    for args in (("verify", "v000042"), ("checkpoints", "show", "v000042")):
+        line = _one_error_line(_cli(*args, "--config", str(directory / "config.yaml")))
+        assert "no version v000042" in line and "v000000..v000001" in line
