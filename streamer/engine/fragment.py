@@ -11,7 +11,8 @@ __all__ = ["Fragment", "FragmentOutcome", "cap_cause"]
 
 @dataclass(frozen=True)
 class Fragment:
-    """k instances to forget. target[i] = -1: misclassify; c >= 0: relabel to class c."""
+    """k instances to forget. target[i] = -1: misclassify; c >= 0: relabel to class c; -2: unseen
+    (resolved to a class by `Unlearner.resolve_unseen` when the fragment starts)."""
 
     x: torch.Tensor  # (k, C, H, W) pixels in [0, 1]
     y: torch.Tensor  # (k,) original labels
@@ -41,6 +42,7 @@ class FragmentOutcome:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     missed_trend: tuple[tuple[int, int], ...] = ()  # (step, instances missing their goal), every 25 steps and the last
     cap_cause: str | None = None  # step_cap/time_cap only: "time" (still progressing) | "difficulty" (stalled)
+    targets: list[int] = field(default_factory=list)  # per instance of the fragment, unseen (-2) resolved to its class
 
 
 _TREND_EVERY = 25

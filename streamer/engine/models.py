@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import io
+from collections import OrderedDict
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -73,8 +74,39 @@ def mnist_cnn(num_classes: int = 10) -> nn.Module:
     )
 
 
-REFERENCE = {"digits": digits_cnn, "mnist5k": mnist_cnn}
-REFERENCE_INPUT = {"digits": (1, 8, 8), "mnist5k": (1, 28, 28)}
+class BasicBlock(nn.Module):
+    """He et al. (CVPR 2016) basic residual block: two 3x3 conv + BatchNorm, identity or 1x1
+    projection shortcut. (B, cin, H, W) -> (B, cout, ceil(H / stride), ceil(W / stride))."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = (nn.Identity() if stride == 1 and cin == cout else
+                         nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def fashion_resnet(num_classes: int = 10) -> nn.Module:
+    """A small ResNet for (B, 1, 28, 28): stem 16, then one basic block per stage at 32/64/128
+    channels, each halving the resolution (28 -> 14 -> 7 -> 4), global average pool, `fc`.
+    ~290k parameters, ~9.5M multiply-adds per image. Top-level children are named (stem,
+    layer1..3, pool, flatten, fc) so `trainable` globs such as ["layer3.*", "fc.*"] read as
+    torchvision's do, and the frozen prefix splits at a stage."""
+    return nn.Sequential(OrderedDict(
+        stem=nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU()),
+        layer1=BasicBlock(16, 32, 2), layer2=BasicBlock(32, 64, 2), layer3=BasicBlock(64, 128, 2),
+        pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(128, num_classes),
+    ))
+
+
+REFERENCE = {"digits": digits_cnn, "mnist5k": mnist_cnn, "fashion": fashion_resnet}
+REFERENCE_INPUT = {"digits": (1, 8, 8), "mnist5k": (1, 28, 28), "fashion": (1, 28, 28)}
 
 
 @dataclass(frozen=True)

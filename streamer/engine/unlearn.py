@@ -25,6 +25,7 @@ from .methods import METHODS, UnlearnConfig, method_config  # noqa: F401 (the en
 from .objectives import distillation_loss, forget_loss, goal_met
 from .prefix import FrozenPrefix, split_frozen_prefix
 from .trainable import describe_trainable, select_trainable
+from .unseen import UNSEEN, unseen_classes
 from .augment import random_affine  # noqa: F401 (re-exported)
 from .fragment import _TREND_EVERY, Fragment, FragmentOutcome, cap_cause  # noqa: F401 (re-exported)
 
@@ -64,7 +65,7 @@ class Unlearner:
         """Unlearn one fragment in place. With `cancel` set mid-way it stops with
         stopped_by="cancelled": the model is then partly updated and must be discarded."""
         cfg, model = self.cfg, self.model
-        fragment = fragment.to(self.device)
+        fragment = self.resolve_unseen(fragment.to(self.device))
         stages: dict[str, float] = {}
         k = len(fragment)
         retained = self.forgotten if (cfg.retain_forgotten and self.forgotten is not None) else None
@@ -138,7 +139,18 @@ class Unlearner:
             seconds=sum(stages.values()), fragment_met=met[:k].tolist(), missed=int((~met).sum()),
             resurrected_at_start=resurrected, attack_success_ratio=success_ratio, stage_seconds=stages,
             missed_trend=tuple(trend), cap_cause=cap_cause(stopped_by, trend),
+            targets=fragment.target.cpu().tolist(),
         )
+
+    def resolve_unseen(self, fragment: Fragment) -> Fragment:
+        """The fragment with each `unseen` target (-2) replaced by the class the teacher's warp vote
+        gives it (`unseen.unseen_classes`); other targets unchanged. Seeded per call by cfg.seed,
+        so the same instances get the same classes."""
+        pending = fragment.target == UNSEEN
+        if not bool(pending.any()):
+            return fragment
+        classes = unseen_classes(self.teacher, fragment.x[pending], torch.Generator().manual_seed(self.cfg.seed))
+        return Fragment(fragment.x, fragment.y, fragment.target.masked_scatter(pending, classes.to(self.device)))
 
     def describe_trainable(self) -> dict:
         """Which parameters move, for the start-up log: their names and counts (see `trainable`)."""
