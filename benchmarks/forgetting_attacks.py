@@ -1,11 +1,23 @@
-"""Forgetting attacks after unlearning (issue 11, first part): a skeleton.
+"""Forgetting that survives an attacker (issue 11): canaries, a retrained reference, three goals.
 
-  python benchmarks/forgetting_attacks.py --quick --json bench-out/attacks-quick.json
+  python benchmarks/forgetting_attacks.py --quick                    # MNIST-5k, seed 0 (< 30 min, 2 cores)
+  python benchmarks/forgetting_attacks.py                            # Fashion-MNIST ResNet, seeds 0-2
+  python benchmarks/forgetting_attacks.py --methods head block all --settings single --seeds 0   # which params move
 
---quick: MNIST-5k, seed 0, the default method, single-shot k=64 (misclassify), then every attack
-of streamer.engine.verification on the unlearned model next to the ORIGINAL model (no retrained
-reference yet), held-out data = the audit split, retained data = a 1,000-image sample of D_r.
-Not yet done (see issue 11): Fashion, 3 seeds, retrained references, canaries, continual runs.
+Per dataset: the reference model is trained WITH the benchmark's canaries planted
+(`streamer.engine.canaries.BENCHMARK_CANARIES`: interclass confusion + random labels, repeated
+4x per epoch); per seed, the forget set is every canary plus typical training instances drawn by
+the seed (single-shot k=64: the canaries and 64 - C typical; continual 16x8: those 64 in the
+first 8 fragments, then 64 more typical), and a retrained reference is trained identically
+without all 128 (cached in --weights-dir). Every goal (misclassify, relabel to a random other
+class, unseen) x method (which parameters move: head, the last block + head, all; distillation
+always on) x setting is unlearned from the same original, then measured per instance kind
+(canary, typical, all): forget accuracy on the training labels, the canaries' true-class rate,
+retain (2,000 of D_r) and test accuracy, and every attack of `streamer.engine.verification`
+next to the retrained reference (held-out = 2,000 audit images; retained = 1,000 of D_r).
+The time cap is off (max_seconds 1e9): only the step cap or the goal ends a fragment.
+Writes one JSON record per (dataset, goal, method, setting, seed, kind), a table, and a PNG per
+dataset (--out).
 """
 from __future__ import annotations
 
@@ -17,50 +29,230 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from paper_tables import _forget_order, _model, _setup  # noqa: E402
-from streamer.engine.unlearn import Fragment, Unlearner, method_config  # noqa: E402
-from streamer.engine.verification import attack_report  # noqa: E402
+from streamer.engine.canaries import BENCHMARK_CANARIES, Canaries, CanarySpec
+from streamer.engine.data import load_splits
+from streamer.engine.evaluate import accuracy, goal_ratio
+from streamer.engine.train import reference_model, train_reference
+from streamer.engine.unlearn import Fragment, Unlearner, method_config
+from streamer.engine.unseen import UNSEEN
+from streamer.engine.verification import attack_report
+
+GOALS = ("misclassify", "relabel", "unseen")
+METHODS = ("head", "block", "all")
+SETTINGS = ("single", "continual")  # single-shot k=64; continual 16 fragments of 8
+BLOCK = {"fashion": ("layer3.*", "fc.*"), "mnist5k": ("3.*", "7.*", "9.*")}  # last conv block + head
+K, K_CL, TOTAL = 64, 8, 128
+
+
+def trainable(method: str, dataset: str):
+    return BLOCK[dataset] if method == "block" else method
+
+
+def forget_order(splits, canaries: Canaries, seed: int) -> torch.Tensor:
+    """(128,) train indices in request order: the canaries and 64 - C typical instances shuffled
+    together, then 64 more typical instances."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    is_canary = torch.zeros(len(splits.train), dtype=torch.bool)
+    is_canary[canaries.index] = True
+    typical = torch.nonzero(~is_canary).flatten()
+    typical = typical[torch.randperm(len(typical), generator=g)[: TOTAL - len(canaries)]]
+    first = torch.cat([canaries.index, typical[: K - len(canaries)]])
+    return torch.cat([first[torch.randperm(K, generator=g)], typical[K - len(canaries):]])
+
+
+def load(dataset: str, path: Path):
+    model = reference_model(dataset)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def run_unlearning(model, dataset, method, goal, setting, x, y, relabel, seed):
+    """Unlearn in place; (seconds per fragment, steps, every fragment reached its goal, stops, targets)."""
+    cfg = method_config("default", seed=seed, trainable=trainable(method, dataset), max_seconds=1e9)
+    target = {"misclassify": torch.full_like(y, -1), "relabel": relabel, "unseen": torch.full_like(y, UNSEEN)}[goal]
+    n, size = (K, K) if setting == "single" else (TOTAL, K_CL)
+    unlearner = Unlearner(model, cfg, 10)
+    seconds, steps, reached, stops, targets = [], 0, True, [], []
+    for i in range(0, n, size):
+        start = time.perf_counter()
+        out = unlearner.unlearn(Fragment(x[i:i + size], y[i:i + size], target[i:i + size]))
+        seconds.append(time.perf_counter() - start)
+        steps += out.steps
+        reached &= out.goal_reached
+        stops.append(out.stopped_by)
+        targets += out.targets
+        print(f"    fragment {i // size + 1}/{n // size}: {out.stopped_by} after {out.steps} steps, "
+              f"{seconds[-1]:.0f} s", flush=True)
+    return seconds, steps, reached, stops, torch.tensor(targets)
+
+
+def measure(model, ref, splits, x, y, true_y, kind_mask, targets, retained, held_out, seed, before) -> list[dict]:
+    """One dict per kind: accuracies and attacks, model next to the retrained reference."""
+    out = []
+    test = accuracy(model, splits.audit.x, splits.audit.y)
+    for kind, mask in kind_mask.items():
+        if not bool(mask.any()):
+            continue
+        fx, fy, ft = x[mask], y[mask], true_y[mask]
+        rec = dict(kind=kind, n=int(mask.sum()), forget_acc=accuracy(model, fx, fy),
+                   forget_acc_ref=accuracy(ref, fx, fy), true_acc=accuracy(model, fx, ft),
+                   true_acc_ref=accuracy(ref, fx, ft), goal_rate=goal_ratio(model, fx, fy, targets[mask]),
+                   test_acc=test, test_before=before, test_drop=before - test,
+                   retain_acc=accuracy(model, *retained))
+        if kind != "all":
+            report = attack_report(model, ref, fx, fy, *held_out, *retained, seed=seed)
+            rec["attacks"] = report.to_json()
+        out.append(rec)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", required=True, help="the only mode so far")
-    parser.add_argument("--k", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="MNIST-5k, seed 0, head only")
+    parser.add_argument("--datasets", nargs="+", default=["fashion"], choices=sorted(BENCHMARK_CANARIES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--goals", nargs="+", default=list(GOALS), choices=GOALS)
+    parser.add_argument("--methods", nargs="+", default=["head"], choices=METHODS)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--weights-dir", type=Path, default=Path("bench-out/weights"))
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("bench-out/attacks"))
     args = parser.parse_args(argv)
-    dataset, device = "mnist5k", torch.device("cpu")
-    splits, state = _setup(dataset, args.weights_dir, device)
-    index, _ = _forget_order(splits, args.seed)
-    index = index[: args.k]
-    original, model = _model(dataset, state, device), _model(dataset, state, device)
-    x, y = splits.train.x[index], splits.train.y[index]
-    start = time.perf_counter()
-    outcome = Unlearner(model, method_config("default", seed=args.seed), 10).unlearn(
-        Fragment(x, y, torch.full_like(y, -1)))
-    seconds = time.perf_counter() - start
-    keep = torch.ones(len(splits.train), dtype=torch.bool)
-    keep[index] = False
-    retained = torch.randperm(int(keep.sum()), generator=torch.Generator().manual_seed(args.seed))[:1000]
-    report = attack_report(model, original, x, y, splits.audit.x, splits.audit.y,
-                           splits.train.x[keep][retained], splits.train.y[keep][retained], seed=args.seed)
-    record = {"dataset": dataset, "method": "default", "goal": "misclassify", "k": args.k, "seed": args.seed,
-              "reference": "original", "goal_reached": outcome.goal_reached, "steps": outcome.steps,
-              "seconds": round(seconds, 1), **report.to_json()}
-    print(f"{dataset} default k={args.k} seed {args.seed}: goal reached {outcome.goal_reached} after "
-          f"{outcome.steps} steps, {seconds:.0f} s; reference = the original model (no retrained one yet)")
-    print("| attack | unlearned | original |\n|---|---|---|")
-    rows = [("forget accuracy", report.forget_accuracy), ("probe recovery", report.probe_recovery),
-            *((f"relearn {s} steps", p) for s, p in report.relearn.items()), ("MIA-efficacy", report.mia_efficacy),
-            ("loss-threshold AUC", report.loss_auc), ("Streisand AUC", report.streisand_auc)]
-    for name, pair in rows:
-        print(f"| {name} | {pair.model:.3f} | {pair.reference:.3f} |")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([record], indent=2) + "\n")
+    if args.quick:
+        args.datasets, args.seeds = ["mnist5k"], [0]
+    args.out.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
+    for dataset in args.datasets:
+        records += run_dataset(dataset, args)
+        name = f"attacks-{'quick' if args.quick else dataset}"
+        (args.out / f"{name}.json").write_text(json.dumps(records, indent=1) + "\n")
+        plot(records, dataset, args.out / f"{name}.png")
+    print_table(records)
     return 0
+
+
+def run_dataset(dataset: str, args) -> list[dict]:
+    spec: CanarySpec = BENCHMARK_CANARIES[dataset]
+    splits = load_splits(dataset)
+    original_path = args.weights_dir / f"{dataset}-canaries.pt"
+    report = train_reference(dataset, original_path, canaries=spec, cached=True)
+    c = report["canaries"]
+    canaries = Canaries(spec, torch.tensor(c["index"]), torch.tensor(c["true_y"]), torch.tensor(c["canary_y"]),
+                        tuple(c["kind"]))
+    train_y = splits.train.y.clone()
+    train_y[canaries.index] = canaries.canary_y  # the labels the model was trained on
+    print(f"{dataset}: original {original_path} (audit acc {report['audit_acc']:.4f}, canaries memorised "
+          f"{report['canary_label_acc']:.3f})", flush=True)
+    records = []
+    for seed in args.seeds:
+        index = forget_order(splits, canaries, seed)
+        ref_path = args.weights_dir / f"{dataset}-canaries-without-seed{seed}.pt"
+        ref_report = train_reference(dataset, ref_path, canaries=spec, exclude=index, cached=True)
+        ref = load(dataset, ref_path)
+        print(f"  seed {seed}: retrained reference {ref_path} (audit acc {ref_report['audit_acc']:.4f})", flush=True)
+        g = torch.Generator().manual_seed(2000 + seed)
+        x, y = splits.train.x[index], train_y[index]
+        true_y = splits.train.y[index]
+        relabel = (y + torch.randint(1, 10, (len(y),), generator=g)) % 10
+        keep = torch.ones(len(splits.train), dtype=torch.bool)
+        keep[index] = False
+        d_r = torch.nonzero(keep).flatten()
+        d_r = d_r[torch.randperm(len(d_r), generator=g)[:1000]]
+        retained = (splits.train.x[d_r], train_y[d_r])
+        audit = torch.randperm(len(splits.audit), generator=g)[:2000]
+        held_out = (splits.audit.x[audit], splits.audit.y[audit])
+        is_canary = torch.isin(index, canaries.index)
+        before = accuracy(load(dataset, original_path), splits.audit.x, splits.audit.y)
+        for setting in args.settings:
+            n = K if setting == "single" else TOTAL
+            kinds = {"canary": is_canary[:n], "typical": ~is_canary[:n], "all": torch.ones(n, dtype=torch.bool)}
+            for goal in args.goals:
+                for method in args.methods:
+                    print(f"  {dataset} seed {seed} {setting} {goal} {method}", flush=True)
+                    model = load(dataset, original_path)
+                    seconds, steps, reached, stops, targets = run_unlearning(
+                        model, dataset, method, goal, setting, x[:n], y[:n], relabel[:n], seed)
+                    common = dict(dataset=dataset, goal=goal, method=method, setting=setting, k=n, seed=seed,
+                                  seconds=round(sum(seconds), 1), seconds_per_fragment=round(sum(seconds) / len(seconds), 1),
+                                  steps=steps, goal_reached_every_fragment=reached, stopped_by=stops)
+                    for rec in measure(model, ref, splits, x[:n], y[:n], true_y[:n], kinds, targets, retained,
+                                       held_out, seed, before):
+                        records.append({**common, **rec})
+                        print_row(records[-1])
+    return records
+
+
+_COLUMNS = ("forget", "true", "test drop", "probe", "relearn50", "MIA-eff", "loss AUC", "Streisand", "s/frag")
+
+
+def _cells(rec: dict) -> list[str]:
+    pair = lambda p: f"{p['model']:.2f} ({p['reference']:.2f})" if p["model"] is not None else "-"  # noqa: E731
+    a = rec.get("attacks")
+    cells = [f"{rec['forget_acc']:.2f} ({rec['forget_acc_ref']:.2f})", f"{rec['true_acc']:.2f} ({rec['true_acc_ref']:.2f})",
+             f"{100 * rec['test_drop']:+.1f}"]
+    if a:
+        cells += [pair(a["probe_recovery"]), pair(a["relearn"]["50"]), pair(a["mia_efficacy"]), pair(a["loss_auc"]),
+                  pair(a["streisand_auc"])]
+    else:
+        cells += ["-"] * 5
+    return cells + [str(rec["seconds_per_fragment"])]
+
+
+def print_row(rec: dict) -> None:
+    print("    " + " | ".join(f"{c}={v}" for c, v in zip(("kind",) + _COLUMNS, [rec["kind"], *_cells(rec)])), flush=True)
+
+
+def print_table(records: list[dict]) -> None:
+    print("\nmodel (retrained reference); test drop in points vs the original")
+    print("| dataset | setting | goal | method | seed | kind | " + " | ".join(_COLUMNS) + " |")
+    print("|" + "---|" * (6 + len(_COLUMNS)))
+    for r in records:
+        print(f"| {r['dataset']} | {r['setting']} | {r['goal']} | {r['method']} | {r['seed']} | {r['kind']} | "
+              + " | ".join(_cells(r)) + " |")
+
+
+def plot(records: list[dict], dataset: str, path: Path) -> None:
+    """Canaries and typical instances, mean over seeds: each metric per goal x method x setting,
+    the retrained reference as a black tick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [("forget acc", lambda r: (r["forget_acc"], r["forget_acc_ref"])),
+               ("true-class acc", lambda r: (r["true_acc"], r["true_acc_ref"])),
+               ("probe", lambda r: _pair(r, "probe_recovery")), ("relearn 50", lambda r: _pair(r, "relearn", "50")),
+               ("MIA-efficacy", lambda r: _pair(r, "mia_efficacy")), ("Streisand AUC", lambda r: _pair(r, "streisand_auc"))]
+    rows = [r for r in records if r["dataset"] == dataset and r["kind"] != "all"]
+    configs = sorted({(r["setting"], r["goal"], r["method"]) for r in rows})
+    fig, axes = plt.subplots(2, len(metrics), figsize=(3 * len(metrics), 6), squeeze=False)
+    for row, kind in enumerate(("canary", "typical")):
+        for col, (name, get) in enumerate(metrics):
+            ax = axes[row][col]
+            for i, conf in enumerate(configs):
+                vals = [get(r) for r in rows if (r["setting"], r["goal"], r["method"]) == conf and r["kind"] == kind]
+                vals = [v for v in vals if v[0] is not None]
+                if not vals:
+                    continue
+                model_v = sum(v[0] for v in vals) / len(vals)
+                ref_v = sum(v[1] for v in vals) / len(vals)
+                ax.bar(i, model_v, color=f"C{GOALS.index(conf[1])}")
+                ax.plot([i - 0.4, i + 0.4], [ref_v, ref_v], color="black")
+            ax.set_title(f"{kind}: {name}", fontsize=9)
+            ax.set_ylim(0, 1.05)
+            ax.set_xticks(range(len(configs)), ["/".join(c) for c in configs], rotation=90, fontsize=6)
+    fig.suptitle(f"{dataset}: unlearned model (bars, colour = goal) vs retrained reference (black)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pair(rec: dict, *keys: str) -> tuple:
+    value = rec.get("attacks")
+    if value is None:
+        return (None, None)
+    for key in keys:
+        value = value[key]
+    return (value["model"], value["reference"])
 
 
 if __name__ == "__main__":
