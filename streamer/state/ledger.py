@@ -310,9 +310,11 @@ def _migrate(db: sqlite3.Connection) -> None:
             db.execute(_SCHEMA.split(";")[0])  # CREATE TABLE outcomes (schema 3)
             db.execute(f"INSERT INTO outcomes ({columns}) SELECT {columns} FROM outcomes_v1")
             db.execute("DROP TABLE outcomes_v1")
-        else:
-            db.execute("ALTER TABLE outcomes ADD COLUMN mode TEXT")
-            db.execute("ALTER TABLE outcomes ADD COLUMN target_class INTEGER")
+        else:  # only the columns missing: an older daemon that opened it set user_version back to 2
+            present = {row[1] for row in db.execute("PRAGMA table_info(outcomes)")}
+            for column, kind in (("mode", "TEXT"), ("target_class", "INTEGER")):
+                if column not in present:
+                    db.execute(f"ALTER TABLE outcomes ADD COLUMN {column} {kind}")
 
 
 def _quoted(columns: Sequence[str]) -> list[str]:

@@ -208,6 +208,9 @@ class TestSchemaAndText:
         with Ledger(path) as ledger:
             assert [(r.outcome.mode, r.outcome.target_class) for r in ledger.rows()] == [(None, None), ("unseen", 3)]
             assert ledger._db.execute("PRAGMA user_version").fetchone() == (3,)
+            ledger._db.execute("PRAGMA user_version = 2")  # as an older daemon leaves it after opening it
+        with Ledger(path) as ledger:
+            assert len(ledger.rows()) == 2
 
     def test_text_a_utf8_store_cannot_hold_is_escaped(self, tmp_path) -> None:
         """An unpaired surrogate or a control character in a reason or subject is stored escaped, never raised."""
