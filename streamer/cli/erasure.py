@@ -70,8 +70,10 @@ def _request(rid: str, rows: list[Outcome], lineage: list[Manifest], written: Ma
     entries = {m.version: e for m in lineage for e in m.requests if e["request_id"] == rid}
     refs = [(m.version, r) for m in reversed(lineage) for r in m.retained if r.request_id == rid]
     applied_in = standing[-1].version if standing and decisive[-1].status != "rolled_back" else None
+    goal = next((o for o in reversed(rows) if o.mode is not None), None)  # the latest outcome that knows it
     report: dict[str, Any] = {
         "request_id": rid, "status": decisive[-1].status, "subject": next((o.subject for o in rows if o.subject), None),
+        "mode": goal.mode if goal else None, "target_class": goal.target_class if goal else None,
         "records": sorted({f"{o.topic}[{o.partition}]@{o.offset}" for o in rows}),
         "requested_at": next((e.get("requested_at") for e in entries.values() if e.get("requested_at")), None),
         "received_at": written.get((rows[0].topic, rows[0].partition, rows[0].offset)),

@@ -46,7 +46,7 @@ def _produce(args: argparse.Namespace) -> int:
     if args.file:
         items = list(file_events(Path(args.file)))
     else:
-        values = dataset_events(cfg, args.dataset, args.index, args.prefix, args.relabel_to)
+        values = dataset_events(cfg, args.dataset, args.index, args.prefix, args.relabel_to, args.mode)
         items = [(f"index {i}", v) for i, v in zip(args.index, values)]
     prepared = prepare(items, sample_context(cfg))
     invalid = [p for p in prepared if p.error]
@@ -176,7 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--file", help="JSONL file of schema-v1 events, one per line")
     source.add_argument("--dataset", help="a configured dataset name: send {dataset, index} samples")
     produce.add_argument("--index", type=int, nargs="+", default=[], help="with --dataset: the indices to forget")
-    produce.add_argument("--relabel-to", type=int, help="with --dataset: relabel to this class instead of misclassify")
+    goal = produce.add_mutually_exclusive_group()
+    goal.add_argument("--relabel-to", type=int, help="with --dataset: relabel to this class instead of misclassify")
+    goal.add_argument("--mode", choices=["misclassify", "unseen"],
+                      help="with --dataset: the goal (default: the config's unlearning.default_mode); unseen = where a "
+                           "model that never saw the instance puts it")
     produce.add_argument("--prefix", default="", help="with --dataset: request_id prefix (id = PREFIX + DATASET-INDEX)")
     produce.add_argument("--dry-run", action="store_true", help="validate only")
     produce.add_argument("--skip-invalid", action="store_true", help="send the valid events even if some are invalid")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..config import DaemonConfig
+from ..config import DEFAULT_MODES, DaemonConfig
 from ..intake.events import InvalidEvent, SampleContext, parse_event
 from ..intake.resources import load_dataset_ref
 from ..service.kafka_io import make_producer
@@ -25,8 +25,13 @@ class Prepared:
 
 
 def dataset_events(cfg: DaemonConfig, dataset: str, indices: Iterable[int], prefix: str,
-                   relabel_to: int | None = None) -> Iterator[bytes]:
-    """Events whose samples are `{"dataset": NAME, "index": I}`, labelled from the dataset."""
+                   relabel_to: int | None = None, mode: str | None = None) -> Iterator[bytes]:
+    """Events whose samples are `{"dataset": NAME, "index": I}`, labelled from the dataset. Their
+    mode: relabel to `relabel_to` (misclassify for an index already labelled so), else `mode`,
+    else the config's unlearning.default_mode, written into each event. Raises InvalidEvent for an
+    unknown dataset or index, ValueError for a mode other than misclassify / unseen or both given."""
+    if mode is not None and (mode not in DEFAULT_MODES or relabel_to is not None):
+        raise ValueError(f"mode must be one of {', '.join(DEFAULT_MODES)} without relabel_to, got {mode!r}")
     if dataset not in cfg.data.datasets:
         raise InvalidEvent(f"dataset {dataset!r} is not configured under data.datasets")
     labels = load_dataset_ref(cfg.data.datasets[dataset], cfg.model.input_shape).y
@@ -36,7 +41,9 @@ def dataset_events(cfg: DaemonConfig, dataset: str, indices: Iterable[int], pref
         label = int(labels[i])
         event = {"schema": 1, "request_id": f"{prefix}{dataset}-{i}", "label": label,
                  "sample": {"dataset": dataset, "index": int(i)}}
-        if relabel_to is None or relabel_to == label:
+        if relabel_to is None:
+            event["mode"] = mode or cfg.unlearning.default_mode
+        elif relabel_to == label:
             event["mode"] = "misclassify"
         else:
             event.update(mode="relabel", target_label=relabel_to)

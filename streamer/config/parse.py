@@ -14,7 +14,7 @@ from ..engine.formats import FORMATS
 from ..engine.models import ModelConfig, source_format
 from ..errors import ConfigError
 from ._section import _same_kind, _Section
-from .schema import (DEFAULT_TOPIC_CONFIGS, DEVICES, LOG_LEVELS, SPLITS, CheckpointsConfig, DaemonConfig, DataConfig,
+from .schema import (DEFAULT_MODES, DEFAULT_TOPIC_CONFIGS, DEVICES, LOG_LEVELS, SPLITS, CheckpointsConfig, DaemonConfig, DataConfig,
                      DatasetRef, KafkaConfig, KafkaTopics, LoggingConfig, MetricsConfig, PrivacyConfig,
                      UnlearningConfig)
 
@@ -137,6 +137,10 @@ def _unlearning(s: _Section) -> UnlearningConfig:
                                        or not 0.0 <= max_audit_drop <= 1.0):
         s.fail("max_audit_drop", f"must be a number in [0, 1] or null, got {max_audit_drop!r}")
     max_missed = s.integer("max_missed_fragments", 3, minimum=1)
+    if s.get("default_mode") == "relabel":
+        s.fail("default_mode", "cannot be relabel: a relabel names its class per request (target_label); "
+                               f"use one of {', '.join(DEFAULT_MODES)}")
+    default_mode = s.choice("default_mode", DEFAULT_MODES, "misclassify")
     overrides = {key: s.take(key) for key in s.keys()}
     defaults = {f.name: f.default for f in fields(UnlearnConfig) if f.name != "method"}
     unknown = sorted(set(overrides) - set(defaults))
@@ -152,7 +156,7 @@ def _unlearning(s: _Section) -> UnlearningConfig:
     s.done()
     return UnlearningConfig(method=method, fragment_size=fragment_size, max_wait_s=max_wait_s,
                             max_audit_drop=None if max_audit_drop is None else float(max_audit_drop),
-                            max_missed_fragments=max_missed, engine=engine)
+                            max_missed_fragments=max_missed, default_mode=default_mode, engine=engine)
 
 
 def _kafka(s: _Section) -> KafkaConfig:

@@ -21,6 +21,10 @@ from ..engine.methods import UnlearnConfig
 DEVICES = ("auto", "cpu", "cuda")
 SPLITS = ("train", "buffer", "audit")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# A request's goal (its event's `mode`): misclassify = any class but its label (the paper's);
+# relabel = a requested class; unseen = where a model that never saw it puts it (README "Goals").
+REQUEST_MODES = ("misclassify", "relabel", "unseen")
+DEFAULT_MODES = ("misclassify", "unseen")  # for an event without `mode` (relabel needs a target_label)
 
 __all__ = [
     "CheckpointsConfig",
@@ -77,6 +81,7 @@ class UnlearningConfig:
     max_audit_drop: float | None = 0.5
     # An instance still missing its goal after this many fragments leaves the objective (`abandoned`).
     max_missed_fragments: int = 3
+    default_mode: str = "misclassify"  # the goal of an event without `mode`: one of DEFAULT_MODES
     engine: UnlearnConfig = field(default_factory=UnlearnConfig)  # every other key, via method_config
 
 

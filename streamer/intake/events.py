@@ -2,7 +2,8 @@
 
 A record's key is its request_id; its value is UTF-8 JSON:
 
-    {"schema": 1, "request_id": "r-1", "mode": "misclassify" | "relabel", "label": 3,
+    {"schema": 1, "request_id": "r-1", "label": 3,
+     "mode": "misclassify" | "relabel" | "unseen",   # optional: absent = unlearning.default_mode
      "target_label": 5,                       # relabel only, != label
      "sample": {"tensor": {"dtype": "float32" | "uint8", "shape": [C, H, W], "data_b64": "..."}}
              | {"image_b64": "<PNG or JPEG bytes>"}
@@ -12,6 +13,10 @@ A record's key is its request_id; its value is UTF-8 JSON:
 
 Every way an event can be wrong raises `InvalidEvent` with a reason a person can act on; nothing
 is resized, clipped or converted between channel counts silently.
+
+The goals (README "Goals"): misclassify = any class but `label` (the paper's); relabel = exactly
+`target_label`; unseen = the class a model that never saw the instance gives it, resolved by the
+engine when the request is first applied (`engine.unseen`).
 """
 from __future__ import annotations
 
@@ -25,14 +30,16 @@ from typing import Any
 
 import torch
 
+from ..config.schema import REQUEST_MODES
+from ..engine.unseen import UNSEEN
 from .samples import DTYPES, FILE_SUFFIXES, InvalidEvent, SampleContext, _is_int, decode_sample  # noqa: F401
 
 SCHEMA_VERSION = 1
-MODES = ("misclassify", "relabel")
+MODES = REQUEST_MODES  # misclassify | relabel | unseen
 MAX_SUBJECT_CHARS = 256
 
-_REQUIRED_KEYS = frozenset({"schema", "request_id", "mode", "label", "sample"})
-_OPTIONAL_KEYS = frozenset({"target_label", "subject", "requested_at"})
+_REQUIRED_KEYS = frozenset({"schema", "request_id", "label", "sample"})
+_OPTIONAL_KEYS = frozenset({"mode", "target_label", "subject", "requested_at"})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
 
@@ -42,16 +49,20 @@ class ForgetRequest:
     """One validated deletion request."""
 
     request_id: str
-    mode: str  # misclassify | relabel
+    mode: str  # misclassify | relabel | unseen
     label: int  # the instance's original class
     target_label: int | None  # relabel only
     x: torch.Tensor  # (C, H, W) float32 in [0, 1]
     subject: str | None = None
     requested_at: str | None = None
+    unseen_class: int | None = None  # unseen only: the class it resolved to when first applied (replay)
 
     @property
     def target(self) -> int:
-        """The class to move the instance to; -1 means "any class but `label`" (misclassify)."""
+        """The engine's target (`engine.Fragment.target`): the class to move the instance to; -1 =
+        "any class but `label`" (misclassify); -2 = unseen, not resolved yet (`unseen_class` None)."""
+        if self.mode == "unseen":
+            return UNSEEN if self.unseen_class is None else self.unseen_class
         return -1 if self.target_label is None else self.target_label
 
 
@@ -85,17 +96,23 @@ def request_id_of(value: bytes, key: bytes | None) -> str | None:
     return None
 
 
-def encode_event(request_id: str, mode: str, label: int, x: torch.Tensor,
+def encode_event(request_id: str, mode: str | None, label: int, x: torch.Tensor,
                  target_label: int | None = None, subject: str | None = None) -> bytes:
-    """A schema-v1 event value carrying `x` (C, H, W), pixels in [0, 1], as a float32 tensor sample."""
+    """A schema-v1 event value carrying `x` (C, H, W), pixels in [0, 1], as a float32 tensor sample.
+    `mode` None leaves it out (the daemon's unlearning.default_mode applies). Raises ValueError
+    for an x that is not 3-dimensional or a mode not in MODES; the rest is `parse_event`'s to check."""
     if x.dim() != 3:
         raise ValueError(f"x must be (C, H, W), got shape {tuple(x.shape)}")
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)} or None, got {mode!r}")
     raw = x.detach().to("cpu", torch.float32).contiguous().numpy().astype(DTYPES["float32"]).tobytes()
     event: dict[str, Any] = {
-        "schema": SCHEMA_VERSION, "request_id": request_id, "mode": mode, "label": label,
+        "schema": SCHEMA_VERSION, "request_id": request_id, "label": label,
         "sample": {"tensor": {"dtype": "float32", "shape": list(x.shape),
                               "data_b64": base64.b64encode(raw).decode("ascii")}},
     }
+    if mode is not None:
+        event["mode"] = mode
     if target_label is not None:
         event["target_label"] = target_label
     if subject is not None:
@@ -170,7 +187,7 @@ def _parse_object(event: dict[str, Any], ctx: SampleContext) -> ForgetRequest:
     request_id = _valid_request_id(event["request_id"])
     if request_id is None:
         raise InvalidEvent(f"request_id must be 1-128 characters of A-Z a-z 0-9 . _ : -, got {event['request_id']!r}")
-    mode = event["mode"]
+    mode = ctx.default_mode if event.get("mode") is None else event["mode"]  # null: absent, like the other optional keys
     if mode not in MODES:
         raise InvalidEvent(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     label = _class_index("label", event["label"], ctx.num_classes)
@@ -182,7 +199,8 @@ def _parse_object(event: dict[str, Any], ctx: SampleContext) -> ForgetRequest:
         if target_label == label:
             raise InvalidEvent(f"target_label equals label ({label}): relabelling must change the class")
     elif target_label is not None:
-        raise InvalidEvent("mode misclassify takes no target_label (use mode relabel)")
+        given = f"mode {mode}" if event.get("mode") is not None else f"an event without mode (the default, {mode})"
+        raise InvalidEvent(f"{given} takes no target_label (use mode relabel)")
 
     return ForgetRequest(
         request_id=request_id, mode=mode, label=label, target_label=target_label,

@@ -49,5 +49,5 @@ def sample_context(cfg: DaemonConfig) -> SampleContext:
     return SampleContext(
         num_classes=cfg.model.num_classes, input_shape=shape, uri_roots=cfg.data.uri_roots,
         datasets={name: load_dataset_ref(ref, shape).x for name, ref in cfg.data.datasets.items()},
-        max_payload_bytes=cfg.data.max_payload_bytes,
+        max_payload_bytes=cfg.data.max_payload_bytes, default_mode=cfg.unlearning.default_mode,
     )

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..config.schema import DEFAULT_MODES
 from ..errors import ConfigError, StreamerError
 
 DTYPES = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}  # raw tensor bytes are little-endian
@@ -62,15 +63,19 @@ class InvalidEvent(StreamerError):
 
 @dataclass(frozen=True)
 class SampleContext:
-    """What a sample is checked against and where `uri` and `dataset` samples may come from."""
+    """What a sample is checked against, where `uri` and `dataset` samples may come from, and the
+    goal of an event that names none. Raises ConfigError for a value out of range."""
 
     num_classes: int
     input_shape: tuple[int, int, int]  # (C, H, W)
     uri_roots: tuple[Path, ...] = ()
     datasets: Mapping[str, torch.Tensor] = field(default_factory=dict)  # name -> (N, C, H, W) in [0, 1]
     max_payload_bytes: int = 8 * 1024 * 1024  # also caps the size of a file a `uri` points at
+    default_mode: str = "misclassify"  # the goal of an event without `mode` (unlearning.default_mode)
 
     def __post_init__(self) -> None:
+        if self.default_mode not in DEFAULT_MODES:
+            raise ConfigError(f"default_mode must be one of {', '.join(DEFAULT_MODES)}, got {self.default_mode!r}")
         if self.num_classes < 2:
             raise ConfigError(f"num_classes must be >= 2, got {self.num_classes}")
         if len(self.input_shape) != 3 or any(d < 1 for d in self.input_shape):

@@ -36,6 +36,7 @@ __all__ = ["FragmentResult", "FragmentWorker", "RequestStatus"]
 class RequestStatus:
     status: str  # forgotten | relabelled | failed
     reason: str | None
+    target: int = -1  # the goal as applied: -1 misclassify, c: relabel to c or unseen resolved to c (never -2)
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ class FragmentWorker:
         than max_audit_drop below the base model's); the model is then left as it was, to restore."""
         x = torch.stack([r.x for r in requests])  # (k, C, H, W)
         y = torch.tensor([r.label for r in requests], dtype=torch.int64)
-        target = torch.tensor([r.target for r in requests], dtype=torch.int64)
+        target = torch.tensor([r.target for r in requests], dtype=torch.int64)  # -2: unseen, resolved by the engine
         try:
             outcome = self._unlearner.unlearn(Fragment(x, y, target), progress=progress, cancel=cancel)
             if outcome.stopped_by == "cancelled":
@@ -134,7 +135,9 @@ class FragmentWorker:
             if outcome.stopped_by == "non_finite":
                 raise NonFiniteOutputs(f"the unlearning loss became NaN/Inf at step {outcome.steps}; not published")
             start = time.perf_counter()
-            forgotten = self.forgotten.prepend(x, y, target, [r.request_id for r in requests])
+            target = _resolved(outcome, target)
+            forgotten = self.forgotten.prepend(x, y, target, [r.request_id for r in requests],
+                                               [r.request_id for r in requests if r.mode == "unseen"])
             on_forgotten = logits_of(self.model, forgotten.x)  # the fragment comes first in it: one pass for both
             logits = {"fragment": on_forgotten[: len(requests)], "forgotten": on_forgotten}
             if self.audit is not None:
@@ -188,12 +191,18 @@ class FragmentWorker:
         self.misses = {rid: n for rid, n in misses.items() if rid not in out}
         if not out or not self.cfg.retain_forgotten:
             return forgotten, {}
-        keep = torch.tensor([rid not in out for rid in forgotten.request_ids])
         reason = (f"goal still missed after {self.max_missed_fragments} fragments: left the retained set "
                   "(unlearning.max_missed_fragments); anti-resurrection no longer covers it")
-        kept = ForgottenSet(forgotten.x[keep], forgotten.y[keep], forgotten.target[keep],
-                            tuple(r for r, k in zip(forgotten.request_ids, keep.tolist()) if k))
-        return kept, {rid: reason for rid in forgotten.request_ids if rid in out}
+        return forgotten.without(out), {rid: reason for rid in forgotten.request_ids if rid in out}
+
+
+def _resolved(outcome: FragmentOutcome, target: torch.Tensor) -> torch.Tensor:
+    """(k,) the fragment's targets as the engine applied them (unseen -2 resolved to a class).
+    Raises RuntimeError when the engine reported none, or left one unresolved."""
+    resolved = torch.tensor(outcome.targets, dtype=torch.int64)
+    if resolved.shape != target.shape or bool((resolved < -1).any()):
+        raise RuntimeError(f"the engine returned targets {outcome.targets} for {len(target)} requests")
+    return resolved
 
 
 def _as_fragment(forgotten: ForgottenSet) -> Fragment:
@@ -210,7 +219,8 @@ def _acc(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 def _statuses(logits: torch.Tensor, requests: Sequence[ForgetRequest], y: torch.Tensor, target: torch.Tensor,
               outcome: FragmentOutcome, cfg: UnlearnConfig) -> list[RequestStatus]:
-    """forgotten / relabelled when the instance meets its goal; failed (with by how much) when not."""
+    """forgotten / relabelled when the instance meets its goal (`target`: (k,) resolved, no -2);
+    failed (with by how much) when not. An unseen request that meets its goal is `forgotten`."""
     met = goal_met(logits, y, target)
     gaps = goal_gap(logits, y, target)  # > 0: goal missed by this logit margin
     predicted = logits.argmax(1)
@@ -223,15 +233,17 @@ def _statuses(logits: torch.Tensor, requests: Sequence[ForgetRequest], y: torch.
                if outcome.cap_cause == "time" else f"; cap hit after progress stalled (missing: {trend})")
     statuses = []
     for i, request in enumerate(requests):
+        goal = int(target[i])
         if bool(met[i]):
-            statuses.append(RequestStatus("relabelled" if request.mode == "relabel" else "forgotten", None))
-        elif request.mode == "relabel":
-            statuses.append(RequestStatus("failed", (
-                f"{cap}: instance predicted as {int(predicted[i])}, not its target {request.target_label} "
-                f"(target logit {float(gaps[i]):.3f} below the top class); kept in the retained set{why}")))
+            statuses.append(RequestStatus("relabelled" if request.mode == "relabel" else "forgotten", None, goal))
+            continue
+        if request.mode == "misclassify":
+            missed = (f"instance still predicted as its label {request.label} "
+                      f"(logit margin {float(gaps[i]):.3f} above the next class)")
         else:
-            statuses.append(RequestStatus("failed", (
-                f"{cap}: instance still predicted as its label {request.label} "
-                f"(logit margin {float(gaps[i]):.3f} above the next class); kept in the retained set{why}")))
+            aim = f"its target {goal}" if request.mode == "relabel" else f"class {goal}, its unseen goal"
+            missed = (f"instance predicted as {int(predicted[i])}, not {aim} "
+                      f"(target logit {float(gaps[i]):.3f} below the top class)")
+        statuses.append(RequestStatus("failed", f"{cap}: {missed}; kept in the retained set{why}", goal))
     return statuses
 

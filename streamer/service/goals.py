@@ -4,22 +4,34 @@ Each request asks for a set of classes its instance may be predicted as: every c
 label (misclassify) or exactly the target (relabel). Two requests for the same instance (the
 same pixels, by sha256 of the float32 bytes) conflict when those sets do not intersect: e.g. a
 relabel to 5 and a relabel to 7, or a relabel to 5 and a misclassify of an instance labelled 5.
-Such a request could never be met without breaking the other, and as a retained instance it
-would tax every later fragment; it is rejected naming the request it conflicts with.
+An unseen request's class is known only once the engine resolves it, so an unseen request
+conflicts with any misclassify or relabel of the same instance (pending or applied), and not
+with another unseen one (the same goal). Such a request could never be met without breaking the
+other, and as a retained instance it would tax every later fragment; it is rejected naming the
+request it conflicts with.
 """
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
+from ..engine.unseen import UNSEEN
 from ..intake.events import ForgetRequest
 from ..state.checkpoints import ForgottenSet
 
 __all__ = ["GoalIndex", "instance_sha256"]
 
-Entry = tuple[str, int, int, torch.Tensor]  # (request_id, label, target (-1: misclassify), x (C, H, W))
+Entry = tuple[str, int, int, torch.Tensor]  # (request_id, label, target (-1: misclassify, -2: unseen), x (C, H, W))
+
+
+class _Goal(NamedTuple):
+    request_id: str
+    label: int
+    target: int  # -1: misclassify; c: relabel to c, or unseen resolved to c; -2: unseen, not resolved yet
+    unseen: bool
 
 
 def instance_sha256(x: torch.Tensor) -> str:
@@ -27,8 +39,14 @@ def instance_sha256(x: torch.Tensor) -> str:
     return hashlib.sha256(x.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()).hexdigest()
 
 
-def _allowed(label: int, target: int, num_classes: int) -> set[int]:
-    return {target} if target >= 0 else set(range(num_classes)) - {label}
+def _compatible(a: _Goal, b: _Goal, num_classes: int) -> bool:
+    if a.unseen or b.unseen:
+        return a.unseen and b.unseen
+    return bool(_allowed(a, num_classes) & _allowed(b, num_classes))
+
+
+def _allowed(goal: _Goal, num_classes: int) -> set[int]:
+    return {goal.target} if goal.target >= 0 else set(range(num_classes)) - {goal.label}
 
 
 class GoalIndex:
@@ -38,29 +56,36 @@ class GoalIndex:
     def __init__(self, retained: Callable[[], ForgottenSet], num_classes: int):
         self._retained, self._num_classes = retained, num_classes
         self._seen: ForgottenSet | None = None
-        self._index: dict[str, list[tuple[str, int, int]]] = {}
+        self._index: dict[str, list[_Goal]] = {}
 
     def conflict(self, request: ForgetRequest, pending: Sequence[Entry] = ()) -> str | None:
-        """A reason naming the conflicting request, or None."""
+        """A reason naming the conflicting request, or None. `pending`: the requests collected so
+        far (an unseen one with target -2)."""
         digest = instance_sha256(request.x)
         others = list(self._applied().get(digest, ()))
-        others += [(rid, label, target) for rid, label, target, x in pending if instance_sha256(x) == digest]
-        allowed = _allowed(request.label, request.target, self._num_classes)
-        for rid, label, target in others:
-            if rid != request.request_id and not allowed & _allowed(label, target, self._num_classes):
-                return (f"conflicts with request {rid} for the same instance ({_goal(label, target)}): no prediction "
-                        f"can meet both that and {_goal(request.label, request.target)}")
+        others += [_Goal(rid, label, target, target == UNSEEN) for rid, label, target, x in pending
+                   if instance_sha256(x) == digest]
+        goal = _Goal(request.request_id, request.label, request.target, request.mode == "unseen")
+        for other in others:
+            if other.request_id != request.request_id and not _compatible(goal, other, self._num_classes):
+                why = (f"no prediction can meet both that and {_describe(goal)}" if not (goal.unseen or other.unseen)
+                       else f"an unseen goal ({_describe(goal if goal.unseen else other)}) takes the class the model "
+                            "decides, so it cannot be combined with a misclassify or relabel of the same instance")
+                return f"conflicts with request {other.request_id} for the same instance ({_describe(other)}): {why}"
         return None
 
-    def _applied(self) -> dict[str, list[tuple[str, int, int]]]:
+    def _applied(self) -> dict[str, list[_Goal]]:
         retained = self._retained()
         if retained is not self._seen:  # rebuilt only when the retained set object changes
             self._index = {}
             for x, y, t, rid in zip(retained.x, retained.y.tolist(), retained.target.tolist(), retained.request_ids):
-                self._index.setdefault(instance_sha256(x), []).append((rid, int(y), int(t)))
+                self._index.setdefault(instance_sha256(x), []).append(_Goal(rid, int(y), int(t), rid in retained.unseen))
             self._seen = retained
         return self._index
 
 
-def _goal(label: int, target: int) -> str:
-    return f"relabel {label} -> {target}" if target >= 0 else f"misclassify, label {label}"
+def _describe(goal: _Goal) -> str:
+    if goal.unseen:
+        resolved = f", resolved to class {goal.target}" if goal.target >= 0 else ""
+        return f"unseen, label {goal.label}{resolved}"
+    return f"relabel {goal.label} -> {goal.target}" if goal.target >= 0 else f"misclassify, label {goal.label}"

@@ -1,7 +1,8 @@
 """What the daemon writes to Kafka: receipts, dead letters and checkpoint records (pure encoders).
 
     receipts topic     key request_id  {"schema": 1, "request_id", "status", "version", "reason",
-                                        "completed_at"}
+                                        "completed_at"} (+ "mode", "target_class" when the request
+                                        was read: its goal, and the class it sends the instance to)
     dead-letter topic  key as received {"schema": 1, "reason", "request_id", "topic", "partition",
                                         "offset", "key_bytes", "value_bytes", "key_sha256", "value_sha256",
                                         "key_b64", "value_b64" (null unless opted in), "payload",
@@ -29,11 +30,15 @@ __all__ = ["checkpoint_record", "dead_letter", "receipt"]
 
 
 def receipt(outcome: Outcome) -> tuple[bytes, bytes]:
-    """(key, value) of the receipt for an outcome that has a request_id."""
+    """(key, value) of the receipt for an outcome that has a request_id. An outcome that knows its
+    request's mode adds "mode" and "target_class" (relabel: target_label; unseen: the class the
+    instance now goes to, null until applied; misclassify: null). Raises ValueError without a request_id."""
     if outcome.request_id is None:
         raise ValueError("an outcome without a request_id gets no receipt")
     value = {"schema": SCHEMA, "request_id": outcome.request_id, "status": outcome.status,
              "version": outcome.version, "reason": outcome.reason, "completed_at": outcome.completed_at}
+    if outcome.mode is not None:
+        value.update(mode=outcome.mode, target_class=outcome.target_class)
     return outcome.request_id.encode("utf-8"), _json(value)
 
 

@@ -28,7 +28,7 @@ from . import outputs
 from .collector import Accepted, Repeat
 from .crash import CrashHook
 from .failures import QuarantineRun, run_quarantined
-from .fragments import FragmentWorker
+from .fragments import FragmentWorker, RequestStatus
 from .metrics import Metrics
 from .outbox import Outbox
 
@@ -75,7 +75,7 @@ class FragmentPipeline:
             return
         now = rfc3339(self._clock())
         outcomes = [_outcome("failed", a.request.request_id, reason, a.topic, a.partition, a.offset,
-                             a.request.subject, now) for a, reason in run.failed]
+                             a.request.subject, now, a.request.mode) for a, reason in run.failed]
         outcomes += [_outcome("duplicate", r.request.request_id,
                               f"repeats offset {r.first.offset} of partition {r.first.partition}, which failed: "
                               f"{failed[id(r.first)]}", r.topic, r.partition, r.offset, r.request.subject, now)
@@ -92,11 +92,11 @@ class FragmentPipeline:
             return None
         start = time.perf_counter()
         failed = {id(a) for a, _ in run.failed}
-        requests = [_entry(a, s.status, s.reason) for a, s in run.applied]
+        requests = [_entry(a, s) for a, s in run.applied]
         duplicates = [_repeat_entry(r) for r in repeats if id(r.first) not in failed]
         abandoned = [self._abandoned_entry(rid, reason) for rid, reason in run.abandoned.items()]
-        items = [VaultItem(a.request.request_id, a.request.x.float().cpu(), a.request.label, a.request.target)
-                 for a, _ in run.applied]
+        items = [VaultItem(a.request.request_id, a.request.x.float().cpu(), a.request.label, s.target)
+                 for a, s in run.applied]  # the goal as applied: an unseen request's resolved class
         entries = {e.request_id: e for e in self.vault.put(items)}  # before the version that references them
         self._crash.at("after_vault")
         refs = next_refs(run.result.forgotten, run.result.retained_met, self.store.manifest(parent).retained, entries,
@@ -158,16 +158,19 @@ class FragmentPipeline:
 
 
 def _outcome(status: str, request_id: str, reason: str, topic: str, partition: int, offset: int,
-             subject: str | None, now: str) -> Outcome:
+             subject: str | None, now: str, mode: str | None = None) -> Outcome:
     return Outcome(status=status, request_id=request_id, version=None, reason=reason, topic=topic,
-                   partition=partition, offset=offset, subject=subject, completed_at=now)
+                   partition=partition, offset=offset, subject=subject, completed_at=now, mode=mode)
 
 
-def _entry(a: Accepted, status: str, reason: str | None) -> dict[str, Any]:
+def _entry(a: Accepted, s: RequestStatus) -> dict[str, Any]:
+    """The manifest's row for an applied request; `target_class`: the class its goal sends it to
+    (relabel: target_label; unseen: the class it resolved to; misclassify: null)."""
     r = a.request
-    return {"request_id": r.request_id, "status": status, "reason": reason, "topic": a.topic,
+    return {"request_id": r.request_id, "status": s.status, "reason": s.reason, "topic": a.topic,
             "partition": a.partition, "offset": a.offset, "subject": r.subject, "mode": r.mode,
-            "label": r.label, "target_label": r.target_label, "requested_at": r.requested_at,
+            "label": r.label, "target_label": r.target_label, "target_class": s.target if s.target >= 0 else None,
+            "requested_at": r.requested_at,
             "received_at": None if a.record_time_ms is None else rfc3339(a.record_time_ms / 1000)}
 
 

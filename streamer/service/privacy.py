@@ -108,14 +108,18 @@ class VaultKeeper:
 
     def replay_batch(self, manifest: Manifest, size: int) -> list[Accepted]:
         """The first `size` requests of CURRENT's replay list, instances decrypted from the vault.
+        An unseen request keeps the class it resolved to when first applied (its manifest entry's
+        target_class, which the vault holds too): a replay does not vote again.
         Raises VaultEntryMissing when one was shredded (a rollback refuses that), VaultIntegrityError
-        when the vault's label differs from the request's."""
+        when the vault's label or target differs from the request's."""
         entries: list[Mapping[str, Any]] = list(manifest.replay[:size])
         x, y, target = self.vault.get([str(e["request_id"]) for e in entries])
         accepted = []
         for i, e in enumerate(entries):
+            unseen = e["mode"] == "unseen"
             request = ForgetRequest(str(e["request_id"]), str(e["mode"]), int(e["label"]), e.get("target_label"),
-                                    x[i], e.get("subject"), e.get("requested_at"))
+                                    x[i], e.get("subject"), e.get("requested_at"),
+                                    _int_or_none(e.get("target_class")) if unseen else None)
             if (int(y[i]), int(target[i])) != (request.label, request.target):
                 raise VaultIntegrityError(f"vault entry {request.request_id!r} has label/target {int(y[i])}/"
                                           f"{int(target[i])}, its request {request.label}/{request.target}")
@@ -123,3 +127,7 @@ class VaultKeeper:
             accepted.append(Accepted(request, str(e["topic"]), int(e["partition"]), int(e["offset"]),
                                      self._monotonic(), None if not received else round(parse_rfc3339(received) * 1000)))
         return accepted
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)

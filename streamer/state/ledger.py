@@ -28,7 +28,7 @@ LEDGER_FILE = "ledger.sqlite3"  # beside the version directories
 STATUSES = ("forgotten", "relabelled", "duplicate", "rejected", "failed", "rolled_back", "abandoned")
 APPLIED = ("forgotten", "relabelled", "failed")  # in the model (failed with a version: applied, goal missed;
 # failed without one: quarantined by the failure policy, never applied)
-SCHEMA_VERSION = 2  # PRAGMA user_version; 1 had a CHECK on the status list, which froze it
+SCHEMA_VERSION = 3  # PRAGMA user_version; 1 had a CHECK on the status list, which froze it; 3 added mode, target_class
 RECEIPTED = ("forgotten", "relabelled", "duplicate", "rejected", "failed")  # statuses with a receipt
 
 __all__ = ["APPLIED", "LEDGER_FILE", "RECEIPTED", "STATUSES", "Ledger", "LedgerError", "LedgerRow", "Outcome", "Reconciled", "reconcile"]
@@ -44,7 +44,9 @@ CREATE TABLE IF NOT EXISTS outcomes (
     partition    INTEGER NOT NULL,
     "offset"     INTEGER NOT NULL,
     subject      TEXT,
-    completed_at TEXT NOT NULL
+    completed_at TEXT NOT NULL,
+    mode         TEXT,
+    target_class INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS outcomes_key ON outcomes (topic, partition, "offset", status, IFNULL(version, ''));
 CREATE INDEX IF NOT EXISTS outcomes_request ON outcomes (request_id);
@@ -62,8 +64,9 @@ CREATE TRIGGER IF NOT EXISTS receipts_no_update BEFORE UPDATE ON receipts_sent
 CREATE TRIGGER IF NOT EXISTS receipts_no_delete BEFORE DELETE ON receipts_sent
     BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
 """
-_COLUMNS = ("request_id", "status", "version", "reason", "topic", "partition", "offset", "subject", "completed_at")
-_SELECT = 'SELECT seq, request_id, status, version, reason, topic, partition, "offset", subject, completed_at FROM outcomes'
+_V2_COLUMNS = ("request_id", "status", "version", "reason", "topic", "partition", "offset", "subject", "completed_at")
+_COLUMNS = (*_V2_COLUMNS, "mode", "target_class")
+_SELECT = "SELECT seq, " + ", ".join(f'"{c}"' for c in _COLUMNS) + " FROM outcomes"
 
 
 class LedgerError(StreamerError):
@@ -84,6 +87,8 @@ class Outcome:
     offset: int
     subject: str | None
     completed_at: str  # RFC 3339
+    mode: str | None = None  # the request's goal (misclassify | relabel | unseen), when the request was read
+    target_class: int | None = None  # applied relabel / unseen: the class its goal sends the instance to
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -141,7 +146,8 @@ class Ledger:
             with transaction(self._db):
                 for o in outcomes:
                     self._db.execute(
-                        f'INSERT OR IGNORE INTO outcomes ({", ".join(_quoted(_COLUMNS))}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)',
+                        f'INSERT OR IGNORE INTO outcomes ({", ".join(_quoted(_COLUMNS))}) '
+                        f'VALUES ({", ".join("?" for _ in _COLUMNS)})',
                         tuple(_storable(getattr(o, c)) for c in _COLUMNS),
                     )
                     (seq,) = self._db.execute(
@@ -289,18 +295,26 @@ def _storable(value: Any) -> Any:
 
 
 def _migrate(db: sqlite3.Connection) -> None:
-    """Schema 1 -> 2: drop the CHECK on `status` (new statuses must not need a table rebuild).
-    The append-only triggers go with the old table and are re-created by _SCHEMA."""
+    """Schema 1 -> 3: drop the CHECK on `status` (new statuses must not need a table rebuild); the
+    append-only triggers go with the old table and are re-created by _SCHEMA. Schema 2 -> 3: add
+    the mode and target_class columns (NULL in older rows)."""
     (version,) = db.execute("PRAGMA user_version").fetchone()
     exists = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outcomes'").fetchone()
-    if version >= 2 or not exists:
+    if version >= 3 or not exists:
         return
-    db.execute("PRAGMA legacy_alter_table = ON")  # receipts_sent keeps referring to `outcomes`
+    columns = ", ".join(_quoted(("seq", *_V2_COLUMNS)))
+    db.execute("PRAGMA legacy_alter_table = ON")  # a renamed `outcomes`: receipts_sent keeps referring to the new one
     with transaction(db):
-        db.execute("ALTER TABLE outcomes RENAME TO outcomes_v1")
-        db.execute(_SCHEMA.split(";")[0])  # CREATE TABLE outcomes (schema 2)
-        db.execute("INSERT INTO outcomes SELECT * FROM outcomes_v1")
-        db.execute("DROP TABLE outcomes_v1")
+        if version < 2:
+            db.execute("ALTER TABLE outcomes RENAME TO outcomes_v1")
+            db.execute(_SCHEMA.split(";")[0])  # CREATE TABLE outcomes (schema 3)
+            db.execute(f"INSERT INTO outcomes ({columns}) SELECT {columns} FROM outcomes_v1")
+            db.execute("DROP TABLE outcomes_v1")
+        else:  # only the columns missing: an older daemon that opened it set user_version back to 2
+            present = {row[1] for row in db.execute("PRAGMA table_info(outcomes)")}
+            for column, kind in (("mode", "TEXT"), ("target_class", "INTEGER")):
+                if column not in present:
+                    db.execute(f"ALTER TABLE outcomes ADD COLUMN {column} {kind}")
 
 
 def _quoted(columns: Sequence[str]) -> list[str]:

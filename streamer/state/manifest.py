@@ -12,7 +12,7 @@ in forgotten.pt; the daemon migrates them into the vault at start (`state/migrat
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -68,8 +68,9 @@ class ForgottenSet:
 
     x: torch.Tensor  # (N, C, H, W) pixels in [0, 1]
     y: torch.Tensor  # (N,) original labels
-    target: torch.Tensor  # (N,) -1: misclassify, c: relabel to c
+    target: torch.Tensor  # (N,) -1: misclassify, c: relabel to c (or, for an unseen request, its resolved class)
     request_ids: tuple[str, ...] = ()
+    unseen: frozenset[str] = frozenset()  # the request ids whose goal is unseen (target: the class it resolved to)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -79,16 +80,20 @@ class ForgottenSet:
         return ForgottenSet(torch.zeros((0, *input_shape)), torch.zeros(0, dtype=torch.int64),
                             torch.zeros(0, dtype=torch.int64), ())
 
-    def prepend(self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor, request_ids: Sequence[str]) -> ForgottenSet:
-        """This set with a new fragment in front, as `Unlearner` concatenates [fragment, retained]."""
+    def prepend(self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor, request_ids: Sequence[str],
+                unseen: Iterable[str] = ()) -> ForgottenSet:
+        """This set with a new fragment in front, as `Unlearner` concatenates [fragment, retained]
+        (`unseen`: those of `request_ids` whose goal is unseen, `target` their resolved class)."""
         return ForgottenSet(torch.cat([x.cpu(), self.x]), torch.cat([y.cpu(), self.y]),
-                            torch.cat([target.cpu(), self.target]), (*request_ids, *self.request_ids))
+                            torch.cat([target.cpu(), self.target]), (*request_ids, *self.request_ids),
+                            self.unseen | frozenset(unseen))
 
     def without(self, request_ids: set[str]) -> ForgottenSet:
         """This set less the given ids (shredded), order kept."""
         keep = [i for i, rid in enumerate(self.request_ids) if rid not in request_ids]
         index = torch.tensor(keep, dtype=torch.int64)
-        return ForgottenSet(self.x[index], self.y[index], self.target[index], tuple(self.request_ids[i] for i in keep))
+        return ForgottenSet(self.x[index], self.y[index], self.target[index], tuple(self.request_ids[i] for i in keep),
+                            self.unseen - request_ids)
 
     def to_state(self) -> dict[str, Any]:
         return {"x": self.x.cpu(), "y": self.y.cpu(), "target": self.target.cpu(), "request_ids": list(self.request_ids)}
@@ -112,14 +117,17 @@ class RetainedRef:
     applied_in: str  # the version that applied it (after a rollback: the one that replayed it)
     applied_at: str  # RFC 3339, first applied (the vault entry's creation): the verification window starts here
     met: bool | None = None  # whether it met its goal on this version's weights (None: not evaluated)
+    unseen: bool = False  # its goal is unseen (the vault holds the class it resolved to); JSON key only when true
 
     def to_json(self) -> dict[str, Any]:
-        return {"request_id": self.request_id, "digest": self.digest, "applied_in": self.applied_in,
+        data = {"request_id": self.request_id, "digest": self.digest, "applied_in": self.applied_in,
                 "applied_at": self.applied_at, "met": self.met}
+        return {**data, "unseen": True} if self.unseen else data
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> RetainedRef:
-        return RetainedRef(data["request_id"], data["digest"], data["applied_in"], data["applied_at"], data.get("met"))
+        return RetainedRef(data["request_id"], data["digest"], data["applied_in"], data["applied_at"], data.get("met"),
+                           data.get("unseen") is True)
 
 
 @dataclass(frozen=True)

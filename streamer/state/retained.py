@@ -62,23 +62,24 @@ def load_retained(vault: ForgetVault, manifest: Manifest,
     if not live:
         return ForgottenSet.empty(input_shape), tuple(shredded)
     x, y, target = vault.get(live)
-    return ForgottenSet(x, y, target, tuple(live)), tuple(shredded)
+    unseen = frozenset(r.request_id for r in manifest.retained if r.unseen) & frozenset(live)
+    return ForgottenSet(x, y, target, tuple(live), unseen), tuple(shredded)
 
 
 def next_refs(forgotten: ForgottenSet, met: Sequence[bool], parent: Sequence[RetainedRef],
               entries: Mapping[str, VaultEntry], version: str) -> tuple[RetainedRef, ...]:
     """References for the version `version` that retains `forgotten` (met: its goal per instance on
-    the new weights). Ids in `entries` (this fragment's, just put) are applied in `version`; the
-    others keep the parent's reference."""
+    the new weights). Ids in `entries` (this fragment's, just put) are applied in `version` (unseen:
+    as `forgotten.unseen` says); the others keep the parent's reference."""
     carried = {r.request_id: r for r in parent}
     refs = []
     for rid, ok in zip(forgotten.request_ids, met, strict=True):
         if rid in entries:
             entry = entries[rid]
-            refs.append(RetainedRef(rid, entry.digest, version, rfc3339(entry.created_at), bool(ok)))
+            refs.append(RetainedRef(rid, entry.digest, version, rfc3339(entry.created_at), bool(ok), rid in forgotten.unseen))
         elif rid in carried:
             old = carried[rid]
-            refs.append(RetainedRef(rid, old.digest, old.applied_in, old.applied_at, bool(ok)))
+            refs.append(RetainedRef(rid, old.digest, old.applied_in, old.applied_at, bool(ok), old.unseen))
         else:
             raise CheckpointError(f"retained instance {rid!r} is neither in this fragment nor in the parent version")
     return tuple(refs)

@@ -191,6 +191,27 @@ class TestSchemaAndText:
             with pytest.raises(sqlite3.DatabaseError, match="append-only"):
                 ledger._db.execute("DELETE FROM outcomes")
 
+    def test_a_schema_2_ledger_gains_mode_and_target_class(self, tmp_path) -> None:
+        """A ledger written before the goal columns opens with its rows (mode and target_class
+        null); new rows keep both, and reconcile copies them from a manifest entry."""
+        path = tmp_path / "ledger.sqlite3"
+        db = sqlite3.connect(path)
+        db.executescript(_SCHEMA_1.replace(
+            "CHECK (status IN ('forgotten', 'relabelled', 'duplicate', 'rejected', 'failed', 'rolled_back'))", ""))
+        db.execute("PRAGMA user_version = 2")
+        db.close()
+        with Ledger(path) as ledger:
+            (row,) = ledger.rows()
+            assert (row.outcome.request_id, row.outcome.mode, row.outcome.target_class) == ("r1", None, None)
+            ledger.append([Outcome.from_json({**_entry("u", 1), "mode": "unseen", "target_class": 3,
+                                              "version": "v000002", "completed_at": NOW})])
+        with Ledger(path) as ledger:
+            assert [(r.outcome.mode, r.outcome.target_class) for r in ledger.rows()] == [(None, None), ("unseen", 3)]
+            assert ledger._db.execute("PRAGMA user_version").fetchone() == (3,)
+            ledger._db.execute("PRAGMA user_version = 2")  # as an older daemon leaves it after opening it
+        with Ledger(path) as ledger:
+            assert len(ledger.rows()) == 2
+
     def test_text_a_utf8_store_cannot_hold_is_escaped(self, tmp_path) -> None:
         """An unpaired surrogate or a control character in a reason or subject is stored escaped, never raised."""
         with Ledger(tmp_path / "ledger.sqlite3") as ledger:

@@ -70,6 +70,22 @@ class TestReferences:
         with pytest.raises(CheckpointError, match="neither in this fragment nor in the parent"):
             next_refs(_forgotten(_items(["z"])), [True], refs1, {}, "v000003")
 
+    def test_unseen_goals_are_marked_through_versions_and_reloads(self, vault, store) -> None:
+        """An unseen request's reference says so (the vault holds its resolved class): carried to later
+        versions, through the manifest JSON, back into the loaded set; `without` drops the mark."""
+        items = _items(["u", "m"])
+        plain = _forgotten(items)
+        forgotten = ForgottenSet.empty(SHAPE).prepend(plain.x, plain.y, plain.target, plain.request_ids, ["u"])
+        assert forgotten.unseen == {"u"} and forgotten.request_ids == ("u", "m")
+        refs = next_refs(forgotten, [True, True], (), {e.request_id: e for e in vault.put(items)}, "v000001")
+        assert [r.unseen for r in refs] == [True, False]
+        assert refs[0].to_json()["unseen"] is True and "unseen" not in refs[1].to_json()
+        later = next_refs(forgotten, [True, True], refs, {}, "v000002")
+        manifest = store.publish("v000000", {"w": torch.ones(2)}, later)
+        loaded, _ = load_retained(vault, store.manifest(manifest.version), SHAPE)
+        assert loaded.unseen == {"u"} and loaded.target.tolist() == [3, -1]
+        assert loaded.without({"u"}).unseen == frozenset()
+
     def test_shredded_instances_are_left_out_and_named(self, vault, store) -> None:
         """load_retained skips an instance shredded since the version was published and names it."""
         items = _items(["a", "b"])
