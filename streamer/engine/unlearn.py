@@ -144,12 +144,12 @@ class Unlearner:
 
     def resolve_unseen(self, fragment: Fragment) -> Fragment:
         """The fragment with each `unseen` target (-2) replaced by the class the teacher's warp vote
-        gives it (`unseen.unseen_classes`); other targets unchanged. Seeded per call by cfg.seed,
-        so the same instances get the same classes."""
+        gives it (`unseen.unseen_classes`); other targets unchanged. Seeded by cfg.seed and each
+        image's pixels: an image gets the same class in any fragment."""
         pending = fragment.target == UNSEEN
         if not bool(pending.any()):
             return fragment
-        classes = unseen_classes(self.teacher, fragment.x[pending], torch.Generator().manual_seed(self.cfg.seed))
+        classes = unseen_classes(self.teacher, fragment.x[pending], self.cfg.seed)
         return Fragment(fragment.x, fragment.y, fragment.target.masked_scatter(pending, classes.to(self.device)))
 
     def describe_trainable(self) -> dict:

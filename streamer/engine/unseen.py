@@ -14,6 +14,8 @@ request's label for 97% of 400 typical training instances.
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,20 +28,27 @@ UNSEEN = -2  # Fragment.target value of an `unseen` request, before `unseen_clas
 
 
 @torch.no_grad()
-def unseen_classes(teacher: nn.Module, x: torch.Tensor, generator: torch.Generator, warps: int = 64,
+def unseen_classes(teacher: nn.Module, x: torch.Tensor, seed: int = 0, warps: int = 64,
                    batch_size: int = 1024) -> torch.Tensor:
     """(N,) int64: argmax over classes of the mean softmax of `teacher` on `warps` random affine
-    warps of each x (N, C, H, W) in [0, 1] (`augment.random_affine`, its default ranges). The
-    teacher is called in eval mode on (batch_size / warps * warps, C, H, W) batches."""
+    warps of each x (N, C, H, W) in [0, 1] (`augment.random_affine`, its default ranges). Each
+    instance's warps are drawn from a generator seeded by `seed` and its pixels, so an image gets
+    the same class whatever else is in its fragment. The teacher runs in eval mode on batches of
+    about `batch_size` warps."""
     was_training = teacher.training
     teacher.eval()
     try:
         out = []
-        per_batch = max(1, batch_size // warps)
-        for chunk in x.split(per_batch):
-            copies = chunk.repeat_interleave(warps, 0)
-            probs = F.softmax(teacher(random_affine(copies, generator)).float(), 1)
+        for chunk in x.split(max(1, batch_size // warps)):
+            copies = torch.cat([random_affine(xi[None].expand(warps, *xi.shape), _generator(xi, seed)) for xi in chunk])
+            probs = F.softmax(teacher(copies).float(), 1)
             out.append(probs.view(len(chunk), warps, -1).mean(1).argmax(1))
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64, device=x.device)
     finally:
         teacher.train(was_training)
+
+
+def _generator(image: torch.Tensor, seed: int) -> torch.Generator:
+    """A CPU generator seeded by `seed` and a digest of the image's float32 pixels."""
+    digest = hashlib.blake2b(image.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=8).digest()
+    return torch.Generator().manual_seed((int.from_bytes(digest, "big") ^ seed) & (2**63 - 1))
