@@ -11,12 +11,23 @@ from ..service.logs import configure_logging
 
 
 def _train(args: argparse.Namespace) -> int:
+    from ..engine.canaries import BENCHMARK_CANARIES
     from ..engine.train import train_reference
 
-    out = args.out or f"artifacts/{args.dataset}.pt"
-    report = train_reference(args.dataset, out, seed=args.seed)
-    print(f"saved {out}: train accuracy {report['train_acc']:.3f}, audit accuracy {report['audit_acc']:.3f}, "
-          f"{report['parameters']} parameters, {report['seconds']} s")
+    canaries = BENCHMARK_CANARIES.get(args.dataset) if args.canaries else None
+    if args.canaries and canaries is None:
+        print(f"error: --canaries: no benchmark canaries for {args.dataset} (have: {', '.join(BENCHMARK_CANARIES)})",
+              file=sys.stderr)
+        return 2
+    suffix = "-canaries" if canaries else ""
+    out = args.out or f"artifacts/{args.dataset}{suffix}.pt"
+    report = train_reference(args.dataset, out, seed=args.seed, canaries=canaries, cached=not args.retrain)
+    what = "cached (same recipe; --retrain to train again)" if report.get("cached") else f"saved, {report['seconds']} s"
+    print(f"{out}: {what}; train accuracy {report['train_acc']:.3f}, audit accuracy {report['audit_acc']:.3f}, "
+          f"{report['parameters']} parameters")
+    if canaries:
+        print(f"canaries: {len(report['canaries']['index'])}, predicted as their canary label: "
+              f"{report['canary_label_acc']:.3f} (memorised), as their true class: {report['canary_true_acc']:.3f}")
     return 0
 
 
@@ -156,9 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: logging.level of the config for `run`, else info)")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a reference model on an offline dataset and save its weights")
-    train.add_argument("dataset", choices=["digits", "mnist5k"])
-    train.add_argument("--out", help="weights file (default artifacts/DATASET.pt)")
+    train.add_argument("dataset", choices=["digits", "mnist5k", "fashion"])
+    train.add_argument("--out", help="weights file (default artifacts/DATASET.pt, or DATASET-canaries.pt); a "
+                       "JSON report is written beside it")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--canaries", action="store_true", help="plant the benchmark's canaries (mnist5k, fashion)")
+    train.add_argument("--retrain", action="store_true", help="train even when OUT holds a model of the same recipe")
     train.set_defaults(func=_train)
     run = sub.add_parser("run", help="run the daemon: consume deletion events, unlearn, publish versions")
     run.add_argument("--config", required=True, help="YAML config file (see config.yaml)")
