@@ -4,6 +4,14 @@ Pure: models and tensors in, an `AttackReport` out; no I/O. Every metric is comp
 model under test and, on the same inputs, on a reference model (the original, or one retrained
 without the forgotten instances), so each number is read against the reference's.
 
+    probe recovery      linear probes on penultimate and pre-head features (`probes`;
+                        Illusion of Unlearning, AISTATS 2026)
+    relearning          accuracy after a short fine-tune on held-out data (NeurIPS 2025)
+    MIA-efficacy        SalUn's SVC on true-class confidence (Fan et al., ICLR 2024)
+    loss-threshold AUC  Yeom et al., CSF 2018
+    Streisand AUC       forgotten vs held-out from output statistics (ReGUn, Twin Machine
+                        Unlearning, 2025-26)
+
 Shapes: forgotten x (F, C, H, W) in [0, 1], y (F,) the training labels; held-out x (H, C, H, W),
 y (H,); optional retained training data x (R, C, H, W), y (R,). Deterministic for a given seed
 (CPU; sklearn with `random_state=seed`, sampling with a seeded torch.Generator).
@@ -27,6 +35,11 @@ from .evaluate import accuracy
 from .evaluate import logits as predict_logits
 from .formats import clone_module
 from .models import grad_only
+from .probes import classifier_head, penultimate_features, prehead_features, probe_recoveries, probe_recovery
+
+__all__ = ["RELEARN_STEPS", "AttackReport", "Pair", "attack_report", "loss_threshold_auc", "mia_efficacy",
+           "output_statistics", "penultimate_features", "prehead_features", "probe_recovery", "relearn_accuracy",
+           "streisand_auc", "true_class_confidence"]
 
 RELEARN_STEPS = (5, 20, 50)
 
@@ -44,7 +57,8 @@ class AttackReport:
     forgotten: int  # F
     held_out: int  # H
     forget_accuracy: Pair  # training-label accuracy on the forgotten instances, before any attack
-    probe_recovery: Pair  # None where the network has no hookable Linear layer (exported programs)
+    probe_recovery: Pair  # penultimate features; None where the network has no hookable Linear (exported)
+    probe_recovery_prehead: Pair  # pre-head features; = probe_recovery for a one-Linear head (see notes)
     relearn: dict[int, Pair]  # steps -> training-label accuracy on the forgotten instances after fine-tuning
     mia_efficacy: Pair
     loss_auc: Pair
@@ -57,6 +71,17 @@ class AttackReport:
         data["relearn"] = {str(k): asdict(v) for k, v in self.relearn.items()}
         data["notes"] = list(self.notes)
         return data
+
+    def summary(self) -> dict[str, dict[str, float | None]]:
+        """The main numbers, {name: {"model": v, "reference": v}}: forget accuracy, both probes,
+        relearning at the most steps run (`relearn_<steps>`), MIA-efficacy, loss and Streisand AUC."""
+        pairs = {"forget_accuracy": self.forget_accuracy, "probe_recovery": self.probe_recovery,
+                 "probe_recovery_prehead": self.probe_recovery_prehead}
+        if self.relearn:
+            most = max(self.relearn)
+            pairs[f"relearn_{most}"] = self.relearn[most]
+        pairs.update(mia_efficacy=self.mia_efficacy, loss_auc=self.loss_auc, streisand_auc=self.streisand_auc)
+        return {name: asdict(pair) for name, pair in pairs.items()}
 
 
 def attack_report(model: nn.Module, reference: nn.Module, forgotten_x: torch.Tensor, forgotten_y: torch.Tensor,
@@ -76,9 +101,8 @@ def attack_report(model: nn.Module, reference: nn.Module, forgotten_x: torch.Ten
     def both(fn):
         return Pair(fn(model), fn(reference))
 
-    probe = both(lambda m: probe_recovery(m, forgotten_x, forgotten_y, held_out_x, held_out_y, seed))
-    if probe.model is None:
-        notes.append("probe: the network has no Linear layer a forward hook can see (TorchScript or exported)")
+    probes = both(lambda m: probe_recoveries(m, forgotten_x, forgotten_y, held_out_x, held_out_y, seed))
+    notes += _probe_notes(model, reference, held_out_x)
     relearn_m = relearn_accuracy(model, forgotten_x, forgotten_y, held_out_x, held_out_y, relearn_steps,
                                  relearn_samples, relearn_lr, seed)
     relearn_r = relearn_accuracy(reference, forgotten_x, forgotten_y, held_out_x, held_out_y, relearn_steps,
@@ -86,7 +110,8 @@ def attack_report(model: nn.Module, reference: nn.Module, forgotten_x: torch.Ten
     return AttackReport(
         forgotten=len(forgotten_y), held_out=len(held_out_y),
         forget_accuracy=both(lambda m: accuracy(m, forgotten_x, forgotten_y)),
-        probe_recovery=probe,
+        probe_recovery=Pair(probes.model["penultimate"], probes.reference["penultimate"]),
+        probe_recovery_prehead=Pair(probes.model["prehead"], probes.reference["prehead"]),
         relearn={s: Pair(relearn_m[s], relearn_r[s]) for s in relearn_steps},
         mia_efficacy=_mia_pair(model, reference, forgotten_x, forgotten_y, held_out_x, held_out_y,
                                retained_x, retained_y, seed),
@@ -97,35 +122,16 @@ def attack_report(model: nn.Module, reference: nn.Module, forgotten_x: torch.Ten
     )
 
 
-# --- probe recovery -------------------------------------------------------------------------------
-
-def penultimate_features(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor | None:
-    """(N, D) inputs of the model's last `nn.Linear` (in module order), caught with a forward
-    hook; None when there is no eager Linear to hook."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and not isinstance(m, torch.jit.ScriptModule)]
-    if not linears:
-        return None
-    caught: list[torch.Tensor] = []
-    handle = linears[-1].register_forward_hook(lambda _m, inputs, _out: caught.append(inputs[0].flatten(1).float().cpu()))
-    try:
-        predict_logits(model, x, batch_size)
-    finally:
-        handle.remove()
-    return torch.cat(caught) if caught else None
-
-
-def probe_recovery(model: nn.Module, forgotten_x: torch.Tensor, forgotten_y: torch.Tensor, held_out_x: torch.Tensor,
-                   held_out_y: torch.Tensor, seed: int = 0) -> float | None:
-    """Accuracy on the forgotten instances' training labels of a logistic-regression probe fitted
-    on the held-out instances' penultimate features (Illusion of Unlearning, AISTATS 2026: linear
-    probes recover labels that classifier-only unlearning hides). None without a hookable Linear."""
-    train = penultimate_features(model, held_out_x)
-    test = penultimate_features(model, forgotten_x)
-    if train is None or test is None:
-        return None
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
-    probe.fit(train.numpy(), held_out_y.cpu().numpy())
-    return float((probe.predict(test.numpy()) == forgotten_y.cpu().numpy()).mean())
+def _probe_notes(model: nn.Module, reference: nn.Module, x: torch.Tensor) -> list[str]:
+    """Which features the probes read, once when model and reference agree."""
+    said = {}
+    for who, net in (("model", model), ("reference", reference)):
+        head = classifier_head(net, x)
+        said[who] = (head.describe() if head is not None else
+                     "the network has no Linear layer a forward hook can see (TorchScript or exported): no probe")
+    if said["model"] == said["reference"]:
+        return [f"probe: {said['model']}"]
+    return [f"probe ({who}): {text}" for who, text in said.items()]
 
 
 # --- relearning -----------------------------------------------------------------------------------
