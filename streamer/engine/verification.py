@@ -37,11 +37,12 @@ from .formats import clone_module
 from .models import grad_only
 from .probes import classifier_head, penultimate_features, prehead_features, probe_recoveries, probe_recovery
 
-__all__ = ["RELEARN_STEPS", "AttackReport", "Pair", "attack_report", "loss_threshold_auc", "mia_efficacy",
+__all__ = ["RELEARN_SAMPLES", "RELEARN_STEPS", "AttackReport", "Pair", "attack_report", "loss_threshold_auc", "mia_efficacy",
            "output_statistics", "penultimate_features", "prehead_features", "probe_recovery", "relearn_accuracy",
            "streisand_auc", "true_class_confidence"]
 
 RELEARN_STEPS = (5, 20, 50)
+RELEARN_SAMPLES = 256
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class AttackReport:
     streisand_auc: Pair
     mia_members: str  # what the MIA's member class was
     notes: tuple[str, ...] = ()
+    relearn_samples: int = 0  # held-out instances the relearning copies are fine-tuned on
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -87,16 +89,24 @@ class AttackReport:
 def attack_report(model: nn.Module, reference: nn.Module, forgotten_x: torch.Tensor, forgotten_y: torch.Tensor,
                   held_out_x: torch.Tensor, held_out_y: torch.Tensor, retained_x: torch.Tensor | None = None,
                   retained_y: torch.Tensor | None = None, seed: int = 0, relearn_steps: tuple[int, ...] = RELEARN_STEPS,
-                  relearn_samples: int = 256, relearn_lr: float = 1e-3) -> AttackReport:
-    """Every attack below on `model` and on `reference`. Needs at least 2 forgotten and 4 held-out
-    instances (cross-validation folds); raises ValueError otherwise. Models are not modified."""
+                  relearn_samples: int = RELEARN_SAMPLES, relearn_lr: float = 1e-3,
+                  shadow: nn.Module | None = None) -> AttackReport:
+    """Every attack below on `model` and on `reference` (shapes: see the module docstring).
+
+    Without retained training data the MIA's shadow model is `shadow`, a model trained on the
+    forgotten instances: by default the reference, which is right when the reference is the
+    original; pass the original as `shadow` when the reference was retrained without them. Needs at
+    least 2 forgotten and 4 held-out instances (cross-validation folds); raises ValueError
+    otherwise. Models are not modified."""
     if len(forgotten_y) < 2 or len(held_out_y) < 4:
         raise ValueError(f"attacks need >= 2 forgotten and >= 4 held-out instances, got {len(forgotten_y)} "
                          f"and {len(held_out_y)}")
     notes: list[str] = []
+    shadow = reference if shadow is None else shadow
     if retained_x is None:
-        notes.append("MIA: no retained training data given; the shadow is the reference model (members: the "
-                     "forgotten instances it was trained on, non-members: held-out), cross-fitted in 2 folds")
+        which = "the reference model" if shadow is reference else "the model given as shadow"
+        notes.append(f"MIA: no retained training data given; the shadow is {which} (members: the forgotten "
+                     "instances it was trained on, non-members: held-out), cross-fitted in 2 folds")
 
     def both(fn):
         return Pair(fn(model), fn(reference))
@@ -113,12 +123,13 @@ def attack_report(model: nn.Module, reference: nn.Module, forgotten_x: torch.Ten
         probe_recovery=Pair(probes.model["penultimate"], probes.reference["penultimate"]),
         probe_recovery_prehead=Pair(probes.model["prehead"], probes.reference["prehead"]),
         relearn={s: Pair(relearn_m[s], relearn_r[s]) for s in relearn_steps},
-        mia_efficacy=_mia_pair(model, reference, forgotten_x, forgotten_y, held_out_x, held_out_y,
+        mia_efficacy=_mia_pair(model, reference, shadow, forgotten_x, forgotten_y, held_out_x, held_out_y,
                                retained_x, retained_y, seed),
         loss_auc=both(lambda m: loss_threshold_auc(m, forgotten_x, forgotten_y, held_out_x, held_out_y)),
         streisand_auc=both(lambda m: streisand_auc(m, forgotten_x, forgotten_y, held_out_x, held_out_y, seed)),
-        mia_members="retained training data" if retained_x is not None else "forgotten instances under the reference (shadow)",
-        notes=tuple(notes),
+        mia_members="retained training data" if retained_x is not None else
+        f"forgotten instances under the {'reference' if shadow is reference else 'shadow'} model",
+        notes=tuple(notes), relearn_samples=min(relearn_samples, len(held_out_y)),
     )
 
 
@@ -137,7 +148,7 @@ def _probe_notes(model: nn.Module, reference: nn.Module, x: torch.Tensor) -> lis
 # --- relearning -----------------------------------------------------------------------------------
 
 def relearn_accuracy(model: nn.Module, forgotten_x: torch.Tensor, forgotten_y: torch.Tensor, held_out_x: torch.Tensor,
-                     held_out_y: torch.Tensor, steps: tuple[int, ...] = RELEARN_STEPS, samples: int = 256,
+                     held_out_y: torch.Tensor, steps: tuple[int, ...] = RELEARN_STEPS, samples: int = RELEARN_SAMPLES,
                      lr: float = 1e-3, seed: int = 0, batch_size: int = 64) -> dict[int, float]:
     """{steps: training-label accuracy on the forgotten instances} after fine-tuning a copy of
     `model` (every parameter, Adam at `lr`, eval mode: BatchNorm statistics and dropout frozen)
@@ -184,11 +195,11 @@ def mia_efficacy(member_conf: np.ndarray, non_member_conf: np.ndarray, target_co
     return float(1.0 - clf.predict(target_conf).mean())
 
 
-def _mia_pair(model, reference, forgotten_x, forgotten_y, held_out_x, held_out_y, retained_x, retained_y,
+def _mia_pair(model, reference, shadow, forgotten_x, forgotten_y, held_out_x, held_out_y, retained_x, retained_y,
               seed: int) -> Pair:
     """Shadow: retained (member) vs held-out (non-member), scored by the same model as the target.
-    Without retained data the reference is the shadow model: members = the forgotten instances
-    as the reference scores them (it was trained on them), non-members = held-out, fitted on one
+    Without retained data `shadow` is the shadow model: members = the forgotten instances as the
+    shadow scores them (it was trained on them), non-members = held-out, fitted on one
     half of the forgotten set and applied to the other half (2 folds), so no target is scored by
     a classifier fitted on it."""
     if retained_x is not None:
@@ -197,8 +208,8 @@ def _mia_pair(model, reference, forgotten_x, forgotten_y, held_out_x, held_out_y
                                 true_class_confidence(m, held_out_x, held_out_y),
                                 true_class_confidence(m, forgotten_x, forgotten_y))
         return Pair(one(model), one(reference))
-    member = true_class_confidence(reference, forgotten_x, forgotten_y)
-    non_member = true_class_confidence(reference, held_out_x, held_out_y)
+    member = true_class_confidence(shadow, forgotten_x, forgotten_y)
+    non_member = true_class_confidence(shadow, held_out_x, held_out_y)
     halves = np.array_split(np.random.default_rng(seed).permutation(len(forgotten_y)), 2)
     values = {}
     for m in (model, reference):

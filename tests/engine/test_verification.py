@@ -89,6 +89,16 @@ class TestMiaEfficacy:
         assert any("shadow is the reference" in note for note in report.notes)
         assert report.mia_efficacy.model == report.mia_efficacy.reference
 
+    def test_a_retrained_reference_needs_the_original_as_shadow(self, memorisation) -> None:
+        """No retained data, reference retrained without the forgotten set: with the memoriser as the
+        shadow (it was trained on them), the memoriser's forgotten set looks like members, the retrained
+        model's does not."""
+        memoriser, retrained, forget, _, held = memorisation
+        report = attack_report(memoriser, retrained, *forget, *held, relearn_steps=(1,), shadow=memoriser)
+        assert report.mia_efficacy.model < 0.3 and report.mia_efficacy.reference > 0.7
+        assert report.mia_members == "forgotten instances under the shadow model"
+        assert any("the shadow is the model given as shadow" in note for note in report.notes)
+
 
 class TestProbeRecovery:
     def test_features_of_the_last_linear_are_hooked(self, learnable) -> None:
