@@ -37,9 +37,9 @@ from .formats import clone_module
 from .models import grad_only
 from .probes import classifier_head, penultimate_features, prehead_features, probe_recoveries, probe_recovery
 
-__all__ = ["RELEARN_SAMPLES", "RELEARN_STEPS", "AttackReport", "Pair", "attack_report", "loss_threshold_auc", "mia_efficacy",
-           "output_statistics", "penultimate_features", "prehead_features", "probe_recovery", "relearn_accuracy",
-           "streisand_auc", "true_class_confidence"]
+__all__ = ["RELEARN_SAMPLES", "RELEARN_STEPS", "AttackReport", "Pair", "attack_report", "loss_threshold_auc",
+           "mia_efficacy", "output_statistics", "penultimate_features", "prehead_features", "probe_recovery",
+           "relearn_accuracy", "streisand_auc", "true_class_confidence"]
 
 RELEARN_STEPS = (5, 20, 50)
 RELEARN_SAMPLES = 256
