@@ -117,20 +117,28 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _verify_attacks(args: argparse.Namespace) -> int:
-    """`verify --attacks`: verify as usual (same output, same exit code), then the attacks."""
+    """`verify --attacks`: verify as usual (same output, same exit code), then the attacks. A
+    --reference file is loaded first, so a bad one fails before anything runs."""
     from ..config import load_config
-    from .ops import attack_table, verify_attacks
+    from .attacks import attack_table, retrained_reference, verify_attacks
 
-    code = _verify(args)
     cfg = load_config(args.config)
-    run = verify_attacks(cfg, args.version)
-    print(f"\nattacks on {run.version}, held-out data: data.audit ({cfg.data.audit.describe()}, "
-          f"{run.report.held_out} instances), forgotten: {run.report.forgotten} retained instances")
-    print(f"reference: original model {run.reference} (no retrained reference available)")
+    reference = retrained_reference(cfg, args.reference) if args.reference else None
+    code = _verify(args)
+    run = verify_attacks(cfg, args.version, reference=reference)
+    report = run.report
+    print(f"\nattacks on {run.version}:")
+    print(f"  held-out data: {run.held_out}: the probes are fitted on it, relearning fine-tunes on "
+          f"{report.relearn_samples} of it, the MIA and the AUCs compare against it")
+    print(f"  forgotten: {report.forgotten} instances of the retained forgotten set (from the vault), "
+          "with their training labels")
+    print(f"  MIA: no retained training data configured; shadow model: {run.shadow}")
+    print(f"  reference: {run.reference.describe()}")
     print(attack_table(run))
-    for note in run.report.notes:
+    for note in report.notes:
         print(f"note: {note}")
-    print(f"wrote {run.path} (the manifest is not rewritten; attacks.json is not covered by its sha256)")
+    print(f"wrote {run.path}; summary recorded in {run.version}'s manifest "
+          f"(streamer checkpoints show {run.version} --config ...)")
     return code
 
 
@@ -216,8 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="re-check that every request applied up to a version is still forgotten")
     verify.add_argument("version", nargs="?", help="default: CURRENT")
     verify.add_argument("--config", required=True)
-    verify.add_argument("--attacks", action="store_true", help="also run the forgetting attacks (probe, relearning, "
-                        "MIA, loss and Streisand AUC) against the base version; writes VERSION/attacks.json")
+    verify.add_argument("--attacks", action="store_true", help="also run the forgetting attacks (probes, relearning, "
+                        "MIA, loss and Streisand AUC) against a reference model; writes VERSION/attacks.json and "
+                        "a summary in the version's manifest")
+    verify.add_argument("--reference", metavar="FILE", help="with --attacks: a model retrained without the forgotten "
+                        "instances, in the configured model's format (default reference: the original model, the "
+                        "base version)")
     verify.set_defaults(func=_verify)
     keygen = sub.add_parser("keygen", help="write a new random key-encryption key (KEK) for the forget vault")
     keygen.add_argument("path", help="where to write it (mode 0600; an existing file is never overwritten)")
@@ -237,7 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Every failure is one `streamer: error: ...` line on stderr and exit status 2 (verify uses 1
     for "instances came back"); `--log-level debug` adds the traceback of unexpected errors."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "reference", None) and not args.attacks:
+        parser.error("--reference goes with --attacks")
     if getattr(args, "attacks", False):
         args.func = _verify_attacks
     configure_logging(args.log_level or "info")

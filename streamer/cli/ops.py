@@ -14,7 +14,6 @@ import torch
 from pathlib import Path
 
 from ..state.checkpoints import CheckpointError, CheckpointStore
-from ..state.durable import write_atomic
 from ..state.lock import DirectoryLock
 from ..state.retained import load_retained, open_vault
 from ..state.rollback import request_via_daemon, run_rollback
@@ -173,66 +172,3 @@ def rollback(cfg, to_version: str, force: bool, timeout_s: float = 900.0) -> dic
             return run_rollback(store, ledger, to_version, force, live.__contains__)
     finally:
         lock.release()
-
-
-ATTACKS_FILE = "attacks.json"
-
-
-@dataclass(frozen=True)
-class AttackRun:
-    version: str
-    reference: str  # the base version the attacks were also run on
-    report: object  # engine.verification.AttackReport
-    path: Path  # where attacks.json was written
-
-
-def verify_attacks(cfg: DaemonConfig, version: str | None = None, seed: int = 0) -> AttackRun:
-    """`streamer verify --attacks`: the attacks of `engine.verification` on `version`'s model
-    (default CURRENT) and on the base version's (the original model: no retrained reference is
-    available to the daemon), with held-out data = data.audit and the retained forgotten set,
-    decrypted from the vault (needs the KEK), as the forgotten instances (their training labels). Writes VERSION/attacks.json (atomically);
-    the manifest is not rewritten, so attacks.json is outside the sha256-checked files."""
-    from ..engine.verification import attack_report
-    from ..errors import ConfigError
-
-    if cfg.data.audit is None:
-        raise ConfigError("verify --attacks needs data.audit (labelled held-out data) in the config")
-    store = CheckpointStore(cfg.checkpoints.dir)
-    version = version or store.current_version()
-    if version is None:
-        raise CheckpointError(f"no version in {cfg.checkpoints.dir}: nothing to verify")
-    base = store.lineage(version)[-1]
-    if base.parent is not None:
-        raise CheckpointError(f"{version}'s lineage stops at {base.version}: its base version was pruned, "
-                              "so there is no original model to compare with")
-    checkpoint = store.load(version)
-    forgotten, _ = load_retained(open_vault(cfg, writer=False), checkpoint.manifest, cfg.model.input_shape)
-    if len(forgotten) < 2:
-        raise CheckpointError(f"{version} retains {len(forgotten)} forgotten instances in the vault; the attacks "
-                              "need >= 2 (shredded instances cannot be attacked)")
-    device = resolve_device(cfg.device)
-    model = published_model(cfg.model, checkpoint.model.data, checkpoint.model.format, device)
-    original = store.load(base.version)
-    reference = published_model(cfg.model, original.model.data, original.model.format, device)
-    audit = load_dataset_ref(cfg.data.audit, cfg.model.input_shape)
-    report = attack_report(model, reference, forgotten.x, forgotten.y, audit.x, audit.y, seed=seed)
-    path = store.path(version) / ATTACKS_FILE
-    data = {"version": version, "reference": base.version, "reference_kind": "original (no retrained reference)",
-            "held_out": cfg.data.audit.describe(), "seed": seed, **report.to_json()}
-    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-    return AttackRun(version, base.version, report, path)
-
-
-def attack_table(run: AttackRun) -> str:
-    """The attack report as a markdown table: model vs reference, with what each number means."""
-    r = run.report
-    rows = [("forget accuracy (training labels)", r.forget_accuracy, "how many are still recognised"),
-            ("probe recovery (penultimate features)", r.probe_recovery, "labels a linear probe reads back"),
-            *((f"relearning, {s} Adam steps", pair, "accuracy after fine-tuning on held-out data")
-              for s, pair in r.relearn.items()),
-            ("MIA-efficacy (SalUn SVC)", r.mia_efficacy, "fraction judged non-member"),
-            ("loss-threshold AUC", r.loss_auc, "0.5 = like held-out"),
-            ("Streisand AUC", r.streisand_auc, "0.5 = indistinguishable from held-out")]
-    lines = [f"| attack | {run.version} | reference {run.reference} | reading |", "|---|---|---|---|"]
-    lines += [f"| {name} | {_fmt(p.model)} | {_fmt(p.reference)} | {reading} |" for name, p, reading in rows]
-    return "\n".join(lines)

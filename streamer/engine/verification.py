@@ -4,6 +4,14 @@ Pure: models and tensors in, an `AttackReport` out; no I/O. Every metric is comp
 model under test and, on the same inputs, on a reference model (the original, or one retrained
 without the forgotten instances), so each number is read against the reference's.
 
+    probe recovery      linear probes on penultimate and pre-head features (`probes`;
+                        Illusion of Unlearning, AISTATS 2026)
+    relearning          accuracy after a short fine-tune on held-out data (NeurIPS 2025)
+    MIA-efficacy        SalUn's SVC on true-class confidence (Fan et al., ICLR 2024)
+    loss-threshold AUC  Yeom et al., CSF 2018
+    Streisand AUC       forgotten vs held-out from output statistics (ReGUn, Twin Machine
+                        Unlearning, 2025-26)
+
 Shapes: forgotten x (F, C, H, W) in [0, 1], y (F,) the training labels; held-out x (H, C, H, W),
 y (H,); optional retained training data x (R, C, H, W), y (R,). Deterministic for a given seed
 (CPU; sklearn with `random_state=seed`, sampling with a seeded torch.Generator).
@@ -27,8 +35,14 @@ from .evaluate import accuracy
 from .evaluate import logits as predict_logits
 from .formats import clone_module
 from .models import grad_only
+from .probes import classifier_head, penultimate_features, prehead_features, probe_recoveries, probe_recovery
+
+__all__ = ["RELEARN_SAMPLES", "RELEARN_STEPS", "AttackReport", "Pair", "attack_report", "loss_threshold_auc",
+           "mia_efficacy", "output_statistics", "penultimate_features", "prehead_features", "probe_recovery",
+           "relearn_accuracy", "streisand_auc", "true_class_confidence"]
 
 RELEARN_STEPS = (5, 20, 50)
+RELEARN_SAMPLES = 256
 
 
 @dataclass(frozen=True)
@@ -44,13 +58,15 @@ class AttackReport:
     forgotten: int  # F
     held_out: int  # H
     forget_accuracy: Pair  # training-label accuracy on the forgotten instances, before any attack
-    probe_recovery: Pair  # None where the network has no hookable Linear layer (exported programs)
+    probe_recovery: Pair  # penultimate features; None where the network has no hookable Linear (exported)
+    probe_recovery_prehead: Pair  # pre-head features; = probe_recovery for a one-Linear head (see notes)
     relearn: dict[int, Pair]  # steps -> training-label accuracy on the forgotten instances after fine-tuning
     mia_efficacy: Pair
     loss_auc: Pair
     streisand_auc: Pair
     mia_members: str  # what the MIA's member class was
     notes: tuple[str, ...] = ()
+    relearn_samples: int = 0  # held-out instances the relearning copies are fine-tuned on
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -58,27 +74,45 @@ class AttackReport:
         data["notes"] = list(self.notes)
         return data
 
+    def summary(self) -> dict[str, dict[str, float | None]]:
+        """The main numbers, {name: {"model": v, "reference": v}}: forget accuracy, both probes,
+        relearning at the most steps run (`relearn_<steps>`), MIA-efficacy, loss and Streisand AUC."""
+        pairs = {"forget_accuracy": self.forget_accuracy, "probe_recovery": self.probe_recovery,
+                 "probe_recovery_prehead": self.probe_recovery_prehead}
+        if self.relearn:
+            most = max(self.relearn)
+            pairs[f"relearn_{most}"] = self.relearn[most]
+        pairs.update(mia_efficacy=self.mia_efficacy, loss_auc=self.loss_auc, streisand_auc=self.streisand_auc)
+        return {name: asdict(pair) for name, pair in pairs.items()}
+
 
 def attack_report(model: nn.Module, reference: nn.Module, forgotten_x: torch.Tensor, forgotten_y: torch.Tensor,
                   held_out_x: torch.Tensor, held_out_y: torch.Tensor, retained_x: torch.Tensor | None = None,
                   retained_y: torch.Tensor | None = None, seed: int = 0, relearn_steps: tuple[int, ...] = RELEARN_STEPS,
-                  relearn_samples: int = 256, relearn_lr: float = 1e-3) -> AttackReport:
-    """Every attack below on `model` and on `reference`. Needs at least 2 forgotten and 4 held-out
-    instances (cross-validation folds); raises ValueError otherwise. Models are not modified."""
+                  relearn_samples: int = RELEARN_SAMPLES, relearn_lr: float = 1e-3,
+                  shadow: nn.Module | None = None) -> AttackReport:
+    """Every attack below on `model` and on `reference` (shapes: see the module docstring).
+
+    Without retained training data the MIA's shadow model is `shadow`, a model trained on the
+    forgotten instances: by default the reference, which is right when the reference is the
+    original; pass the original as `shadow` when the reference was retrained without them. Needs at
+    least 2 forgotten and 4 held-out instances (cross-validation folds); raises ValueError
+    otherwise. Models are not modified."""
     if len(forgotten_y) < 2 or len(held_out_y) < 4:
         raise ValueError(f"attacks need >= 2 forgotten and >= 4 held-out instances, got {len(forgotten_y)} "
                          f"and {len(held_out_y)}")
     notes: list[str] = []
+    shadow = reference if shadow is None else shadow
     if retained_x is None:
-        notes.append("MIA: no retained training data given; the shadow is the reference model (members: the "
-                     "forgotten instances it was trained on, non-members: held-out), cross-fitted in 2 folds")
+        which = "the reference model" if shadow is reference else "the model given as shadow"
+        notes.append(f"MIA: no retained training data given; the shadow is {which} (members: the forgotten "
+                     "instances it was trained on, non-members: held-out), cross-fitted in 2 folds")
 
     def both(fn):
         return Pair(fn(model), fn(reference))
 
-    probe = both(lambda m: probe_recovery(m, forgotten_x, forgotten_y, held_out_x, held_out_y, seed))
-    if probe.model is None:
-        notes.append("probe: the network has no Linear layer a forward hook can see (TorchScript or exported)")
+    probes = both(lambda m: probe_recoveries(m, forgotten_x, forgotten_y, held_out_x, held_out_y, seed))
+    notes += _probe_notes(model, reference, held_out_x)
     relearn_m = relearn_accuracy(model, forgotten_x, forgotten_y, held_out_x, held_out_y, relearn_steps,
                                  relearn_samples, relearn_lr, seed)
     relearn_r = relearn_accuracy(reference, forgotten_x, forgotten_y, held_out_x, held_out_y, relearn_steps,
@@ -86,52 +120,35 @@ def attack_report(model: nn.Module, reference: nn.Module, forgotten_x: torch.Ten
     return AttackReport(
         forgotten=len(forgotten_y), held_out=len(held_out_y),
         forget_accuracy=both(lambda m: accuracy(m, forgotten_x, forgotten_y)),
-        probe_recovery=probe,
+        probe_recovery=Pair(probes.model["penultimate"], probes.reference["penultimate"]),
+        probe_recovery_prehead=Pair(probes.model["prehead"], probes.reference["prehead"]),
         relearn={s: Pair(relearn_m[s], relearn_r[s]) for s in relearn_steps},
-        mia_efficacy=_mia_pair(model, reference, forgotten_x, forgotten_y, held_out_x, held_out_y,
+        mia_efficacy=_mia_pair(model, reference, shadow, forgotten_x, forgotten_y, held_out_x, held_out_y,
                                retained_x, retained_y, seed),
         loss_auc=both(lambda m: loss_threshold_auc(m, forgotten_x, forgotten_y, held_out_x, held_out_y)),
         streisand_auc=both(lambda m: streisand_auc(m, forgotten_x, forgotten_y, held_out_x, held_out_y, seed)),
-        mia_members="retained training data" if retained_x is not None else "forgotten instances under the reference (shadow)",
-        notes=tuple(notes),
+        mia_members="retained training data" if retained_x is not None else
+        f"forgotten instances under the {'reference' if shadow is reference else 'shadow'} model",
+        notes=tuple(notes), relearn_samples=min(relearn_samples, len(held_out_y)),
     )
 
 
-# --- probe recovery -------------------------------------------------------------------------------
-
-def penultimate_features(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor | None:
-    """(N, D) inputs of the model's last `nn.Linear` (in module order), caught with a forward
-    hook; None when there is no eager Linear to hook."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and not isinstance(m, torch.jit.ScriptModule)]
-    if not linears:
-        return None
-    caught: list[torch.Tensor] = []
-    handle = linears[-1].register_forward_hook(lambda _m, inputs, _out: caught.append(inputs[0].flatten(1).float().cpu()))
-    try:
-        predict_logits(model, x, batch_size)
-    finally:
-        handle.remove()
-    return torch.cat(caught) if caught else None
-
-
-def probe_recovery(model: nn.Module, forgotten_x: torch.Tensor, forgotten_y: torch.Tensor, held_out_x: torch.Tensor,
-                   held_out_y: torch.Tensor, seed: int = 0) -> float | None:
-    """Accuracy on the forgotten instances' training labels of a logistic-regression probe fitted
-    on the held-out instances' penultimate features (Illusion of Unlearning, AISTATS 2026: linear
-    probes recover labels that classifier-only unlearning hides). None without a hookable Linear."""
-    train = penultimate_features(model, held_out_x)
-    test = penultimate_features(model, forgotten_x)
-    if train is None or test is None:
-        return None
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
-    probe.fit(train.numpy(), held_out_y.cpu().numpy())
-    return float((probe.predict(test.numpy()) == forgotten_y.cpu().numpy()).mean())
+def _probe_notes(model: nn.Module, reference: nn.Module, x: torch.Tensor) -> list[str]:
+    """Which features the probes read, once when model and reference agree."""
+    said = {}
+    for who, net in (("model", model), ("reference", reference)):
+        head = classifier_head(net, x)
+        said[who] = (head.describe() if head is not None else
+                     "the network has no Linear layer a forward hook can see (TorchScript or exported): no probe")
+    if said["model"] == said["reference"]:
+        return [f"probe: {said['model']}"]
+    return [f"probe ({who}): {text}" for who, text in said.items()]
 
 
 # --- relearning -----------------------------------------------------------------------------------
 
 def relearn_accuracy(model: nn.Module, forgotten_x: torch.Tensor, forgotten_y: torch.Tensor, held_out_x: torch.Tensor,
-                     held_out_y: torch.Tensor, steps: tuple[int, ...] = RELEARN_STEPS, samples: int = 256,
+                     held_out_y: torch.Tensor, steps: tuple[int, ...] = RELEARN_STEPS, samples: int = RELEARN_SAMPLES,
                      lr: float = 1e-3, seed: int = 0, batch_size: int = 64) -> dict[int, float]:
     """{steps: training-label accuracy on the forgotten instances} after fine-tuning a copy of
     `model` (every parameter, Adam at `lr`, eval mode: BatchNorm statistics and dropout frozen)
@@ -178,11 +195,11 @@ def mia_efficacy(member_conf: np.ndarray, non_member_conf: np.ndarray, target_co
     return float(1.0 - clf.predict(target_conf).mean())
 
 
-def _mia_pair(model, reference, forgotten_x, forgotten_y, held_out_x, held_out_y, retained_x, retained_y,
+def _mia_pair(model, reference, shadow, forgotten_x, forgotten_y, held_out_x, held_out_y, retained_x, retained_y,
               seed: int) -> Pair:
     """Shadow: retained (member) vs held-out (non-member), scored by the same model as the target.
-    Without retained data the reference is the shadow model: members = the forgotten instances
-    as the reference scores them (it was trained on them), non-members = held-out, fitted on one
+    Without retained data `shadow` is the shadow model: members = the forgotten instances as the
+    shadow scores them (it was trained on them), non-members = held-out, fitted on one
     half of the forgotten set and applied to the other half (2 folds), so no target is scored by
     a classifier fitted on it."""
     if retained_x is not None:
@@ -191,8 +208,8 @@ def _mia_pair(model, reference, forgotten_x, forgotten_y, held_out_x, held_out_y
                                 true_class_confidence(m, held_out_x, held_out_y),
                                 true_class_confidence(m, forgotten_x, forgotten_y))
         return Pair(one(model), one(reference))
-    member = true_class_confidence(reference, forgotten_x, forgotten_y)
-    non_member = true_class_confidence(reference, held_out_x, held_out_y)
+    member = true_class_confidence(shadow, forgotten_x, forgotten_y)
+    non_member = true_class_confidence(shadow, held_out_x, held_out_y)
     halves = np.array_split(np.random.default_rng(seed).permutation(len(forgotten_y)), 2)
     values = {}
     for m in (model, reference):

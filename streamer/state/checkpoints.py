@@ -35,7 +35,7 @@ import torch
 
 from ..engine.formats import read_state_dict
 from ..errors import ModelLoadError
-from .durable import fsync_dir as _fsync_dir, write_new as _write_synced
+from .durable import fsync_dir as _fsync_dir, pretty_json, write_atomic, write_new as _write_synced
 from .manifest import (BASE_VERSION, CURRENT_FILE, FORGOTTEN_FILE, MANIFEST_FILE, MANIFEST_SCHEMA,  # noqa: F401
                        MODEL_FILE, Checkpoint, CheckpointError, ForgottenSet, Manifest, ModelFile, Offsets, RetainedRef,
                        _TEMP_PREFIX, _VERSION, format_version, rfc3339, version_number)
@@ -103,6 +103,10 @@ class CheckpointStore:
         return self.root / version
 
     def manifest(self, version: str) -> Manifest:
+        return self._read_manifest(version)[1]
+
+    def _read_manifest(self, version: str) -> tuple[dict[str, Any], Manifest]:
+        """The manifest file's JSON object as written, and the manifest it holds."""
         path = self.path(version) / MANIFEST_FILE
         if not self.path(version).is_dir():
             existing = self.versions()
@@ -115,7 +119,7 @@ class CheckpointStore:
         manifest = Manifest.from_json(data)
         if manifest.version != version:
             raise CheckpointError(f"{path} says version {manifest.version}, expected {version}")
-        return manifest
+        return data, manifest
 
     def lineage(self, version: str) -> list[Manifest]:
         """`version` and its ancestors, newest first, up to the base or the first pruned one."""
@@ -163,6 +167,31 @@ class CheckpointStore:
 
     # --- writing -----------------------------------------------------------------------------
 
+    def record_attacks(self, version: str, entry: Mapping[str, Any]) -> Manifest:
+        """Add an attack-report summary (a JSON object with a "reference" key, see cli/attacks.py) to
+        `version`'s manifest, replacing an earlier one with the same "reference"; return the manifest.
+
+        The manifest file is replaced atomically (temp file, fsync, rename, fsync of the directory)
+        with its JSON object as written plus `attacks`, so every other field keeps its value and an
+        older manifest its layout. Not a new version: the model file and its sha256 are untouched.
+        The daemon never rewrites a published schema-2 manifest; of two recorders at once, the last
+        rename wins. Raises CheckpointError for a missing or malformed version, a schema-1 one (the
+        daemon migrates it at start), or a failed write."""
+        data, manifest = self._read_manifest(version)
+        if manifest.legacy_forgotten_sha256 is not None:
+            raise CheckpointError(f"{version} has a schema-1 manifest (plaintext forgotten.pt): start the daemon "
+                                  "once to migrate it into the vault before recording attacks")
+        earlier = [a for a in data.get("attacks", []) if a.get("reference") != entry.get("reference")]
+        data["attacks"] = [*earlier, dict(entry)]
+        updated = Manifest.from_json(data)
+        path = self.path(version) / MANIFEST_FILE
+        try:
+            write_atomic(path, pretty_json(data))
+            _fsync_dir(path.parent)
+        except OSError as err:
+            raise CheckpointError(f"cannot rewrite {path}: {err}") from err
+        return updated
+
     def publish(self, parent: str | None, model: ModelFile | Mapping[str, torch.Tensor],
                 retained: Sequence[RetainedRef] = (), requests: Sequence[Mapping[str, Any]] = (),
                 offsets: Offsets | None = None, metrics: Mapping[str, Any] | None = None,
@@ -191,7 +220,7 @@ class CheckpointStore:
             abandoned=tuple(dict(a) for a in abandoned), retained_misses=dict(retained_misses or {}),
             model_format=model.format, model_file=model.name,
         )
-        manifest_bytes = (json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n").encode("utf-8")
+        manifest_bytes = pretty_json(manifest.to_json())
         temp = self.root / f"{_TEMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}"
         self.root.mkdir(parents=True, exist_ok=True)
         temp.mkdir()

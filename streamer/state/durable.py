@@ -1,5 +1,6 @@
 """Crash-safe file primitives shared by the checkpoint store, the forget vault and its key files.
 
+    pretty_json(data)         the bytes of a human-read JSON file (manifests, attacks.json)
     write_new(path, data)     create (never replace), write, fsync
     write_atomic(path, data)  temp file + fsync + os.replace (the caller fsyncs the directory)
     fsync_dir(path)           make renames and unlinks in a directory durable
@@ -9,13 +10,21 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 TEMP_PREFIX = ".tmp-"
 
-__all__ = ["TEMP_PREFIX", "erase_file", "fsync_dir", "write_atomic", "write_new"]
+__all__ = ["TEMP_PREFIX", "erase_file", "fsync_dir", "pretty_json", "write_atomic", "write_new"]
+
+
+def pretty_json(data: Any) -> bytes:
+    """UTF-8 JSON with sorted keys, 2-space indent and a final newline. Raises TypeError for
+    values JSON cannot hold."""
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 def write_new(path: Path, data: bytes) -> None:

@@ -4,7 +4,10 @@
                     the consumed offsets {topic: {partition: next_offset}}, metrics, the model
                     file's name, format and sha256, the retained forgotten set as references into
                     the forget vault (request id, keyed content digest, where and when applied,
-                    goal met), and the rolled-back requests still to replay from the vault
+                    goal met), and the rolled-back requests still to replay from the vault;
+                    once `streamer verify --attacks` has run on it, a summary of each attack
+                    report, one per reference model (`attacks`, absent before: see
+                    `CheckpointStore.record_attacks`)
 
 A version holds no instance data (schema 2). Schema 1 versions kept the retained set in plaintext
 in forgotten.pt; the daemon migrates them into the vault at start (`state/migrate.py`).
@@ -159,6 +162,9 @@ class Manifest:
     abandoned: tuple[Mapping[str, Any], ...] = ()
     retained_misses: Mapping[str, int] = field(default_factory=dict)  # request_id -> fragments missed in a row
     legacy_forgotten_sha256: str | None = None  # schema 1 only: the sha256 of its plaintext forgotten.pt
+    # Attack-report summaries, one per reference model (cli/attacks.py writes them after publishing;
+    # absent from manifests that never had one, and from every manifest written before them)
+    attacks: tuple[Mapping[str, Any], ...] = ()
     schema: int = MANIFEST_SCHEMA
     model_format: str = "state_dict"  # absent in manifests written before formats: a state_dict
     model_file: str = MODEL_FILE
@@ -180,6 +186,8 @@ class Manifest:
         }
         if self.legacy_forgotten_sha256 is not None:
             data["forgotten_sha256"] = self.legacy_forgotten_sha256
+        if self.attacks:
+            data["attacks"] = [dict(a) for a in self.attacks]
         return data
 
     @staticmethod
@@ -198,10 +206,16 @@ class Manifest:
                 schema=data.get("schema", 1), abandoned=tuple(data.get("abandoned", ())),
                 retained_misses={str(k): int(v) for k, v in data.get("retained_misses", {}).items()},
                 model_format=data.get("model_format", "state_dict"), model_file=data.get("model_file", MODEL_FILE),
-                format_recorded="model_format" in data,
+                format_recorded="model_format" in data, attacks=_attack_entries(data.get("attacks", [])),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise CheckpointError(f"malformed manifest: {err!r}") from err
+
+
+def _attack_entries(entries: Any) -> tuple[Mapping[str, Any], ...]:
+    if not isinstance(entries, list) or not all(isinstance(e, Mapping) and "reference" in e for e in entries):
+        raise ValueError("attacks must be a list of objects, each with a reference")
+    return tuple(entries)
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from .checkpoints import CheckpointStore
-from .durable import erase_file, fsync_dir, write_atomic
+from .durable import erase_file, fsync_dir, pretty_json, write_atomic
 from .manifest import FORGOTTEN_FILE, MANIFEST_FILE, MANIFEST_SCHEMA, CheckpointError, ForgottenSet, Manifest, RetainedRef
 from .vault import ForgetVault, VaultItem
 
@@ -56,7 +55,7 @@ def migrate_legacy(store: CheckpointStore, vault: ForgetVault) -> list[str]:
         if not manifest.format_recorded:  # written before model formats: rollback must still see that
             fields.pop("model_format", None)
             fields.pop("model_file", None)
-        data = (json.dumps(fields, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        data = pretty_json(fields)
         try:
             write_atomic(directory / MANIFEST_FILE, data)
             fsync_dir(directory)
