@@ -66,9 +66,9 @@ def load(dataset: str, path: Path):
     return model.eval()
 
 
-def run_unlearning(model, dataset, method, goal, setting, x, y, relabel, seed):
+def run_unlearning(model, dataset, method, goal, setting, x, y, relabel, seed, overrides):
     """Unlearn in place; (seconds per fragment, steps, every fragment reached its goal, stops, targets)."""
-    cfg = method_config("default", seed=seed, trainable=trainable(method, dataset), max_seconds=1e9)
+    cfg = method_config("default", seed=seed, trainable=trainable(method, dataset), max_seconds=1e9, **overrides)
     target = {"misclassify": torch.full_like(y, -1), "relabel": relabel, "unseen": torch.full_like(y, UNSEEN)}[goal]
     n, size = (K, K) if setting == "single" else (TOTAL, K_CL)
     unlearner = Unlearner(model, cfg, 10)
@@ -116,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--weights-dir", type=Path, default=Path("bench-out/weights"))
     parser.add_argument("--out", type=Path, default=Path("bench-out/attacks"))
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="unlearning settings over the default's (numbers or words), e.g. margin=4")
     args = parser.parse_args(argv)
+    args.set = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
     if args.quick:
         args.datasets, args.seeds = ["mnist5k"], [0]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -170,8 +173,9 @@ def run_dataset(dataset: str, args) -> list[dict]:
                     print(f"  {dataset} seed {seed} {setting} {goal} {method}", flush=True)
                     model = load(dataset, original_path)
                     seconds, steps, reached, stops, targets = run_unlearning(
-                        model, dataset, method, goal, setting, x[:n], y[:n], relabel[:n], seed)
+                        model, dataset, method, goal, setting, x[:n], y[:n], relabel[:n], seed, args.set)
                     common = dict(dataset=dataset, goal=goal, method=method, setting=setting, k=n, seed=seed,
+                                  overrides=args.set,
                                   seconds=round(sum(seconds), 1), seconds_per_fragment=round(sum(seconds) / len(seconds), 1),
                                   steps=steps, goal_reached_every_fragment=reached, stopped_by=stops)
                     for rec in measure(model, ref, splits, x[:n], y[:n], true_y[:n], kinds, targets, retained,
@@ -181,7 +185,7 @@ def run_dataset(dataset: str, args) -> list[dict]:
     return records
 
 
-_COLUMNS = ("forget", "true", "test drop", "probe", "relearn50", "MIA-eff", "loss AUC", "Streisand", "s/frag")
+_COLUMNS = ("forget", "true", "test drop", "probe", "probe pre-head", "relearn50", "MIA-eff", "loss AUC", "Streisand", "s/frag")
 
 
 def _cells(rec: dict) -> list[str]:
@@ -190,10 +194,10 @@ def _cells(rec: dict) -> list[str]:
     cells = [f"{rec['forget_acc']:.2f} ({rec['forget_acc_ref']:.2f})", f"{rec['true_acc']:.2f} ({rec['true_acc_ref']:.2f})",
              f"{100 * rec['test_drop']:+.1f}"]
     if a:
-        cells += [pair(a["probe_recovery"]), pair(a["relearn"]["50"]), pair(a["mia_efficacy"]), pair(a["loss_auc"]),
+        cells += [pair(a["probe_recovery"]), pair(a["probe_recovery_prehead"]), pair(a["relearn"]["50"]), pair(a["mia_efficacy"]), pair(a["loss_auc"]),
                   pair(a["streisand_auc"])]
     else:
-        cells += ["-"] * 5
+        cells += ["-"] * 6
     return cells + [str(rec["seconds_per_fragment"])]
 
 
@@ -220,7 +224,7 @@ def plot(records: list[dict], dataset: str, path: Path) -> None:
 
     metrics = [("forget acc", lambda r: (r["forget_acc"], r["forget_acc_ref"])),
                ("true-class acc", lambda r: (r["true_acc"], r["true_acc_ref"])),
-               ("probe", lambda r: _pair(r, "probe_recovery")), ("relearn 50", lambda r: _pair(r, "relearn", "50")),
+               ("probe", lambda r: _pair(r, "probe_recovery")), ("probe pre-head", lambda r: _pair(r, "probe_recovery_prehead")), ("relearn 50", lambda r: _pair(r, "relearn", "50")),
                ("MIA-efficacy", lambda r: _pair(r, "mia_efficacy")), ("Streisand AUC", lambda r: _pair(r, "streisand_auc"))]
     rows = [r for r in records if r["dataset"] == dataset and r["kind"] != "all"]
     configs = sorted({(r["setting"], r["goal"], r["method"]) for r in rows})
@@ -244,6 +248,15 @@ def plot(records: list[dict], dataset: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text, text)
 
 
 def _pair(rec: dict, *keys: str) -> tuple:

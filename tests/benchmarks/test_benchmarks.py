@@ -23,3 +23,29 @@ def test_render_merges_files_later_records_win(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| default | 64 | 0.000±0.000 | 0.900±0.000 | 0.800±0.141 |" in out  # mean of 0.9 and 0.7
     assert "| neggrad | 64 | 0.000 | 0.900 | 0.100 |" in out
+
+
+def test_forgetting_attacks_forget_order_and_plot(tmp_path):
+    """Every canary is in the single-shot 64 (so the retrained reference never saw any), the
+    128 are distinct and drawn by the seed; the PNG renders from records."""
+    import torch
+
+    import forgetting_attacks as fa
+    from streamer.engine.canaries import CanarySpec, plant_canaries
+    from streamer.engine.data import Dataset, Splits
+
+    data = Dataset(torch.rand(600, 1, 4, 4), torch.arange(600) % 10)
+    canaries = plant_canaries(data, CanarySpec(interclass=20, source=6, sink=0, random_label=8))
+    splits = Splits(data, data.subset(torch.arange(10)), data.subset(torch.arange(10)))
+    order = fa.forget_order(splits, canaries, seed=0)
+    assert len(order) == 128 and len(set(order.tolist())) == 128
+    assert set(canaries.index.tolist()) <= set(order[:64].tolist())
+    assert not torch.equal(order, fa.forget_order(splits, canaries, seed=1))
+    pair = {"model": 0.5, "reference": 0.1}
+    attacks = {"probe_recovery": pair, "probe_recovery_prehead": pair, "relearn": {"50": pair},
+               "mia_efficacy": pair, "loss_auc": pair, "streisand_auc": pair}
+    recs = [dict(dataset="mnist5k", setting="single", goal=g, method="head", kind=kind, forget_acc=0.1,
+                 forget_acc_ref=0.0, true_acc=0.9, true_acc_ref=1.0, test_drop=0.01, seconds_per_fragment=3.0,
+                 seed=0, attacks=attacks) for g in fa.GOALS for kind in ("canary", "typical")]
+    fa.plot(recs, "mnist5k", tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 10_000
