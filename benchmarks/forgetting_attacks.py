@@ -10,8 +10,8 @@ Per dataset: the reference model is trained WITH the benchmark's canaries plante
 the seed (single-shot k=64: the canaries and 64 - C typical; continual 16x8: those 64 in the
 first 8 fragments, then 64 more typical), and a retrained reference is trained identically
 without all 128 (cached in --weights-dir). Every goal (misclassify, relabel to a random other
-class, unseen) x method (which parameters move: head, the last block + head, all; distillation
-always on) x setting is unlearned from the same original, then measured per instance kind
+class, unseen) x method (which parameters move: head, the last block + head, all, or the
+features with the head frozen; distillation always on) x setting is unlearned from the same original, then measured per instance kind
 (canary, typical, all): forget accuracy on the training labels, the canaries' true-class rate,
 retain (2,000 of D_r) and test accuracy, and every attack of `streamer.engine.verification`
 next to the retrained reference (held-out = 2,000 audit images; retained = 1,000 of D_r).
@@ -38,14 +38,15 @@ from streamer.engine.unseen import UNSEEN
 from streamer.engine.verification import attack_report
 
 GOALS = ("misclassify", "relabel", "unseen")
-METHODS = ("head", "block", "all")
+METHODS = ("head", "block", "all", "features")
 SETTINGS = ("single", "continual")  # single-shot k=64; continual 16 fragments of 8
-BLOCK = {"fashion": ("layer3.*", "fc.*"), "mnist5k": ("3.*", "7.*", "9.*")}  # last conv block + head
-K, K_CL, TOTAL = 64, 8, 128
+FEATURES = {"fashion": ("stem.*", "layer*"), "mnist5k": ("0.*", "3.*")}  # every layer but the head
 
 
 def trainable(method: str, dataset: str):
-    return BLOCK[dataset] if method == "block" else method
+    """The `trainable` setting of a benchmark method: the engine's presets (block: the last
+    block and the head, see `trainable.last_block_parameter_names`), or the features alone."""
+    return FEATURES[dataset] if method == "features" else method
 
 
 def forget_order(splits, canaries: Canaries, seed: int) -> torch.Tensor:

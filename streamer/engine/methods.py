@@ -25,7 +25,8 @@ class UnlearnConfig:
     max_steps: int = 1000
     max_seconds: float = 600.0
     train_mode: bool = False  # False keeps BatchNorm statistics and dropout frozen (eval mode)
-    update: str = "head"  # preset of `trainable`: head (the Linear layers; all when there are none) | all
+    update: str = "auto"  # preset of `trainable`: auto (head, or block when the head holds < 10% of the
+    # parameters) | head (the Linear layers; all when there are none) | block (the head and the last block) | all
     trainable: tuple[str, ...] = ()  # parameter-name globs of the user's net, e.g. ("layer4.*", "fc.*"); () = update
     # adversarial regulariser (Eq. 6)
     n_adv: int = 10
@@ -95,12 +96,12 @@ def method_config(method: str = "default", **overrides) -> UnlearnConfig:
 
 
 def _trainable_override(overrides: dict) -> dict:
-    """`trainable: head|all` is the `update` preset of that name; a list of globs becomes a tuple."""
+    """`trainable: auto|head|block|all` is the `update` preset of that name; a list of globs becomes a tuple."""
     trainable = overrides.get("trainable")
     if isinstance(trainable, list):
         trainable = tuple(trainable)
     explicit_update = overrides.get("update")
-    if trainable in ("head", "all"):
+    if trainable in ("auto", "head", "block", "all"):
         if explicit_update not in (None, trainable):
             raise ConfigError(f"unlearning: trainable {trainable!r} and update {explicit_update!r} disagree: give one")
         return {**overrides, "update": trainable, "trainable": ()}
@@ -112,9 +113,9 @@ def _trainable_override(overrides: dict) -> dict:
 def _validate(cfg: UnlearnConfig) -> None:
     checks = [
         (cfg.forget_loss in ("margin", "neg_ce"), "forget_loss must be 'margin' or 'neg_ce'"),
-        (cfg.update in ("head", "all"), "update must be 'head' or 'all'"),
+        (cfg.update in ("auto", "head", "block", "all"), "update must be 'auto', 'head', 'block' or 'all'"),
         (isinstance(cfg.trainable, tuple) and all(isinstance(g, str) and g for g in cfg.trainable),
-         "trainable must be 'head', 'all' or a list of parameter-name globs such as ['fc.*']"),
+         "trainable must be 'auto', 'head', 'block', 'all' or a list of parameter-name globs such as ['fc.*']"),
         (cfg.weighting in ("fragment", "proportional"), "weighting must be 'fragment' or 'proportional'"),
         (cfg.optimizer in ("adam", "sgd"), "optimizer must be 'adam' or 'sgd'"),
         (cfg.lr > 0, "lr must be > 0"),

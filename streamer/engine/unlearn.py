@@ -158,7 +158,7 @@ class Unlearner:
                 **describe_trainable(self.net, self.trainable)}
 
     def _trainable(self) -> list[nn.Parameter]:
-        """The parameters unlearning moves, chosen at construction. `head`: those of the Linear
+        """The parameters unlearning moves, chosen at construction (see `trainable`). `head`: those of the Linear
         layers -- the classifier head of a CNN -- so the feature extractor, which every other
         input shares, stays as it is (measured on MNIST-5k: +3 to +11 points of test accuracy at
         the same forgetting)."""

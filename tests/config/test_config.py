@@ -119,7 +119,7 @@ class TestErrors:
         ("model.format", "onnx", r"model\.format: must be one of auto, state_dict, torchscript, export"),
         ("model.kwargs", ["x"], r"model\.kwargs: must be a mapping"),
         ("model.kwargs", {"input_size": 8}, r"model\.kwargs: only factory: and torchvision: sources"),
-        ("unlearning.trainable", "heads", r"trainable must be 'head', 'all' or a list"),
+        ("unlearning.trainable", "heads", r"trainable must be 'auto', 'head', 'block', 'all' or a list"),
     ])
     def test_bad_values_are_named(self, raw: dict[str, Any], dotted: str, value: Any, message: str) -> None:
         """A value of the wrong type or range raises ConfigError naming the key and the problem."""

@@ -65,12 +65,14 @@ def _known(model: Normalized, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
 
 class TestResnet18:
     def test_default_method_forgets_and_the_file_loads_into_torchvision(self, weights: Path) -> None:
-        """Two images forgotten with head-only updates: only fc moves, BatchNorm statistics stay, and
+        """Two images forgotten with head-only updates (`update: head`; the default `auto` picks
+        layer4 + fc for resnet18's one-Linear head): only fc moves, BatchNorm statistics stay, and
         the published state_dict loads strictly into torchvision.models.resnet18 with the same logits."""
         model = _model(weights)
         x, y = _known(model)
         before = {k: v.clone() for k, v in model.net.state_dict().items()}
-        unlearner = Unlearner(model, method_config("default", **ENGINE), 10)
+        assert Unlearner(model, method_config("default", **ENGINE), 10).trainable[0].startswith("layer4.")
+        unlearner = Unlearner(model, method_config("default", update="head", **ENGINE), 10)
         assert unlearner.trainable == ["fc.weight", "fc.bias"]
         outcome = unlearner.unlearn(Fragment(x, y, torch.full_like(y, -1)))
         assert outcome.goal_reached, outcome

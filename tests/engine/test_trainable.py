@@ -69,7 +69,7 @@ class TestSelectTrainable:
     def test_bad_spec_is_a_config_error(self):
         """A string other than head/all, or an empty list, is a ConfigError."""
         for spec in ("heads", []):
-            with pytest.raises(ConfigError, match="expected 'head', 'all' or a list"):
+            with pytest.raises(ConfigError, match="expected 'auto', 'head', 'block', 'all' or a list"):
                 select_trainable(small_cnn(), spec)
 
 
@@ -86,3 +86,25 @@ class TestDescribeTrainable:
         """A name that is not a parameter of the net raises ValueError naming it."""
         with pytest.raises(ValueError, match="'fc.scale'"):
             describe_trainable(resnet18(), ["fc.scale"])
+
+
+def test_block_preset_is_the_last_block_and_the_head():
+    from streamer.engine.models import fashion_resnet, mnist_cnn
+    from streamer.engine.trainable import last_block_parameter_names
+
+    assert select_trainable(fashion_resnet(), "block") == [
+        name for name, _ in fashion_resnet().named_parameters() if name.startswith(("layer3.", "fc."))]
+    assert select_trainable(mnist_cnn(), "block") == ["3.weight", "3.bias", "7.weight", "7.bias", "9.weight", "9.bias"]
+    chosen = select_trainable(resnet18(), "block")
+    assert {n.split(".")[0] for n in chosen} == {"layer4", "fc"}
+    only_linear = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    assert last_block_parameter_names(only_linear) == []
+    assert select_trainable(only_linear, "block") == select_trainable(only_linear, "head")
+
+
+def test_auto_is_the_head_when_it_is_large_else_the_block():
+    from streamer.engine.models import fashion_resnet, mnist_cnn
+
+    assert select_trainable(mnist_cnn(), "auto") == select_trainable(mnist_cnn(), "head")  # 95% in Linear layers
+    assert select_trainable(fashion_resnet(), "auto") == select_trainable(fashion_resnet(), "block")  # fc: 0.4%
+    assert select_trainable(small_cnn(), "auto") == select_trainable(small_cnn(), "head")

@@ -143,7 +143,7 @@ class TestUpdatedParameters:
     def test_paper_presets_update_everything(self):
         """The paper's methods train every weight, as the paper does."""
         assert {method_config(m).update for m in ("neggrad", "correct", "adv", "adv+imp")} == {"all"}
-        assert method_config("default").update == "head"
+        assert method_config("default").update == "auto"
 
 
 class TestScriptedAndExportedModels:
@@ -203,7 +203,7 @@ class TestTrainableOption:
         assert method_config("default", trainable="all").trainable_spec == "all"
         assert method_config("adv", trainable="head").trainable_spec == "head"
         assert method_config("default", trainable=["layer4.*", "fc.*"]).trainable_spec == ("layer4.*", "fc.*")
-        assert method_config("default").trainable_spec == "head"
+        assert method_config("default").trainable_spec == "auto"
 
     @pytest.mark.parametrize("bad", [dict(trainable=["fc.*"], update="all"), dict(trainable="all", update="head"),
                                      dict(trainable=["fc.*", ""]), dict(trainable=[3])])
