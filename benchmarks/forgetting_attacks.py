@@ -40,6 +40,7 @@ from streamer.engine.verification import attack_report
 GOALS = ("misclassify", "relabel", "unseen")
 METHODS = ("head", "block", "all", "features")
 SETTINGS = ("single", "continual")  # single-shot k=64; continual 16 fragments of 8
+K, K_CL, TOTAL = 64, 8, 128
 FEATURES = {"fashion": ("stem.*", "layer*"), "mnist5k": ("0.*", "3.*")}  # every layer but the head
 
 
