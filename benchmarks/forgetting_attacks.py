@@ -118,13 +118,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--weights-dir", type=Path, default=Path("bench-out/weights"))
     parser.add_argument("--out", type=Path, default=Path("bench-out/attacks"))
+    parser.add_argument("--render", nargs="+", type=Path, metavar="JSON",
+                        help="print the table and the targets from result files of earlier runs (no run)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="unlearning settings over the default's (numbers or words), e.g. margin=4")
     args = parser.parse_args(argv)
     args.set = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        records = [r for path in args.render for r in json.loads(path.read_text())]
+        for dataset in sorted({r["dataset"] for r in records}):
+            plot(records, dataset, args.out / f"attacks-{dataset}.png")
+        print_table(records)
+        print_targets(records)
+        return 0
     if args.quick:
         args.datasets, args.seeds = ["mnist5k"], [0]
-    args.out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     for dataset in args.datasets:
         records += run_dataset(dataset, args)
@@ -132,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / f"{name}.json").write_text(json.dumps(records, indent=1) + "\n")
         plot(records, dataset, args.out / f"{name}.png")
     print_table(records)
+    print_targets(records)
     return 0
 
 
@@ -214,6 +224,49 @@ def print_table(records: list[dict]) -> None:
     for r in records:
         print(f"| {r['dataset']} | {r['setting']} | {r['goal']} | {r['method']} | {r['seed']} | {r['kind']} | "
               + " | ".join(_cells(r)) + " |")
+
+
+def print_targets(records: list[dict]) -> None:
+    """Issue 11's targets, each as the mean over seeds (and the worst seed where it is a bound)."""
+    print("\n| dataset | target | measured (mean over seeds; worst) | met |\n|---|---|---|---|")
+    for dataset in sorted({r["dataset"] for r in records}):
+        rows = [r for r in records if r["dataset"] == dataset]
+
+        def pick(goal=None, setting=None, kind="all"):
+            return [r for r in rows if (goal is None or r["goal"] == goal) and (setting is None or r["setting"] == setting)
+                    and r["kind"] == kind]
+
+        def line(name, values, ok):
+            if values:
+                mean = sum(values) / len(values)
+                print(f"| {dataset} | {name} | {mean:.3f}; {max(values):.3f} (n={len(values)}) | {'yes' if ok else 'NO'} |")
+
+        for goal in ("misclassify", "relabel"):
+            for setting, bound in (("single", 0.02), ("continual", 0.04)):
+                got = pick(goal, setting)
+                if got:
+                    reached = all(r["goal_reached_every_fragment"] for r in got)
+                    print(f"| {dataset} | {goal} {setting}: goal reached on every fragment | "
+                          f"{sum(r['goal_reached_every_fragment'] for r in got)} of {len(got)} runs | {'yes' if reached else 'NO'} |")
+                    drops = [r["test_drop"] for r in got]
+                    line(f"{goal} {setting}: test drop <= {bound:.2f}", drops, max(drops) <= bound)
+        canary = pick(kind="canary")
+        for name, key, slack in (("relearn 50", ("relearn", "50"), 0.10), ("probe", ("probe_recovery",), 0.05),
+                                 ("probe pre-head", ("probe_recovery_prehead",), 0.05)):
+            for goal in GOALS:
+                gaps = [_pair(r, *key)[0] - _pair(r, *key)[1] for r in canary if r["goal"] == goal and "attacks" in r]
+                line(f"canaries, {goal}: {name} - reference <= {slack:.2f}", gaps, bool(gaps) and max(gaps) <= slack)
+        for kind in ("canary", "typical"):
+            got = pick("unseen", kind=kind)
+            gaps = [abs(_pair(r, "mia_efficacy")[0] - _pair(r, "mia_efficacy")[1]) for r in got if "attacks" in r]
+            line(f"unseen, {kind}: |MIA-efficacy - reference| <= 0.05", gaps, bool(gaps) and max(gaps) <= 0.05)
+            auc = [_pair(r, "streisand_auc")[0] for r in got if "attacks" in r]
+            line(f"unseen, {kind}: Streisand AUC <= 0.6 (reference: "
+                 f"{sum(_pair(r, 'streisand_auc')[1] for r in got) / max(1, len(got)):.2f})", auc, bool(auc) and max(auc) <= 0.6)
+        drops = [r["test_drop"] for r in pick("unseen")]
+        line("unseen: test drop <= 0.01", drops, bool(drops) and max(drops) <= 0.01)
+        gaps = [r["true_acc_ref"] - r["true_acc"] for r in pick("unseen", kind="canary")]
+        line("unseen: canaries' true-class rate >= the reference's (reference - model)", gaps, bool(gaps) and max(gaps) <= 0)
 
 
 def plot(records: list[dict], dataset: str, path: Path) -> None:
