@@ -10,8 +10,9 @@ Per dataset: the reference model is trained WITH the benchmark's canaries plante
 the seed (single-shot k=64: the canaries and 64 - C typical; continual 16x8: those 64 in the
 first 8 fragments, then 64 more typical), and a retrained reference is trained identically
 without all 128 (cached in --weights-dir). Every goal (misclassify, relabel to a random other
-class, unseen) x method (which parameters move: head, the last block + head, all, or the
-features with the head frozen; distillation always on) x setting is unlearned from the same original, then measured per instance kind
+class, unseen) x method (which parameters move: auto, the daemon's default; head; the last
+block + head; all; or the features with the head frozen; distillation always on) x setting is
+unlearned from the same original, then measured per instance kind
 (canary, typical, all): forget accuracy on the training labels, the canaries' true-class rate,
 retain (2,000 of D_r) and test accuracy, and every attack of `streamer.engine.verification`
 next to the retrained reference (held-out = 2,000 audit images; retained = 1,000 of D_r).
@@ -38,7 +39,7 @@ from streamer.engine.unseen import UNSEEN
 from streamer.engine.verification import attack_report
 
 GOALS = ("misclassify", "relabel", "unseen")
-METHODS = ("head", "block", "all", "features")
+METHODS = ("auto", "head", "block", "all", "features")  # auto: the daemon's default (fashion: block; mnist5k: head)
 SETTINGS = ("single", "continual")  # single-shot k=64; continual 16 fragments of 8
 K, K_CL, TOTAL = 64, 8, 128
 FEATURES = {"fashion": ("stem.*", "layer*"), "mnist5k": ("0.*", "3.*")}  # every layer but the head
@@ -110,11 +111,11 @@ def measure(model, ref, splits, x, y, true_y, kind_mask, targets, retained, held
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="MNIST-5k, seed 0, head only")
+    parser.add_argument("--quick", action="store_true", help="MNIST-5k, seed 0")
     parser.add_argument("--datasets", nargs="+", default=["fashion"], choices=sorted(BENCHMARK_CANARIES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--goals", nargs="+", default=list(GOALS), choices=GOALS)
-    parser.add_argument("--methods", nargs="+", default=["head"], choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=["auto"], choices=METHODS)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--weights-dir", type=Path, default=Path("bench-out/weights"))
     parser.add_argument("--out", type=Path, default=Path("bench-out/attacks"))
@@ -197,7 +198,8 @@ def run_dataset(dataset: str, args) -> list[dict]:
     return records
 
 
-_COLUMNS = ("forget", "true", "test drop", "probe", "probe pre-head", "relearn50", "MIA-eff", "loss AUC", "Streisand", "s/frag")
+_COLUMNS = ("forget", "true", "test drop", "probe", "probe pre-head", "relearn50", "MIA-eff", "loss AUC", "Streisand",
+            "s/frag")
 
 
 def _cells(rec: dict) -> list[str]:
@@ -206,8 +208,8 @@ def _cells(rec: dict) -> list[str]:
     cells = [f"{rec['forget_acc']:.2f} ({rec['forget_acc_ref']:.2f})", f"{rec['true_acc']:.2f} ({rec['true_acc_ref']:.2f})",
              f"{100 * rec['test_drop']:+.1f}"]
     if a:
-        cells += [pair(a["probe_recovery"]), pair(a["probe_recovery_prehead"]), pair(a["relearn"]["50"]), pair(a["mia_efficacy"]), pair(a["loss_auc"]),
-                  pair(a["streisand_auc"])]
+        cells += [pair(a[k]) for k in ("probe_recovery", "probe_recovery_prehead")]
+        cells += [pair(a["relearn"]["50"])] + [pair(a[k]) for k in ("mia_efficacy", "loss_auc", "streisand_auc")]
     else:
         cells += ["-"] * 6
     return cells + [str(rec["seconds_per_fragment"])]
@@ -279,7 +281,9 @@ def plot(records: list[dict], dataset: str, path: Path) -> None:
 
     metrics = [("forget acc", lambda r: (r["forget_acc"], r["forget_acc_ref"])),
                ("true-class acc", lambda r: (r["true_acc"], r["true_acc_ref"])),
-               ("probe", lambda r: _pair(r, "probe_recovery")), ("probe pre-head", lambda r: _pair(r, "probe_recovery_prehead")), ("relearn 50", lambda r: _pair(r, "relearn", "50")),
+               ("probe", lambda r: _pair(r, "probe_recovery")),
+               ("probe pre-head", lambda r: _pair(r, "probe_recovery_prehead")),
+               ("relearn 50", lambda r: _pair(r, "relearn", "50")),
                ("MIA-efficacy", lambda r: _pair(r, "mia_efficacy")), ("Streisand AUC", lambda r: _pair(r, "streisand_auc"))]
     rows = [r for r in records if r["dataset"] == dataset and r["kind"] != "all"]
     configs = sorted({(r["setting"], r["goal"], r["method"]) for r in rows})

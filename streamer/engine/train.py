@@ -4,6 +4,7 @@ Optionally with canaries planted (`canaries`) and without a forget set (a retrai
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -71,7 +72,9 @@ def train_reference(dataset: str, out: str | Path, seed: int = 0, device: str = 
     left out (a retrained reference). `cached`: when `out` and a report of the same recipe exist,
     return that report without training. Returns the report."""
     out = Path(out)
-    recipe = {"dataset": dataset, "seed": seed, "epochs": _EPOCHS[dataset],
+    batch_size, lr, cosine = _RECIPE[dataset]
+    recipe = {"dataset": dataset, "seed": seed, "epochs": _EPOCHS[dataset], "batch_size": batch_size, "lr": lr,
+              "cosine": cosine, "model": REFERENCE[dataset].__name__,
               "canaries": canaries.to_json() if canaries else None,
               "exclude": sorted(exclude.tolist()) if exclude is not None else []}
     sidecar = out.with_suffix(".json")
@@ -84,7 +87,6 @@ def train_reference(dataset: str, out: str | Path, seed: int = 0, device: str = 
     planted = plant_canaries(splits.train, canaries) if canaries else None
     torch.manual_seed(seed)
     model = reference_model(dataset).to(device)
-    batch_size, lr, cosine = _RECIPE[dataset]
     start = time.perf_counter()
     fit(model, training_set(splits.train, planted, exclude), _EPOCHS[dataset], seed=seed, lr=lr,
         batch_size=batch_size, cosine=cosine)
@@ -101,7 +103,10 @@ def train_reference(dataset: str, out: str | Path, seed: int = 0, device: str = 
         report["canary_true_acc"] = accuracy(model, x, planted.true_y)
         report["canaries"] = planted.to_json()
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.cpu().state_dict(), out)
+    sidecar.unlink(missing_ok=True)  # a crash below leaves no report: the next run trains again
+    partial = out.with_name(out.name + ".partial")
+    torch.save(model.cpu().state_dict(), partial)
+    os.replace(partial, out)
     sidecar.write_text(json.dumps(report) + "\n")
     log.info("reference_model_saved", path=str(out), **{k: v for k, v in report.items() if k not in ("canaries", "recipe")})
     return report

@@ -46,15 +46,35 @@ def head_parameter_names(net: nn.Module) -> list[str]:
 
 
 def last_block_parameter_names(net: nn.Module) -> list[str]:
-    """Parameters of the last top-level child of `net` that holds parameters outside the head
-    (`head_parameter_names`): `layer4` of a torchvision ResNet, `layer3` of the Fashion ResNet,
-    the last convolution of a Sequential CNN. [] when every parameter is in the head."""
+    """Parameters of the last block before the head: the last child holding parameters outside
+    the head (`head_parameter_names`), descending into it while it is a container (Sequential,
+    ModuleList, ModuleDict, eager or scripted) that holds more than half of the non-head
+    parameters -- a stage of blocks, or a wrapper around the whole backbone. `layer3` of the
+    Fashion ResNet, `layer4.1` of a torchvision ResNet, `features.18` of MobileNetV2, the last
+    convolution of a Sequential CNN. [] when every parameter is in the head."""
     head = set(head_parameter_names(net))
-    for child, module in reversed(list(net.named_children())):
-        names = [f"{child}.{name}" for name, _ in module.named_parameters()]
-        if any(name not in head for name in names):
+    sizes = {name: p.numel() for name, p in net.named_parameters()}
+    total = sum(n for name, n in sizes.items() if name not in head)
+    module, prefix = net, ""
+    while True:
+        chosen = None
+        for child, sub in reversed(list(module.named_children())):
+            names = [f"{prefix}{child}.{name}" for name, _ in sub.named_parameters()]
+            if any(name not in head for name in names):
+                chosen = (child, sub, names)
+                break
+        if chosen is None:
+            return []
+        child, sub, names = chosen
+        own = sum(sizes[n] for n in names if n not in head)
+        if not (_is_container(sub) and own > total / 2):
             return names
-    return []
+        module, prefix = sub, f"{prefix}{child}."
+
+
+def _is_container(module: nn.Module) -> bool:
+    kinds = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    return isinstance(module, kinds) or getattr(module, "original_name", None) in {k.__name__ for k in kinds}
 
 
 def select_trainable(net: nn.Module, spec: str | Sequence[str]) -> list[str]:

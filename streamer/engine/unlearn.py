@@ -65,9 +65,17 @@ class Unlearner:
         """Unlearn one fragment in place. With `cancel` set mid-way it stops with
         stopped_by="cancelled": the model is then partly updated and must be discarded."""
         cfg, model = self.cfg, self.model
-        fragment = self.resolve_unseen(fragment.to(self.device))
+        should_stop = (lambda: cancel.is_set()) if cancel is not None else None  # noqa: E731
         stages: dict[str, float] = {}
+        fragment = fragment.to(self.device)
         k = len(fragment)
+        if bool((fragment.target == UNSEEN).any()):
+            t0 = time.perf_counter()
+            try:
+                fragment = self.resolve_unseen(fragment, should_stop)
+            except Interrupted:
+                return FragmentOutcome(False, "cancelled", 0, time.perf_counter() - t0, [False] * k, k, 0, 0.0, {})
+            stages["unseen"] = time.perf_counter() - t0
         retained = self.forgotten if (cfg.retain_forgotten and self.forgotten is not None) else None
         objective = Fragment.cat([fragment, retained]) if retained is not None else fragment
         resurrected = 0
@@ -75,7 +83,6 @@ class Unlearner:
             with torch.no_grad():
                 resurrected = int((~goal_met(model(retained.x), retained.y, retained.target)).sum())
 
-        should_stop = (lambda: cancel.is_set()) if cancel is not None else None  # noqa: E731
         try:
             t0 = time.perf_counter()
             adv_x, adv_y, success_ratio = self._adversarial(fragment, should_stop)
@@ -142,14 +149,15 @@ class Unlearner:
             targets=fragment.target.cpu().tolist(),
         )
 
-    def resolve_unseen(self, fragment: Fragment) -> Fragment:
+    def resolve_unseen(self, fragment: Fragment, should_stop: Callable[[], bool] | None = None) -> Fragment:
         """The fragment with each `unseen` target (-2) replaced by the class the teacher's warp vote
         gives it (`unseen.unseen_classes`); other targets unchanged. Seeded by cfg.seed and each
-        image's pixels: an image gets the same class in any fragment."""
+        image's pixels: an image gets the same class in any fragment. Raises Interrupted when
+        `should_stop()` turns true (checked between batches of warps)."""
         pending = fragment.target == UNSEEN
         if not bool(pending.any()):
             return fragment
-        classes = unseen_classes(self.teacher, fragment.x[pending], self.cfg.seed)
+        classes = unseen_classes(self.teacher, fragment.x[pending], self.cfg.seed, should_stop=should_stop)
         return Fragment(fragment.x, fragment.y, fragment.target.masked_scatter(pending, classes.to(self.device)))
 
     def describe_trainable(self) -> dict:

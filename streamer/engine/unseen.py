@@ -16,11 +16,13 @@ training instances (a model retrained without them: 100%).
 from __future__ import annotations
 
 import hashlib
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import Interrupted
 from .augment import random_affine
 
 __all__ = ["UNSEEN", "unseen_classes"]
@@ -30,21 +32,25 @@ UNSEEN = -2  # Fragment.target value of an `unseen` request, before `unseen_clas
 
 @torch.no_grad()
 def unseen_classes(teacher: nn.Module, x: torch.Tensor, seed: int = 0, warps: int = 256,
-                   batch_size: int = 1024) -> torch.Tensor:
+                   batch_size: int = 1024, should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """(N,) int64: argmax over classes of the mean softmax of `teacher` on `warps` random affine
     warps of each x (N, C, H, W) in [0, 1] (`augment.random_affine`, its default ranges). Each
     instance's warps are drawn from a generator seeded by `seed` and its pixels, so an image gets
     the same class whatever else is in its fragment. The teacher runs in eval mode on batches of
-    about `batch_size` warps."""
+    about `batch_size` warps. Raises Interrupted when `should_stop()` turns true between batches."""
+    if len(x) == 0:
+        return torch.zeros(0, dtype=torch.int64, device=x.device)
     was_training = teacher.training
     teacher.eval()
     try:
         out = []
         for chunk in x.split(max(1, batch_size // warps)):
+            if should_stop is not None and should_stop():
+                raise Interrupted("the unseen vote was cancelled")
             copies = torch.cat([random_affine(xi[None].expand(warps, *xi.shape), _generator(xi, seed)) for xi in chunk])
             probs = F.softmax(teacher(copies).float(), 1)
             out.append(probs.view(len(chunk), warps, -1).mean(1).argmax(1))
-        return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64, device=x.device)
+        return torch.cat(out)
     finally:
         teacher.train(was_training)
 

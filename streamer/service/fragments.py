@@ -151,7 +151,12 @@ class FragmentWorker:
             if bad:
                 raise NonFiniteOutputs(f"non-finite logits on {bad} of {len(values)} {name} instances after "
                                        f"{outcome.steps} steps; not published")
-        accuracies = {"fragment": _acc(logits["fragment"], y), "forgotten": _acc(logits["forgotten"], forgotten.y)}
+        # Accuracy on the label, "want 0", is meaningful for misclassify and relabel only: an unseen
+        # instance's goal may be its own label (a typical one), so it is left out of both.
+        leaving = torch.tensor([rid not in forgotten.unseen for rid in forgotten.request_ids], dtype=torch.bool)
+        k = len(requests)
+        accuracies = {"fragment": _acc(logits["fragment"][leaving[:k]], y[leaving[:k]]),
+                      "forgotten": _acc(logits["forgotten"][leaving], forgotten.y[leaving])}
         if self.audit is not None:
             accuracies["audit"] = _acc(logits["audit"], self.audit.y)
             self._check_floor(accuracies["audit"])

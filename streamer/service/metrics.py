@@ -22,7 +22,7 @@ ACCURACY_SETS = ("fragment", "forgotten", "audit")
 REQUEST_OUTCOMES = ("forgotten", "relabelled", "duplicate", "rejected", "failed")
 FRAGMENT_OUTCOMES = ("goal", "step_cap", "time_cap", "failed")
 FAILURE_KINDS = ("engine_error", "non_finite", "utility_floor", "undecodable")
-STAGES = ("resolve", "adversarial", "importance", "unlearn", "evaluate", "checkpoint")
+STAGES = ("resolve", "unseen", "adversarial", "importance", "unlearn", "evaluate", "checkpoint")
 
 # 10 ms (decoding one request) .. 30 min (a fragment running into unlearning.max_seconds with
 # a slow checkpoint store), roughly 1-2.5-5 per decade.

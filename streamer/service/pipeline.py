@@ -14,6 +14,7 @@ manifests on start. Only infrastructure errors (disk, ledger, broker) escape thi
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -137,7 +138,8 @@ class FragmentPipeline:
         stopped_by = result.outcome.stopped_by
         self._metrics.observe_fragment(
             outcome=stopped_by if stopped_by in ("goal", "step_cap", "time_cap") else "failed",
-            steps=result.outcome.steps, stage_seconds=published.stage_seconds, accuracies=result.accuracies,
+            steps=result.outcome.steps, stage_seconds=published.stage_seconds,
+            accuracies={k: v for k, v in result.accuracies.items() if math.isfinite(v)},  # NaN: an empty set (all unseen)
             version=manifest.number, timestamp=self._clock())
         self._metrics.set_forgotten(len(result.forgotten))
         statuses = [s.status for _, s in run.applied]

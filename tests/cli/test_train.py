@@ -3,7 +3,17 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import structlog
+
 from streamer.cli.main import main
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """main() points structlog at this test's captured stdout, which closes after it."""
+    yield
+    structlog.reset_defaults()
 
 
 def test_train_is_cached_and_retrains_on_request(tmp_path, monkeypatch, capsys):

@@ -120,3 +120,14 @@ def test_unlearner_resolves_unseen_targets_and_reports_them():
     assert unlearner.resolve_unseen(fragment).target.tolist() == [3]
     mixed = Fragment(torch.cat([point, point]), torch.tensor([7, 7]), torch.tensor([-1, UNSEEN]))
     assert unlearner.resolve_unseen(mixed).target.tolist() == [-1, 3]
+    outcome = unlearner.unlearn(mixed)  # the memoriser cannot move: the step cap ends it
+    assert outcome.targets == [-1, 3] and outcome.stopped_by == "step_cap"
+    assert "unseen" in outcome.stage_seconds and unlearner.forgotten.target.tolist() == [-1, 3]
+
+
+def test_the_vote_stops_when_cancelled_and_takes_empty_input():
+    from streamer.errors import Interrupted
+
+    with pytest.raises(Interrupted):
+        unseen_classes(_Linear(), torch.rand(3, 1, 12, 12), should_stop=lambda: True)
+    assert unseen_classes(_Linear(), torch.rand(0, 1, 12, 12)).shape == (0,)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
 import torch.nn.functional as F
 from torch import nn
 
@@ -97,6 +98,16 @@ def test_block_preset_is_the_last_block_and_the_head():
     assert select_trainable(mnist_cnn(), "block") == ["3.weight", "3.bias", "7.weight", "7.bias", "9.weight", "9.bias"]
     chosen = select_trainable(resnet18(), "block")
     assert {n.split(".")[0] for n in chosen} == {"layer4", "fc"}
+    assert {n.split(".")[1] for n in chosen if n.startswith("layer4.")} == {"1"}  # layer4's last block
+    mobilenet = torchvision.models.mobilenet_v2(num_classes=10)  # features: 100% of the backbone, one child
+    assert {".".join(n.split(".")[:2]) for n in select_trainable(mobilenet, "block")} == {"features.18", "classifier.1"}
+
+    class Wrapper(nn.Module):  # a user's module around the whole network
+        def __init__(self):
+            super().__init__()
+            self.model = fashion_resnet()
+
+    assert select_trainable(Wrapper(), "block") == ["model." + n for n in select_trainable(fashion_resnet(), "block")]
     only_linear = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
     assert last_block_parameter_names(only_linear) == []
     assert select_trainable(only_linear, "block") == select_trainable(only_linear, "head")
