@@ -78,10 +78,11 @@ class Unlearner:
             stages["unseen"] = time.perf_counter() - t0
         retained = self.forgotten if (cfg.retain_forgotten and self.forgotten is not None) else None
         objective = Fragment.cat([fragment, retained]) if retained is not None else fragment
-        resurrected = 0
-        if retained is not None:
-            with torch.no_grad():
-                resurrected = int((~goal_met(model(retained.x), retained.y, retained.target)).sum())
+        with torch.no_grad(), grad_only(model, train=False):
+            met = goal_met(model(objective.x), objective.y, objective.target)
+        resurrected = int((~met[k:]).sum())
+        if bool(met.all()) and not cfg.train_mode:  # nothing to move (e.g. unseen typical instances): no attack
+            return self._finish(fragment, objective, "goal", 0, met, [(0, 0)], resurrected, float("nan"), stages)
 
         try:
             t0 = time.perf_counter()
@@ -137,10 +138,17 @@ class Unlearner:
         if stopped_by == "cancelled":
             return FragmentOutcome(False, stopped_by, steps, sum(stages.values()), [False] * k,
                                    int((~met).sum()), resurrected, success_ratio, stages, tuple(trend))
-        if cfg.retain_forgotten:
-            self.forgotten = objective  # the fragment joins the retained set
+        return self._finish(fragment, objective, stopped_by, steps, met, trend, resurrected, success_ratio, stages)
+
+    def _finish(self, fragment: Fragment, objective: Fragment, stopped_by: str, steps: int, met: torch.Tensor,
+                trend: list[tuple[int, int]], resurrected: int, success_ratio: float,
+                stages: dict[str, float]) -> FragmentOutcome:
+        """The outcome of a fragment that ran to a stop other than cancellation; the fragment joins
+        the retained set."""
+        if self.cfg.retain_forgotten:
+            self.forgotten = objective
         self.fragments_done += 1
-        met = met.cpu()
+        met, k = met.cpu(), len(fragment)
         return FragmentOutcome(
             goal_reached=stopped_by == "goal", stopped_by=stopped_by, steps=steps,
             seconds=sum(stages.values()), fragment_met=met[:k].tolist(), missed=int((~met).sum()),

@@ -131,3 +131,15 @@ def test_the_vote_stops_when_cancelled_and_takes_empty_input():
     with pytest.raises(Interrupted):
         unseen_classes(_Linear(), torch.rand(3, 1, 12, 12), should_stop=lambda: True)
     assert unseen_classes(_Linear(), torch.rand(0, 1, 12, 12)).shape == (0,)
+
+
+def test_a_fragment_already_at_its_goal_runs_no_attack():
+    """Unseen typical instances usually resolve to the class the model already predicts: the
+    fragment ends at once, without PGD or steps, and joins the retained set."""
+    model = _Linear()
+    x = torch.rand(4, 1, 12, 12, generator=torch.Generator().manual_seed(3))
+    predicted = model(x).argmax(1)
+    unlearner = Unlearner(model, method_config("default"), 10)
+    outcome = unlearner.unlearn(Fragment(x, predicted, predicted.clone()))
+    assert outcome.goal_reached and outcome.steps == 0 and outcome.fragment_met == [True] * 4
+    assert "adversarial" not in outcome.stage_seconds and len(unlearner.forgotten) == 4
