@@ -120,14 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights-dir", type=Path, default=Path("bench-out/weights"))
     parser.add_argument("--out", type=Path, default=Path("bench-out/attacks"))
     parser.add_argument("--render", nargs="+", type=Path, metavar="JSON",
-                        help="print the table and the targets from result files of earlier runs (no run)")
+                        help="print the table and the targets from result files of earlier runs (no run), "
+                        "records of --methods only")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="unlearning settings over the default's (numbers or words), e.g. margin=4")
     args = parser.parse_args(argv)
     args.set = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
     args.out.mkdir(parents=True, exist_ok=True)
     if args.render:
-        records = [r for path in args.render for r in json.loads(path.read_text())]
+        records = [r for path in args.render for r in json.loads(path.read_text()) if r["method"] in args.methods]
         for dataset in sorted({r["dataset"] for r in records}):
             plot(records, dataset, args.out / f"attacks-{dataset}.png")
         print_table(records)

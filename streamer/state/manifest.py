@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import structlog
 import torch
 
 from ..errors import StreamerError
@@ -39,6 +40,8 @@ Offsets = Mapping[str, Mapping[int, int]]  # {topic: {partition: next offset to 
 
 __all__ = ["BASE_VERSION", "Checkpoint", "CheckpointError", "ForgottenSet", "Manifest", "ModelFile", "Offsets",
            "RetainedRef", "format_version", "parse_rfc3339", "rfc3339", "version_number"]
+
+log = structlog.get_logger()
 
 
 class CheckpointError(StreamerError):
@@ -213,9 +216,16 @@ class Manifest:
 
 
 def _attack_entries(entries: Any) -> tuple[Mapping[str, Any], ...]:
-    if not isinstance(entries, list) or not all(isinstance(e, Mapping) and "reference" in e for e in entries):
-        raise ValueError("attacks must be a list of objects, each with a reference")
-    return tuple(entries)
+    """The well-formed attack summaries (objects with a "reference"). `attacks` is advisory and
+    rewritten in place by `verify --attacks`: a damaged one is logged and skipped, never a reason
+    to refuse the version (it may be CURRENT)."""
+    if not isinstance(entries, list):
+        log.warning("manifest_attacks_ignored", reason=f"attacks is a {type(entries).__name__}, not a list")
+        return ()
+    good = tuple(e for e in entries if isinstance(e, Mapping) and "reference" in e)
+    if len(good) != len(entries):
+        log.warning("manifest_attacks_ignored", reason=f"{len(entries) - len(good)} entries without a reference")
+    return good
 
 
 @dataclass(frozen=True)
