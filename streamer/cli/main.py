@@ -16,8 +16,8 @@ def _train(args: argparse.Namespace) -> int:
 
     canaries = BENCHMARK_CANARIES.get(args.dataset) if args.canaries else None
     if args.canaries and canaries is None:
-        print(f"error: --canaries: no benchmark canaries for {args.dataset} (have: {', '.join(BENCHMARK_CANARIES)})",
-              file=sys.stderr)
+        print(f"streamer: error: train --canaries: no benchmark canaries for {args.dataset} "
+              f"(have: {', '.join(BENCHMARK_CANARIES)})", file=sys.stderr)
         return 2
     suffix = "-canaries" if canaries else ""
     out = args.out or f"artifacts/{args.dataset}{suffix}.pt"

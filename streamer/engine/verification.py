@@ -104,7 +104,8 @@ def attack_report(model: nn.Module, reference: nn.Module, forgotten_x: torch.Ten
     notes: list[str] = []
     shadow = reference if shadow is None else shadow
     if retained_x is None:
-        which = "the reference model" if shadow is reference else "the model given as shadow"
+        which = ("the reference model" if shadow is reference
+                 else "a separate model trained on them (streamer verify: the original, v000000)")
         notes.append(f"MIA: no retained training data given; the shadow is {which} (members: the forgotten "
                      "instances it was trained on, non-members: held-out), cross-fitted in 2 folds")
 

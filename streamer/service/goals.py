@@ -69,8 +69,8 @@ class GoalIndex:
         for other in others:
             if other.request_id != request.request_id and not _compatible(goal, other, self._num_classes):
                 why = (f"no prediction can meet both that and {_describe(goal)}" if not (goal.unseen or other.unseen)
-                       else f"an unseen goal ({_describe(goal if goal.unseen else other)}) takes the class the model "
-                            "decides, so it cannot be combined with a misclassify or relabel of the same instance")
+                       else f"this request is {_describe(goal)}, and an unseen goal takes the class the model decides, "
+                            "so it cannot be combined with a misclassify or relabel of the same instance")
                 return f"conflicts with request {other.request_id} for the same instance ({_describe(other)}): {why}"
         return None
 

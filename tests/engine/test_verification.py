@@ -97,7 +97,7 @@ class TestMiaEfficacy:
         report = attack_report(memoriser, retrained, *forget, *held, relearn_steps=(1,), shadow=memoriser)
         assert report.mia_efficacy.model < 0.3 and report.mia_efficacy.reference > 0.7
         assert report.mia_members == "forgotten instances under the shadow model"
-        assert any("the shadow is the model given as shadow" in note for note in report.notes)
+        assert any("the shadow is a separate model trained on them" in note for note in report.notes)
 
 
 class TestProbeRecovery:

@@ -99,6 +99,7 @@ class TestConflicts:
         if conflict:
             assert reason.startswith(f"conflicts with request a for the same instance ({first[0]}")
             assert "unseen goal" in reason and "cannot be combined with a misclassify or relabel" in reason
+            assert f"this request is {second[0]}" in reason  # the rejected request's own goal is named
         assert self._index().conflict(b, [(a.request_id, a.label, a.target, torch.zeros(SHAPE))]) is None
 
     def test_applied(self) -> None:
