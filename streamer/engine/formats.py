@@ -123,7 +123,9 @@ def load_weights_file(path: str | os.PathLike[str] | BinaryIO) -> object:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        name = found.group(1) if found else "an object"
+        if found is None:  # not a pickle of anything: random bytes, a text file, a truncated download
+            raise ModelLoadError(f"{where} is not a file torch.save writes, so not a state_dict (no pickle in it)") from err
+        name = found.group(1)
         what = "a pickled nn.Module" if _is_module_class(name) else "a pickled object"
         raise ModelLoadError(f"{where}: {what} ({name}), not a state_dict, which weights_only=True refuses: "
                              "save model.state_dict() (of a training checkpoint, its 'state_dict' alone)") from err

@@ -346,3 +346,17 @@ class TestReadStateDict:
         assert_one_line(err)
         with pytest.raises(ModelLoadError, match="cannot load a torchscript model"):
             read_state_dict(save_user_model(small_cnn(), "state_dict"), "torchscript")
+
+
+def test_random_bytes_are_not_called_a_pickled_object(tmp_path):
+    """A file that is no pickle at all (random bytes) is named as such, not as a pickled object."""
+    import os
+
+    from streamer.engine.formats import load_weights_file
+    from streamer.errors import ModelLoadError
+
+    path = tmp_path / "junk.pt"
+    path.write_bytes(os.urandom(5000))
+    with pytest.raises(ModelLoadError) as err:
+        load_weights_file(path)
+    assert "pickled object" not in str(err.value) and "\n" not in str(err.value)
