@@ -6,7 +6,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from ..errors import StreamerError
+from ..errors import ConfigError, StreamerError
 from ..service.logs import configure_logging
 
 
@@ -16,9 +16,8 @@ def _train(args: argparse.Namespace) -> int:
 
     canaries = BENCHMARK_CANARIES.get(args.dataset) if args.canaries else None
     if args.canaries and canaries is None:
-        print(f"streamer: error: train --canaries: no benchmark canaries for {args.dataset} "
-              f"(have: {', '.join(BENCHMARK_CANARIES)})", file=sys.stderr)
-        return 2
+        raise ConfigError(f"train --canaries: no benchmark canaries for {args.dataset} "
+                          f"(have: {', '.join(BENCHMARK_CANARIES)})")
     suffix = "-canaries" if canaries else ""
     out = args.out or f"artifacts/{args.dataset}{suffix}.pt"
     report = train_reference(args.dataset, out, seed=args.seed, canaries=canaries, cached=not args.retrain)

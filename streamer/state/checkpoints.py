@@ -38,7 +38,7 @@ from ..errors import ModelLoadError
 from .durable import fsync_dir as _fsync_dir, pretty_json, write_atomic, write_new as _write_synced
 from .manifest import (BASE_VERSION, CURRENT_FILE, FORGOTTEN_FILE, MANIFEST_FILE, MANIFEST_SCHEMA,  # noqa: F401
                        MODEL_FILE, Checkpoint, CheckpointError, ForgottenSet, Manifest, ModelFile, Offsets, RetainedRef,
-                       _TEMP_PREFIX, _VERSION, format_version, rfc3339, version_number)
+                       _TEMP_PREFIX, _VERSION, _attack_entries, format_version, rfc3339, version_number)
 
 __all__ = [
     "BASE_VERSION",
@@ -181,7 +181,7 @@ class CheckpointStore:
         if manifest.legacy_forgotten_sha256 is not None:
             raise CheckpointError(f"{version} has a schema-1 manifest (plaintext forgotten.pt): start the daemon "
                                   "once to migrate it into the vault before recording attacks")
-        earlier = [a for a in _attack_list(data.get("attacks")) if a.get("reference") != entry.get("reference")]
+        earlier = [a for a in _attack_entries(data.get("attacks", [])) if a.get("reference") != entry.get("reference")]
         data["attacks"] = [*earlier, dict(entry)]
         updated = Manifest.from_json(data)
         path = self.path(version) / MANIFEST_FILE
@@ -288,7 +288,3 @@ def _read_verified(path: Path, sha256: str) -> bytes:
         raise CheckpointError(f"{path} has sha256 {actual}, its manifest says {sha256}: the file is corrupt")
     return data
 
-
-def _attack_list(entries: object) -> list:
-    """The existing summaries worth keeping: objects with a reference (a damaged entry is dropped)."""
-    return [e for e in entries if isinstance(e, dict) and "reference" in e] if isinstance(entries, list) else []
