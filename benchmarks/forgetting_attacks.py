@@ -30,13 +30,15 @@ from pathlib import Path
 
 import torch
 
-from streamer.engine.canaries import BENCHMARK_CANARIES, Canaries, CanarySpec
-from streamer.engine.data import load_splits
-from streamer.engine.evaluate import accuracy, goal_ratio
-from streamer.engine.train import reference_model, train_reference
-from streamer.engine.unlearn import Fragment, Unlearner, method_config
-from streamer.engine.unseen import UNSEEN
-from streamer.engine.verification import attack_report
+sys.path.insert(0, str(Path(__file__).parent))
+from paper_tables import parse_set  # noqa: E402
+from streamer.engine.canaries import BENCHMARK_CANARIES, Canaries, CanarySpec  # noqa: E402
+from streamer.engine.data import load_splits  # noqa: E402
+from streamer.engine.evaluate import accuracy, goal_ratio  # noqa: E402
+from streamer.engine.train import reference_model, train_reference  # noqa: E402
+from streamer.engine.unlearn import Fragment, Unlearner, method_config  # noqa: E402
+from streamer.engine.unseen import UNSEEN  # noqa: E402
+from streamer.engine.verification import attack_report  # noqa: E402
 
 GOALS = ("misclassify", "relabel", "unseen")
 METHODS = ("auto", "head", "block", "all", "features")  # auto: the daemon's default (fashion: block; mnist5k: head)
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="unlearning settings over the default's (numbers or words), e.g. margin=4")
     args = parser.parse_args(argv)
-    args.set = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    args.set = parse_set(args.set)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.render:
         records = [r for path in args.render for r in json.loads(path.read_text()) if r["method"] in args.methods]
@@ -333,15 +335,6 @@ def plot(records: list[dict], dataset: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _value(text: str):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text, text)
 
 
 def _pair(rec: dict, *keys: str) -> tuple:

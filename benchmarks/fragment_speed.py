@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     splits, state = pt._setup("mnist5k", Path("artifacts"), torch.device("cpu"))
     load = args.load or f"loadavg {os.getloadavg()[0]:.2f} at start"
-    new_overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    new_overrides = pt.parse_set(args.set)
     records = []
     for run in args.runs:
         for seed in args.seeds:

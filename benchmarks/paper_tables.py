@@ -49,6 +49,17 @@ class Unit:
     k: int
 
 
+def parse_set(items: list[str]) -> dict:
+    """`--set KEY=VALUE ...` UnlearnConfig overrides: each value read as JSON (numbers, true/false),
+    else kept as the word it is (e.g. distill_warp=shift)."""
+    def value(text: str):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    return {k: value(v) for k, v in (item.split("=", 1) for item in items)}
+
+
 def _device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
