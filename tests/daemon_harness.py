@@ -166,6 +166,19 @@ class DaemonProcess:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def run_until_crash(config: Path, log_path: Path, point: str, timeout_s: float = 180.0) -> DaemonProcess:
+    """Run the daemon with STREAMER_CRASH_AT=`point` until it SIGKILLs itself there; asserts it did,
+    once, at that point. Returns the exited process (for its events)."""
+    daemon = DaemonProcess(config, log_path, crash_at=point)
+    try:
+        code = daemon.wait(timeout_s=timeout_s)
+    finally:
+        daemon.kill()
+    assert code == -signal.SIGKILL, daemon.tail()
+    assert [e["point"] for e in daemon.events() if e["event"] == "crash_hook"] == [point]
+    return daemon
+
+
 def with_tests_on_path() -> dict[str, str]:
     """Environment for a subprocess that imports test modules (e.g. `factory:user_models:build`)."""
     tests = str(Path(__file__).resolve().parent)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import signal
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from daemon_harness import (
     new_topics,
     produce,
     read_topic,
+    run_until_crash,
     train_digits,
     values,
     write_config,
@@ -306,13 +306,7 @@ def test_crash_at_every_point_loses_nothing_and_applies_nothing_twice(
     produce(kafka_bootstrap, topics["requests"], records)
 
     for run, point in enumerate(FRAGMENT_CRASH_POINTS):
-        daemon = DaemonProcess(config, tmp_path / f"run{run}.log", crash_at=point)
-        try:
-            code = daemon.wait(timeout_s=180)
-        finally:
-            daemon.kill()
-        assert code == -signal.SIGKILL, daemon.tail()
-        assert [e["point"] for e in daemon.events() if e["event"] == "crash_hook"] == [point]
+        run_until_crash(config, tmp_path / f"run{run}.log", point)
     assert len(_lineage(tmp_path / "checkpoints")) == 4  # base + the versions of the three later crashes
 
     daemon = DaemonProcess(config, tmp_path / "final.log")

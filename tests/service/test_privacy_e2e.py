@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import signal
 import subprocess
 import sys
 from collections import Counter
@@ -16,7 +15,7 @@ import pytest
 import torch
 from kafka import KafkaAdminClient
 
-from daemon_harness import DaemonProcess, new_topics, produce, read_topic, train_digits, values, write_config
+from daemon_harness import DaemonProcess, new_topics, run_until_crash, produce, read_topic, train_digits, values, write_config
 from streamer.config import load_config
 from streamer.engine.data import load_splits
 from streamer.engine.evaluate import predict
@@ -212,11 +211,7 @@ class TestDataProtection:
         produce(kafka_bootstrap, topics["requests"], records)
         vault_dir = tmp_path / "checkpoints" / "vault"
         for run, point in enumerate(("after_vault", "after_shred")):
-            daemon = DaemonProcess(config, tmp_path / f"run{run}.log", crash_at=point)
-            try:
-                assert daemon.wait(timeout_s=420) == -signal.SIGKILL, daemon.tail()
-            finally:
-                daemon.kill()
+            daemon = run_until_crash(config, tmp_path / f"run{run}.log", point, timeout_s=420)
             if point == "after_vault":  # the fragment's entries are in the vault, no version references them
                 assert len([e for e in read_index(vault_dir) if not e.shredded]) == 4
                 assert CheckpointStore(tmp_path / "checkpoints").versions() == ["v000000"]

@@ -2,14 +2,13 @@
 after publishing a version and restarted; `streamer produce --mode unseen` and `streamer verify`."""
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from daemon_harness import DaemonProcess, new_topics, produce, read_topic, train_digits, values, write_config
+from daemon_harness import DaemonProcess, new_topics, run_until_crash, produce, read_topic, train_digits, values, write_config
 from streamer.cli.erasure import erasure_report
 from streamer.config import load_config
 from streamer.engine.data import load_splits
@@ -49,11 +48,7 @@ def test_unseen_requests_through_a_crash_and_a_restart(kafka_bootstrap: str, wei
         _event("u0", 40, "unseen"), _event("c-m", 40, "misclassify"), _event("u1", 41, None),
         _event("c-bad", 44, "unseen", target=(int(TRAIN.y[44]) + 1) % 10), _event("u2", 42, "unseen"),
         _event("m3", 43, "misclassify")])
-    crashed = DaemonProcess(config, tmp_path / "crash.log", crash_at="after_checkpoint")
-    try:
-        assert crashed.wait(timeout_s=240) == -signal.SIGKILL, crashed.tail()
-    finally:
-        crashed.kill()
+    run_until_crash(config, tmp_path / "crash.log", "after_checkpoint", timeout_s=240)
 
     daemon = DaemonProcess(config, tmp_path / "daemon.log")
     try:

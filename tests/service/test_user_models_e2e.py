@@ -10,7 +10,6 @@ import importlib.resources
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections import Counter
@@ -21,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from daemon_harness import DaemonProcess, new_topics, produce, read_topic, values, with_tests_on_path, write_config
+from daemon_harness import DaemonProcess, new_topics, run_until_crash, produce, read_topic, values, with_tests_on_path, write_config
 from streamer.config import load_config
 from streamer.engine.data import load_splits
 from streamer.intake.events import encode_event
@@ -79,12 +78,7 @@ def test_torchscript_model_survives_kill9_and_rollback(kafka_bootstrap, net, cor
     ids = [f"ts{i}" for i in range(8)]
     produce(kafka_bootstrap, topics["requests"], [_event(rid, i) for rid, i in zip(ids, correct)])
     for run, point in enumerate(("during_unlearn", "after_checkpoint")):
-        daemon = DaemonProcess(config, tmp_path / f"crash{run}.log", crash_at=point)
-        try:
-            assert daemon.wait(timeout_s=180) == -signal.SIGKILL, daemon.tail()
-        finally:
-            daemon.kill()
-        assert [e["point"] for e in daemon.events() if e["event"] == "crash_hook"] == [point]
+        run_until_crash(config, tmp_path / f"crash{run}.log", point)
     store = CheckpointStore(load_config(config).checkpoints.dir)
     assert store.current_version() == "v000001"  # published, then killed before the ledger and the commit
 
