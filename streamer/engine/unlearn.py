@@ -7,6 +7,7 @@ time cap is hit -- the outcome says which, and how many instances still miss the
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -23,7 +24,7 @@ from .importance import ImportancePenalty, mas_importance
 from .models import Normalized, grad_only
 from .methods import METHODS, UnlearnConfig, method_config  # noqa: F401 (the engine's public API)
 from .objectives import distillation_loss, forget_loss, goal_met
-from .prefix import FrozenPrefix, split_frozen_prefix
+from .prefix import FrozenPrefix, cpu_channels_last, split_frozen_prefix
 from .trainable import describe_trainable, select_trainable
 from .unseen import UNSEEN, unseen_classes
 from .augment import random_affine  # noqa: F401 (re-exported)
@@ -99,14 +100,15 @@ class Unlearner:
 
         t0 = time.perf_counter()
         params = self._trainable()
-        optimizer = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)(params, lr=cfg.lr)
+        optimizer = (torch.optim.Adam(params, lr=cfg.lr, fused=_fused_adam(cfg, params)) if cfg.optimizer == "adam"
+                     else torch.optim.SGD(params, lr=cfg.lr))
         steps, stopped_by, met = 0, "step_cap", torch.zeros(len(objective), dtype=torch.bool)
         trend: list[tuple[int, int]] = []  # (step, instances missing their goal), every _TREND_EVERY steps
         with grad_only(model, params, train=cfg.train_mode):  # no gradients for the weights that stay put
             inputs = self._step_inputs(objective, adv_x, adv_y)  # frozen-prefix features computed once
             while True:
-                logits = inputs.forward(inputs.objective)
-                met = goal_met(logits.detach(), objective.y, objective.target)
+                logits = self._step_logits(inputs)
+                met = goal_met(logits["objective"][0].detach(), objective.y, objective.target)
                 if steps % _TREND_EVERY == 0:
                     trend.append((steps, int((~met).sum())))
                 if bool(met.all()):
@@ -189,7 +191,8 @@ class Unlearner:
         eps = cfg.pgd_eps or cfg.pgd_eps_ratio * float(fragment.x.flatten(1).norm(dim=1).mean())
         step_size = cfg.pgd_step_size or 2.5 * eps / cfg.pgd_steps
         index, target = random_targets(fragment.y, cfg.n_adv, self.num_classes, self.generator)
-        result = targeted_l2_pgd(self.model, fragment.x[index.to(self.device)], target.to(self.device),
+        attacked = cpu_channels_last(self.model) if cfg.fast_path else self.model
+        result = targeted_l2_pgd(attacked, fragment.x[index.to(self.device)], target.to(self.device),
                                  eps=eps, step_size=step_size, steps=cfg.pgd_steps, generator=self.generator,
                                  should_stop=should_stop, early_exit=cfg.pgd_early_exit)
         keep = result.success if cfg.adv_only_successful else torch.ones_like(result.success)
@@ -202,6 +205,8 @@ class Unlearner:
         function); and the distillation pool. Otherwise the pixels, through the whole model."""
         cfg = self.cfg
         split = split_frozen_prefix(self.model, self.trainable) if cfg.fast_path and not cfg.train_mode else None
+        if split is not None:  # fixed while the fragment runs: a channels-last copy computes it on CPU
+            split = dataclasses.replace(split, prefix=cpu_channels_last(split.prefix))
         encode = split.features if split is not None else (lambda x: x)  # noqa: E731
         forward = split.suffix if split is not None else self.model
         buffer_in = encode(self.buffer.x) if self.buffer is not None and cfg.buffer_weight > 0 else None
@@ -211,7 +216,7 @@ class Unlearner:
             if self.buffer is not None and cfg.distill_buffer:
                 source = torch.cat([source, self.buffer.x])
             pixels = self._distill_inputs(source, adv_x, cfg.distill_pool)
-            pool = torch.cat([encode(c) for c in pixels.split(512)])
+            pool = encode(pixels)
             # The teacher shares the frozen prefix while it holds the same weights (head-only
             # updates keep it so): its logits are then its suffix on the same features.
             teacher_suffix = _same_prefix_suffix(self.teacher, split, self.trainable)
@@ -220,26 +225,50 @@ class Unlearner:
                                 else torch.cat([self.teacher(c) for c in pixels.split(512)]))
         return _StepInputs(forward, split, encode(objective.x), encode(adv_x) if len(adv_x) else adv_x, adv_y, adv_x, buffer_in, pool, pool_teacher)
 
-    def _loss(self, logits, objective: Fragment, k: int, inputs: "_StepInputs", imp, step: int) -> torch.Tensor:
-        cfg, model, forward = self.cfg, self.model, inputs.forward
-        per_instance = forget_loss(cfg.forget_loss, logits, objective.y, objective.target, cfg.margin)
-        adv_in, adv_y = inputs.adv, inputs.adv_y
-        n_adv = len(adv_y)
+    def _step_logits(self, inputs: "_StepInputs") -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """This step's logits per term, with the rows each term drew: objective (all), adv (a batch of
+        the adversarial examples; all of them with proportional weighting), distill (a batch of the
+        fast path's pool), buffer (a batch of the retain buffer). Fast path in eval mode: one forward
+        over all the rows, since each row's logits do not depend on the others' (measured on the
+        MNIST-5k head: 1.7 ms instead of 2.8 ms per forward and backward); otherwise one per term,
+        as train mode's BatchNorm takes its statistics per batch."""
+        cfg = self.cfg
+        terms: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {"objective": (inputs.objective, None)}
+        if len(inputs.adv_y):
+            pick = None if cfg.weighting == "proportional" else self._sample(len(inputs.adv_y), cfg.adv_batch)
+            terms["adv"] = (inputs.adv if pick is None else inputs.adv[pick], pick)
+        if cfg.distill_weight > 0 and inputs.pool is not None:
+            pick = self._sample(len(inputs.pool), cfg.distill_batch)
+            terms["distill"] = (inputs.pool[pick], pick)
+        if inputs.buffer is not None:
+            pick = self._sample(len(self.buffer), cfg.buffer_batch)
+            terms["buffer"] = (inputs.buffer[pick], pick)
+        rows = [x for x, _ in terms.values()]
+        if cfg.fast_path and not cfg.train_mode:
+            out = inputs.forward(torch.cat(rows)).split([len(r) for r in rows])
+        else:
+            out = [inputs.forward(r) for r in rows]
+        return {name: (o, pick) for (name, (_, pick)), o in zip(terms.items(), out)}
+
+    def _loss(self, logits: dict, objective: Fragment, k: int, inputs: "_StepInputs", imp, step: int) -> torch.Tensor:
+        """The method's objective (Eq. 6, plus distillation and the buffer) on `_step_logits`' output."""
+        cfg, model = self.cfg, self.model
+        per_instance = forget_loss(cfg.forget_loss, logits["objective"][0], objective.y, objective.target, cfg.margin)
+        adv, adv_y = logits.get("adv"), inputs.adv_y
         if cfg.weighting == "proportional":
             # Eq. 6: one mean over D_f and D_adv together, each term weighted by its share
-            total = len(per_instance) + n_adv
+            total = len(per_instance) + len(adv_y)
             loss = per_instance.sum() / total
-            if n_adv:
-                loss = loss + cfg.adv_weight * F.cross_entropy(forward(adv_in), adv_y, reduction="sum") / total
+            if adv is not None:
+                loss = loss + cfg.adv_weight * F.cross_entropy(adv[0], adv_y, reduction="sum") / total
         else:
             loss = per_instance.sum() / k  # not diluted by the retained set or the adv batch
-            if n_adv:
-                pick = self._sample(n_adv, cfg.adv_batch)
-                loss = loss + cfg.adv_weight * F.cross_entropy(forward(adv_in[pick]), adv_y[pick])
+            if adv is not None:
+                loss = loss + cfg.adv_weight * F.cross_entropy(adv[0], adv_y[adv[1]])
         if cfg.distill_weight > 0:
-            if inputs.pool is not None:  # a batch of the fragment's pool, teacher outputs cached
-                pick = self._sample(len(inputs.pool), cfg.distill_batch)
-                student, teacher = forward(inputs.pool[pick]), inputs.pool_teacher[pick]
+            if "distill" in logits:  # a batch of the fragment's pool, teacher outputs cached
+                student, pick = logits["distill"]
+                teacher = inputs.pool_teacher[pick]
             else:
                 source = objective.x
                 if self.buffer is not None and cfg.distill_buffer:  # real images: their warps and mixups are distilled too
@@ -249,9 +278,9 @@ class Unlearner:
                     teacher = self.teacher(pixels)
                 student = model(pixels)
             loss = loss + self._distill_weight(step) * distillation_loss(student, teacher, cfg.distill_temperature)
-        if inputs.buffer is not None:
-            pick = self._sample(len(self.buffer), cfg.buffer_batch)
-            loss = loss + cfg.buffer_weight * F.cross_entropy(forward(inputs.buffer[pick]), self.buffer.y[pick])
+        if "buffer" in logits:
+            out, pick = logits["buffer"]
+            loss = loss + cfg.buffer_weight * F.cross_entropy(out, self.buffer.y[pick])
         if imp is not None:
             loss = loss + cfg.imp_lambda * imp.penalty(model)
         return loss
@@ -294,6 +323,13 @@ class Unlearner:
         choice = torch.randint(0, 3, (n, 1, 1, 1), generator=g).to(dev)
         out = torch.where(choice == 0, mixed, torch.where(choice == 1, warped, adv))
         return out.clamp(0.0, 1.0)
+
+
+def _fused_adam(cfg: UnlearnConfig, params: list[nn.Parameter]) -> bool:
+    """Fast path: Adam's fused kernel (one per step instead of ~4 ops per parameter; measured on the
+    MNIST-5k head: 0.14 ms instead of 0.38 ms a step) where torch has it, for floating parameters."""
+    return (cfg.fast_path and bool(params) and params[0].device.type in ("cpu", "cuda")
+            and all(p.is_floating_point() for p in params))
 
 
 def _same_prefix_suffix(teacher: nn.Module, split: FrozenPrefix | None, trainable: list[str]) -> nn.Module | None:

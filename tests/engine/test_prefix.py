@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from streamer.engine.models import Normalized
-from streamer.engine.prefix import frozen_prefix_length, split_frozen_prefix
+from streamer.engine.prefix import cpu_channels_last, frozen_prefix_length, split_frozen_prefix
 from streamer.engine.trainable import select_trainable
 
 from engine_fixtures import tiny_model
@@ -66,3 +66,36 @@ class TestSplit:
         model = _bn_cnn()
         split = split_frozen_prefix(model, select_trainable(model.net, "head"))
         assert {id(p) for p in split.suffix.parameters()} == {id(p) for p in model.net[5:].parameters()}
+
+
+class TestChannelsLast:
+    def test_copy_computes_the_same_logits(self):
+        """A channels-last copy: conv weights in that layout, the same logits, the original untouched."""
+        model = _bn_cnn()
+        copy = cpu_channels_last(model)
+        x = torch.rand(9, 1, 4, 4)
+        assert copy is not model
+        assert copy.net[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert model.net[0].weight.is_contiguous()
+        with torch.no_grad():
+            assert torch.allclose(copy(x), model(x), atol=1e-6)
+
+    def test_modules_used_as_they_are(self):
+        """No 4-D weight, TorchScript, or a forward hook (a copy would call it with other modules):
+        the module itself."""
+        mlp = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+        assert cpu_channels_last(mlp) is mlp
+        scripted = torch.jit.script(_bn_cnn().net)
+        assert cpu_channels_last(scripted) is scripted
+        wrapped = Normalized(scripted, (0.5,), (0.25,))
+        assert cpu_channels_last(wrapped) is wrapped
+        hooked = _bn_cnn()
+        hooked.net[5].register_forward_hook(lambda *_: None)
+        assert cpu_channels_last(hooked) is hooked
+
+    def test_features_in_chunks_equal_one_batch(self):
+        """FrozenPrefix.features computes in chunks; the rows are those of one batch."""
+        model = _bn_cnn()
+        split = split_frozen_prefix(model, select_trainable(model.net, "head"))
+        x = torch.rand(21, 1, 4, 4)
+        assert torch.allclose(split.features(x, chunk=4), split.features(x, chunk=64), atol=1e-6)
