@@ -9,11 +9,13 @@ For each (run, seed) the old path (the default the issue measured: `fast_path: f
 paper's 50 PGD iterations) and the fast path (the product default now) run one after the other
 on fresh copies of the cached reference model, so machine load hits both alike. max_seconds is
 effectively unlimited: the step cap and the goal, never the clock, end a fragment here. One
-short untimed fragment per path first warms the process up, as a running daemon is.
+short untimed fragment per path first warms the process up, as a running daemon is. With
+`--repeat N` each path runs N times per seed (fresh model each time, old and new alternating) and
+the median run is reported, with every run's seconds in `repeat_seconds`.
 
 Per path: seconds per stage (adversarial, importance, unlearn; evaluate = the daemon's
-per-fragment evaluation: the forgotten set and the 1000-image audit set; the checkpoint write is
-not measured here), steps, forget / test accuracy, and the fraction of the FLOP floor reached:
+per-fragment evaluation: the forgotten set and the 1000-image audit set; checkpoint = the
+version write through CheckpointStore.publish into a temporary directory), steps, forget / test accuracy, and the fraction of the FLOP floor reached:
 FLOPs counted with torch.utils.flop_counter on the same fragment (setup = the attack and the
 distillation pool, plus one optimizer step, x steps) divided by this process's measured dense
 matmul rate, over the measured seconds.
@@ -26,6 +28,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +40,7 @@ import paper_tables as pt  # noqa: E402
 
 from streamer.engine.evaluate import accuracy, logits  # noqa: E402
 from streamer.engine.unlearn import Fragment, Unlearner, method_config  # noqa: E402
+from streamer.state.checkpoints import CheckpointStore  # noqa: E402
 
 RUNS = {"fragment8": (8, 8), "single64": (64, 64), "continual": (128, 8)}  # (instances, fragment size)
 PATHS = {"old": False, "new": True}
@@ -86,8 +90,10 @@ def run_path(run: str, seed: int, path: str, splits, state, load: str, overrides
     cfg = dict(seed=seed, max_seconds=UNLIMITED_SECONDS, **_path_config(path), **(overrides or {}))
     unlearner = Unlearner(model, method_config("default", **cfg), 10)
     cpu0 = time.process_time()
-    stages = {"adversarial": 0.0, "importance": 0.0, "unlearn": 0.0, "evaluate": 0.0}
+    stages = {"adversarial": 0.0, "importance": 0.0, "unlearn": 0.0, "evaluate": 0.0, "checkpoint": 0.0}
     steps, goals, outcomes = 0, 0, []
+    store_dir = tempfile.TemporaryDirectory(prefix="fragment-speed-")
+    store = CheckpointStore(store_dir.name)
     for start in range(0, total, size):
         outcome = unlearner.unlearn(Fragment(x[start : start + size], y[start : start + size],
                                              target[start : start + size]))
@@ -97,10 +103,14 @@ def run_path(run: str, seed: int, path: str, splits, state, load: str, overrides
         logits(model, x[: start + size])
         logits(model, splits.audit.x)
         stages["evaluate"] += time.perf_counter() - t0
+        t0 = time.perf_counter()  # the daemon's version write: model file and manifest, fsynced, CURRENT switched
+        store.publish(store.current_version(), model.net.state_dict())
+        stages["checkpoint"] += time.perf_counter() - t0
         steps += outcome.steps
         goals += outcome.goal_reached
         outcomes.append(dict(stopped_by=outcome.stopped_by, steps=outcome.steps, missed=outcome.missed,
                              attack_success_ratio=round(outcome.attack_success_ratio, 4)))
+    store_dir.cleanup()
     cpu_seconds = time.process_time() - cpu0  # this process's CPU time: less sensitive to other load
     rec = dict(run=run, seed=seed, path=path, k=total, fragment_size=size, load=load, overrides=overrides or {},
                cpu_seconds=round(cpu_seconds, 3),
@@ -132,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs per (run, seed, path), old and new alternating; the median run is reported")
     p.add_argument("--flops", action="store_true", help="count FLOPs for fragment8 (adds a few runs)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="UnlearnConfig overrides for the new path (numbers as JSON), e.g. distill_pool=8192")
@@ -147,8 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for run in args.runs:
         for seed in args.seeds:
+            runs: dict[str, list[dict]] = {path: [] for path in args.paths}
+            for _ in range(args.repeat):  # old and new alternate, so load drifts hit both alike
+                for path in args.paths:
+                    runs[path].append(run_path(run, seed, path, splits, state, load,
+                                               new_overrides if path == "new" else None))
             for path in args.paths:
-                rec = run_path(run, seed, path, splits, state, load, new_overrides if path == "new" else None)
+                rec = sorted(runs[path], key=lambda r: r["seconds"])[len(runs[path]) // 2]  # the median run
+                rec["repeat_seconds"] = [r["seconds"] for r in runs[path]]
                 rec["loadavg_after"] = round(os.getloadavg()[0], 2)
                 if args.flops and run == "fragment8":
                     rec.update(flop_floor(seed, path, splits, state, rec["steps"],
@@ -159,15 +177,15 @@ def main(argv: list[str] | None = None) -> int:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps(dict(machine=platform.processor() or platform.machine(),
                                                      threads=args.threads, torch=torch.__version__,
-                                                     records=records), indent=1))
-    print("\n| run | seed | path | adversarial s | unlearn s | evaluate s | total s | steps | goal | forget | test "
-          "| new/old | floor |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                                                     repeat=args.repeat, records=records), indent=1))
+    print("\n| run | seed | path | adversarial s | unlearn s | evaluate s | checkpoint s | total s | steps | goal "
+          "| forget | test | new/old | floor |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for rec in records:
         old = next((r for r in records if (r["run"], r["seed"], r["path"]) == (rec["run"], rec["seed"], "old")), None)
         ratio = f"{rec['seconds'] / old['seconds']:.3f}" if old and rec["path"] == "new" else "-"
         s = rec["stage_seconds"]
         print(f"| {rec['run']} | {rec['seed']} | {rec['path']} | {s['adversarial']:.2f} | {s['unlearn']:.2f} | "
-              f"{s['evaluate']:.2f} | {rec['seconds']:.2f} | {rec['steps']} | {rec['goal_reached']}/{rec['fragments']} "
+              f"{s['evaluate']:.2f} | {s['checkpoint']:.2f} | {rec['seconds']:.2f} | {rec['steps']} | {rec['goal_reached']}/{rec['fragments']} "
               f"| {rec['forget_acc']:.3f} | {rec['test_acc']:.3f} | {ratio} | {rec.get('floor_fraction', '-')} |")
     pairs = [(n, o) for n in records for o in records
              if n["path"] == "new" and o["path"] == "old" and (n["run"], n["seed"]) == (o["run"], o["seed"])]
