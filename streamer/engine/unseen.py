@@ -12,6 +12,16 @@ Measured on MNIST-5k with 24 planted canaries (benchmarks/forgetting_attacks.py,
 256 warps the vote gives 23 of the 24 canaries their true class (with 64 warps, 20-22 of 24,
 depending on the seed: the vote is noisy), and, with 64 warps, the request's label to 97% of 400 typical
 training instances (a model retrained without them: 100%).
+
+When the label `y` (the one the model was trained on) is given, a second stage handles the
+instances whose vote is not their label -- those the teacher knows only by heart. Strong warps
+leave the memorised region but also blur the instance (a Fashion shirt drifts to coat or dress);
+so their class is the teacher's best class other than `y`, by mean probabilities over 4x as many
+warps at half strength, close to the instance. Measured on the Fashion ResNet's 32 canaries
+(24 shirts trained as T-shirts, 8 random labels), 256 warps, vote seeds 0-5: true class
+0.72-0.78 (mean 0.75; the one-stage vote 0.59-0.66; with 256 warps in the second stage
+0.69-0.78); the retrained references of benchmark seeds 0-2: 0.78 / 0.75 / 0.75. MNIST-5k's
+canaries (seed 0) and the typical instances of both: unchanged.
 """
 from __future__ import annotations
 
@@ -32,9 +42,12 @@ UNSEEN = -2  # Fragment.target value of an `unseen` request, before `unseen_clas
 
 @torch.no_grad()
 def unseen_classes(teacher: nn.Module, x: torch.Tensor, seed: int = 0, warps: int = 256,
-                   batch_size: int = 1024, should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+                   batch_size: int = 1024, should_stop: Callable[[], bool] | None = None,
+                   y: torch.Tensor | None = None) -> torch.Tensor:
     """(N,) int64: argmax over classes of the mean softmax of `teacher` on `warps` random affine
-    warps of each x (N, C, H, W) in [0, 1] (`augment.random_affine`, its default ranges). Each
+    warps of each x (N, C, H, W) in [0, 1] (`augment.random_affine`, its default ranges). With
+    `y` (N,), the trained labels: where that vote is not y, the argmax over classes other than y
+    of the mean softmax on 4 x `warps` warps at half strength (see the module's docstring). Each
     instance's warps are drawn from a generator seeded by `seed` and its pixels, so an image gets
     the same class whatever else is in its fragment. The teacher runs in eval mode on batches of
     about `batch_size` warps. Raises Interrupted when `should_stop()` turns true between batches."""
@@ -43,16 +56,34 @@ def unseen_classes(teacher: nn.Module, x: torch.Tensor, seed: int = 0, warps: in
     was_training = teacher.training
     teacher.eval()
     try:
-        out = []
-        for chunk in x.split(max(1, batch_size // warps)):
-            if should_stop is not None and should_stop():
-                raise Interrupted("the unseen vote was cancelled")
-            copies = torch.cat([random_affine(xi[None].expand(warps, *xi.shape), _generator(xi, seed)) for xi in chunk])
-            probs = F.softmax(teacher(copies).float(), 1)
-            out.append(probs.view(len(chunk), warps, -1).mean(1).argmax(1))
-        return torch.cat(out)
+        votes = _mean_probs(teacher, x, seed, warps, batch_size, should_stop, 1.0).argmax(1)
+        if y is None:
+            return votes
+        y = y.to(votes.device)
+        off = votes != y
+        if bool(off.any()):
+            near = _mean_probs(teacher, x[off], seed, 4 * warps, batch_size, should_stop, 0.5)
+            near[torch.arange(len(near)), y[off].to(near.device)] = -1.0  # the trained label is excluded
+            votes = votes.masked_scatter(off, near.argmax(1).to(votes.device))
+        return votes
     finally:
         teacher.train(was_training)
+
+
+def _mean_probs(teacher: nn.Module, x: torch.Tensor, seed: int, warps: int, batch_size: int,
+                should_stop: Callable[[], bool] | None, strength: float) -> torch.Tensor:
+    """(N, classes) the teacher's mean softmax over `warps` warps of each x, `strength` x the
+    default ranges of `random_affine`."""
+    ranges = dict(rotate=0.26 * strength, scale=0.15 * strength, translate=0.1 * strength)
+    out = []
+    for chunk in x.split(max(1, batch_size // warps)):
+        if should_stop is not None and should_stop():
+            raise Interrupted("the unseen vote was cancelled")
+        copies = torch.cat([random_affine(xi[None].expand(warps, *xi.shape), _generator(xi, seed), **ranges)
+                            for xi in chunk])
+        probs = F.softmax(teacher(copies).float(), 1)
+        out.append(probs.view(len(chunk), warps, -1).mean(1))
+    return torch.cat(out)
 
 
 def _generator(image: torch.Tensor, seed: int) -> torch.Generator:

@@ -101,6 +101,38 @@ def test_unseen_vote_escapes_a_memorised_point_and_ignores_the_fragment():
     assert together[2] == alone[0]  # an image's class does not depend on its fragment
 
 
+class _Blurring(torch.nn.Module):
+    """A teacher by relative L2 distance d from a memorised point: the memorised label 7 close to
+    it, the true class 5 a little further, and class 2 for blurred, far-warped copies."""
+
+    def __init__(self, point):
+        super().__init__()
+        self.point = point
+        self.fc = torch.nn.Linear(1, 1)
+
+    def forward(self, x):
+        d = (x - self.point).flatten(1).norm(dim=1) / self.point.norm()
+        logits = torch.zeros(len(x), 10)
+        logits[:, 7] = 10 - 40 * d
+        logits[:, 5] = 4 - 7.7 * d
+        logits[:, 2] = 7.7 * d
+        return logits + 0 * self.fc.weight.sum()
+
+
+def test_second_stage_takes_the_best_class_but_the_label_close_to_the_instance():
+    """Strong warps blur the instance into class 2; with its trained label 7 given, the class is
+    the best one other than 7 on half-strength warps: 5. A vote that is the label stays."""
+    i = torch.arange(12.0)
+    point = torch.exp(-((i[:, None] - 5.5) ** 2 + (i[None, :] - 4) ** 2) / 8)[None, None]
+    teacher = _Blurring(point)
+    assert teacher(point).argmax(1).tolist() == [7]
+    assert unseen_classes(teacher, point).tolist() == [2]
+    assert unseen_classes(teacher, point, y=torch.tensor([7])).tolist() == [5]
+    assert unseen_classes(teacher, point, y=torch.tensor([2])).tolist() == [2]
+    two = torch.cat([point, point])
+    assert unseen_classes(teacher, two, y=torch.tensor([7, 2])).tolist() == [5, 2]
+
+
 class _Linear(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from streamer.engine.models import Normalized
-from streamer.engine.prefix import cpu_channels_last, frozen_prefix_length, split_frozen_prefix
+from streamer.engine.prefix import cpu_channels_last, frozen_prefix_length, rows_independent, split_frozen_prefix
 from streamer.engine.trainable import select_trainable
 
 from engine_fixtures import tiny_model
@@ -68,11 +68,24 @@ class TestSplit:
         assert {id(p) for p in split.suffix.parameters()} == {id(p) for p in model.net[5:].parameters()}
 
 
+class _Viewing(nn.Module):
+    """Flattens with .view, which a channels-last activation refuses."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        out = self.conv(x).relu()
+        return self.fc(out.view(out.size(0), -1))
+
+
 class TestChannelsLast:
     def test_copy_computes_the_same_logits(self):
         """A channels-last copy: conv weights in that layout, the same logits, the original untouched."""
         model = _bn_cnn()
-        copy = cpu_channels_last(model)
+        copy = cpu_channels_last(model, torch.rand(2, 1, 4, 4))
         x = torch.rand(9, 1, 4, 4)
         assert copy is not model
         assert copy.net[0].weight.is_contiguous(memory_format=torch.channels_last)
@@ -83,19 +96,44 @@ class TestChannelsLast:
     def test_modules_used_as_they_are(self):
         """No 4-D weight, TorchScript, or a forward hook (a copy would call it with other modules):
         the module itself."""
+        example = torch.rand(2, 1, 4, 4)
         mlp = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
-        assert cpu_channels_last(mlp) is mlp
+        assert cpu_channels_last(mlp, example) is mlp
         scripted = torch.jit.script(_bn_cnn().net)
-        assert cpu_channels_last(scripted) is scripted
+        assert cpu_channels_last(scripted, example) is scripted
         wrapped = Normalized(scripted, (0.5,), (0.25,))
-        assert cpu_channels_last(wrapped) is wrapped
+        assert cpu_channels_last(wrapped, example) is wrapped
         hooked = _bn_cnn()
         hooked.net[5].register_forward_hook(lambda *_: None)
-        assert cpu_channels_last(hooked) is hooked
+        assert cpu_channels_last(hooked, example) is hooked
+
+    def test_a_forward_that_fails_or_differs_on_the_copy_keeps_the_module(self):
+        """A forward that .views its activations fails on a channels-last copy: the module itself is
+        used (and evaluates as before); its mode is restored after the trial."""
+        from streamer.engine.evaluate import logits
+
+        viewing = _Viewing().train()
+        assert cpu_channels_last(viewing, torch.rand(2, 1, 4, 4)) is viewing and viewing.training
+        x = torch.rand(300, 1, 4, 4)  # large enough for logits() to try the copy
+        with torch.no_grad():
+            assert torch.allclose(logits(viewing, x), viewing.eval()(x), atol=1e-6)
 
     def test_features_in_chunks_equal_one_batch(self):
-        """FrozenPrefix.features computes in chunks; the rows are those of one batch."""
+        """FrozenPrefix.features computes in chunks; the rows are those of one batch, in the
+        default layout whatever the prefix's."""
         model = _bn_cnn()
         split = split_frozen_prefix(model, select_trainable(model.net, "head"))
         x = torch.rand(21, 1, 4, 4)
         assert torch.allclose(split.features(x, chunk=4), split.features(x, chunk=64), atol=1e-6)
+        split = split_frozen_prefix(model, select_trainable(model.net, ["1.*", "5.*", "7.*"]))  # the prefix: the conv
+        cl = split.__class__(cpu_channels_last(split.prefix, x[:2]), split.suffix, split.length)
+        assert cl.prefix is not split.prefix and cl.prefix(x).dim() == 4
+        assert not cl.prefix(x).is_contiguous() and cl.features(x).is_contiguous()
+        assert torch.allclose(cl.features(x), split.features(x), atol=1e-6)
+
+    def test_rows_independent(self):
+        """Rows may be batched together unless BatchNorm normalises by the batch, or the module is
+        TorchScript / torch.export (batch sizes may be bounded)."""
+        assert rows_independent(_bn_cnn())
+        assert not rows_independent(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False)))
+        assert not rows_independent(Normalized(torch.jit.script(_bn_cnn().net), (0.5,), (0.25,)))

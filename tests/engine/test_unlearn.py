@@ -371,12 +371,53 @@ class TestFastPath:
         adv_x, adv_y = torch.rand(6, 1, 4, 4), torch.arange(6) % 3
         with grad_only(unlearner.model, unlearner._trainable()):
             inputs = unlearner._step_inputs(_fragment(x, y), adv_x, adv_y)
-            terms = unlearner._step_logits(inputs)
+            assert inputs.merge
+            terms = unlearner._step_logits(inputs, objective=True)
             assert set(terms) == {"objective", "adv", "distill", "buffer"}
             rows = {"objective": inputs.objective, "adv": inputs.adv, "distill": inputs.pool, "buffer": inputs.buffer}
             for name, (out, pick) in terms.items():
                 alone = inputs.forward(rows[name] if pick is None else rows[name][pick])
                 assert out.shape == alone.shape and torch.allclose(out, alone, atol=1e-5)
+
+    def test_terms_share_a_forward_only_when_rows_do_not_mix(self):
+        """Merged forwards need eval mode, the fast path and rows that do not mix: BatchNorm
+        without running statistics, train mode or the old path run one forward per term."""
+        x, y = _correct_subset(_bn_conv_model(), 4)
+        frag = _fragment(x, y)
+        mixing = _bn_conv_model()
+        mixing.net.insert(5, torch.nn.BatchNorm1d(16, track_running_stats=False))  # after the first Linear
+        for model, overrides, merge in ((_bn_conv_model(), {}, True), (_bn_conv_model(), {"train_mode": True}, False),
+                                        (_bn_conv_model(), {"fast_path": False}, False), (mixing, {}, False)):
+            unlearner = Unlearner(model, method_config("default", **overrides), 3)
+            assert unlearner._step_inputs(frag, x[:0], y[:0]).merge is merge
+
+    def test_train_mode_updates_batchnorm_only_from_batches_it_steps_on(self):
+        """In train mode the iteration that stops at the step cap runs the objective alone through
+        BatchNorm: the other terms' batches of a step that is not taken never update its running
+        statistics."""
+        x, y = _correct_subset(_bn_conv_model(), 4)
+        counts = {}
+        for max_steps in (1, 2):
+            model = _bn_conv_model()
+            before = int(model.net[1].num_batches_tracked)
+            cfg = method_config("default", train_mode=True, max_steps=max_steps, lr=1e-6)
+            out = Unlearner(model, cfg, 3).unlearn(_fragment(x, y))
+            assert out.stopped_by == "step_cap" and out.steps == max_steps
+            counts[max_steps] = int(model.net[1].num_batches_tracked) - before
+        # a step's batches: the objective and T more terms; the stopping iteration: the objective only
+        per_step = counts[2] - counts[1]
+        assert per_step >= 2 and counts[1] == per_step + 1
+
+    def test_a_viewing_network_unlearns_on_the_fast_path(self):
+        """A forward that .views its activations (channels-last copies refuse it) still runs the
+        attack, the prefix and the steps: the copies are not used for it."""
+        from test_prefix import _Viewing
+
+        model = Normalized(_Viewing(), (0.5,), (0.25,)).eval()
+        x = torch.rand(6, 1, 4, 4)
+        y = model(x).argmax(1).detach()
+        out = Unlearner(model, method_config("default", n_adv=2, pgd_steps=3, max_steps=3), 3).unlearn(_fragment(x, y))
+        assert out.steps > 0 and out.stopped_by in ("goal", "step_cap")
 
     def test_no_caching_in_train_mode_or_on_the_old_path(self):
         """train_mode (BatchNorm statistics move) and fast_path false run the whole model."""
