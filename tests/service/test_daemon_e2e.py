@@ -343,7 +343,7 @@ def test_long_fragment_keeps_the_assignment_and_sigterm_commits_nothing_unfinish
     interval_ms = 1500
     topics = new_topics(kafka_bootstrap, "poll")
     config = write_config(tmp_path, kafka_bootstrap, topics, weights,
-                          unlearning={"pgd_steps": 600, "n_adv": 10},  # a slow adversarial stage
+                          unlearning={"pgd_steps": 2000, "n_adv": 10},  # a slow adversarial stage (~3x the interval)
                           kafka={"max_poll_interval_ms": interval_ms})
     group = load_config(config).kafka.group_id
     ids = [f"p{i}" for i in range(8)]
