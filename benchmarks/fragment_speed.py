@@ -43,9 +43,8 @@ from streamer.engine.unlearn import Fragment, Unlearner, method_config  # noqa: 
 from streamer.state.checkpoints import CheckpointStore  # noqa: E402
 
 RUNS = {"fragment8": (8, 8), "single64": (64, 64), "continual": (128, 8)}  # (instances, fragment size)
-PATHS = {"old": False, "new": True}
-# the issue's "today's default": the whole network every step, and the paper's 50 PGD iterations
-OLD_DEFAULT = dict(fast_path=False, pgd_steps=50)
+# old: the issue's "today's default" (the whole network every step, the paper's 50 PGD iterations)
+PATHS = {"old": dict(fast_path=False, pgd_steps=50), "new": dict(fast_path=True)}
 UNLIMITED_SECONDS = 1e9
 
 
@@ -67,17 +66,13 @@ def _counted_flops(model_factory, cfg, fragment: Fragment, max_steps: int) -> in
     return counter.get_total_flops()
 
 
-def _path_config(path: str) -> dict:
-    return dict(OLD_DEFAULT) if path == "old" else dict(fast_path=True)
-
-
 def warm_up(splits, state) -> None:
     """One short fragment per path before anything is timed: the first optimizer and the first
     convolutions load code and allocate once per process (measured ~1 s), which a long-running
     daemon pays once, not per fragment."""
     x, y = splits.train.x[:8], splits.train.y[:8]
     for path in PATHS:
-        cfg = method_config("default", seed=0, max_steps=3, max_seconds=UNLIMITED_SECONDS, **_path_config(path))
+        cfg = method_config("default", seed=0, max_steps=3, max_seconds=UNLIMITED_SECONDS, **PATHS[path])
         Unlearner(pt._model("mnist5k", state, "cpu"), cfg, 10).unlearn(Fragment(x, y, torch.full_like(y, -1)))
 
 
@@ -87,7 +82,7 @@ def run_path(run: str, seed: int, path: str, splits, state, load: str, overrides
     x, y = splits.train.x[index[:total]], splits.train.y[index[:total]]
     target = torch.full_like(y, -1)
     model = pt._model("mnist5k", state, "cpu")
-    cfg = dict(seed=seed, max_seconds=UNLIMITED_SECONDS, **_path_config(path), **(overrides or {}))
+    cfg = dict(seed=seed, max_seconds=UNLIMITED_SECONDS, **PATHS[path], **(overrides or {}))
     unlearner = Unlearner(model, method_config("default", **cfg), 10)
     cpu0 = time.process_time()
     stages = {"adversarial": 0.0, "importance": 0.0, "unlearn": 0.0, "evaluate": 0.0, "checkpoint": 0.0}
@@ -126,7 +121,7 @@ def flop_floor(seed: int, path: str, splits, state, steps: int, seconds: float, 
     index, _ = pt._forget_order(splits, seed)
     x, y = splits.train.x[index[:8]], splits.train.y[index[:8]]
     frag = Fragment(x, y, torch.full_like(y, -1))
-    cfg = dict(seed=seed, max_seconds=UNLIMITED_SECONDS, **_path_config(path))
+    cfg = dict(seed=seed, max_seconds=UNLIMITED_SECONDS, **PATHS[path])
     factory = lambda: pt._model("mnist5k", state, "cpu")  # noqa: E731
     one, two = _counted_flops(factory, cfg, frag, 1), _counted_flops(factory, cfg, frag, 2)
     per_step = two - one

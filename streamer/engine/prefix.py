@@ -8,10 +8,9 @@ eager `nn.Sequential` (forward not overridden) is split, at a top-level child; a
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Collection
 from dataclasses import dataclass
-
-import copy
 
 import torch
 from torch import nn
@@ -20,12 +19,14 @@ from .models import Normalized
 
 __all__ = ["FrozenPrefix", "cpu_channels_last", "frozen_prefix_length", "rows_independent", "split_frozen_prefix"]
 
+_NOT_EAGER = (torch.jit.ScriptModule, torch.fx.GraphModule)  # TorchScript, torch.export / FX: not split, copied or batched
+
 
 def frozen_prefix_length(net: nn.Module, trainable: Collection[str]) -> int | None:
     """How many leading top-level children of `net` hold no parameter named in `trainable`
     (names as `net.named_parameters()` gives them); None when `net` cannot be split there (not
     an eager nn.Sequential, or one whose forward is its own)."""
-    if (not isinstance(net, nn.Sequential) or isinstance(net, (torch.jit.ScriptModule, torch.fx.GraphModule))
+    if (not isinstance(net, nn.Sequential) or isinstance(net, _NOT_EAGER)
             or type(net).forward is not nn.Sequential.forward):
         return None
     chosen = set(trainable)
@@ -86,7 +87,7 @@ def rows_independent(module: nn.Module) -> bool:
     batched and chunked freely: an eager module without BatchNorm that normalises by the batch
     (`track_running_stats=False`). TorchScript and torch.export modules (whose batch sizes may be
     bounded) are not batched beyond what the caller gives them."""
-    return not any(isinstance(m, (torch.jit.ScriptModule, torch.fx.GraphModule))
+    return not any(isinstance(m, _NOT_EAGER)
                    or (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None)
                    for m in module.modules())
 
@@ -106,7 +107,7 @@ def cpu_channels_last(module: nn.Module, example: torch.Tensor) -> nn.Module:
     copy cannot be made or differs."""
     params = list(module.parameters())
     if (not params or params[0].device.type != "cpu" or not any(p.dim() == 4 for p in params)
-            or any(isinstance(m, (torch.jit.ScriptModule, torch.fx.GraphModule)) or m._forward_hooks
+            or any(isinstance(m, _NOT_EAGER) or m._forward_hooks
                    or m._forward_pre_hooks for m in module.modules())):
         return module
     was_training = module.training

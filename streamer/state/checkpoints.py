@@ -287,4 +287,3 @@ def _read_verified(path: Path, sha256: str) -> bytes:
     if actual != sha256:
         raise CheckpointError(f"{path} has sha256 {actual}, its manifest says {sha256}: the file is corrupt")
     return data
-
