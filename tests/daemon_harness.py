@@ -34,6 +34,10 @@ FAST_UNLEARNING: dict[str, Any] = {
 }
 
 
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} in a log line: not JSON")
+
+
 def train_digits(out: Path, epochs: int = 12, seed: int = 0) -> Path:
     """The digits reference CNN trained for a few epochs (seconds), saved as a state_dict."""
     from streamer.engine.data import load_splits
@@ -112,8 +116,9 @@ class DaemonProcess:
         )
 
     def events(self) -> list[dict[str, Any]]:
+        """The daemon's JSON log lines, read strictly (a NaN or Infinity fails: RFC 8259 has none)."""
         lines = self.log_path.read_text(errors="replace").splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
+        return [json.loads(line, parse_constant=_not_json) for line in lines if line.startswith("{")]
 
     def wait_for(self, event: str, timeout_s: float = 60.0,
                  where: Callable[[dict[str, Any]], bool] = lambda e: True, count: int = 1) -> list[dict[str, Any]]:

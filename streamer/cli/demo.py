@@ -194,11 +194,13 @@ def plot(rows: list[dict], out: Path) -> Path | None:
         return None
     xs = list(range(len(rows)))
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("forgotten", "forgotten set (want 0)"), ("audit", "audit / held-out (want high)"),
-                       ("fragment", "last fragment (want 0)")):
+    # the forgotten and fragment lines often coincide (both at 0): wide and solid under narrow and dashed
+    for key, label, style in (("forgotten", "forgotten set (want 0)", dict(marker="o", lw=4, ms=9, alpha=0.6)),
+                              ("audit", "audit / held-out (want high)", dict(marker="s")),
+                              ("fragment", "last fragment (want 0)", dict(marker="x", ls="--", ms=7))):
         ys = [r[key] for r in rows]
         if any(y is not None for y in ys):
-            ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", label=label)
+            ax.plot(xs, [float("nan") if y is None else y for y in ys], label=label, **style)
     ax.set_xticks(xs, [r["version"] for r in rows], rotation=45, fontsize=8)
     ax.set(ylim=(-0.03, 1.03), ylabel="accuracy", title="streamer demo: accuracy per published version")
     ax.grid(alpha=0.3)

@@ -45,6 +45,23 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.dataset, args.requests, args.workdir, args.seed)
 
 
+def _broker(args: argparse.Namespace) -> int:
+    import signal
+
+    from ..service.broker import Broker
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops it as Ctrl-C does, the broker first
+    with Broker(port=args.port) as broker:
+        print(f"embedded Kafka-protocol broker (Tansu, in memory: its records end with it) at {broker.bootstrap}; "
+              "Ctrl-C stops it", flush=True)
+        try:
+            status = broker.wait()
+        except KeyboardInterrupt:
+            return 0
+    print(f"streamer: error: the broker exited with status {status}", file=sys.stderr)
+    return 2
+
+
 def _produce(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -56,8 +73,7 @@ def _produce(args: argparse.Namespace) -> int:
     if args.file:
         items = list(file_events(Path(args.file)))
     else:
-        values = dataset_events(cfg, args.dataset, args.index, args.prefix, args.relabel_to, args.mode)
-        items = [(f"index {i}", v) for i, v in zip(args.index, values)]
+        items = list(dataset_events(cfg, args.dataset, args.index, args.prefix, args.relabel_to, args.mode))
     prepared = prepare(items, sample_context(cfg))
     invalid = [p for p in prepared if p.error]
     for p in invalid:
@@ -191,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, help="where config, checkpoints, log and plot go (default runs/demo-TIME)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    broker = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu, in memory) in the "
+                                           "foreground, for `streamer run` and `streamer produce` on one machine")
+    broker.add_argument("--port", type=int, default=9092, help="on 127.0.0.1 (default 9092, config.yaml's)")
+    broker.set_defaults(func=_broker)
     produce = sub.add_parser("produce", help="validate deletion events against a config, then send them")
     produce.add_argument("--config", required=True)
     source = produce.add_mutually_exclusive_group(required=True)
@@ -252,6 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "reference", None) and not args.attacks:
         parser.error("--reference goes with --attacks")
+    if args.func is _produce:
+        if args.dataset is not None and not args.index:
+            parser.error("--dataset needs --index")
+        dataset_only = [name for name, given in (("--index", args.index), ("--relabel-to", args.relabel_to is not None),
+                                                 ("--mode", args.mode), ("--prefix", args.prefix)) if given]
+        if args.file and dataset_only:
+            parser.error(f"{', '.join(dataset_only)} go with --dataset, not --file")
     if getattr(args, "attacks", False):
         args.func = _verify_attacks
     configure_logging(args.log_level or "info")

@@ -25,29 +25,33 @@ class Prepared:
 
 
 def dataset_events(cfg: DaemonConfig, dataset: str, indices: Iterable[int], prefix: str,
-                   relabel_to: int | None = None, mode: str | None = None) -> Iterator[bytes]:
-    """Events whose samples are `{"dataset": NAME, "index": I}`, labelled from the dataset. Their
-    mode: relabel to `relabel_to` (misclassify for an index already labelled so), else `mode`,
-    else the config's unlearning.default_mode, written into each event. Raises InvalidEvent for an
-    unknown dataset or index, ValueError for a mode other than misclassify / unseen or both given."""
+                   relabel_to: int | None = None,
+                   mode: str | None = None) -> Iterator[tuple[str, bytes | InvalidEvent]]:
+    """(where, event) per index: events whose samples are `{"dataset": NAME, "index": I}`,
+    labelled from the dataset. Their mode: relabel to `relabel_to`, else `mode`, else the config's
+    unlearning.default_mode, written into each event. An index outside the dataset gives
+    (where, InvalidEvent), so that it is reported beside the others (and a relabel to the
+    instance's own label is left for `parse_event` to refuse, as the daemon would). Raises
+    InvalidEvent for an unknown dataset, ValueError for a mode other than misclassify / unseen
+    or for both given."""
     if mode is not None and (mode not in DEFAULT_MODES or relabel_to is not None):
         raise ValueError(f"mode must be one of {', '.join(DEFAULT_MODES)} without relabel_to, got {mode!r}")
     if dataset not in cfg.data.datasets:
         raise InvalidEvent(f"dataset {dataset!r} is not configured under data.datasets")
     labels = load_dataset_ref(cfg.data.datasets[dataset], cfg.model.input_shape).y
     for i in indices:
+        request_id = f"{prefix}{dataset}-{i}"
         if not 0 <= i < len(labels):
-            raise InvalidEvent(f"index {i} is outside dataset {dataset!r} (0..{len(labels) - 1})")
-        label = int(labels[i])
-        event = {"schema": 1, "request_id": f"{prefix}{dataset}-{i}", "label": label,
+            yield f"index {i}", InvalidEvent(f"index {i} is outside dataset {dataset!r} (0..{len(labels) - 1})",
+                                             request_id)
+            continue
+        event = {"schema": 1, "request_id": request_id, "label": int(labels[i]),
                  "sample": {"dataset": dataset, "index": int(i)}}
         if relabel_to is None:
             event["mode"] = mode or cfg.unlearning.default_mode
-        elif relabel_to == label:
-            event["mode"] = "misclassify"
         else:
             event.update(mode="relabel", target_label=relabel_to)
-        yield json.dumps(event).encode()
+        yield f"index {i}", json.dumps(event).encode()
 
 
 def file_events(path: Path) -> Iterator[tuple[str, bytes]]:
@@ -58,14 +62,17 @@ def file_events(path: Path) -> Iterator[tuple[str, bytes]]:
                 yield f"line {n}", line.strip()
 
 
-def prepare(items: Iterable[tuple[str, bytes]], ctx: SampleContext) -> list[Prepared]:
+def prepare(items: Iterable[tuple[str, bytes | InvalidEvent]], ctx: SampleContext) -> list[Prepared]:
+    """Each event checked as the daemon will (`parse_event`); an InvalidEvent item is kept as is."""
     out = []
     for where, value in items:
         try:
+            if isinstance(value, InvalidEvent):
+                raise value
             request = parse_event(value, ctx)
             out.append(Prepared(where, request.request_id, value, None))
         except InvalidEvent as err:
-            out.append(Prepared(where, err.request_id, value, err.reason))
+            out.append(Prepared(where, err.request_id, value if isinstance(value, bytes) else b"", err.reason))
     return out
 
 

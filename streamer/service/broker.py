@@ -62,12 +62,15 @@ def create_topics(bootstrap: str, names: Iterable[str], partitions: int = 1) -> 
 
 
 class Broker:
-    """One tansu process with in-memory storage on a free 127.0.0.1 port."""
+    """One tansu process with in-memory storage on 127.0.0.1: on `port`, or on a free port (retried
+    on a race) when `port` is None."""
 
-    def __init__(self, executable: Path | None = None, startup_timeout_s: float = 20.0, port_attempts: int = 3):
+    def __init__(self, executable: Path | None = None, startup_timeout_s: float = 20.0, port_attempts: int = 3,
+                 port: int | None = None):
         self.executable = executable
         self.startup_timeout_s = startup_timeout_s
-        self.port_attempts = port_attempts
+        self.port_attempts = 1 if port is not None else port_attempts
+        self.fixed_port = port
         self.port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -83,7 +86,7 @@ class Broker:
         executable = self.executable or tansu_executable()
         failure = ""
         for _ in range(self.port_attempts):
-            self.port = free_port()
+            self.port = self.fixed_port or free_port()
             failure = self._wait_ready(self._spawn(executable))
             if not failure:
                 return self
@@ -104,6 +107,12 @@ class Broker:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+    def wait(self) -> int:
+        """Block until the broker process exits; its exit status."""
+        if self._process is None:
+            raise BrokerError("the broker is not started")
+        return self._process.wait()
 
     def create_topics(self, names: Iterable[str], partitions: int = 1) -> None:
         """Create new topics (an existing name is an error) and wait until they are visible."""

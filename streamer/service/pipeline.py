@@ -136,10 +136,11 @@ class FragmentPipeline:
         self._crash.at("after_receipts")
         commit(manifest.offsets)
         stopped_by = result.outcome.stopped_by
+        accuracies = {k: v for k, v in result.accuracies.items() if math.isfinite(v)}  # NaN: an empty set (all unseen)
         self._metrics.observe_fragment(
             outcome=stopped_by if stopped_by in ("goal", "step_cap", "time_cap") else "failed",
             steps=result.outcome.steps, stage_seconds=published.stage_seconds,
-            accuracies={k: v for k, v in result.accuracies.items() if math.isfinite(v)},  # NaN: an empty set (all unseen)
+            accuracies=accuracies,
             version=manifest.number, timestamp=self._clock())
         self._metrics.set_forgotten(len(result.forgotten))
         statuses = [s.status for _, s in run.applied]
@@ -149,7 +150,7 @@ class FragmentPipeline:
             forgotten=statuses.count("forgotten"), relabelled=statuses.count("relabelled"),
             failed=statuses.count("failed"), quarantined=len(run.failed), abandoned=len(run.abandoned),
             duplicates=len(manifest.duplicates), missed=result.outcome.missed,
-            accuracies={k: round(v, 4) for k, v in result.accuracies.items()}, offsets=manifest.offsets)
+            accuracies={k: round(v, 4) for k, v in accuracies.items()}, offsets=manifest.offsets)
 
     def _abandoned_entry(self, request_id: str, reason: str) -> dict[str, Any] | None:
         applied = self._outbox.ledger.last_applied(request_id)

@@ -92,6 +92,7 @@ class TestErasureReport:
         assert "shredded at 2023-11-15T22:13:20.000Z: verified until v000001" in text
         assert "window open: opened 2023-11-14T22:13:20.000Z, closes by 2023-11-28T22:13:20.000Z or after v000004" in text
         assert "copy: record req[0]@1 until 2023-11-18T22:12:50.000Z" in text
+        assert "\n3 requests\n" in text and "verified in 1 version: v000001" in text and "1 versions" not in text
 
     def test_dead_letters_without_payload_hold_no_copy(self, cfg) -> None:
         """With kafka.dead_letter_payload off (the default) a rejected event's only copy is its request record."""

@@ -129,3 +129,28 @@ class TestProduce:
         assert "sent p-1" in out.stdout
         records = read_topic(kafka_bootstrap, topics["requests"], 1)
         assert [r.key for r in records] == [b"p-1"]
+
+    def test_dataset_events_are_checked_as_the_daemon_checks_them(self, kafka_bootstrap, weights, tmp_path):
+        """--dataset: a relabel to the instance's own label and an index outside the dataset are invalid
+        events (exit 1, named with the reason), not a silent misclassify or a usage error; with
+        --skip-invalid the valid indices are sent; usage errors (no --index, --file with --index) exit 2."""
+        topics = new_topics(kafka_bootstrap, "prodds")
+        config = write_config(tmp_path, kafka_bootstrap, topics, weights)
+        own, other = int(TRAIN.y[0]), next(i for i in range(1, len(TRAIN.y)) if TRAIN.y[i] != TRAIN.y[0])
+        base = ["produce", "--config", str(config), "--dataset", "digits", "--relabel-to", str(own)]
+        for extra in (["--dry-run"], []):
+            out = _cli(*base, "--index", "0", *extra)
+            assert out.returncode == 1 and "index 0" in out.stderr and "target_label equals label" in out.stderr
+        assert read_topic(kafka_bootstrap, topics["requests"], 0, settle_s=1.0) == []
+        out = _cli(*base, "--index", str(other), "-1", "999999", "--skip-invalid")
+        assert out.returncode == 1 and "index -1" in out.stderr and "index 999999" in out.stderr, out.stderr
+        assert "outside dataset 'digits'" in out.stderr and f"sent digits-{other}" in out.stdout, out.stdout
+        (record,) = read_topic(kafka_bootstrap, topics["requests"], 1)
+        event = json.loads(record.value)
+        assert (event["mode"], event["target_label"], event["sample"]) == ("relabel", own,
+                                                                          {"dataset": "digits", "index": other})
+        assert _cli("produce", "--config", str(config), "--dataset", "digits").returncode == 2
+        path = tmp_path / "e.jsonl"
+        path.write_text("")
+        usage = _cli("produce", "--config", str(config), "--file", str(path), "--index", "3")
+        assert usage.returncode == 2 and "--index go with --dataset" in usage.stderr

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -12,7 +15,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
 from streamer.service import broker as kafka_broker
-from streamer.service.broker import Broker, BrokerError
+from streamer.service.broker import Broker, BrokerError, create_topics
 from streamer.errors import ConfigError
 from streamer.service.kafka_io import (consumer_lag, described_topic_configs, ensure_topics, make_consumer,
                                        make_producer)
@@ -99,6 +102,36 @@ class TestBroker:
             monkeypatch.setattr(kafka_broker, "free_port", lambda: occupier.port)  # where Broker looks it up
             with pytest.raises(BrokerError, match=r"(?s)exited with status 0 .*Address in use"):
                 Broker(port_attempts=2).start()
+
+
+    @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+    def test_streamer_broker_serves_on_its_port_until_stopped(self, stop: signal.Signals) -> None:
+        """`streamer broker --port P` serves Kafka on 127.0.0.1:P until Ctrl-C or `kill`, then exits 0 and
+        frees P; on a port already taken it fails with exit status 2 and the reason."""
+        port = kafka_broker.free_port()
+        process = subprocess.Popen([sys.executable, "-m", "streamer", "broker", "--port", str(port)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert f"at 127.0.0.1:{port}" in process.stdout.readline()
+            bootstrap = f"127.0.0.1:{port}"
+            create_topics(bootstrap, ["cli-broker"])
+            _produce(bootstrap, "cli-broker", 2)
+            consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+            try:
+                consumer.assign([TopicPartition("cli-broker", 0)])
+                consumer.seek_to_beginning()
+                assert [r.value for r in _consume(consumer, 2)] == [b"v0", b"v1"]
+            finally:
+                consumer.close()
+            taken = subprocess.run([sys.executable, "-m", "streamer", "broker", "--port", str(port)],
+                                   capture_output=True, text=True, timeout=120)
+            assert taken.returncode == 2 and "exited with status 0" in taken.stderr
+            process.send_signal(stop)
+            assert process.wait(timeout=30) == 0
+        finally:
+            process.kill()
+            process.wait()
+        assert not kafka_broker._accepts_connections(port)
 
 
 class TestBrokerStartup:
