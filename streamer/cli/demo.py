@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 from kafka import KafkaConsumer, TopicPartition
 
+from ..text import plural
 from ..service.broker import Broker, free_port
 from ..service.kafka_io import ensure_topics, topic_configs_by_name
 from ..state.checkpoints import CheckpointStore
@@ -157,7 +158,7 @@ def summarize(checkpoints: Path, receipts: list[dict]) -> tuple[str, list[dict]]
 def erasure_table(report: dict) -> str:
     """One line per request of the erasure report: where it stands and when its window closes."""
     lines = [f"erasure report ({len(report['requests'])} requests; verification window "
-             f"{report['verify_window_days']:g} days or {report['verify_window_fragments']} later versions):",
+             f"{plural(report['verify_window_days'], 'day')} or {plural(report['verify_window_fragments'], 'later version')}):",
              "| request | status | applied in | verified in | window closes by | shredded at (verified until) |",
              "|---|---|---|---|---|---|"]
     for r in report["requests"]:

@@ -23,6 +23,7 @@ from ..state.ledger import APPLIED, LEDGER_FILE, Ledger, Outcome
 from ..state.retained import Window
 from ..state.shreds import ShredLog
 from ..state.vault import read_index
+from ..text import plural
 
 __all__ = ["erasure_report", "format_report"]
 
@@ -168,10 +169,10 @@ def _version_after(version: str, n: int) -> str:
 
 def format_report(report: Mapping[str, Any]) -> str:
     """The report as text, one block per request."""
+    fragments = report["verify_window_fragments"]
     lines = [f"erasure report at {report['generated_at']}: CURRENT {report['current']}, verification window "
-             f"{report['verify_window_days']:g} days" + (f" or {_count(report['verify_window_fragments'], 'version')}"
-                                                          if report["verify_window_fragments"] is not None else ""),
-             _count(len(report["requests"]), "request"), ""]
+             + plural(report["verify_window_days"], "day") + (f" or {plural(fragments, 'version')}" if fragments else ""),
+             plural(len(report["requests"]), "request"), ""]
     for r in report["requests"]:
         window, shredded = r["window"], r["shredded"]
         lines.append(f"{r['request_id']}  subject {r['subject'] or '-'}  record {', '.join(r['records'])}")
@@ -180,7 +181,7 @@ def format_report(report: Mapping[str, Any]) -> str:
                      + (f"applied in {r['applied_in']} at {r['applied_at']}" if r["applied_in"] else
                         "not applied: " + r["status"]))
         if r["verified_in"]:
-            lines.append(f"  verified in {_count(len(r['verified_in']), 'version')}: {_span(r['verified_in'])}")
+            lines.append(f"  verified in {plural(len(r['verified_in']), 'version')}: {_span(r['verified_in'])}")
         if window:
             lines.append(f"  window {window['state']}: opened {window['opened_at']}, closes by {window['closes_by']}"
                          + (f" or after {window['closes_after_version']}" if window["closes_after_version"] else ""))
@@ -193,10 +194,6 @@ def format_report(report: Mapping[str, Any]) -> str:
             lines.append(f"  copy: {c['where']} until {c['until'] or '?'}" + (f"  ({c['note']})" if c["note"] else ""))
         lines.append("")
     return "\n".join(lines)
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _span(versions: list[str]) -> str:

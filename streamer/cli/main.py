@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
 
 from ..errors import ConfigError, StreamerError
 from ..service.logs import configure_logging
+from ..text import plural
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -48,16 +50,25 @@ def _demo(args: argparse.Namespace) -> int:
 def _broker(args: argparse.Namespace) -> int:
     import signal
 
-    from ..service.broker import Broker
+    from ..service.broker import Broker, BrokerError
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops it as Ctrl-C does, the broker first
-    with Broker(port=args.port) as broker:
+    def stop(*_: object) -> None:  # `kill` stops it as Ctrl-C does, the broker first; once
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    broker = Broker(port=args.port)
+    try:
+        broker.start()
         print(f"embedded Kafka-protocol broker (Tansu, in memory: its records end with it) at {broker.bootstrap}; "
               "Ctrl-C stops it", flush=True)
-        try:
-            status = broker.wait()
-        except KeyboardInterrupt:
-            return 0
+        status = broker.wait()
+    except BrokerError as err:  # its first line says why; the rest is tansu's own output
+        raise StreamerError(str(err).splitlines()[0]) from err
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        broker.stop()
     print(f"streamer: error: the broker exited with status {status}", file=sys.stderr)
     return 2
 
@@ -73,18 +84,22 @@ def _produce(args: argparse.Namespace) -> int:
     if args.file:
         items = list(file_events(Path(args.file)))
     else:
-        items = list(dataset_events(cfg, args.dataset, args.index, args.prefix, args.relabel_to, args.mode))
+        indices = list(dict.fromkeys(args.index))  # one event per instance
+        if len(indices) < len(args.index):
+            n = len(args.index) - len(indices)
+            print(f"note: dropped {n} repeated {'index' if n == 1 else 'indices'}: one event per index", file=sys.stderr)
+        items = list(dataset_events(cfg, args.dataset, indices, args.prefix, args.relabel_to, args.mode))
     prepared = prepare(items, sample_context(cfg))
     invalid = [p for p in prepared if p.error]
     for p in invalid:
         print(f"invalid {p.where} (request_id {p.request_id or '?'}): {p.error}", file=sys.stderr)
     if invalid and not args.skip_invalid:
-        print(f"nothing sent: {len(invalid)} of {len(prepared)} events are invalid (--skip-invalid sends the rest)",
+        print(f"nothing sent: {len(invalid)} of {plural(len(prepared), 'event')} invalid (--skip-invalid sends the rest)",
               file=sys.stderr)
         return 1
     if args.dry_run or len(invalid) == len(prepared):
         reason = "--dry-run" if args.dry_run else "no valid event"
-        print(f"{len(prepared) - len(invalid)} valid events, nothing sent ({reason})")
+        print(f"{plural(len(prepared) - len(invalid), 'valid event')}, nothing sent ({reason})")
         return 1 if invalid else 0
     for p, partition, offset in send(cfg, prepared):
         print(f"sent {p.request_id} ({p.where}) -> {cfg.kafka.topics.requests}[{partition}]@{offset}")
@@ -209,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
     broker = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu, in memory) in the "
                                            "foreground, for `streamer run` and `streamer produce` on one machine")
-    broker.add_argument("--port", type=int, default=9092, help="on 127.0.0.1 (default 9092, config.yaml's)")
+    broker.add_argument("--port", type=_port, default=9092, help="on 127.0.0.1 (default 9092, config.yaml's)")
     broker.set_defaults(func=_broker)
     produce = sub.add_parser("produce", help="validate deletion events against a config, then send them")
     produce.add_argument("--config", required=True)
@@ -225,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--prefix", default="", help="with --dataset: request_id prefix (id = PREFIX + DATASET-INDEX)")
     produce.add_argument("--dry-run", action="store_true", help="validate only")
     produce.add_argument("--skip-invalid", action="store_true", help="send the valid events even if some are invalid")
-    produce.set_defaults(func=_produce)
+    produce.set_defaults(func=_produce, usage_error=produce.error)
     ckpt = sub.add_parser("checkpoints", help="list versions, or show one manifest")
     ckpt.add_argument("action", choices=["list", "show"])
     ckpt.add_argument("version", nargs="?", help="with show: the version (e.g. v000003; default CURRENT)")
@@ -265,6 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _port(text: str) -> int:
+    """A TCP port for argparse: 0 (any free one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 0..65535 (0: any free port)")
+    return port
+
+
 def main(argv: list[str] | None = None) -> int:
     """Every failure is one `streamer: error: ...` line on stderr and exit status 2 (verify uses 1
     for "instances came back"); `--log-level debug` adds the traceback of unexpected errors."""
@@ -274,19 +300,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--reference goes with --attacks")
     if args.func is _produce:
         if args.dataset is not None and not args.index:
-            parser.error("--dataset needs --index")
+            args.usage_error("--dataset needs --index")
         dataset_only = [name for name, given in (("--index", args.index), ("--relabel-to", args.relabel_to is not None),
                                                  ("--mode", args.mode), ("--prefix", args.prefix)) if given]
         if args.file and dataset_only:
-            parser.error(f"{', '.join(dataset_only)} go with --dataset, not --file")
+            args.usage_error(f"{', '.join(dataset_only)} {'goes' if len(dataset_only) == 1 else 'go'} with --dataset, "
+                             "not --file")
     if getattr(args, "attacks", False):
         args.func = _verify_attacks
     configure_logging(args.log_level or "info")
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
+        return status
     except StreamerError as err:
         print(f"streamer: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("streamer: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader (`| head`) closed the pipe: no error, and none at exit's flush either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as err:  # noqa: BLE001 - the one place that turns anything else into one line
         if (args.log_level or "info") == "debug":
             traceback.print_exc()

@@ -42,7 +42,7 @@ def dataset_events(cfg: DaemonConfig, dataset: str, indices: Iterable[int], pref
     for i in indices:
         request_id = f"{prefix}{dataset}-{i}"
         if not 0 <= i < len(labels):
-            yield f"index {i}", InvalidEvent(f"index {i} is outside dataset {dataset!r} (0..{len(labels) - 1})",
+            yield f"index {i}", InvalidEvent(f"dataset index {i} is outside [0, {len(labels)}) for {dataset!r}",
                                              request_id)
             continue
         event = {"schema": 1, "request_id": request_id, "label": int(labels[i]),

@@ -202,11 +202,22 @@ def _parse_object(event: dict[str, Any], ctx: SampleContext) -> ForgetRequest:
         given = f"mode {mode}" if event.get("mode") is not None else f"an event without mode (the default, {mode})"
         raise InvalidEvent(f"{given} takes no target_label (use mode relabel)")
 
+    x = decode_sample(event["sample"], ctx)
+    _check_dataset_label(event["sample"], label, ctx)
     return ForgetRequest(
-        request_id=request_id, mode=mode, label=label, target_label=target_label,
-        x=decode_sample(event["sample"], ctx),
+        request_id=request_id, mode=mode, label=label, target_label=target_label, x=x,
         subject=_subject(event.get("subject")), requested_at=_requested_at(event.get("requested_at")),
     )
+
+
+def _check_dataset_label(sample: dict[str, Any], label: int, ctx: SampleContext) -> None:
+    """A `{dataset, index}` sample's label must be the one the dataset holds: every goal is judged
+    against the trained label (a wrong one makes misclassify 'met' with the model unchanged)."""
+    labels = ctx.dataset_labels.get(sample.get("dataset")) if "dataset" in sample else None
+    if labels is not None and int(labels[sample["index"]]) != label:
+        raise InvalidEvent(f"label {label} is not the label dataset {sample['dataset']!r} holds for index "
+                           f"{sample['index']} ({int(labels[sample['index']])}): goals are judged against the "
+                           "trained label")
 
 
 def _valid_request_id(value: Any) -> str | None:

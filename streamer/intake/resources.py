@@ -46,8 +46,9 @@ def resolve_device(name: str) -> torch.device:
 def sample_context(cfg: DaemonConfig) -> SampleContext:
     """What samples are validated against (the daemon and `streamer produce` alike)."""
     shape = cfg.model.input_shape
+    sets = {name: load_dataset_ref(ref, shape) for name, ref in cfg.data.datasets.items()}
     return SampleContext(
         num_classes=cfg.model.num_classes, input_shape=shape, uri_roots=cfg.data.uri_roots,
-        datasets={name: load_dataset_ref(ref, shape).x for name, ref in cfg.data.datasets.items()},
+        datasets={name: d.x for name, d in sets.items()}, dataset_labels={name: d.y for name, d in sets.items()},
         max_payload_bytes=cfg.data.max_payload_bytes, default_mode=cfg.unlearning.default_mode,
     )

@@ -70,6 +70,7 @@ class SampleContext:
     input_shape: tuple[int, int, int]  # (C, H, W)
     uri_roots: tuple[Path, ...] = ()
     datasets: Mapping[str, torch.Tensor] = field(default_factory=dict)  # name -> (N, C, H, W) in [0, 1]
+    dataset_labels: Mapping[str, torch.Tensor] = field(default_factory=dict)  # name -> (N,) the trained labels
     max_payload_bytes: int = 8 * 1024 * 1024  # also caps the size of a file a `uri` points at
     default_mode: str = "misclassify"  # the goal of an event without `mode` (unlearning.default_mode)
 
@@ -87,6 +88,10 @@ class SampleContext:
                 raise ConfigError(
                     f"dataset {name!r} has shape {tuple(images.shape)}, expected (N, {', '.join(map(str, self.input_shape))})"
                 )
+        for name, labels in self.dataset_labels.items():
+            if name not in self.datasets or tuple(labels.shape) != (len(self.datasets[name]),):
+                raise ConfigError(f"dataset_labels[{name!r}] must be ({len(self.datasets.get(name, ()))},) "
+                                  f"beside its images, got {tuple(labels.shape)}")
 
 
 def _is_int(value: Any) -> bool:

@@ -84,6 +84,8 @@ class Broker:
     def start(self) -> Broker:
         """Start tansu and return once it answers Kafka requests; retries on a port race."""
         executable = self.executable or tansu_executable()
+        if self.fixed_port and not _free(self.fixed_port):  # tansu would exit 0 with a panic, or we would wait on
+            raise BrokerError(f"port {self.fixed_port} on 127.0.0.1 is in use")  # somebody else's listener
         failure = ""
         for _ in range(self.port_attempts):
             self.port = self.fixed_port or free_port()
@@ -165,6 +167,16 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a listener binds: TIME_WAIT is no obstacle
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _accepts_connections(port: int | None) -> bool:

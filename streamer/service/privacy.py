@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..text import plural
 from ..config import PrivacyConfig
 from ..intake.events import ForgetRequest
 from ..state.checkpoints import CheckpointStore, Manifest, rfc3339, version_number
@@ -100,7 +101,7 @@ class VaultKeeper:
     def _window_reason(self, ref: Any, ok: bool, verified: str | None, manifest: Manifest, now: float) -> str:
         closed_by = (f"{self.window.days:g} days since it was first applied at {ref.applied_at}"
                      if now >= self.window.closes_at(ref) else
-                     f"verified in {manifest.number - version_number(ref.applied_in)} later versions")
+                     f"verified in {plural(manifest.number - version_number(ref.applied_in), 'later version')}")
         check = (f"its goal held on {manifest.version} at the final check" if ok else
                  f"its goal did NOT hold on {manifest.version} at the final check (last held in "
                  f"{verified or 'no version'}); shredded anyway: the erasure deadline comes first")

@@ -144,13 +144,26 @@ class TestProduce:
         assert read_topic(kafka_bootstrap, topics["requests"], 0, settle_s=1.0) == []
         out = _cli(*base, "--index", str(other), "-1", "999999", "--skip-invalid")
         assert out.returncode == 1 and "index -1" in out.stderr and "index 999999" in out.stderr, out.stderr
-        assert "outside dataset 'digits'" in out.stderr and f"sent digits-{other}" in out.stdout, out.stdout
+        assert "is outside [0, " in out.stderr and f"sent digits-{other}" in out.stdout, out.stdout
         (record,) = read_topic(kafka_bootstrap, topics["requests"], 1)
         event = json.loads(record.value)
         assert (event["mode"], event["target_label"], event["sample"]) == ("relabel", own,
                                                                           {"dataset": "digits", "index": other})
+        again = _cli(*base, "--index", str(other), str(other), "--dry-run")  # relabel to `own`: valid for `other`
+        assert again.returncode == 0 and "dropped 1 repeated index" in again.stderr
+        assert again.stdout == "1 valid event, nothing sent (--dry-run)\n"
+        wrong = tmp_path / "wrong.jsonl"  # a dataset sample under a label the dataset does not hold for it
+        wrong.write_text(json.dumps({"schema": 1, "request_id": "w-1", "label": (own + 1) % 10,
+                                     "sample": {"dataset": "digits", "index": 0}}) + "\n")
+        out = _cli("produce", "--config", str(config), "--file", str(wrong), "--dry-run")
+        assert out.returncode == 1 and f"is not the label dataset 'digits' holds for index 0 ({own})" in out.stderr
+        closed = subprocess.Popen([sys.executable, "-m", "streamer", *base[:-2], "--index", str(other), "--dry-run"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        closed.stdout.close()  # like `| head -0`: the reader is gone before the command writes
+        assert closed.wait(timeout=120) == 141 and closed.stderr.read() == ""
         assert _cli("produce", "--config", str(config), "--dataset", "digits").returncode == 2
         path = tmp_path / "e.jsonl"
         path.write_text("")
         usage = _cli("produce", "--config", str(config), "--file", str(path), "--index", "3")
-        assert usage.returncode == 2 and "--index go with --dataset" in usage.stderr
+        assert usage.returncode == 2 and "--index goes with --dataset" in usage.stderr
+        assert "usage: streamer produce" in usage.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import copy
 import io
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -131,6 +132,18 @@ class TestValidEvents:
         assert torch.equal(req.x, ctx.datasets["digits"][4])
         req.x.zero_()
         assert not torch.equal(req.x, ctx.datasets["digits"][4])
+
+    def test_dataset_sample_label_must_be_the_datasets(self, ctx: SampleContext) -> None:
+        """With the dataset's labels known, a dataset sample under another label is invalid whatever the
+        mode (misclassify would be 'met' with the model unchanged); its own label passes."""
+        labels = dataclasses.replace(ctx, dataset_labels={"digits": torch.tensor([0, 1, 2, 3, 7])})
+        assert parse_event(_encode(_event(label=7, sample={"dataset": "digits", "index": 4})), labels).label == 7
+        for mode, extra in (("misclassify", {}), ("unseen", {}), ("relabel", {"target_label": 7})):
+            bad = _event(label=3, mode=mode, sample={"dataset": "digits", "index": 4}, **extra)
+            with pytest.raises(InvalidEvent, match=r"label 3 is not the label dataset 'digits' holds for index 4 \(7\)"):
+                parse_event(_encode(bad), labels)
+        with pytest.raises(ConfigError, match=r"dataset_labels\['digits'\] must be \(5,\)"):
+            dataclasses.replace(ctx, dataset_labels={"digits": torch.zeros(4, dtype=torch.long)})
 
     @pytest.mark.parametrize("stamp", ["2024-05-01T12:00:00Z", "2024-05-01t12:00:00.123456789+02:00"])
     def test_optional_fields_are_kept(self, ctx: SampleContext, stamp: str) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -125,13 +126,29 @@ class TestBroker:
                 consumer.close()
             taken = subprocess.run([sys.executable, "-m", "streamer", "broker", "--port", str(port)],
                                    capture_output=True, text=True, timeout=120)
-            assert taken.returncode == 2 and "exited with status 0" in taken.stderr
+            assert taken.returncode == 2 and taken.stderr == f"streamer: error: port {port} on 127.0.0.1 is in use\n"
             process.send_signal(stop)
             assert process.wait(timeout=30) == 0
         finally:
             process.kill()
             process.wait()
         assert not kafka_broker._accepts_connections(port)
+
+
+    def test_streamer_broker_refuses_a_port_held_by_anything_or_out_of_range(self) -> None:
+        """A port held by a listener that is not Kafka fails at once with one line; ports outside
+        0..65535 and non-numbers are usage errors; all exit 2."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+            port = sock.getsockname()[1]
+            out = subprocess.run([sys.executable, "-m", "streamer", "broker", "--port", str(port)],
+                                 capture_output=True, text=True, timeout=60)
+        assert (out.returncode, out.stderr) == (2, f"streamer: error: port {port} on 127.0.0.1 is in use\n")
+        for bad in ("-1", "65536", "http"):
+            out = subprocess.run([sys.executable, "-m", "streamer", "broker", "--port", bad],
+                                 capture_output=True, text=True, timeout=60)
+            assert out.returncode == 2 and "usage: streamer broker" in out.stderr and "--port" in out.stderr
 
 
 class TestBrokerStartup:
