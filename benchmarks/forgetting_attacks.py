@@ -71,12 +71,13 @@ def load(dataset: str, path: Path):
     return model.eval()
 
 
-def run_unlearning(model, dataset, method, goal, setting, x, y, relabel, seed, overrides):
-    """Unlearn in place; (seconds per fragment, steps, every fragment reached its goal, stops, targets)."""
+def run_unlearning(model, dataset, method, goal, setting, x, y, relabel, seed, overrides, buffer=None):
+    """Unlearn in place (with the opt-in retain `buffer`, a Dataset, when given); (seconds per
+    fragment, steps, every fragment reached its goal, stops, targets)."""
     cfg = method_config("default", seed=seed, trainable=trainable(method, dataset), max_seconds=1e9, **overrides)
     target = {"misclassify": torch.full_like(y, -1), "relabel": relabel, "unseen": torch.full_like(y, UNSEEN)}[goal]
     n, size = (K, K) if setting == "single" else (TOTAL, K_CL)
-    unlearner = Unlearner(model, cfg, 10)
+    unlearner = Unlearner(model, cfg, 10, buffer=buffer)
     seconds, steps, reached, stops, targets = [], 0, True, [], []
     for i in range(0, n, size):
         start = time.perf_counter()
@@ -124,13 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", nargs="+", type=Path, metavar="JSON",
                         help="print the table and the targets from result files of earlier runs (no run), "
                         "records of --methods only")
+    parser.add_argument("--buffer", type=int, default=0, metavar="N",
+                        help="the opt-in retain buffer: the first N images of the dataset's buffer split (held out "
+                        "of training and of the audit set); recorded as method METHOD+bufferN")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="unlearning settings over the default's (numbers or words), e.g. margin=4")
     args = parser.parse_args(argv)
     args.set = parse_set(args.set)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.render:
-        records = [r for path in args.render for r in json.loads(path.read_text()) if r["method"] in args.methods]
+        records = [r for path in args.render for r in json.loads(path.read_text()) if r["method"].split("+")[0] in args.methods]
         for dataset in sorted({r["dataset"] for r in records}):
             plot(records, dataset, args.out / f"attacks-{dataset}.png")
         print_table(records)
@@ -182,6 +186,7 @@ def run_dataset(dataset: str, args) -> list[dict]:
         held_out = (splits.audit.x[audit], splits.audit.y[audit])
         is_canary = torch.isin(index, canaries.index)
         before = accuracy(load(dataset, original_path), splits.audit.x, splits.audit.y)
+        buffer = splits.buffer.subset(torch.arange(min(args.buffer, len(splits.buffer)))) if args.buffer else None
         for setting in args.settings:
             n = K if setting == "single" else TOTAL
             kinds = {"canary": is_canary[:n], "typical": ~is_canary[:n], "all": torch.ones(n, dtype=torch.bool)}
@@ -190,8 +195,9 @@ def run_dataset(dataset: str, args) -> list[dict]:
                     print(f"  {dataset} seed {seed} {setting} {goal} {method}", flush=True)
                     model = load(dataset, original_path)
                     seconds, steps, reached, stops, targets = run_unlearning(
-                        model, dataset, method, goal, setting, x[:n], y[:n], relabel[:n], seed, args.set)
-                    common = dict(dataset=dataset, goal=goal, method=method, setting=setting, k=n, seed=seed,
+                        model, dataset, method, goal, setting, x[:n], y[:n], relabel[:n], seed, args.set, buffer)
+                    label = f"{method}+buffer{args.buffer}" if buffer is not None else method
+                    common = dict(dataset=dataset, goal=goal, method=label, setting=setting, k=n, seed=seed,
                                   overrides=args.set,
                                   seconds=round(sum(seconds), 1), seconds_per_fragment=round(sum(seconds) / len(seconds), 1),
                                   steps=steps, goal_reached_every_fragment=reached, stopped_by=stops)

@@ -49,3 +49,35 @@ def test_forgetting_attacks_forget_order_and_plot(tmp_path):
                  seed=0, attacks=attacks) for g in fa.GOALS for kind in ("canary", "typical")]
     fa.plot(recs, "mnist5k", tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_forgetting_attacks_buffer_reaches_the_unlearner(tmp_path, capsys):
+    """--buffer's Dataset is the Unlearner's retain buffer (the same fragment ends elsewhere with it),
+    and --render keeps METHOD+bufferN records under --methods METHOD."""
+    import torch
+    from torch import nn
+
+    import forgetting_attacks as fa
+    from streamer.engine.data import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(64, 1, 4, 4, generator=g), torch.arange(64) % 10
+    buffer = Dataset(torch.rand(32, 1, 4, 4, generator=g), torch.arange(32) % 10)
+    weights = []
+    for buf in (None, buffer):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(16, 10))
+        *_, targets = fa.run_unlearning(model, "mnist5k", "head", "misclassify", "single", x, y, y, 0,
+                                        {"max_steps": 20, "n_adv": 0}, buf)
+        weights.append(model[1].weight.detach().clone())
+    assert not torch.allclose(weights[0], weights[1])
+    pair = {"model": 0.5, "reference": 0.1}
+    attacks = {"probe_recovery": pair, "probe_recovery_prehead": pair, "relearn": {"50": pair},
+               "mia_efficacy": pair, "loss_auc": pair, "streisand_auc": pair}
+    rec = dict(dataset="mnist5k", setting="single", goal="misclassify", method="head+buffer500", kind="canary",
+               forget_acc=0.0, forget_acc_ref=0.0, true_acc=0.9, true_acc_ref=1.0, test_drop=0.01, seed=0,
+               seconds_per_fragment=3.0, goal_reached_every_fragment=True, attacks=attacks)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps([rec]))
+    assert fa.main(["--render", str(path), "--methods", "head", "--out", str(tmp_path)]) == 0
+    assert "| head+buffer500 | canary |" in capsys.readouterr().out
