@@ -26,7 +26,7 @@ from .methods import METHODS, UnlearnConfig, method_config  # noqa: F401 (the en
 from .objectives import distillation_loss, forget_loss, goal_met
 from .prefix import FrozenPrefix, cpu_channels_last, rows_independent, split_frozen_prefix
 from .trainable import describe_trainable, select_trainable
-from .unseen import UNSEEN, unseen_classes
+from .unseen import UNSEEN, class_prototypes, last_linear, unseen_classes
 from .augment import random_affine  # noqa: F401 (re-exported)
 from .fragment import _TREND_EVERY, Fragment, FragmentOutcome, cap_cause  # noqa: F401 (re-exported)
 
@@ -70,19 +70,21 @@ class Unlearner:
         stages: dict[str, float] = {}
         fragment = fragment.to(self.device)
         k = len(fragment)
-        if bool((fragment.target == UNSEEN).any()):
+        unseen_rows = fragment.target == UNSEEN
+        if bool(unseen_rows.any()):
             t0 = time.perf_counter()
             try:
                 fragment = self.resolve_unseen(fragment, should_stop)
             except Interrupted:
                 return FragmentOutcome(False, "cancelled", 0, time.perf_counter() - t0, [False] * k, k, 0, 0.0, {})
             stages["unseen"] = time.perf_counter() - t0
+        proto = self._prototype_goal(fragment, unseen_rows)
         retained = self.forgotten if (cfg.retain_forgotten and self.forgotten is not None) else None
         objective = Fragment.cat([fragment, retained]) if retained is not None else fragment
         with torch.no_grad(), grad_only(model, train=False):
             met = goal_met(model(objective.x), objective.y, objective.target)
         resurrected = int((~met[k:]).sum())
-        if bool(met.all()) and not cfg.train_mode:  # nothing to move (e.g. unseen typical instances): no attack
+        if bool(met.all()) and proto is None and not cfg.train_mode:  # nothing to move (e.g. unseen typical instances): no attack
             return self._finish(fragment, objective, "goal", 0, met, [(0, 0)], resurrected, float("nan"), stages)
 
         try:
@@ -104,23 +106,33 @@ class Unlearner:
                      else torch.optim.SGD(params, lr=cfg.lr))
         steps, stopped_by, met = 0, "step_cap", torch.zeros(len(objective), dtype=torch.bool)
         trend: list[tuple[int, int]] = []  # (step, instances missing their goal), every _TREND_EVERY steps
+        caught: list[torch.Tensor] = []
+        hook = (last_linear(self.net).register_forward_hook(lambda _m, i, _o: caught.append(i[0].flatten(1)))
+                if proto is not None else None)
         with grad_only(model, params, train=cfg.train_mode):  # no gradients for the weights that stay put
             inputs = self._step_inputs(objective, adv_x, adv_y)  # frozen-prefix features computed once
             while True:
+                caught.clear()
                 # merged: every term in one forward; else the objective first, the rest only when a step follows
                 logits = (self._step_logits(inputs, objective=True) if inputs.merge
                           else {"objective": (inputs.forward(inputs.objective), None)})
                 met = goal_met(logits["objective"][0].detach(), objective.y, objective.target)
+                features_met, proto_loss = True, None
+                if proto is not None:  # memorised unseen rows: their features within tol of their class's prototype
+                    rows, target_features = proto
+                    gap = ((caught[0][rows] - target_features).pow(2).sum(1)
+                           / target_features.pow(2).sum(1).clamp_min(1e-12))  # squared relative L2 distance
+                    features_met = bool((gap.detach().sqrt() <= cfg.unseen_feature_tol).all())
+                    proto_loss = cfg.unseen_feature_weight * gap.mean()
                 if steps % _TREND_EVERY == 0:
                     trend.append((steps, int((~met).sum())))
-                if bool(met.all()):
+                if bool(met.all()) and features_met:
                     stopped_by = "goal"
                     break
-                if steps >= cfg.max_steps:
-                    stopped_by = "step_cap"
-                    break
-                if time.perf_counter() - t0 >= cfg.max_seconds:
-                    stopped_by = "time_cap"
+                capped = ("step_cap" if steps >= cfg.max_steps
+                          else "time_cap" if time.perf_counter() - t0 >= cfg.max_seconds else None)
+                if capped is not None:  # the feature goal is best effort: with every class goal met, the goal
+                    stopped_by = "goal" if bool(met.all()) else capped
                     break
                 if cancel is not None and cancel.is_set():
                     stopped_by = "cancelled"
@@ -128,6 +140,8 @@ class Unlearner:
                 if not inputs.merge:  # train mode: no BatchNorm update from batches no step trains on
                     logits.update(self._step_logits(inputs, objective=False))
                 loss = self._loss(logits, objective, k, inputs, imp, steps)
+                if proto_loss is not None:
+                    loss = loss + proto_loss
                 if not torch.isfinite(loss):  # a step on it would make every weight NaN
                     stopped_by = "non_finite"
                     break
@@ -137,6 +151,8 @@ class Unlearner:
                 steps += 1
                 if progress is not None and (steps % 25 == 0 or steps == 1):
                     progress(steps, loss.item(), int((~met).sum()))
+        if hook is not None:
+            hook.remove()
         if not trend or trend[-1][0] != steps:
             trend.append((steps, int((~met).sum())))
         stages["unlearn"] = time.perf_counter() - t0
@@ -162,6 +178,20 @@ class Unlearner:
             missed_trend=tuple(trend), cap_cause=cap_cause(stopped_by, trend),
             targets=fragment.target.cpu().tolist(),
         )
+
+    def _prototype_goal(self, fragment: Fragment, unseen_rows: torch.Tensor):
+        """(rows, (m, D) target features) for the feature goal of memorised `unseen` instances (their
+        class is not their label): the teacher's mean penultimate features over the retain buffer's
+        images of that class (`unseen.class_prototypes`). None when off (`unseen_feature_weight` 0),
+        without a buffer or an eager nn.Linear head, or when no row has a class the buffer holds."""
+        if self.cfg.unseen_feature_weight <= 0 or self.buffer is None or last_linear(self.net) is None:
+            return None
+        rows = torch.nonzero(unseen_rows & (fragment.target != fragment.y)).flatten()
+        if len(rows) == 0:
+            return None
+        targets = class_prototypes(self.teacher, self.buffer, self.num_classes)[fragment.target[rows]]
+        keep = torch.isfinite(targets).all(1)
+        return (rows[keep], targets[keep]) if bool(keep.any()) else None
 
     def resolve_unseen(self, fragment: Fragment, should_stop: Callable[[], bool] | None = None) -> Fragment:
         """The fragment with each `unseen` target (-2) replaced by the class the teacher's warp vote

@@ -35,7 +35,7 @@ from torch import nn
 from ..errors import Interrupted
 from .augment import random_affine
 
-__all__ = ["UNSEEN", "unseen_classes"]
+__all__ = ["UNSEEN", "class_prototypes", "last_linear", "unseen_classes"]
 
 UNSEEN = -2  # Fragment.target value of an `unseen` request, before `unseen_classes` resolves it
 
@@ -90,3 +90,39 @@ def _generator(image: torch.Tensor, seed: int) -> torch.Generator:
     """A CPU generator seeded by `seed` and a digest of the image's float32 pixels."""
     digest = hashlib.blake2b(image.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=8).digest()
     return torch.Generator().manual_seed((int.from_bytes(digest, "big") ^ seed) & (2**63 - 1))
+
+
+def last_linear(model: nn.Module) -> nn.Linear | None:
+    """The last eager nn.Linear in module order (the classifier head of the usual CNN), or None
+    (TorchScript and exported programs, or no Linear)."""
+    found = [m for m in model.modules() if isinstance(m, nn.Linear) and not isinstance(m, torch.jit.ScriptModule)]
+    return found[-1] if found else None
+
+
+@torch.no_grad()
+def class_prototypes(teacher: nn.Module, data, num_classes: int, batch_size: int = 256) -> torch.Tensor:
+    """(num_classes, D) float32: the mean of `teacher`'s penultimate features (the input of its last
+    nn.Linear, flattened) over `data`'s images (a Dataset: x (N, C, H, W) in [0, 1], y (N,)) of each
+    class, in eval mode; NaN rows for classes `data` does not hold. Where a model that never saw an
+    instance puts unseen images of a class (the class means that a linear probe separates; Papyan
+    et al., PNAS 2020, on their alignment with the classifier). Raises ValueError without an eager
+    nn.Linear."""
+    head = last_linear(teacher)
+    if head is None:
+        raise ValueError("class_prototypes needs an eager nn.Linear head to read penultimate features from")
+    caught: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _m, inputs, _out: caught.append(inputs[0].flatten(1).float()))
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        for chunk in data.x.split(batch_size):
+            teacher(chunk)
+    finally:
+        handle.remove()
+        teacher.train(was_training)
+    features, y = torch.cat(caught), data.y.to(caught[0].device)
+    out = torch.full((num_classes, features.shape[1]), float("nan"), device=features.device)
+    for c in y.unique().tolist():
+        if 0 <= c < num_classes:
+            out[c] = features[y == c].mean(0)
+    return out
