@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     goal.add_argument("--mode", choices=["misclassify", "unseen"],
                       help="with --dataset: the goal (default: the config's unlearning.default_mode); unseen = where a "
                            "model that never saw the instance puts it")
-    produce.add_argument("--prefix", default="", help="with --dataset: request_id prefix (id = PREFIX + DATASET-INDEX)")
+    produce.add_argument("--prefix", default="", help="with --dataset: request_id prefix (id = PREFIX + DATASET-INDEX, "
+                         "+ -relabel-T or -MODE for a goal other than the config's default)")
     produce.add_argument("--dry-run", action="store_true", help="validate only")
     produce.add_argument("--skip-invalid", action="store_true", help="send the valid events even if some are invalid")
     produce.set_defaults(func=_produce, usage_error=produce.error)

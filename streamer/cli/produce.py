@@ -28,7 +28,8 @@ def dataset_events(cfg: DaemonConfig, dataset: str, indices: Iterable[int], pref
                    relabel_to: int | None = None,
                    mode: str | None = None) -> Iterator[tuple[str, bytes | InvalidEvent]]:
     """(where, event) per index: events whose samples are `{"dataset": NAME, "index": I}`,
-    labelled from the dataset. Their mode: relabel to `relabel_to`, else `mode`, else the config's
+    labelled from the dataset, with request_id PREFIX + NAME-I, + "-relabel-T" or "-MODE" for a
+    goal other than the config's default. Their mode: relabel to `relabel_to`, else `mode`, else the config's
     unlearning.default_mode, written into each event. An index outside the dataset gives
     (where, InvalidEvent), so that it is reported beside the others (and a relabel to the
     instance's own label is left for `parse_event` to refuse, as the daemon would). Raises
@@ -39,8 +40,10 @@ def dataset_events(cfg: DaemonConfig, dataset: str, indices: Iterable[int], pref
     if dataset not in cfg.data.datasets:
         raise InvalidEvent(f"dataset {dataset!r} is not configured under data.datasets")
     labels = load_dataset_ref(cfg.data.datasets[dataset], cfg.model.input_shape).y
+    goal = (f"-relabel-{relabel_to}" if relabel_to is not None
+            else f"-{mode}" if mode is not None and mode != cfg.unlearning.default_mode else "")
     for i in indices:
-        request_id = f"{prefix}{dataset}-{i}"
+        request_id = f"{prefix}{dataset}-{i}{goal}"  # another goal for the same index is another request
         if not 0 <= i < len(labels):
             yield f"index {i}", InvalidEvent(f"dataset index {i} is outside [0, {len(labels)}) for {dataset!r}",
                                              request_id)

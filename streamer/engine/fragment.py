@@ -41,7 +41,7 @@ class FragmentOutcome:
     attack_success_ratio: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
     missed_trend: tuple[tuple[int, int], ...] = ()  # (step, instances missing their goal), every 25 steps and the last
-    cap_cause: str | None = None  # step_cap/time_cap only: "time" (still progressing) | "difficulty" (stalled)
+    cap_cause: str | None = None  # step_cap/time_cap only: "time" | "steps" (still progressing at that cap) | "difficulty" (stalled)
     targets: list[int] = field(default_factory=list)  # per instance of the fragment, unseen (-2) resolved to its class
 
 
@@ -49,12 +49,14 @@ _TREND_EVERY = 25
 
 
 def cap_cause(stopped_by: str, trend: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> str | None:
-    """Why a step or time cap was hit: "time" when the count of instances missing their goal
-    still fell over the last half of the steps taken (more steps would most likely have reached
-    the goal: the cap, not the fragment, decided), "difficulty" when it did not (stalled).
-    None for any other stop."""
+    """Why a step or time cap was hit: "time" (time cap) or "steps" (step cap) when the count of
+    instances missing their goal still fell over the last half of the steps taken (more time or
+    more steps would most likely have reached the goal: the cap, not the fragment, decided),
+    "difficulty" when it did not (stalled). None for any other stop."""
     if stopped_by not in ("step_cap", "time_cap") or not trend:
         return None
     last_step, last_missed = trend[-1]
     earlier = [missed for step, missed in trend if step <= last_step / 2]
-    return "time" if earlier and last_missed < earlier[-1] else "difficulty"
+    if not (earlier and last_missed < earlier[-1]):
+        return "difficulty"
+    return "time" if stopped_by == "time_cap" else "steps"

@@ -125,10 +125,11 @@ class Collector:
             raise InvalidEvent(f"the event could not be decoded: {type(err).__name__}: {err}") from err
 
     def _conflict(self, request: ForgetRequest) -> str | None:
-        """Why `request` cannot be met together with an applied or pending request for the same
-        instance (e.g. two relabels to different classes), or None."""
+        """Why `request` cannot be taken: its request_id names an applied or pending request with
+        other content, or its goal cannot be met together with an applied or pending request for
+        the same instance (e.g. two relabels to different classes); None if it can."""
         pending = [(a.request.request_id, a.request.label, a.request.target, a.request.x) for a in self.pending]
-        return self._goals.conflict(request, pending)
+        return self._goals.reused(request, pending) or self._goals.conflict(request, pending)
 
     def _sort(self, record: ConsumerRecord, dead_letters: list[Any]) -> Outcome | None:
         start = time.perf_counter()

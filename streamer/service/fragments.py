@@ -232,10 +232,11 @@ def _statuses(logits: torch.Tensor, requests: Sequence[ForgetRequest], y: torch.
     cap = {"step_cap": f"step cap {cfg.max_steps} hit", "time_cap": f"time cap {cfg.max_seconds:g} s hit",
            "goal": "goal reached for the fragment"}.get(outcome.stopped_by, outcome.stopped_by)
     why = ""
-    if outcome.cap_cause is not None and outcome.missed_trend:  # time: still progressing; difficulty: stalled
+    if outcome.cap_cause is not None and outcome.missed_trend:  # time/steps: still progressing; difficulty: stalled
         trend = ", ".join(f"{missed} at step {step}" for step, missed in outcome.missed_trend[-4:])
-        why = (f"; cap hit while still progressing, more time would likely have reached the goal (missing: {trend})"
-               if outcome.cap_cause == "time" else f"; cap hit after progress stalled (missing: {trend})")
+        more = {"time": "more time", "steps": "more steps"}.get(outcome.cap_cause)
+        why = (f"; cap hit while still progressing, {more} would likely have reached the goal (missing: {trend})"
+               if more else f"; cap hit after progress stalled (missing: {trend})")
     statuses = []
     for i, request in enumerate(requests):
         goal = int(target[i])

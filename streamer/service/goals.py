@@ -74,6 +74,30 @@ class GoalIndex:
                 return f"conflicts with request {other.request_id} for the same instance ({_describe(other)}): {why}"
         return None
 
+    def reused(self, request: ForgetRequest, pending: Sequence[Entry] = ()) -> str | None:
+        """Why `request` reuses the request_id of an applied (still retained) or pending request with
+        other content -- another instance, label or goal -- or None (new, or the same request
+        again: a duplicate). An idempotency key names one request; a repeat with other content is
+        not that request, and answering it `duplicate` would leave its instance unforgotten.
+        Shredded requests' content is gone, so their ids can only be recognised as duplicates."""
+        digest, unseen = instance_sha256(request.x), request.mode == "unseen"
+        earlier = [(d, g) for d, goals in self._applied().items() for g in goals if g.request_id == request.request_id]
+        earlier += [(instance_sha256(x), _Goal(rid, label, target, target == UNSEEN)) for rid, label, target, x in pending
+                    if rid == request.request_id]
+        for other_digest, other in earlier:
+            if other_digest != digest:
+                what = "another instance (other pixels)"
+            elif other.label != request.label:
+                what = f"another label ({request.label}, was {other.label})"
+            elif other.unseen != unseen or (not unseen and other.target != request.target):
+                what = f"another goal ({_describe(_Goal(request.request_id, request.label, request.target, unseen))}, " \
+                       f"was {_describe(other)})"
+            else:
+                continue
+            return (f"request_id {request.request_id} is already used by a request for {what}: a request_id names one "
+                    "request; send this one under a new request_id")
+        return None
+
     def _applied(self) -> dict[str, list[_Goal]]:
         retained = self._retained()
         if retained is not self._seen:  # rebuilt only when the retained set object changes

@@ -1,6 +1,7 @@
 """The small HTTP server of the daemon: /metrics (Prometheus text format), /healthz, /readyz."""
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -46,6 +47,15 @@ def _probe(check: Callable[[], bool]) -> bool:
         return False
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that went away mid-request (a probe's timeout, a half-sent request) is nobody's
+        error: no traceback on stderr. Anything else keeps socketserver's report."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+
 def serve(
     metrics_registry: CollectorRegistry,
     host: str,
@@ -88,7 +98,7 @@ def serve(
             # Scrapes every 15 s would flood stderr; access logs are not wanted here.
             pass
 
-    httpd = ThreadingHTTPServer((host, port), Handler)
+    httpd = _Server((host, port), Handler)
     httpd.daemon_threads = True
     # poll_interval bounds how long close() waits for the serving loop to notice shutdown.
     thread = threading.Thread(

@@ -144,7 +144,7 @@ class TestProduce:
         assert read_topic(kafka_bootstrap, topics["requests"], 0, settle_s=1.0) == []
         out = _cli(*base, "--index", str(other), "-1", "999999", "--skip-invalid")
         assert out.returncode == 1 and "index -1" in out.stderr and "index 999999" in out.stderr, out.stderr
-        assert "is outside [0, " in out.stderr and f"sent digits-{other}" in out.stdout, out.stdout
+        assert "is outside [0, " in out.stderr and f"sent digits-{other}-relabel-{own}" in out.stdout, out.stdout
         (record,) = read_topic(kafka_bootstrap, topics["requests"], 1)
         event = json.loads(record.value)
         assert (event["mode"], event["target_label"], event["sample"]) == ("relabel", own,

@@ -447,9 +447,11 @@ class TestFastPath:
 
 class TestCapCause:
     def test_time_when_still_progressing_difficulty_when_stalled(self):
-        """A cap hit while the missing count still falls is "time"; a flat count is "difficulty"."""
+        """A cap hit while the missing count still falls is "time" / "steps" (which cap); a flat count is
+        "difficulty"."""
         from streamer.engine.unlearn import cap_cause
         assert cap_cause("time_cap", [(0, 8), (25, 6), (50, 3)]) == "time"
+        assert cap_cause("step_cap", [(0, 8), (25, 6), (50, 3)]) == "steps"  # raise max_steps, not max_seconds
         assert cap_cause("step_cap", [(0, 8), (25, 3), (50, 3), (75, 3)]) == "difficulty"
         assert cap_cause("goal", [(0, 8), (25, 0)]) is None
 

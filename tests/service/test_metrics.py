@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import shutil
+import socket
+import struct
 import subprocess
 import urllib.error
 import urllib.request
@@ -329,6 +331,26 @@ class TestServe:
 
         with serve(registry, "127.0.0.1", 0, broken, broken) as handle:
             assert _get(handle, "/healthz")[0] == 503
+
+    def test_clients_that_hang_up_leave_no_traceback(self, server: MetricsServer, capsys) -> None:
+        """Half-sent requests closed with a reset put nothing on stderr and the probes keep
+        answering; an error that is not a closed connection is still reported."""
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+        assert _get(server, "/healthz")[0] == 200
+        for error in (BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "reset")):
+            try:
+                raise error
+            except ConnectionError:
+                server._httpd.handle_error(None, ("127.0.0.1", 1))
+        assert "Traceback" not in capsys.readouterr().err
+        try:
+            raise ValueError("a real bug")
+        except ValueError:
+            server._httpd.handle_error(None, ("127.0.0.1", 1))
+        assert "ValueError: a real bug" in capsys.readouterr().err
 
     def test_unknown_path_is_404(self, server: MetricsServer) -> None:
         """Any other path answers 404."""

@@ -112,6 +112,28 @@ class TestConflicts:
         assert index.conflict(_request("d", "unseen", 0)) is None
 
 
+    @pytest.mark.parametrize(("again", "what"), [
+        (("misclassify", 0, None, torch.zeros(SHAPE)), "another instance"),
+        (("misclassify", 2, None, X), "another label (2, was 0)"),
+        (("relabel", 0, 2, X), "another goal (relabel 0 -> 2, was misclassify, label 0)"),
+        (("unseen", 0, None, X), "another goal (unseen, label 0, was misclassify, label 0)"),
+    ], ids=["pixels", "label", "relabel", "unseen"])
+    def test_a_request_id_reused_for_other_content_is_refused(self, again: tuple, what: str) -> None:
+        """Pending or applied, a request_id sent again with other pixels, label or goal is refused
+        (not a duplicate); the same content again is a duplicate (None here)."""
+        mode, label, target, x = again
+        first = _request("r", "misclassify", 0)
+        retained = ForgottenSet.empty(SHAPE).prepend(X[None], torch.tensor([0]), torch.tensor([-1]), ["r"])
+        for index, pending in ((self._index(), [(first.request_id, first.label, first.target, first.x)]),
+                               (self._index(retained), [])):
+            reason = index.reused(_request("r", mode, label, target, x), pending)
+            assert reason is not None and f"already used by a request for {what}" in reason, reason
+            assert index.reused(_request("r", "misclassify", 0), pending) is None
+            assert index.reused(_request("other", mode, label, target, x), pending) is None
+        unseen = ForgottenSet.empty(SHAPE).prepend(X[None], torch.tensor([0]), torch.tensor([1]), ["u"], ["u"])
+        assert self._index(unseen).reused(_request("u", "unseen", 0)) is None  # applied target: the resolved class
+
+
 class TestReplay:
     def test_an_unseen_request_comes_back_with_its_resolved_class(self, tmp_path: Path) -> None:
         """replay_batch rebuilds an unseen request with the class of its manifest entry (target_class),

@@ -1,0 +1,83 @@
+"""The unseen feature goal (with a retain buffer): a memorised instance's penultimate features end
+near the buffer's prototype of its class; class prototypes are per-class means."""
+from __future__ import annotations
+
+import torch
+
+from torch import nn
+
+from engine_fixtures import tiny_data, tiny_model
+from streamer.engine.data import Dataset
+from streamer.engine.models import Normalized
+from streamer.engine.unlearn import Fragment, Unlearner, method_config
+from streamer.engine.unseen import UNSEEN, class_prototypes, last_linear, unseen_classes
+
+
+def _penultimate(model, x: torch.Tensor) -> torch.Tensor:
+    caught = []
+    handle = last_linear(model).register_forward_hook(lambda _m, i, _o: caught.append(i[0].flatten(1)))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return caught[0]
+
+
+def test_class_prototypes_are_per_class_means_of_penultimate_features():
+    model = tiny_model()
+    x, _ = tiny_data(30)
+    y = torch.arange(30) % 2  # class 2 absent
+    protos = class_prototypes(model, Dataset(x, y), num_classes=3, batch_size=7)
+    features = _penultimate(model, x)
+    assert torch.allclose(protos[0], features[y == 0].mean(0)) and torch.allclose(protos[1], features[y == 1].mean(0))
+    assert torch.isnan(protos[2]).all()
+
+
+def _smooth_model() -> Normalized:
+    """tiny_model with tanh features: no unit is dead for one input, so any prototype is reachable."""
+    torch.manual_seed(0)
+    return Normalized(nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 3)), (0.5,), (0.25,)).eval()
+
+
+def _distance(model, x, proto) -> float:
+    return float((_penultimate(model, x)[0] - proto).norm() / proto.norm())
+
+
+def test_memorised_unseen_instance_reaches_its_class_prototype_only_with_a_buffer():
+    """y is not the warp vote (a memorised label): its unseen class t != y is already the model's
+    prediction, so without a buffer nothing moves; with one, the step loop runs until the features
+    are within unseen_feature_tol of the buffer's class-t prototype, and the request's goal holds."""
+    teacher = _smooth_model()
+    bx, _ = tiny_data(120, seed=1)
+    with torch.no_grad():
+        buffer = Dataset(bx, teacher(bx).argmax(1))  # labelled as the model sees them: prototypes of its classes
+    x, _ = tiny_data(1, seed=2)
+    vote = int(unseen_classes(teacher, x)[0])
+    y = torch.tensor([(vote + 1) % 3])
+    t = int(unseen_classes(teacher, x, y=y)[0])
+    assert t != int(y) and bool((buffer.y == t).any())
+    proto = class_prototypes(teacher, buffer, 3)[t]
+    cfg = method_config("default", max_steps=1000, lr=3e-3, n_adv=0, unseen_feature_tol=0.25)
+    results = {}
+    for name, buf in (("none", None), ("buffer", buffer)):
+        model = _smooth_model()
+        before = _distance(model, x, proto)
+        out = Unlearner(model, cfg, 3, buffer=buf).unlearn(Fragment(x, y, torch.tensor([UNSEEN])))
+        results[name] = (out, before, _distance(model, x, proto), int(model(x).argmax(1)))
+    (none, before, after_none, _), (withbuf, _, after_buf, pred) = results["none"], results["buffer"]
+    assert before > 0.25 and none.steps == 0 and after_none == before
+    assert withbuf.goal_reached and withbuf.steps > 0 and after_buf <= 0.25 and pred == t
+    assert withbuf.targets == [t] and withbuf.fragment_met == [True]
+
+
+def test_the_feature_goal_is_best_effort_at_the_step_cap():
+    """Capped before the features arrive, a fragment whose class goals are all met still reports its
+    goal reached: the request is forgotten, not failed."""
+    teacher = _smooth_model()
+    bx, _ = tiny_data(120, seed=1)
+    with torch.no_grad():
+        buffer = Dataset(bx, teacher(bx).argmax(1))
+    x, _ = tiny_data(1, seed=2)
+    y = torch.tensor([(int(unseen_classes(teacher, x)[0]) + 1) % 3])
+    cfg = method_config("default", max_steps=2, n_adv=0)
+    out = Unlearner(_smooth_model(), cfg, 3, buffer=buffer).unlearn(Fragment(x, y, torch.tensor([UNSEEN])))
+    assert (out.steps, out.stopped_by, out.goal_reached, out.fragment_met, out.missed) == (2, "goal", True, [True], 0)
