@@ -17,16 +17,25 @@ class Fragment:
     x: torch.Tensor  # (k, C, H, W) pixels in [0, 1]
     y: torch.Tensor  # (k,) original labels
     target: torch.Tensor  # (k,)
+    unseen: torch.Tensor | None = None  # (k,) bool: the goal is unseen (kept once target is resolved); None: none
 
     def __len__(self) -> int:
         return len(self.y)
 
     def to(self, device) -> "Fragment":
-        return Fragment(self.x.to(device), self.y.to(device), self.target.to(device))
+        return Fragment(self.x.to(device), self.y.to(device), self.target.to(device),
+                        None if self.unseen is None else self.unseen.to(device))
+
+    def unseen_mask(self) -> torch.Tensor:
+        """(k,) bool: rows whose goal is unseen (pending, target -2, or resolved)."""
+        return (self.unseen if self.unseen is not None else torch.zeros_like(self.y, dtype=torch.bool)) | (
+            self.target == -2)
 
     @staticmethod
     def cat(parts: list["Fragment"]) -> "Fragment":
-        return Fragment(*(torch.cat([getattr(p, n) for p in parts]) for n in ("x", "y", "target")))
+        x, y, target = (torch.cat([getattr(p, n) for p in parts]) for n in ("x", "y", "target"))
+        unseen = torch.cat([p.unseen_mask() for p in parts]) if any(p.unseen is not None for p in parts) else None
+        return Fragment(x, y, target, unseen)
 
 
 @dataclass(frozen=True)

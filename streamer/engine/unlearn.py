@@ -70,17 +70,16 @@ class Unlearner:
         stages: dict[str, float] = {}
         fragment = fragment.to(self.device)
         k = len(fragment)
-        unseen_rows = fragment.target == UNSEEN
-        if bool(unseen_rows.any()):
+        if bool((fragment.target == UNSEEN).any()):
             t0 = time.perf_counter()
             try:
                 fragment = self.resolve_unseen(fragment, should_stop)
             except Interrupted:
                 return FragmentOutcome(False, "cancelled", 0, time.perf_counter() - t0, [False] * k, k, 0, 0.0, {})
             stages["unseen"] = time.perf_counter() - t0
-        proto = self._prototype_goal(fragment, unseen_rows)
         retained = self.forgotten if (cfg.retain_forgotten and self.forgotten is not None) else None
         objective = Fragment.cat([fragment, retained]) if retained is not None else fragment
+        proto = self._prototype_goal(objective)
         with torch.no_grad(), grad_only(model, train=False):
             met = goal_met(model(objective.x), objective.y, objective.target)
         resurrected = int((~met[k:]).sum())
@@ -179,17 +178,17 @@ class Unlearner:
             targets=fragment.target.cpu().tolist(),
         )
 
-    def _prototype_goal(self, fragment: Fragment, unseen_rows: torch.Tensor):
-        """(rows, (m, D) target features) for the feature goal of memorised `unseen` instances (their
-        class is not their label): the teacher's mean penultimate features over the retain buffer's
+    def _prototype_goal(self, objective: Fragment):
+        """(rows, (m, D) target features) for the feature goal of the objective's memorised `unseen`
+        instances, this fragment's and the retained ones' (their class is not their label): the teacher's mean penultimate features over the retain buffer's
         images of that class (`unseen.class_prototypes`). None when off (`unseen_feature_weight` 0),
         without a buffer or an eager nn.Linear head, or when no row has a class the buffer holds."""
         if self.cfg.unseen_feature_weight <= 0 or self.buffer is None or last_linear(self.net) is None:
             return None
-        rows = torch.nonzero(unseen_rows & (fragment.target != fragment.y)).flatten()
+        rows = torch.nonzero(objective.unseen_mask() & (objective.target >= 0) & (objective.target != objective.y)).flatten()
         if len(rows) == 0:
             return None
-        targets = class_prototypes(self.teacher, self.buffer, self.num_classes)[fragment.target[rows]]
+        targets = class_prototypes(self.teacher, self.buffer, self.num_classes)[objective.target[rows]]
         keep = torch.isfinite(targets).all(1)
         return (rows[keep], targets[keep]) if bool(keep.any()) else None
 
@@ -203,7 +202,8 @@ class Unlearner:
             return fragment
         classes = unseen_classes(self.teacher, fragment.x[pending], self.cfg.seed, should_stop=should_stop,
                                  y=fragment.y[pending])
-        return Fragment(fragment.x, fragment.y, fragment.target.masked_scatter(pending, classes.to(self.device)))
+        return Fragment(fragment.x, fragment.y, fragment.target.masked_scatter(pending, classes.to(self.device)),
+                        fragment.unseen_mask())
 
     def describe_trainable(self) -> dict:
         """Which parameters move, for the start-up log: their names and counts (see `trainable`)."""

@@ -211,7 +211,8 @@ def _resolved(outcome: FragmentOutcome, target: torch.Tensor) -> torch.Tensor:
 
 
 def _as_fragment(forgotten: ForgottenSet) -> Fragment:
-    return Fragment(forgotten.x, forgotten.y, forgotten.target)
+    unseen = torch.tensor([rid in forgotten.unseen for rid in forgotten.request_ids], dtype=torch.bool)
+    return Fragment(forgotten.x, forgotten.y, forgotten.target, unseen if len(unseen) == len(forgotten) else None)
 
 
 def _finite(value: float | None) -> float | None:

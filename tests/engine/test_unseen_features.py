@@ -81,3 +81,27 @@ def test_the_feature_goal_is_best_effort_at_the_step_cap():
     cfg = method_config("default", max_steps=2, n_adv=0)
     out = Unlearner(_smooth_model(), cfg, 3, buffer=buffer).unlearn(Fragment(x, y, torch.tensor([UNSEEN])))
     assert (out.steps, out.stopped_by, out.goal_reached, out.fragment_met, out.missed) == (2, "goal", True, [True], 0)
+
+
+def test_retained_memorised_unseen_instances_stay_in_the_feature_goal():
+    """Continual: a later fragment's objective holds the earlier memorised unseen row at its prototype
+    too (its unseen flag survives resolution and retention; the service rebuilds it from the vault's
+    unseen ids), while misclassify rows never join the feature goal."""
+    from streamer.service.fragments import _as_fragment
+    from streamer.state.manifest import ForgottenSet
+
+    teacher = _smooth_model()
+    bx, _ = tiny_data(120, seed=1)
+    with torch.no_grad():
+        buffer = Dataset(bx, teacher(bx).argmax(1))
+    x, _ = tiny_data(2, seed=2)
+    y = torch.tensor([(int(unseen_classes(teacher, x[:1])[0]) + 1) % 3])
+    unlearner = Unlearner(_smooth_model(), method_config("default", n_adv=0), 3, buffer=buffer)
+    unlearner.unlearn(Fragment(x[:1], y, torch.tensor([UNSEEN])))
+    later = Fragment(x[1:], torch.tensor([0]), torch.tensor([-1]))
+    objective = Fragment.cat([later, unlearner.forgotten])
+    rows, targets = unlearner._prototype_goal(objective)
+    assert rows.tolist() == [1] and torch.equal(targets[0], class_prototypes(teacher, buffer, 3)[objective.target[1]])
+    t = int(unlearner.forgotten.target[0])
+    vault = ForgottenSet.empty((1, 4, 4)).prepend(x, torch.tensor([int(y), 0]), torch.tensor([t, -1]), ["u", "m"], ["u"])
+    assert _as_fragment(vault).unseen.tolist() == [True, False]
