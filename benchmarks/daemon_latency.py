@@ -112,7 +112,7 @@ def main() -> int:
     out = args.out or ROOT / "runs" / f"daemon_latency_{args.dataset}.json"
 
     repo_config = yaml.safe_load((ROOT / "config.yaml").read_text())
-    unlearning = repo_config["unlearning"]
+    unlearning = {**repo_config["unlearning"], **repo_config["engine"]}
     splits = load_splits(args.dataset)
     work = Path(tempfile.mkdtemp(prefix="daemon-latency-"))
     weights = _weights(args.dataset, work)

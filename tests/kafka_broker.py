@@ -1,2 +1,2 @@
 """The tests' broker is the package's embedded one (streamer.service.broker), used by `streamer demo` too."""
-from streamer.service.broker import Broker, BrokerError, create_topics, tansu_executable  # noqa: F401
+from streamer.kafka.broker import Broker, BrokerError, create_topics, tansu_executable  # noqa: F401

@@ -24,14 +24,14 @@ from typing import Any
 from torch import nn
 
 from ..config import DaemonConfig
-from ..engine.evaluate import logits as predict_logits
-from ..engine.models import load_model, published_model
+from ..engine import logits as predict_logits
+from ..engine import load_model, published_model
 from ..errors import ConfigError, ModelLoadError
-from ..intake.resources import load_dataset_ref, resolve_device
-from ..state.checkpoints import CheckpointError, CheckpointStore
-from ..state.durable import fsync_dir, pretty_json, write_atomic
-from ..state.manifest import rfc3339
-from ..state.retained import load_retained, open_vault
+from ..intake import load_dataset_ref, resolve_device
+from ..state import CheckpointError, CheckpointStore
+from ..state import fsync_dir, pretty_json, write_atomic
+from ..state import rfc3339
+from ..state import load_retained, open_vault
 from .ops import _fmt
 
 ATTACKS_FILE = "attacks.json"
@@ -100,7 +100,7 @@ def verify_attacks(cfg: DaemonConfig, version: str | None = None, seed: int = 0,
     original is the MIA's shadow), fewer than 2 forgotten instances remain in the vault, or the
     manifest cannot be rewritten; ModelLoadError when the reference's outputs do not have
     model.num_classes columns; VaultKeyError without the KEK."""
-    from ..engine.verification import attack_report
+    from ..engine import attack_report
 
     if cfg.data.audit is None:
         raise ConfigError("verify --attacks needs data.audit (labelled held-out data) in the config")

@@ -23,17 +23,17 @@ import yaml
 from kafka import KafkaConsumer, TopicPartition
 
 from ..text import plural
-from ..service.broker import Broker, free_port
-from ..service.kafka_io import ensure_topics, topic_configs_by_name
-from ..state.checkpoints import CheckpointStore
-from ..state.kek import generate_kek_file
+from ..kafka import Broker, free_port
+from ..kafka import ensure_topics, topic_configs_by_name
+from ..state import CheckpointStore
+from ..state import generate_kek_file
 from ..config import DaemonConfig, load_config
-from ..engine.evaluate import accuracy
-from ..engine.formats import USER_LOADERS
-from ..engine.models import REFERENCE, REFERENCE_INPUT, published_model
+from ..engine import accuracy
+from ..engine import USER_LOADERS
+from ..engine import REFERENCE, REFERENCE_INPUT, published_model
 from ..errors import StreamerError
-from ..intake.events import encode_event
-from ..intake.resources import load_dataset_ref
+from ..intake import encode_event
+from ..intake import load_dataset_ref
 from .erasure import erasure_report
 from .produce import send, Prepared
 
@@ -53,8 +53,8 @@ def write_config(workdir: Path, dataset: str, weights: Path, bootstrap: str, met
         "data": {"uri_roots": [str(workdir.resolve())], "max_payload_bytes": 8388608,
                  "datasets": {dataset: {"builtin": dataset, "split": "train"}},
                  "audit": {"builtin": dataset, "split": "audit"}, "buffer": None},
-        "unlearning": {"method": "default", "fragment_size": 8, "max_wait_s": 3.0, "max_steps": 1000,
-                       "max_seconds": 600.0, "retain_forgotten": True},
+        "unlearning": {"fragment_size": 8, "max_wait_s": 3.0},
+        "engine": {"method": "default", "max_steps": 1000, "max_seconds": 600.0, "retain_forgotten": True},
         "kafka": {"bootstrap_servers": bootstrap, "group_id": "streamer-demo", "topics": TOPICS, "client": {},
                   "max_poll_interval_ms": 300000},
         "checkpoints": {"dir": str((workdir / "checkpoints").resolve()), "keep": 0},
@@ -214,7 +214,7 @@ def plot(rows: list[dict], out: Path) -> Path | None:
 
 def run_demo(dataset: str = "mnist5k", requests: int = 24, workdir: Path | None = None, seed: int = 0,
              timeout_s: float = 1800.0) -> int:
-    from ..engine.train import train_reference
+    from ..engine import train_reference
 
     workdir = workdir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     workdir.mkdir(parents=True, exist_ok=True)

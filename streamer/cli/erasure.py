@@ -16,13 +16,14 @@ from typing import Any
 from kafka.errors import KafkaError
 
 from ..config import DaemonConfig
-from ..service.kafka_io import described_topic_configs, topic_configs_by_name
-from ..state.checkpoints import CheckpointStore, Manifest
-from ..state.manifest import parse_rfc3339, rfc3339, version_number
-from ..state.ledger import APPLIED, LEDGER_FILE, Ledger, Outcome
-from ..state.retained import Window
-from ..state.shreds import ShredLog
-from ..state.vault import read_index
+from ..kafka import described_topic_configs, topic_configs_by_name
+from ..state import CheckpointStore, Manifest
+from ..state import parse_rfc3339, rfc3339, version_number
+from ..state import LEDGER_FILE, Ledger
+from ..state import APPLIED, RequestOutcome
+from ..state import Window
+from ..state import ShredLog
+from ..state import read_index
 from ..text import plural
 
 __all__ = ["erasure_report", "format_report"]
@@ -35,7 +36,7 @@ def erasure_report(cfg: DaemonConfig, request_id: str | None = None, subject: st
     """{"generated_at", "retention": {topic: {...}}, "requests": [per request, oldest first]}."""
     now = time.time() if now is None else now
     store = CheckpointStore(cfg.checkpoints.dir)
-    outcomes: dict[str, list[Outcome]] = {}
+    outcomes: dict[str, list[RequestOutcome]] = {}
     if (store.root / LEDGER_FILE).exists():
         with Ledger(store.root / LEDGER_FILE) as ledger:
             for row in ledger.rows():
@@ -63,7 +64,7 @@ def erasure_report(cfg: DaemonConfig, request_id: str | None = None, subject: st
             "verify_window_fragments": window.fragments, "retention": retention, "requests": requests}
 
 
-def _request(rid: str, rows: list[Outcome], lineage: list[Manifest], written: Mapping[tuple, str], entry: Any,
+def _request(rid: str, rows: list[RequestOutcome], lineage: list[Manifest], written: Mapping[tuple, str], entry: Any,
              shred: Any, retention: Mapping[str, Mapping[str, Any]], window: Window, now: float,
              dead_letter: str | None) -> dict[str, Any]:
     standing = [o for o in rows if o.status in APPLIED]
@@ -100,7 +101,7 @@ def _request(rid: str, rows: list[Outcome], lineage: list[Manifest], written: Ma
     return report
 
 
-def _copies(rows: list[Outcome], written: Mapping[tuple, str], entry: Any, window: Mapping[str, Any] | None,
+def _copies(rows: list[RequestOutcome], written: Mapping[tuple, str], entry: Any, window: Mapping[str, Any] | None,
             retention: Mapping[str, Mapping[str, Any]], now: float, dead_letter: str | None) -> list[dict[str, Any]]:
     """Every place the instance can still exist, with the latest time it can be there (`dead_letter`:
     the dead-letter topic when dead letters copy the raw payload, kafka.dead_letter_payload)."""
@@ -137,7 +138,7 @@ def _record_copy(topic: str, where: str, written_by: str, retention: Mapping[str
                     f"({settings.get('source', 'configured')})"}
 
 
-def _first_per_record(rows: Iterable[Outcome]) -> list[Outcome]:
+def _first_per_record(rows: Iterable[RequestOutcome]) -> list[RequestOutcome]:
     seen, out = set(), []
     for o in rows:
         if (o.topic, o.partition, o.offset) not in seen:

@@ -13,18 +13,18 @@ import torch
 
 from pathlib import Path
 
-from ..state.checkpoints import CheckpointError, CheckpointStore
-from ..state.lock import DirectoryLock
-from ..state.retained import load_retained, open_vault
-from ..state.rollback import request_via_daemon, run_rollback
-from ..state.shreds import ShredLog, ShredRow
-from ..state.vault import read_index
+from ..state import CheckpointError, CheckpointStore
+from ..state import DirectoryLock
+from ..state import load_retained, open_vault
+from ..state import request_via_daemon, run_rollback
+from ..state import ShredLog, ShredRow
+from ..state import read_index
 from ..config import DaemonConfig
-from ..engine.objectives import goal_met
-from ..engine.evaluate import logits as predict_logits
-from ..state.ledger import LEDGER_FILE, Ledger, LedgerError
-from ..engine.models import published_model
-from ..intake.resources import load_dataset_ref, resolve_device
+from ..engine import goal_met
+from ..engine import logits as predict_logits
+from ..state import LEDGER_FILE, Ledger, LedgerError
+from ..engine import published_model
+from ..intake import load_dataset_ref, resolve_device
 
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from ..config import DEFAULT_MODES, DaemonConfig
-from ..intake.events import InvalidEvent, SampleContext, parse_event
-from ..intake.resources import load_dataset_ref
-from ..service.kafka_io import make_producer
+from ..intake import InvalidEvent, SampleContext, parse_event
+from ..intake import load_dataset_ref
+from ..kafka import make_producer
 
 
 @dataclass(frozen=True)

@@ -8,15 +8,21 @@ from typing import Any
 
 import yaml
 
-from ..engine.data import DATASETS
-from ..engine.methods import UnlearnConfig, method_config
-from ..engine.formats import FORMATS
-from ..engine.models import ModelConfig, source_format
+from ..engine import DATASETS
+from ..engine import UnlearnConfig, method_config
+from ..engine import FORMATS
+from ..engine import ModelConfig, source_format
 from ..errors import ConfigError
 from ._section import _same_kind, _Section
-from .schema import (DEFAULT_MODES, DEFAULT_TOPIC_CONFIGS, DEVICES, LOG_LEVELS, SPLITS, CheckpointsConfig, DaemonConfig, DataConfig,
-                     DatasetRef, KafkaConfig, KafkaTopics, LoggingConfig, MetricsConfig, PrivacyConfig,
+from .schema import (DEFAULT_MODES, DEFAULT_TOPIC_CONFIGS, DEVICES, LOG_LEVELS, SPLITS, CheckpointsConfig, DaemonConfig,
+                     DataConfig, DatasetRef, KafkaConfig, KafkaTopics, LoggingConfig, MetricsConfig, PrivacyConfig,
                      UnlearningConfig)
+
+# The defaults, each written once: in the schema's dataclasses (README "Configuration" is checked against them)
+_MODEL, _DATA, _UNLEARNING, _KAFKA = ModelConfig(), DataConfig(), UnlearningConfig(), KafkaConfig()
+_TOPICS, _CHECKPOINTS, _PRIVACY, _METRICS = KafkaTopics(), CheckpointsConfig(), PrivacyConfig(), MetricsConfig()
+_DAEMON, _LOGGING = DaemonConfig(), LoggingConfig()
+ENGINE_KEYS = tuple(f.name for f in fields(UnlearnConfig))  # `method` and every engine setting
 
 MAX_WINDOW_DAYS = 30.0  # GDPR Art. 12(3): one month to act on an erasure request
 
@@ -41,20 +47,26 @@ def parse_config(raw: Any, base_dir: Path) -> DaemonConfig:
     """Validate an already-loaded config mapping; relative paths resolve against `base_dir`."""
     root = _Section(raw if raw is not None else {}, "", base_dir)
     checkpoints = _checkpoints(root.section("checkpoints"))
+    unlearning = root.section("unlearning")
+    legacy = {key: unlearning.take(key) for key in unlearning.keys() if key in ENGINE_KEYS}
+    deprecations = (f"{', '.join('unlearning.' + k for k in legacy)}: engine settings under `unlearning:` are "
+                    "deprecated; move them to the `engine:` section",) if legacy else ()
     cfg = DaemonConfig(
-        device=root.choice("device", DEVICES, "auto"),
+        device=root.choice("device", DEVICES, _DAEMON.device),
         model=_model(root.section("model", required=True)),
         data=_data(root.section("data")),
-        unlearning=_unlearning(root.section("unlearning")),
+        unlearning=_unlearning(unlearning),
+        engine=_engine(root.section("engine"), legacy),
         kafka=_kafka(root.section("kafka")),
         checkpoints=checkpoints,
         privacy=_privacy(root.section("privacy"), checkpoints.dir),
         metrics=_metrics(root.section("metrics")),
-        logging=LoggingConfig(level=root.section("logging").choice("level", LOG_LEVELS, "info")),
+        logging=LoggingConfig(level=root.section("logging").choice("level", LOG_LEVELS, _LOGGING.level)),
+        deprecations=deprecations,
     )
     root.done()
-    if cfg.unlearning.engine.train_mode and source_format(cfg.model.source) == "export":
-        raise ConfigError("unlearning.train_mode: must be false for an export: model "
+    if cfg.engine.train_mode and source_format(cfg.model.source) == "export":
+        raise ConfigError("engine.train_mode: must be false for an export: model "
                           "(an exported program runs in the mode it was exported in)")
     return cfg
 
@@ -63,17 +75,17 @@ def parse_config(raw: Any, base_dir: Path) -> DaemonConfig:
 
 
 def _model(s: _Section) -> ModelConfig:
-    source = s.string("source", "reference:digits")
+    source = s.string("source", _MODEL.source)
     kind, _, rest = source.partition(":")
     if kind in ("torchscript", "export"):
         source = f"{kind}:{s.resolve(rest)}"
     weights = s.optional_path("weights")
-    input_shape = s.int_list("input_shape", [1, 8, 8])
+    input_shape = s.int_list("input_shape", list(_MODEL.input_shape))
     if len(input_shape) != 3 or min(input_shape) < 1:
         s.fail("input_shape", f"must be [C, H, W] of positive integers, got {input_shape}")
-    num_classes = s.integer("num_classes", 10, minimum=2)
-    mean = s.float_list("mean", [0.0])
-    std = s.float_list("std", [1.0])
+    num_classes = s.integer("num_classes", _MODEL.num_classes, minimum=2)
+    mean = s.float_list("mean", list(_MODEL.mean))
+    std = s.float_list("std", list(_MODEL.std))
     for key, values in (("mean", mean), ("std", std)):
         if len(values) not in (1, input_shape[0]):
             s.fail(key, f"needs 1 or C={input_shape[0]} values, got {len(values)}")
@@ -81,7 +93,7 @@ def _model(s: _Section) -> ModelConfig:
         s.fail("std", "values must be > 0")
     if weights is None and source_format(source) == "state_dict":
         s.fail("weights", "is required (a state_dict file) unless model.source is torchscript:PATH or export:PATH")
-    fmt = s.choice("format", ("auto", *FORMATS), "auto")
+    fmt = s.choice("format", ("auto", *FORMATS), _MODEL.format)
     if {source_format(source), fmt} == {"torchscript", "export"}:
         s.fail("format", f"{source_format(source)} models cannot be published as {fmt} "
                          "(torch.export refuses TorchScript; TorchScript cannot compile an exported program)")
@@ -98,8 +110,8 @@ def _model(s: _Section) -> ModelConfig:
 
 
 def _data(s: _Section) -> DataConfig:
-    roots = tuple(s.resolve(r) for r in s.string_list("uri_roots", []))
-    max_payload = s.integer("max_payload_bytes", 8 * 1024 * 1024, minimum=1)
+    roots = tuple(s.resolve(r) for r in s.string_list("uri_roots", [str(r) for r in _DATA.uri_roots]))
+    max_payload = s.integer("max_payload_bytes", _DATA.max_payload_bytes, minimum=1)
     named = s.section("datasets")
     datasets = {name: _dataset_ref(named.section(name, required=True)) for name in named.keys()}
     for name in datasets:
@@ -121,7 +133,7 @@ def _dataset_ref(s: _Section) -> DatasetRef:
     if (builtin is None) == (path is None):
         s.fail("", "needs exactly one of {builtin: NAME, split: SPLIT} or {path: FILE.pt}")
     if builtin is not None:
-        ref = DatasetRef(builtin=s.choice("builtin", DATASETS, None), split=s.choice("split", SPLITS, "train"))
+        ref = DatasetRef(builtin=s.choice("builtin", DATASETS, None), split=s.choice("split", SPLITS, DatasetRef.split))
     else:
         ref = DatasetRef(path=s.optional_path("path"))
     s.done()
@@ -129,48 +141,62 @@ def _dataset_ref(s: _Section) -> DatasetRef:
 
 
 def _unlearning(s: _Section) -> UnlearningConfig:
-    method = s.string("method", "default")
-    fragment_size = s.integer("fragment_size", 8, minimum=1)
-    max_wait_s = s.number("max_wait_s", 5.0, minimum=0.0)
-    max_audit_drop = s.take("max_audit_drop", 0.5)
+    """The daemon's keys (engine keys were taken out before, as the deprecated layout)."""
+    fragment_size = s.integer("fragment_size", _UNLEARNING.fragment_size, minimum=1)
+    max_wait_s = s.number("max_wait_s", _UNLEARNING.max_wait_s, minimum=0.0)
+    max_audit_drop = s.take("max_audit_drop", _UNLEARNING.max_audit_drop)
     if max_audit_drop is not None and (isinstance(max_audit_drop, bool) or not isinstance(max_audit_drop, (int, float))
                                        or not 0.0 <= max_audit_drop <= 1.0):
         s.fail("max_audit_drop", f"must be a number in [0, 1] or null, got {max_audit_drop!r}")
-    max_missed = s.integer("max_missed_fragments", 3, minimum=1)
+    max_missed = s.integer("max_missed_fragments", _UNLEARNING.max_missed_fragments, minimum=1)
     if s.get("default_mode") == "relabel":
         s.fail("default_mode", "cannot be relabel: a relabel names its class per request (target_label); "
                                f"use one of {', '.join(DEFAULT_MODES)}")
-    default_mode = s.choice("default_mode", DEFAULT_MODES, "misclassify")
-    overrides = {key: s.take(key) for key in s.keys()}
-    defaults = {f.name: f.default for f in fields(UnlearnConfig) if f.name != "method"}
-    unknown = sorted(set(overrides) - set(defaults))
+    default_mode = s.choice("default_mode", DEFAULT_MODES, _UNLEARNING.default_mode)
+    s.done()
+    return UnlearningConfig(fragment_size=fragment_size, max_wait_s=max_wait_s,
+                            max_audit_drop=None if max_audit_drop is None else float(max_audit_drop),
+                            max_missed_fragments=max_missed, default_mode=default_mode)
+
+
+def _engine(s: _Section, legacy: dict[str, Any]) -> UnlearnConfig:
+    """`engine:`: a method preset (`method`) and overrides of any UnlearnConfig field; `legacy`:
+    the same keys found under `unlearning:` (the layout before the engine had its own section)."""
+    both = sorted(set(legacy) & set(s.keys()))
+    if both:
+        s.fail(both[0], "is set under both unlearning: and engine:; keep it under engine: only")
+    overrides = {**legacy, **{key: s.take(key) for key in s.keys()}}
+    unknown = sorted(set(overrides) - set(ENGINE_KEYS))
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(s.key(k) for k in unknown)}")
+    method = overrides.pop("method", UnlearnConfig.method)
+    if not isinstance(method, str) or not method:
+        s.fail("method", f"must be a non-empty string, got {method!r}")
+    defaults = UnlearnConfig()
     for key, value in overrides.items():
-        if key != "trainable" and key in defaults and not _same_kind(value, defaults[key]):
-            s.fail(key, f"must be a {type(defaults[key]).__name__}, got {value!r}")
+        if key != "trainable" and not _same_kind(value, getattr(defaults, key)):
+            where = f"unlearning.{key}" if key in legacy else s.key(key)  # named where the user wrote it
+            raise ConfigError(f"{where}: must be a {type(getattr(defaults, key)).__name__}, got {value!r}")
     try:
         engine = method_config(method, **overrides)
     except (ConfigError, TypeError) as err:
-        raise ConfigError(f"unlearning: {err}") from err
+        if str(err).startswith("method "):  # named where the user wrote it
+            raise ConfigError(f"{'unlearning' if 'method' in legacy else 'engine'}.{err}") from err
+        raise ConfigError(f"{'unlearning' if legacy else 'engine'}: {err}") from err
     s.done()
-    return UnlearningConfig(method=method, fragment_size=fragment_size, max_wait_s=max_wait_s,
-                            max_audit_drop=None if max_audit_drop is None else float(max_audit_drop),
-                            max_missed_fragments=max_missed, default_mode=default_mode, engine=engine)
+    return engine
 
 
 def _kafka(s: _Section) -> KafkaConfig:
-    bootstrap = s.get("bootstrap_servers", "127.0.0.1:9092")
+    bootstrap = s.get("bootstrap_servers", _KAFKA.bootstrap_servers)
     if isinstance(bootstrap, list) and bootstrap and all(isinstance(b, str) and b for b in bootstrap):
         s.take("bootstrap_servers")
         bootstrap = ",".join(bootstrap)
     else:
-        bootstrap = s.string("bootstrap_servers", "127.0.0.1:9092")
-    group_id = s.string("group_id", "streamer")
+        bootstrap = s.string("bootstrap_servers", _KAFKA.bootstrap_servers)
+    group_id = s.string("group_id", _KAFKA.group_id)
     t = s.section("topics")
-    topics = KafkaTopics(*(t.string(name, default) for name, default in (
-        ("requests", "streamer.requests"), ("receipts", "streamer.receipts"),
-        ("dead_letter", "streamer.dead-letter"), ("checkpoints", "streamer.checkpoints"))))
+    topics = KafkaTopics(*(t.string(f.name, getattr(_TOPICS, f.name)) for f in fields(KafkaTopics)))
     t.done()
     names = [topics.requests, topics.receipts, topics.dead_letter, topics.checkpoints]
     if len(set(names)) != len(names):
@@ -181,21 +207,23 @@ def _kafka(s: _Section) -> KafkaConfig:
         clients[name] = MappingProxyType({key: section.take(key) for key in section.keys()})
         section.done()
     cfg = KafkaConfig(bootstrap_servers=bootstrap, group_id=group_id, topics=topics, **clients,
-                      max_poll_interval_ms=s.integer("max_poll_interval_ms", 300_000, minimum=1000),
-                      dead_letter_payload=s.boolean("dead_letter_payload", False),
+                      max_poll_interval_ms=s.integer("max_poll_interval_ms", _KAFKA.max_poll_interval_ms, minimum=1000),
+                      dead_letter_payload=s.boolean("dead_letter_payload", _KAFKA.dead_letter_payload),
                       topic_configs=_topic_configs(s.section("topic_configs")))
     s.done()
     return cfg
 
 
 def _checkpoints(s: _Section) -> CheckpointsConfig:
-    cfg = CheckpointsConfig(dir=s.resolve(s.string("dir", "runs/checkpoints")), keep=s.integer("keep", 0, minimum=0))
+    cfg = CheckpointsConfig(dir=s.resolve(s.string("dir", str(_CHECKPOINTS.dir))),
+                            keep=s.integer("keep", _CHECKPOINTS.keep, minimum=0))
     s.done()
     return cfg
 
 
 def _metrics(s: _Section) -> MetricsConfig:
-    cfg = MetricsConfig(host=s.string("host", "127.0.0.1"), port=s.integer("port", 9108, minimum=0, maximum=65535))
+    cfg = MetricsConfig(host=s.string("host", _METRICS.host),
+                        port=s.integer("port", _METRICS.port, minimum=0, maximum=65535))
     s.done()
     return cfg
 
@@ -228,14 +256,14 @@ def _privacy(s: _Section, checkpoints_dir: Path) -> PrivacyConfig:
             s.fail("kek_file", f"{kek_file} is inside {name}: a copy of that directory would hold the key "
                                "with the data it protects; keep the KEK elsewhere")
     window = s.section("verify_window")
-    days = window.number("days", 14.0, minimum=0.0)
+    days = window.number("days", _PRIVACY.verify_window_days, minimum=0.0)
     if days > MAX_WINDOW_DAYS:
         window.fail("days", f"must be <= {MAX_WINDOW_DAYS:g} (GDPR Art. 12(3): erasure within one month), got {days:g}")
-    fragments = window.take("fragments", None)
+    fragments = window.take("fragments", _PRIVACY.verify_window_fragments)
     if fragments is not None and (isinstance(fragments, bool) or not isinstance(fragments, int) or fragments < 0):
         window.fail("fragments", f"must be null or an integer >= 0, got {fragments!r}")
     window.done()
-    check_every_s = s.number("check_every_s", 60.0, minimum=0.001)
+    check_every_s = s.number("check_every_s", _PRIVACY.check_every_s, minimum=0.001)
     s.done()
     return PrivacyConfig(kek_file=kek_file, kek_env=kek_env, vault_dir=vault_dir, verify_window_days=days,
                          verify_window_fragments=fragments, check_every_s=check_every_s)

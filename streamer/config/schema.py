@@ -15,8 +15,8 @@ from types import MappingProxyType
 from typing import Any
 
 
-from ..engine.models import ModelConfig
-from ..engine.methods import UnlearnConfig
+from ..engine import ModelConfig
+from ..engine import UnlearnConfig
 
 DEVICES = ("auto", "cpu", "cuda")
 SPLITS = ("train", "buffer", "audit")
@@ -73,7 +73,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class UnlearningConfig:
-    method: str = "default"
+    """The daemon's side of unlearning: fragments, guard rails, the default goal. The engine's
+    own settings are `DaemonConfig.engine` (the `engine:` section)."""
+
     fragment_size: int = 8  # k_CL
     max_wait_s: float = 5.0
     # Guard rail: a fragment that would drop audit accuracy more than this below the base model's
@@ -82,7 +84,6 @@ class UnlearningConfig:
     # An instance still missing its goal after this many fragments leaves the objective (`abandoned`).
     max_missed_fragments: int = 3
     default_mode: str = "misclassify"  # the goal of an event without `mode`: one of DEFAULT_MODES
-    engine: UnlearnConfig = field(default_factory=UnlearnConfig)  # every other key, via method_config
 
 
 @dataclass(frozen=True)
@@ -158,12 +159,14 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class DaemonConfig:
-    model: ModelConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
     device: str = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     unlearning: UnlearningConfig = field(default_factory=UnlearningConfig)
+    engine: UnlearnConfig = field(default_factory=UnlearnConfig)  # the `engine:` section, via method_config
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deprecations: tuple[str, ...] = ()  # one line per deprecated use found in the file (logged at start)

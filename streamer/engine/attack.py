@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import Interrupted
+from .methods import UnlearnConfig
 from .models import grad_only
+from .prefix import cpu_channels_last
 
 
 @dataclass(frozen=True)
@@ -116,3 +118,25 @@ def random_targets(y: torch.Tensor, per_instance: int, num_classes: int, generat
     step = torch.arange(per_instance).repeat(n) % (num_classes - 1)
     offset = (start - 1 + step) % (num_classes - 1) + 1  # in 1..C-1, never 0
     return index, (y.cpu()[index] + offset) % num_classes
+
+
+def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: UnlearnConfig, num_classes: int,
+                         generator: torch.Generator, should_stop: Callable[[], bool] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A fragment's adversarial examples as its method configures them (the paper's D_adv, Eq. 1):
+    `n_adv` targeted L2-PGD examples per instance of x (k, C, H, W) with labels y (k,), towards
+    `random_targets`, in an eps-ball of `pgd_eps` (0: `pgd_eps_ratio` x the mean L2 norm of x),
+    `pgd_steps` steps of `pgd_step_size` (0: 2.5 x eps / steps). Returns (the examples, their
+    target classes, the attack's success rate); only the successful examples with
+    `adv_only_successful`, none when the method uses no adversarial term. Raises Interrupted."""
+    if not cfg.uses_adv or cfg.n_adv == 0:
+        return x[:0], y[:0], 0.0
+    eps = cfg.pgd_eps or cfg.pgd_eps_ratio * float(x.flatten(1).norm(dim=1).mean())
+    step_size = cfg.pgd_step_size or 2.5 * eps / cfg.pgd_steps
+    index, target = random_targets(y, cfg.n_adv, num_classes, generator)
+    attacked = cpu_channels_last(model, x[:2]) if cfg.fast_path else model
+    result = targeted_l2_pgd(attacked, x[index.to(x.device)], target.to(x.device), eps=eps, step_size=step_size,
+                             steps=cfg.pgd_steps, generator=generator, should_stop=should_stop,
+                             early_exit=cfg.pgd_early_exit)
+    keep = result.success if cfg.adv_only_successful else torch.ones_like(result.success)
+    return result.x[keep], result.target[keep], result.success_rate

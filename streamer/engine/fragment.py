@@ -2,11 +2,13 @@
 outcome of unlearning it (how it stopped, and why a cap was hit)."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
-__all__ = ["Fragment", "FragmentOutcome", "cap_cause"]
+__all__ = ["Fragment", "FragmentOutcome", "StopTest", "Trend", "cap_cause"]
 
 
 @dataclass(frozen=True)
@@ -69,3 +71,48 @@ def cap_cause(stopped_by: str, trend: list[tuple[int, int]] | tuple[tuple[int, i
     if not (earlier and last_missed < earlier[-1]):
         return "difficulty"
     return "time" if stopped_by == "time_cap" else "steps"
+
+
+class Cancelled(Protocol):
+    def is_set(self) -> bool: ...  # e.g. threading.Event
+
+
+@dataclass
+class StopTest:
+    """Why a fragment's step loop stops before step `steps`, or None to take it: `goal` (every
+    instance meets its goal, and every feature target when there are some), `step_cap` /
+    `time_cap` (at a cap the feature goal is best effort: with every class goal met, the goal),
+    `cancelled`."""
+
+    max_steps: int
+    max_seconds: float
+    cancel: Cancelled | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    def __call__(self, steps: int, met: bool, features_met: bool = True) -> str | None:
+        if met and features_met:
+            return "goal"
+        capped = ("step_cap" if steps >= self.max_steps
+                  else "time_cap" if time.perf_counter() - self.started >= self.max_seconds else None)
+        if capped is not None:
+            return "goal" if met else capped
+        if self.cancel is not None and self.cancel.is_set():
+            return "cancelled"
+        return None
+
+
+@dataclass
+class Trend:
+    """(step, instances missing their goal) every _TREND_EVERY steps and at the last: why a cap
+    was hit (`cap_cause`), and the reason a `failed` receipt quotes."""
+
+    points: list[tuple[int, int]] = field(default_factory=list)
+
+    def observe(self, step: int, missing: int) -> None:
+        if step % _TREND_EVERY == 0:
+            self.points.append((step, missing))
+
+    def close(self, step: int, missing: int) -> tuple[tuple[int, int], ...]:
+        if not self.points or self.points[-1][0] != step:
+            self.points.append((step, missing))
+        return tuple(self.points)

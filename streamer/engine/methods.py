@@ -90,11 +90,11 @@ _PRESETS: dict[str, dict] = {
 def method_config(method: str = "default", **overrides) -> UnlearnConfig:
     """The named method's settings with overrides applied; unknown names are errors."""
     if method not in _PRESETS:
-        raise ConfigError(f"unlearning.method {method!r}: expected one of {', '.join(METHODS)}")
+        raise ConfigError(f"method {method!r}: expected one of {', '.join(METHODS)}")
     known = {f.name for f in fields(UnlearnConfig)}
     unknown = set(overrides) - known
     if unknown:
-        raise ConfigError(f"unknown unlearning keys: {', '.join(sorted(unknown))}")
+        raise ConfigError(f"unknown engine keys: {', '.join(sorted(unknown))}")
     overrides = _trainable_override(overrides)
     cfg = UnlearnConfig(method=method, **{**_PRESETS[method], **overrides})
     _validate(cfg)
@@ -109,10 +109,10 @@ def _trainable_override(overrides: dict) -> dict:
     explicit_update = overrides.get("update")
     if trainable in ("auto", "head", "block", "all"):
         if explicit_update not in (None, trainable):
-            raise ConfigError(f"unlearning: trainable {trainable!r} and update {explicit_update!r} disagree: give one")
+            raise ConfigError(f"trainable {trainable!r} and update {explicit_update!r} disagree: give one")
         return {**overrides, "update": trainable, "trainable": ()}
     if trainable and explicit_update is not None:
-        raise ConfigError("unlearning: trainable (globs) replaces update: give one of them")
+        raise ConfigError("trainable (globs) replaces update: give one of them")
     return {**overrides, "trainable": trainable} if "trainable" in overrides else overrides
 
 
@@ -140,4 +140,4 @@ def _validate(cfg: UnlearnConfig) -> None:
     ]
     for ok, message in checks:
         if not ok:
-            raise ConfigError(f"unlearning: {message}")
+            raise ConfigError(message)

@@ -26,7 +26,7 @@ canaries (seed 0) and the typical instances of both: unchanged.
 from __future__ import annotations
 
 import hashlib
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ from torch import nn
 from ..errors import Interrupted
 from .augment import random_affine
 
-__all__ = ["UNSEEN", "class_prototypes", "last_linear", "unseen_classes"]
+__all__ = ["UNSEEN", "FeatureGoal", "class_prototypes", "last_linear", "unseen_classes"]
 
 UNSEEN = -2  # Fragment.target value of an `unseen` request, before `unseen_classes` resolves it
 
@@ -126,3 +126,51 @@ def class_prototypes(teacher: nn.Module, data, num_classes: int, batch_size: int
         if 0 <= c < num_classes:
             out[c] = features[y == c].mean(0)
     return out
+
+
+class FeatureGoal:
+    """The unseen goal's feature part, for memorised instances (their class is not their label):
+    their penultimate features (the input of the last nn.Linear) must come within `tol` (relative
+    L2) of their class's prototype (`class_prototypes` of the teacher on the retain buffer).
+
+    Use as a context manager around the step loop: a forward hook catches the features of every
+    forward; `check()` after a step's objective forward gives (met, weighted loss term)."""
+
+    def __init__(self, head: nn.Linear, rows: torch.Tensor, targets: torch.Tensor, tol: float, weight: float):
+        self.head, self.rows, self.targets, self.tol, self.weight = head, rows, targets, tol, weight
+        self._caught: list[torch.Tensor] = []
+        self._handle: Any = None
+
+    @staticmethod
+    def build(net: nn.Module, teacher: nn.Module, buffer: Any, num_classes: int, y: torch.Tensor,
+              target: torch.Tensor, unseen: torch.Tensor, tol: float, weight: float) -> FeatureGoal | None:
+        """The goal of the objective's rows (y, target, unseen: (n,)) that are resolved unseen goals
+        other than their label, for the classes the buffer holds. None when off (`weight` 0), without
+        a buffer or an eager nn.Linear head, or when no row qualifies."""
+        head = last_linear(net)
+        if weight <= 0 or buffer is None or head is None:
+            return None
+        rows = torch.nonzero(unseen & (target >= 0) & (target != y)).flatten()
+        if len(rows) == 0:
+            return None
+        targets = class_prototypes(teacher, buffer, num_classes)[target[rows]]
+        keep = torch.isfinite(targets).all(1)
+        return FeatureGoal(head, rows[keep], targets[keep], tol, weight) if bool(keep.any()) else None
+
+    def __enter__(self) -> FeatureGoal:
+        self._handle = self.head.register_forward_hook(lambda _m, i, _o: self._caught.append(i[0].flatten(1)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+    def clear(self) -> None:
+        """Forget the features caught so far (call before each step's forwards)."""
+        self._caught.clear()
+
+    def check(self) -> tuple[bool, torch.Tensor]:
+        """(every row within tol, weight x mean squared relative L2 distance), from the first
+        forward caught since `clear()` (the objective's)."""
+        features = self._caught[0][self.rows]  # (m, D)
+        gap = (features - self.targets).pow(2).sum(1) / self.targets.pow(2).sum(1).clamp_min(1e-12)
+        return bool((gap.detach().sqrt() <= self.tol).all()), self.weight * gap.mean()

@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from ..config.schema import REQUEST_MODES
-from ..engine.unseen import UNSEEN
+from ..config import REQUEST_MODES
+from .goal import Goal
 from .samples import DTYPES, FILE_SUFFIXES, InvalidEvent, SampleContext, _is_int, decode_sample  # noqa: F401
 
 SCHEMA_VERSION = 1
@@ -58,12 +58,10 @@ class ForgetRequest:
     unseen_class: int | None = None  # unseen only: the class it resolved to when first applied (replay)
 
     @property
-    def target(self) -> int:
-        """The engine's target (`engine.Fragment.target`): the class to move the instance to; -1 =
-        "any class but `label`" (misclassify); -2 = unseen, not resolved yet (`unseen_class` None)."""
-        if self.mode == "unseen":
-            return UNSEEN if self.unseen_class is None else self.unseen_class
-        return -1 if self.target_label is None else self.target_label
+    def goal(self) -> Goal:
+        """The request's goal; an unseen one carries its class once resolved (`unseen_class`)."""
+        target = self.unseen_class if self.mode == "unseen" else self.target_label
+        return Goal(self.mode, self.label, target)
 
 
 def parse_event(value: bytes, ctx: SampleContext) -> ForgetRequest:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..config import DaemonConfig, DatasetRef
-from ..engine.data import Dataset, load_splits
+from ..engine import Dataset, load_splits
 from ..errors import ConfigError, DataError
 from .events import SampleContext
 

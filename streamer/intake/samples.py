@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config.schema import DEFAULT_MODES
+from ..config import DEFAULT_MODES
 from ..errors import ConfigError, StreamerError
 
 DTYPES = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}  # raw tensor bytes are little-endian

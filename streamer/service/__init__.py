@@ -1,11 +1,10 @@
-"""The long-running service: the poll loop, the fragment pipeline, Kafka I/O, outputs, metrics.
+"""The long-running service: the poll loop, start-up recovery and the parts it runs.
 
-Public API: `Daemon`, `run_daemon`, `Metrics`, `serve` (the /metrics, /healthz, /readyz server)
-and the embedded broker (`Broker`) used by the demo and the tests.
+Public API: `Daemon` (built whole by its constructor), `run_daemon` (signals, fault points armed
+from the environment), `Services` and `recover`.
 """
-from .broker import Broker
 from .daemon import Daemon, run_daemon
-from .http import serve
-from .metrics import Metrics
+from .recovery import Recovered, recover
+from .services import Services
 
-__all__ = ["Broker", "Daemon", "Metrics", "run_daemon", "serve"]
+__all__ = ["Daemon", "Recovered", "Services", "recover", "run_daemon"]

@@ -1,16 +1,17 @@
 """The daemon's poll loop: deletion events in from Kafka; versions, receipts and metrics out.
 
-    recovery.recover    open the vault, load CURRENT, reconcile the ledger and the vault (start-up)
-    Outbox.send_owed    re-send receipts a crash left owed
+    recovery.recover    lock the directory, open the vault, load CURRENT (start-up)
+    Commit.repair       finish or undo what a crash interrupted; re-send owed receipts
     Collector.handle    records -> the pending fragment, or answered now (rejected, duplicate)
-    FragmentPipeline    unlearn -> evaluate -> vault -> publish -> ledger -> receipts -> commit
-    VaultKeeper         shred instances whose verification window closed; replay after a rollback
+    run_quarantined     the engine under the failure policy, in a worker thread
+    Commit.fragment     settle -> vault -> publish -> ledger -> receipts -> offsets -> shreds
+    VaultKeeper         shred on time while idle; replay after a rollback
 
 While the worker thread unlearns (minutes on CPU), the main thread pauses the assigned
 partitions and keeps calling poll(): the group sees a live member and max.poll.interval never
 expires. On every partition assignment the consumer seeks to the offsets in CURRENT's manifest.
 
-Delivery guarantees:
+Delivery guarantees (where each is enforced: README "Architecture"):
   * model: each accepted request is applied in exactly one version of CURRENT's lineage (its
     offsets are in the same atomic manifest as the model, and a re-read request that the
     ledger knows is answered `duplicate`, never unlearned again);
@@ -23,35 +24,27 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import structlog
-from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from ..config import DaemonConfig
-from ..state.retained import load_retained
-from ..state.rollback import answer_request, run_rollback, take_request
-from .collector import Collector
-from .goals import GoalIndex
-from .undecodable import skip_undecodable
-from .crash import CRASH_POINTS, CrashHook
-from .kafka_io import (commit_offsets, consumer_lag, ensure_topics, make_consumer, make_producer, poll_while,
-                       topic_configs_by_name)
-from .http import MetricsServer, serve
-from .metrics import Metrics
-from .outbox import DeliveryError, Outbox
-from .pipeline import FragmentPipeline
-from .privacy import VaultKeeper
-from .recovery import Recovered, recover, resume_gauges, seek_to_offsets
+from ..kafka import consumer_lag, poll_while
+from ..pipeline import Accepted, Collector, GoalIndex, faults, replay_batch, run_quarantined
+from ..state import Manifest
+from ..telemetry import Metrics, serve
+from .recovery import seek_to_offsets
+from .services import Services
 
 POLL_TIMEOUT_MS = 200  # the longest the loop waits for records, a signal or a due fragment
 HEALTH_STALL_S = 60.0  # /healthz fails when the main loop has not ticked for this long
 LAG_EVERY_S = 1.0
 
-__all__ = ["CRASH_POINTS", "CrashHook", "Daemon", "DeliveryError", "run_daemon"]
+__all__ = ["Daemon", "run_daemon"]
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -66,35 +59,35 @@ class _Rebalance(ConsumerRebalanceListener):
 
 
 class Daemon:
-    """One daemon per checkpoint directory and consumer group (the model is one sequential state)."""
+    """One daemon per checkpoint directory and consumer group (the model is one sequential state).
+
+    Built whole by `__init__`: the metrics server, start-up recovery (the directory lock is held
+    from then on), the Kafka clients, and the repair of what a crash left. Raises what start-up
+    raises (ConfigError, CheckpointDirLocked, VaultKeyError, ...) after releasing what it opened."""
 
     def __init__(self, cfg: DaemonConfig, registry: CollectorRegistry, log: Any = None,
-                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
-                 crash: CrashHook | None = None):
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic):
         self.cfg, self._clock, self._monotonic = cfg, clock, monotonic
-        self._registry = registry
         self.metrics = Metrics(registry)
         self._log = log if log is not None else structlog.get_logger("streamer.daemon")
-        self._crash = crash if crash is not None else CrashHook()
-        self._stop = threading.Event()
-        self._cancel = threading.Event()
+        self._stop, self._cancel = threading.Event(), threading.Event()
         self._last_tick: float | None = None  # None until the loop runs (start-up counts as healthy)
-        self._assigned: frozenset[TopicPartition] = frozenset()
-        self._fragment_running = False
-        self._reseek = False
-        self.assignments = 0  # partition assignments seen by this process
-        self._offsets: dict[str, dict[int, int]] = {}  # CURRENT's consumed offsets
-        self._version = ""
-        self._manifest: Any = None  # CURRENT's manifest
         self._last_lag = 0.0
-        # Set by _start(); _close() closes whichever of them exist.
-        self._server: MetricsServer | None = None
-        self._state: Recovered | None = None
-        self._consumer: KafkaConsumer | None = None
-        self._outbox: Outbox | None = None
-        self._collector: Collector
-        self._pipeline: FragmentPipeline
-        self._keeper: VaultKeeper
+        self._assigned: frozenset[TopicPartition] = frozenset()
+        self._fragment_running = self._reseek = self._ready_flag = False
+        self.assignments = 0  # partition assignments seen by this process
+        self._server = serve(registry, cfg.metrics.host, cfg.metrics.port, self._healthy, self._ready)
+        self._log.info("metrics_serving", host=self._server.host, port=self._server.port)
+        try:
+            self.services = Services.start(cfg, self.metrics, self._log, clock, monotonic)
+        except BaseException:
+            self._server.close()
+            raise
+        s = self.services
+        self._manifest: Manifest = s.checkpoint.manifest
+        goals = GoalIndex(lambda: s.worker.forgotten, cfg.model.num_classes)
+        self._collector = Collector(s.ctx, s.outbox, self.metrics, self._log, goals, clock, monotonic)
+        self._ready_flag = True
 
     # --- public ------------------------------------------------------------------------------
 
@@ -104,13 +97,17 @@ class Daemon:
         self._cancel.set()
 
     @property
-    def metrics_port(self) -> int | None:
-        return None if self._server is None else self._server.port
+    def metrics_port(self) -> int:
+        return self._server.port
 
     def run(self) -> int:
         """Serve until `request_stop()`; 0 on a clean stop. Errors propagate after closing clients."""
         try:
-            self._start()
+            topic = self.cfg.kafka.topics.requests
+            self.services.consumer.subscribe([topic], listener=_Rebalance(self))
+            self._log.info("daemon_started", version=self._manifest.version, group_id=self.cfg.kafka.group_id,
+                           topic=topic, fragment_size=self.cfg.unlearning.fragment_size,
+                           max_wait_s=self.cfg.unlearning.max_wait_s)
             while not self._stop.is_set():
                 self._step()
             if self._collector.pending:
@@ -118,76 +115,31 @@ class Daemon:
                                reason="shutdown before the fragment started; its records are re-read on start")
             return 0
         finally:
-            self._close()
+            self.close()
 
-    # --- start-up ----------------------------------------------------------------------------
-
-    def _start(self) -> None:
-        cfg, kafka = self.cfg, self.cfg.kafka
-        self._server = serve(self._registry, cfg.metrics.host, cfg.metrics.port, self._healthy, self._ready)
-        self._log.info("metrics_serving", host=self._server.host, port=self._server.port)
-        state = self._state = recover(cfg, self.metrics, self._log, self._clock)
-        checkpoint = state.checkpoint
-        self._set_current(checkpoint.manifest)
-        self._log.info("checkpoint_loaded", version=self._version, forgotten=len(state.worker.forgotten),
-                       offsets=checkpoint.manifest.offsets, audit_baseline=state.baseline,
-                       ledger_rows_added=state.reconciled.added, ledger_rows_rolled_back=state.reconciled.rolled_back)
-        topics = kafka.topics
-        configs = topic_configs_by_name(topics, kafka.topic_configs)
-        try:
-            created = ensure_topics(kafka.bootstrap_servers, kafka.settings("admin"), list(configs), configs=configs)
-            self._log.info("topics_ensured", created={name: configs[name] for name in created})
-        except KafkaError as err:  # e.g. no create permission: the topics may well exist
-            self._log.warning("topics_not_ensured", error=repr(err))
-        # Producer first (owed receipts, CURRENT's checkpoint record), then the consumer.
-        producer = make_producer(kafka.bootstrap_servers, kafka.settings("producer"))
-        self._outbox = Outbox(producer, topics, state.ledger, self.metrics, self._log, self._clock, self._crash,
-                              kafka.dead_letter_payload,
-                              int(kafka.settings("producer").get("max_request_size", 1_048_576)))
-        self._outbox.send_owed()
-        self._outbox.send_checkpoint_record(checkpoint.manifest, checkpoint.path)  # at least once
-        goals = GoalIndex(lambda: state.worker.forgotten, cfg.model.num_classes)
-        self._collector = Collector(state.ctx, self._outbox, self.metrics, self._log, goals, self._clock,
-                                    self._monotonic)
-        self._pipeline = FragmentPipeline(state.worker, state.store, self._outbox, self.metrics, state.vault,
-                                          self._clock, self._crash)
-        self._keeper = VaultKeeper(state.vault, state.shreds, state.store, cfg.privacy, self.metrics, self._log,
-                                   self._clock, self._monotonic, self._crash)
-        self._keeper.tick(state.worker, checkpoint.manifest, force=True)  # windows that closed while stopped
-        self._consumer = make_consumer(kafka.bootstrap_servers, kafka.group_id, kafka.settings("consumer"),
-                                       max_poll_interval_ms=kafka.max_poll_interval_ms)
-        self._consumer.subscribe([topics.requests], listener=_Rebalance(self))
-        self._log.info("daemon_started", version=self._version, group_id=kafka.group_id, topic=topics.requests,
-                       fragment_size=cfg.unlearning.fragment_size, max_wait_s=cfg.unlearning.max_wait_s)
-
-    def _set_current(self, manifest: Any) -> None:
-        self._manifest = manifest
-        self._version = manifest.version
-        self._offsets = {t: dict(p) for t, p in manifest.offsets.items()}
+    def close(self) -> None:
+        """Close the clients and the server, release the directory (idempotent)."""
+        self.services.close(self._log)
+        self._server.close()
+        self._log.info("daemon_stopped", version=self._manifest.version)
 
     # --- the loop ----------------------------------------------------------------------------
 
     def _step(self) -> None:
-        assert self._consumer is not None
-        unlearning = self.cfg.unlearning
+        s, unlearning = self.services, self.cfg.unlearning
         self._tick()
         if not self._collector.pending:
             self._maybe_rollback()
             if self._manifest.replay and not self._stop.is_set():  # rolled back: re-apply before reading on
                 self._run_fragment(replay=True)
                 return
-            self._keeper.tick(self._pipeline.worker, self._manifest)
+            s.keeper.tick(self._manifest)
         wait_ms = self._collector.wait_ms(POLL_TIMEOUT_MS, unlearning.max_wait_s)
         try:
-            batch = self._consumer.poll(timeout_ms=wait_ms,
-                                        max_records=unlearning.fragment_size - len(self._collector.pending))
+            batch = s.consumer.poll(timeout_ms=wait_ms,
+                                    max_records=unlearning.fragment_size - len(self._collector.pending))
         except Exception as err:  # noqa: BLE001 - a batch the client cannot decode, or infrastructure
-            assert self._outbox is not None
-            kafka = self.cfg.kafka
-            probe = lambda: KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, group_id=None,  # noqa: E731
-                                          enable_auto_commit=False, **kafka.settings("consumer"))
-            if not skip_undecodable(self._consumer, probe, err, self._outbox, self._collector.positions,
-                                    self.metrics, self._log, self._clock):
+            if not self._collector.skip_undecodable(s.consumer, s.probe_consumer, err):
                 raise
             return
         if batch:
@@ -197,76 +149,68 @@ class Daemon:
             self._run_fragment()
 
     def _maybe_rollback(self) -> None:
-        """Carry out an operator's `streamer rollback` between fragments (see state/rollback.py):
-        publish the new version; the next steps re-apply the rolled-back requests from the vault."""
-        assert self._state is not None and self._outbox is not None
-        store = self._state.store
-        request = take_request(store.root)
-        if request is None:
-            return
-        vault = self._state.vault
-        answer = run_rollback(store, self._state.ledger, str(request.get("to")), bool(request.get("force")),
-                              vault.__contains__)
-        if answer["ok"]:
-            checkpoint = store.load(answer["version"])
-            forgotten, _ = load_retained(vault, checkpoint.manifest, self.cfg.model.input_shape)
-            self._pipeline.worker.reset(checkpoint.state_dict, forgotten, checkpoint.manifest.retained_misses)
-            self._set_current(checkpoint.manifest)
+        """Carry out an operator's `streamer rollback` between fragments (state/rollback.py); the
+        next steps re-apply the rolled-back requests from the vault."""
+        manifest = self.services.rollback_if_requested(self._log)
+        if manifest is not None:
+            self._manifest = manifest
             self._collector.clear()
             self._seek_to_current()
-            self._outbox.send_checkpoint_record(checkpoint.manifest, checkpoint.path)
-            resume_gauges(self.metrics, checkpoint, len(forgotten))
-        answer_request(store.root, request, answer)
-        self._log.bind(version=self._version).info("rollback", to=request.get("to"), ok=answer["ok"],
-                                                   message=answer["message"])
 
     def _run_fragment(self, replay: bool = False) -> None:
         """Run the engine in a worker thread while this thread keeps the group membership alive,
-        then settle failures, publish and finish the fragment here (see pipeline.py). `replay`: the
-        next rolled-back requests of CURRENT's replay list, from the vault, instead of the collected ones."""
-        consumer = self._consumer
-        assert consumer is not None
-        accepted, repeats, offsets = self._collector.take(self._offsets)
+        then commit here. `replay`: the next rolled-back requests of CURRENT's replay list, from
+        the vault, instead of the collected ones."""
+        s = self.services
+        accepted, repeats, offsets = self._collector.take(self._manifest.offsets)
         rest: tuple = ()
         if replay:
-            accepted = self._keeper.replay_batch(self._manifest, self.cfg.unlearning.fragment_size)
+            accepted = replay_batch(s.state.vault, self._manifest, self.cfg.unlearning.fragment_size, self._monotonic)
             rest = tuple(self._manifest.replay[len(accepted):])
-        parent = self._version
+        parent = self._manifest.version
         log = self._log.bind(parent=parent, requests=len(accepted))
         log.info("fragment_started", request_ids=[a.request.request_id for a in accepted], replay=replay)
         self._fragment_running, self._reseek = True, False
         try:
-            run = poll_while(self._consumer, lambda: self._pipeline.unlearn(accepted, self._cancel, log),
-                             POLL_TIMEOUT_MS, self._while_unlearning)
+            run = poll_while(s.consumer, lambda: self._unlearn(accepted, log), POLL_TIMEOUT_MS, self._while_unlearning)
         finally:
             self._fragment_running = False
         if run is None:
             log.info("fragment_abandoned", reason="cancelled by shutdown; nothing published or committed")
             return
-        self._pipeline.settle_failures(run, repeats)
-        published = self._pipeline.publish(run, repeats, offsets, parent, replay=rest)
-        if published is not None:
-            self._set_current(published.manifest)
-            self._pipeline.finish(published, self._commit, log)
-            self._keeper.tick(self._pipeline.worker, self._manifest, force=True)
+        manifest = s.commit.fragment(run, repeats, offsets, parent, replay=rest, log=log)
+        if manifest is not None:
+            self._manifest = manifest
+            s.keeper.gauges()
         else:
             log.warning("fragment_not_published", failed=len(run.failed),
                         reason="no request of the fragment could be applied; CURRENT stays")
             if replay:  # they failed when re-applied (receipted): off the replay list, or it would loop
-                self._set_current(self._pipeline.drop_replayed(parent, offsets, rest))
+                self._manifest = s.commit.replay_failed(parent, offsets, rest)
         if self._reseek:  # assigned while the fragment ran: positions came from the old manifest
             self._seek_to_current()
-        consumer.resume(*consumer.paused())
+        s.consumer.resume(*s.consumer.paused())
+
+    def _unlearn(self, accepted: list[Accepted], log: Any) -> Any:
+        """Worker thread: the engine under the failure policy; None if cancelled (nothing changed)."""
+        faults.hold_at("during_unlearn", self._cancel)
+        if self._cancel.is_set():
+            return None
+
+        def progress(step: int, loss: float, missing: int) -> None:
+            faults.crash_at("during_unlearn")
+
+        run = run_quarantined(self.services.worker, accepted, self._cancel, progress, log)
+        if run is None or self._cancel.is_set():
+            return None
+        faults.crash_at("during_unlearn")  # also when the goal needed no step at all
+        return run
 
     def _while_unlearning(self) -> None:
         self._tick()
         self._update_lag()
         if self._stop.is_set():
             self._cancel.set()
-
-    def _commit(self, offsets: Mapping[str, Mapping[int, int]]) -> None:
-        assert self._consumer is not None
-        commit_offsets(self._consumer, offsets, self._log)
 
     # --- rebalances (called inside poll, on the main thread) ---------------------------------
 
@@ -281,8 +225,7 @@ class Daemon:
                        pending_dropped=dropped)
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
-        consumer = self._consumer
-        assert consumer is not None
+        consumer = self.services.consumer
         self.assignments += 1
         self._assigned = frozenset(consumer.assignment())
         sources = self._seek_to_current()
@@ -295,15 +238,14 @@ class Daemon:
     # --- small helpers -----------------------------------------------------------------------
 
     def _seek_to_current(self) -> dict[str, int | str]:
-        assert self._consumer is not None
-        return seek_to_offsets(self._consumer, self._offsets)
+        return seek_to_offsets(self.services.consumer, self._manifest.offsets)
 
     def _update_lag(self) -> None:
-        if self._consumer is None or self._monotonic() - self._last_lag < LAG_EVERY_S:
+        if self._monotonic() - self._last_lag < LAG_EVERY_S:
             return
         self._last_lag = self._monotonic()
         try:
-            self.metrics.set_lag(consumer_lag(self._consumer))
+            self.metrics.set_lag(consumer_lag(self.services.consumer))
         except KafkaError as err:
             self._log.debug("lag_unavailable", error=repr(err))
 
@@ -314,37 +256,26 @@ class Daemon:
         return self._last_tick is None or self._monotonic() - self._last_tick < HEALTH_STALL_S
 
     def _ready(self) -> bool:
-        return self._state is not None and bool(self._assigned) and not self._stop.is_set()
-
-    def _close(self) -> None:
-        state = self._state
-        if state is not None:
-            state.lock.release()
-        if self._consumer is not None:
-            try:
-                self._consumer.close(autocommit=False)
-            except KafkaError as err:
-                self._log.warning("consumer_close_failed", error=repr(err))
-        if self._outbox is not None:
-            try:
-                self._outbox.producer.close(timeout=10)
-            except KafkaError as err:
-                self._log.warning("producer_close_failed", error=repr(err))
-        if state is not None:
-            state.ledger.close()
-            state.shreds.close()
-        if self._server is not None:
-            self._server.close()
-        self._log.info("daemon_stopped", version=self._version)
+        return self._ready_flag and bool(self._assigned) and not self._stop.is_set()
 
 
 def run_daemon(cfg: DaemonConfig) -> int:
-    """Run until SIGTERM/SIGINT; exit status 0 on a clean stop."""
-    daemon = Daemon(cfg, CollectorRegistry(), crash=CrashHook.from_env())
+    """Run until SIGTERM/SIGINT; exit status 0 on a clean stop. The fault-injection points of the
+    crash tests are armed from the environment (pipeline/faults.py)."""
+    daemon: Daemon | None = None
+    stopping = threading.Event()
 
     def stop(signum: int, frame: object) -> None:
-        daemon.request_stop()
+        stopping.set()
+        if daemon is not None:
+            daemon.request_stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    faults.arm()
+    for line in cfg.deprecations:
+        structlog.get_logger("streamer.daemon").warning("config_deprecated", detail=line)
+    daemon = Daemon(cfg, CollectorRegistry())
+    if stopping.is_set():
+        daemon.request_stop()
     return daemon.run()

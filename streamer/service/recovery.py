@@ -1,15 +1,14 @@
-"""Start-up recovery: load CURRENT, reconcile the ledger and the vault, resume gauges; seek to CURRENT's offsets.
+"""Start-up recovery: load CURRENT and everything around it; resume gauges; seek to CURRENT's offsets.
 
 On start the daemon opens the forget vault with the configured KEK first (a missing or wrong KEK
 refuses the start, before any model is loaded), migrates schema-1 versions' plaintext
 forgotten.pt into the vault, loads CURRENT (sha256 verified, in the format its manifest records;
 the configured model is published as v000000, in the configured format, on the very first start)
-and its retained set from the vault, removes vault entries CURRENT does not reference (a crash
-between the vault write and the publish), records shreds a crash kept out of the ledger, checks
-that the configured trainable parameters exist and logs them, rebuilds any ledger rows a crash
-lost from the manifests of CURRENT's lineage, and on every partition assignment seeks to the
+and its retained set from the vault, checks that the configured trainable parameters exist and
+logs them. What a crash interrupted is then finished or undone by `pipeline.Commit.repair`, which
+owns the order of the durable steps. On every partition assignment the consumer seeks to the
 offsets in CURRENT's manifest: the checkpoint, not the group's committed offset, decides where
-consumption resumes. Owed receipts are re-sent by `Outbox.send_owed()` once the producer exists.
+consumption resumes.
 """
 from __future__ import annotations
 
@@ -22,21 +21,21 @@ from typing import Any
 from kafka import KafkaConsumer
 
 from ..config import DaemonConfig
-from ..engine.evaluate import accuracy
-from ..engine.formats import clone_module, save_user_model
-from ..engine.models import load_model, load_net_state
-from ..engine.trainable import select_trainable
-from ..intake.events import SampleContext
-from ..intake.resources import load_dataset_ref, resolve_device, sample_context
-from ..state.checkpoints import BASE_VERSION, Checkpoint, CheckpointStore, ModelFile
-from ..state.ledger import LEDGER_FILE, Ledger, Reconciled, reconcile
-from ..state.lock import CheckpointDirLocked, DirectoryLock
-from ..state.migrate import migrate_legacy
-from ..state.retained import load_retained, open_vault, referenced_ids
-from ..state.shreds import ShredLog
-from ..state.vault import ForgetVault
-from .fragments import FragmentWorker
-from .metrics import REQUEST_OUTCOMES, Metrics
+from ..engine import accuracy
+from ..engine import clone_module, save_user_model
+from ..engine import load_model, load_net_state
+from ..engine import select_trainable
+from ..intake import SampleContext
+from ..intake import load_dataset_ref, resolve_device, sample_context
+from ..state import BASE_VERSION, Checkpoint, CheckpointStore, ModelFile
+from ..state import LEDGER_FILE, Ledger
+from ..state import CheckpointDirLocked, DirectoryLock
+from ..state import migrate_legacy
+from ..state import load_retained, open_vault
+from ..state import ShredLog
+from ..state import ForgetVault
+from ..pipeline import FragmentWorker
+from ..telemetry import Metrics
 
 __all__ = ["Recovered", "recover", "resume_gauges", "seek_to_offsets"]
 
@@ -52,28 +51,26 @@ class Recovered:
     ctx: SampleContext
     checkpoint: Checkpoint
     baseline: float | None  # the base model's audit accuracy (None without an audit set)
-    reconciled: Reconciled
     vault: ForgetVault
     shreds: ShredLog
 
+    def close(self) -> None:
+        self.ledger.close()
+        self.shreds.close()
+        self.lock.release()
+
 
 def recover(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], float] = time.time) -> Recovered:
-    """Load CURRENT and everything around it; the counters and gauges continue from the ledger
-    and CURRENT's manifest. Raises CheckpointDirLocked if another process holds the directory,
-    VaultKeyError when the KEK is missing, unreadable or not the vault's."""
-    device = resolve_device(cfg.device)
+    """Load CURRENT and everything around it (what a crash left is repaired by `Commit.repair`
+    next); the gauges continue from CURRENT's manifest. Raises CheckpointDirLocked if another
+    process holds the directory, VaultKeyError when the KEK is missing, unreadable or not the vault's."""
     store = CheckpointStore(cfg.checkpoints.dir, cfg.checkpoints.keep, clock)
     lock = DirectoryLock(store.root)  # single writer first: nothing is cleaned or written before it
     if not lock.acquire():
         raise CheckpointDirLocked(f"{store.root} is locked by another process ({store.root / 'LOCK'}): "
                                   "one daemon per checkpoint directory")
     try:
-        stale = store.recover()
-        if stale:
-            log.info("stale_temp_files_removed", files=stale)
-        orphans = store.orphans()
-        if orphans:  # written, never CURRENT (a crash or a failed switch): kept, never part of a lineage
-            log.warning("orphan_versions", versions=orphans, current=store.current_version())
+        _clean(store, log)
         vault = open_vault(cfg, writer=True, clock=clock)  # fail fast: before any model is loaded
         if vault.recovered:
             log.info("vault_crash_leftovers_erased", files=len(vault.recovered))
@@ -81,60 +78,63 @@ def recover(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], f
         if migrated:
             log.warning("plaintext_forgotten_sets_migrated", versions=migrated,
                         detail="forgotten.pt moved into the vault and erased")
-        base = load_model(cfg.model, device)
-        select_trainable(base.net, cfg.unlearning.engine.trainable_spec)  # a bad glob fails before any publish
-        fmt, shape = cfg.model.model_format, cfg.model.input_shape
-        audit = load_dataset_ref(cfg.data.audit, shape) if cfg.data.audit else None
-        buffer = load_dataset_ref(cfg.data.buffer, shape) if cfg.data.buffer else None
-        if store.current_version() is None:
-            first = {"audit_accuracy": accuracy(base, audit.x, audit.y)} if audit is not None else {}
-            store.publish(None, ModelFile(fmt, save_user_model(base.net, fmt, shape)), metrics=first)
-            log.info("base_version_published", version=BASE_VERSION, weights=cfg.model.weights, model_format=fmt)
-        current = store.current_version() or BASE_VERSION
-        checkpoint = store.load(current)  # sha256 verified, read in the format its manifest records
-        orphans = vault.remove_orphans(referenced_ids(checkpoint.manifest))
-        if orphans:
-            log.info("vault_orphans_removed", request_ids=orphans,
-                     reason="written for a fragment that was never published; Kafka replays their records")
-        forgotten, shredded = load_retained(vault, checkpoint.manifest, shape)
-        if current != BASE_VERSION and store.path(BASE_VERSION).is_dir():  # the lineage's own base is the teacher
-            load_net_state(base, store.load(BASE_VERSION).state_dict, where=store.path(BASE_VERSION))
-        model = clone_module(base)  # not deepcopy: a deep-copied TorchScript module cannot be trained
-        load_net_state(model, checkpoint.state_dict, where=checkpoint.path)
-        model.eval()
-        baseline = accuracy(base, audit.x, audit.y) if audit is not None else None
-        worker = FragmentWorker(model, cfg.unlearning.engine, cfg.model.num_classes, forgotten,
-                                teacher=base, audit=audit, buffer=buffer, audit_baseline=baseline,
-                                max_audit_drop=cfg.unlearning.max_audit_drop,
-                                max_missed_fragments=cfg.unlearning.max_missed_fragments,
-                                misses=checkpoint.manifest.retained_misses,
-                                model_format=fmt, input_shape=shape)
-        if checkpoint.manifest.model_format != fmt:
-            worker.model_file()  # the configured format changed: a net that cannot be written in it fails now
-        log.info("model_loaded", version=current, device=str(device), source=cfg.model.source,
-                 model_format=checkpoint.manifest.model_format, publishes=fmt)
-        log.info("trainable_parameters", **worker.describe_trainable())
-        ledger = Ledger(store.root / LEDGER_FILE)
-        reconciled = reconcile(ledger, store.lineage(checkpoint.manifest.version))
-        shreds = ShredLog(store.root / LEDGER_FILE)
-        repaired = shreds.record_missing(vault.entries(), vault.kek.key_id)
-        if repaired:
-            log.warning("shreds_recorded_on_start", request_ids=[r.request_id for r in repaired])
-        counts = ledger.counts()
-        for outcome in REQUEST_OUTCOMES:  # counters continue from the ledger, so they never reset
-            if counts[outcome]:
-                metrics.requests.labels(outcome=outcome).inc(counts[outcome])
-        if counts["abandoned"]:
-            metrics.abandoned.inc(counts["abandoned"])
+        worker, checkpoint, baseline = _load_worker(cfg, store, vault, log)
         if baseline is not None:
             metrics.set_audit_baseline(baseline)
-        resume_gauges(metrics, checkpoint, len(forgotten))
-        ctx = sample_context(cfg)
+        resume_gauges(metrics, checkpoint, len(worker.forgotten))
+        ledger = Ledger(store.root / LEDGER_FILE)
+        shreds = ShredLog(store.root / LEDGER_FILE)
+        return Recovered(store, lock, ledger, worker, sample_context(cfg), checkpoint, baseline, vault, shreds)
     except BaseException:
         lock.release()  # a start that failed leaves the directory to the next one
         raise
+
+
+def _clean(store: CheckpointStore, log: Any) -> None:
+    """Temp files of an interrupted publish removed; versions written but never CURRENT logged."""
+    stale = store.recover()
+    if stale:
+        log.info("stale_temp_files_removed", files=stale)
+    orphans = store.orphans()
+    if orphans:  # written, never CURRENT (a crash or a failed switch): kept, never part of a lineage
+        log.warning("orphan_versions", versions=orphans, current=store.current_version())
+
+
+def _load_worker(cfg: DaemonConfig, store: CheckpointStore, vault: ForgetVault,
+                 log: Any) -> tuple[FragmentWorker, Checkpoint, float | None]:
+    """The engine around CURRENT (the configured model published as v000000 on the very first
+    start), its retained set from the vault, and the base model's audit accuracy."""
+    device = resolve_device(cfg.device)
+    base = load_model(cfg.model, device)
+    select_trainable(base.net, cfg.engine.trainable_spec)  # a bad glob fails before any publish
+    fmt, shape = cfg.model.model_format, cfg.model.input_shape
+    audit = load_dataset_ref(cfg.data.audit, shape) if cfg.data.audit else None
+    buffer = load_dataset_ref(cfg.data.buffer, shape) if cfg.data.buffer else None
+    if store.current_version() is None:
+        first = {"audit_accuracy": accuracy(base, audit.x, audit.y)} if audit is not None else {}
+        store.publish(None, ModelFile(fmt, save_user_model(base.net, fmt, shape)), metrics=first)
+        log.info("base_version_published", version=BASE_VERSION, weights=cfg.model.weights, model_format=fmt)
+    current = store.current_version() or BASE_VERSION
+    checkpoint = store.load(current)  # sha256 verified, read in the format its manifest records
+    forgotten, shredded = load_retained(vault, checkpoint.manifest, shape)
+    if current != BASE_VERSION and store.path(BASE_VERSION).is_dir():  # the lineage's own base is the teacher
+        load_net_state(base, store.load(BASE_VERSION).state_dict, where=store.path(BASE_VERSION))
+    model = clone_module(base)  # not deepcopy: a deep-copied TorchScript module cannot be trained
+    load_net_state(model, checkpoint.state_dict, where=checkpoint.path)
+    model.eval()
+    baseline = accuracy(base, audit.x, audit.y) if audit is not None else None
+    u = cfg.unlearning
+    worker = FragmentWorker(model, cfg.engine, cfg.model.num_classes, forgotten, teacher=base, audit=audit,
+                            buffer=buffer, audit_baseline=baseline, max_audit_drop=u.max_audit_drop,
+                            max_missed_fragments=u.max_missed_fragments, misses=checkpoint.manifest.retained_misses,
+                            model_format=fmt, input_shape=shape)
+    if checkpoint.manifest.model_format != fmt:
+        worker.model_file()  # the configured format changed: a net that cannot be written in it fails now
+    log.info("model_loaded", version=current, device=str(device), source=cfg.model.source,
+             model_format=checkpoint.manifest.model_format, publishes=fmt)
+    log.info("trainable_parameters", **worker.describe_trainable())
     log.info("vault_opened", key_id=vault.kek.key_id, live=len(forgotten), shredded_since=len(shredded))
-    return Recovered(store, lock, ledger, worker, ctx, checkpoint, baseline, reconciled, vault, shreds)
+    return worker, checkpoint, baseline
 
 
 def resume_gauges(metrics: Metrics, checkpoint: Checkpoint, forgotten: int) -> None:

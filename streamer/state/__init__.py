@@ -1,19 +1,36 @@
-"""Durable state of a checkpoint directory: versions and CURRENT, the ledger, the forget vault,
-rollback, the lock.
+"""Durable state of a checkpoint directory: versions and CURRENT, the ledger and each request's
+outcome, the forget vault, rollback, the lock.
 
-Public API: `CheckpointStore`, `Checkpoint`, `Manifest`, `RetainedRef`, `ForgottenSet`, `Ledger`,
-`Outcome`, `reconcile`, `ForgetVault`, `ShredLog`, `open_vault`, `load_retained`, `DirectoryLock`,
-`plan_rollback` / `apply_rollback` / `run_rollback`.
+Public API: versions (`CheckpointStore`, `Checkpoint`, `Manifest`, `ModelFile`, `RetainedRef`,
+`ForgottenSet`, `BASE_VERSION`, `CheckpointError`, `rfc3339`, `parse_rfc3339`, `version_number`),
+outcomes and the ledger (`RequestOutcome`, `APPLIED`, `Ledger`, `LedgerError`, `LEDGER_FILE`,
+`reconcile`), the vault (`ForgetVault`, `VaultItem`, `VaultIntegrityError`, `read_index`,
+`open_vault`, `load_retained`, `next_refs`, `referenced_ids`, `Window`, `last_verified`,
+`migrate_legacy`, `generate_kek_file`), shreds (`ShredLog`, `ShredRow`), rollback
+(`plan_rollback`, `apply_rollback`, `run_rollback`, `request_via_daemon`, `take_request`,
+`answer_request`), the single-writer lock (`DirectoryLock`, `CheckpointDirLocked`) and durable
+writes (`write_atomic`, `fsync_dir`, `pretty_json`).
 """
 from .checkpoints import CheckpointStore
-from .ledger import Ledger, Outcome, reconcile
-from .lock import DirectoryLock
-from .manifest import Checkpoint, ForgottenSet, Manifest, RetainedRef
-from .retained import load_retained, open_vault
-from .rollback import apply_rollback, plan_rollback, run_rollback
-from .shreds import ShredLog
-from .vault import ForgetVault
+from .durable import fsync_dir, pretty_json, write_atomic
+from .kek import generate_kek_file
+from .ledger import LEDGER_FILE, Ledger, LedgerError
+from .lock import CheckpointDirLocked, DirectoryLock
+from .manifest import (BASE_VERSION, Checkpoint, CheckpointError, ForgottenSet, Manifest, ModelFile, RetainedRef,
+                       parse_rfc3339, rfc3339, version_number)
+from .migrate import migrate_legacy
+from .outcome import APPLIED, RequestOutcome
+from .reconcile import reconcile
+from .retained import Window, last_verified, load_retained, next_refs, open_vault, referenced_ids
+from .rollback import answer_request, apply_rollback, plan_rollback, request_via_daemon, run_rollback, take_request
+from .sealed import VaultIntegrityError
+from .shreds import ShredLog, ShredRow
+from .vault import ForgetVault, VaultItem, read_index
 
-__all__ = ["Checkpoint", "CheckpointStore", "DirectoryLock", "ForgetVault", "ForgottenSet", "Ledger", "Manifest",
-           "Outcome", "RetainedRef", "ShredLog", "apply_rollback", "load_retained", "open_vault", "plan_rollback",
-           "reconcile", "run_rollback"]
+__all__ = ["APPLIED", "BASE_VERSION", "LEDGER_FILE", "Checkpoint", "CheckpointDirLocked", "CheckpointError",
+           "CheckpointStore", "DirectoryLock", "ForgetVault", "ForgottenSet", "Ledger", "LedgerError", "Manifest",
+           "ModelFile", "RequestOutcome", "RetainedRef", "ShredLog", "ShredRow", "VaultIntegrityError", "VaultItem",
+           "Window", "answer_request", "apply_rollback", "fsync_dir", "generate_kek_file", "last_verified",
+           "load_retained", "migrate_legacy", "next_refs", "open_vault", "parse_rfc3339", "plan_rollback",
+           "pretty_json", "read_index", "reconcile", "referenced_ids", "request_via_daemon", "rfc3339", "run_rollback",
+           "take_request", "version_number", "write_atomic"]

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..engine.formats import read_state_dict
+from ..engine import read_state_dict
 from ..errors import ModelLoadError
 from .durable import fsync_dir as _fsync_dir, pretty_json, write_atomic, write_new as _write_synced
 from .manifest import (BASE_VERSION, CURRENT_FILE, FORGOTTEN_FILE, MANIFEST_FILE, MANIFEST_SCHEMA,  # noqa: F401

@@ -8,30 +8,25 @@ Rows are never updated or deleted (SQLite triggers refuse it). A receipt that we
 recorded in a second append-only table. Rows are keyed by (topic, partition, offset, status,
 version): appending the same outcome twice is a no-op, which is what makes `reconcile` and a
 re-read record safe. The checkpoint manifests are the source of truth for applied requests:
-`reconcile` copies into the ledger whatever CURRENT's lineage holds that the ledger lacks (a
-crash between checkpoint and ledger) and marks `rolled_back` what the ledger holds in versions
-outside CURRENT's lineage (an operator rolled back; those requests will be applied again when re-read).
+`reconcile.py` makes the ledger agree with CURRENT's lineage at start.
 """
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import Manifest
 from ..errors import StreamerError
-from ..intake.samples import storable_text
+from ..intake import Goal
+from ..intake import storable_text
+from .outcome import RECEIPTED, STATUSES, RequestOutcome
 
 LEDGER_FILE = "ledger.sqlite3"  # beside the version directories
-STATUSES = ("forgotten", "relabelled", "duplicate", "rejected", "failed", "rolled_back", "abandoned")
-APPLIED = ("forgotten", "relabelled", "failed")  # in the model (failed with a version: applied, goal missed;
-# failed without one: quarantined by the failure policy, never applied)
 SCHEMA_VERSION = 3  # PRAGMA user_version; 1 had a CHECK on the status list, which froze it; 3 added mode, target_class
-RECEIPTED = ("forgotten", "relabelled", "duplicate", "rejected", "failed")  # statuses with a receipt
 
-__all__ = ["APPLIED", "LEDGER_FILE", "RECEIPTED", "STATUSES", "Ledger", "LedgerError", "LedgerRow", "Outcome", "Reconciled", "reconcile"]
+__all__ = ["LEDGER_FILE", "Ledger", "LedgerError", "LedgerRow"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outcomes (
@@ -74,45 +69,10 @@ class LedgerError(StreamerError):
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """What happened to one record. request_id is None only for a rejected event whose id could
-    not be read; (topic, partition, offset) then identifies it."""
-
-    status: str
-    request_id: str | None
-    version: str | None  # the version that holds the request (for duplicate: the one that applied it)
-    reason: str | None
-    topic: str
-    partition: int
-    offset: int
-    subject: str | None
-    completed_at: str  # RFC 3339
-    mode: str | None = None  # the request's goal (misclassify | relabel | unseen), when the request was read
-    target_class: int | None = None  # applied relabel / unseen: the class its goal sends the instance to
-
-    def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(f"unknown status {self.status!r}; expected one of {', '.join(STATUSES)}")
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @staticmethod
-    def from_json(data: Mapping[str, Any]) -> Outcome:
-        return Outcome(**{name: data.get(name) for name in _COLUMNS})
-
-
-@dataclass(frozen=True)
 class LedgerRow:
     seq: int
-    outcome: Outcome
+    outcome: RequestOutcome
     receipt_sent: bool
-
-
-@dataclass(frozen=True)
-class Reconciled:
-    added: int  # rows copied from manifests (their receipts are owed)
-    rolled_back: int  # applied rows whose version is outside CURRENT's lineage
 
 
 class Ledger:
@@ -139,7 +99,7 @@ class Ledger:
 
     # --- writing -----------------------------------------------------------------------------
 
-    def append(self, outcomes: Iterable[Outcome]) -> list[int]:
+    def append(self, outcomes: Iterable[RequestOutcome]) -> list[int]:
         """Append outcomes in one transaction; one already present is kept. Returns each one's seq."""
         seqs: list[int] = []
         try:
@@ -180,7 +140,7 @@ class Ledger:
         ).fetchone()
         return None if row is None or row[0] == "rolled_back" else row[1]
 
-    def last_applied(self, request_id: str) -> Outcome | None:
+    def last_applied(self, request_id: str) -> RequestOutcome | None:
         """The outcome that applied `request_id` (its record's coordinates), or None."""
         version = self.applied(request_id)
         if version is None:
@@ -199,7 +159,7 @@ class Ledger:
         ).fetchone()
         return row is not None
 
-    def requests_of(self, version: str) -> list[Outcome]:
+    def requests_of(self, version: str) -> list[RequestOutcome]:
         """The outcomes recorded with `version`, in ledger order."""
         return [row.outcome for row in self._rows("WHERE version = ? ORDER BY seq", (version,))]
 
@@ -208,7 +168,7 @@ class Ledger:
         found = dict(self._db.execute("SELECT status, COUNT(*) FROM outcomes GROUP BY status").fetchall())
         return {status: int(found.get(status, 0)) for status in STATUSES}
 
-    def contains(self, o: Outcome) -> bool:
+    def contains(self, o: RequestOutcome) -> bool:
         """Whether this outcome (same record, status and version) is already recorded."""
         row = self._db.execute(
             'SELECT 1 FROM outcomes WHERE topic = ? AND partition = ? AND "offset" = ? AND status = ? '
@@ -217,7 +177,7 @@ class Ledger:
         ).fetchone()
         return row is not None
 
-    def applied_after(self, version_number: int) -> list[Outcome]:
+    def applied_after(self, version_number: int) -> list[RequestOutcome]:
         """Applied outcomes recorded with a version numbered above `version_number`."""
         return [row.outcome for row in self._rows(
             "WHERE status IN ('forgotten', 'relabelled', 'failed') AND CAST(SUBSTR(version, 2) AS INTEGER) > ? "
@@ -234,50 +194,15 @@ class Ledger:
 
     def _rows(self, where: str, params: Sequence[Any]) -> list[LedgerRow]:
         sent = {seq for (seq,) in self._db.execute("SELECT seq FROM receipts_sent")}
-        return [LedgerRow(r[0], Outcome.from_json(dict(zip(_COLUMNS, r[1:]))), r[0] in sent)
+        return [LedgerRow(r[0], _from_row(dict(zip(_COLUMNS, r[1:]))), r[0] in sent)
                 for r in self._db.execute(f"{_SELECT} {where}", tuple(params))]
 
 
-def reconcile(ledger: Ledger, lineage: Sequence[Manifest]) -> Reconciled:
-    """Make the ledger agree with CURRENT's lineage (`lineage[0]` is CURRENT, newest first).
-
-    Walks back from CURRENT copying manifest outcomes the ledger lacks, and stops at the first
-    version whose outcomes are all present (the ledger is written in version order, so the older
-    ones are too). Then marks `rolled_back` the applied rows of versions outside CURRENT's lineage."""
-    if not lineage:
-        return Reconciled(0, 0)
-    missing: list[Outcome] = []
-    for manifest in lineage:
-        entries = [Outcome.from_json({**e, "version": manifest.version, "completed_at": manifest.created_at})
-                   for e in (*manifest.requests, *manifest.duplicates, *manifest.abandoned)]
-        absent = [o for o in entries if not ledger.contains(o)]
-        if not absent and entries:
-            break
-        missing[:0] = absent  # oldest version first
-    added = len(missing)
-    if missing:
-        ledger.append(missing)
-
-    # Rolled back: applied in a version outside CURRENT's lineage but newer than its oldest
-    # member (older ones are pruned ancestors). Covers a rollback that switched CURRENT to an
-    # older version, and a crash between a rollback's publish and its ledger rows.
-    current = lineage[0]
-    inside = {m.version for m in lineage}
-    oldest = min(m.number for m in lineage)
-    rolled_back = [_rolled_back(o, current) for o in ledger.applied_after(oldest)
-                   if o.version not in inside and ledger.applied(o.request_id) == o.version]
-    rolled_back = [o for o in rolled_back if not ledger.contains(o)]
-    if rolled_back:
-        ledger.append(rolled_back)
-    return Reconciled(added, len(rolled_back))
-
-
-def _rolled_back(o: Outcome, current: Manifest) -> Outcome:
-    return Outcome(status="rolled_back", request_id=o.request_id, version=o.version,
-                   reason=f"version {o.version} is not in CURRENT {current.version}'s lineage: rolled back, "
-                          "the request is applied again when its record is re-read",
-                   topic=o.topic, partition=o.partition, offset=o.offset, subject=o.subject,
-                   completed_at=current.created_at)
+def _from_row(row: dict[str, Any]) -> RequestOutcome:
+    """A ledger row as its outcome (the ledger keeps the goal's mode and target class, not its label)."""
+    mode = row.pop("mode")
+    target_class = row.pop("target_class")
+    return RequestOutcome(**row, goal=None if mode is None else Goal(mode, None, target_class))
 
 
 def connect(path: Path) -> sqlite3.Connection:

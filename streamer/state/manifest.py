@@ -25,6 +25,7 @@ import structlog
 import torch
 
 from ..errors import StreamerError
+from .outcome import RequestOutcome
 
 MODEL_FILE = "model.pt"
 MODEL_FILES = {"state_dict": MODEL_FILE, "torchscript": MODEL_FILE, "export": "model.pt2"}  # by format
@@ -176,6 +177,15 @@ class Manifest:
     @property
     def number(self) -> int:
         return version_number(self.version)
+
+    def outcomes(self) -> tuple[RequestOutcome, ...]:
+        """Every outcome this version records (applied requests, repeats, abandoned instances),
+        with its version and time. Raises CheckpointError for a malformed row."""
+        try:
+            return tuple(RequestOutcome.from_manifest(row, self.version, self.created_at)
+                         for row in (*self.requests, *self.duplicates, *self.abandoned))
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"malformed manifest {self.version}: a request row {err!r}") from err
 
     def to_json(self) -> dict[str, Any]:
         data = {

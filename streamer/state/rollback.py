@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..engine.models import split_normalized_state
+from ..engine import split_normalized_state
 from .checkpoints import CheckpointStore, Manifest, rfc3339
 from ..errors import StreamerError
-from .ledger import Ledger, Outcome
+from .ledger import Ledger
+from .outcome import RequestOutcome
 
 REQUEST_FILE = "ROLLBACK.request.json"
 RESULT_FILE = "ROLLBACK.result.json"
@@ -45,7 +46,7 @@ class RollbackPlan:
     current: Manifest
     replay: tuple[Mapping[str, Any], ...]  # request entries applied after `to`, in the vault: applied again
     lost: tuple[Mapping[str, Any], ...]  # applied after `to`, shredded since: cannot be applied again
-    undone: tuple[Outcome, ...]  # the applied outcomes being rolled back (ledger rows)
+    undone: tuple[RequestOutcome, ...]  # the applied outcomes being rolled back (ledger rows)
 
 
 def plan_rollback(store: CheckpointStore, to_version: str, in_vault: InVault) -> RollbackPlan:
@@ -65,8 +66,7 @@ def plan_rollback(store: CheckpointStore, to_version: str, in_vault: InVault) ->
         raise RollbackRefused("these versions keep their forgotten set in plaintext (forgotten.pt): start the "
                               "daemon once, it migrates them into the vault, then roll back")
     after = lineage[: names.index(to_version)]  # newest first, the versions being undone
-    undone = tuple(Outcome.from_json({**r, "version": m.version, "completed_at": m.created_at})
-                   for m in reversed(after) for r in m.requests)
+    undone = tuple(RequestOutcome.from_manifest(r, m.version, m.created_at) for m in reversed(after) for r in m.requests)
     entries = [*(r for m in reversed(after) for r in m.requests), *lineage[0].replay]  # + a replay not done yet
     lost = tuple(e for e in entries if not in_vault(str(e["request_id"])))
     replay = tuple(e for e in entries if in_vault(str(e["request_id"])))
@@ -96,16 +96,10 @@ def apply_rollback(store: CheckpointStore, ledger: Ledger, plan: RollbackPlan, f
                              metrics=metrics, replay=plan.replay)
     now = rfc3339(clock())
     lost = {str(e["request_id"]) for e in plan.lost}
-    ledger.append([_rolled_back(o, manifest.version, now, "NOT applied again: its instance was shredded (--force)"
-                                if o.request_id in lost else "applied again from the forget vault")
+    how = {True: "NOT applied again: its instance was shredded (--force)", False: "applied again from the forget vault"}
+    ledger.append([o.rolled_back(f"rollback {manifest.version} undid {o.version}; {how[o.request_id in lost]}", now)
                    for o in plan.undone])
     return manifest
-
-
-def _rolled_back(o: Outcome, new_version: str, now: str, how: str) -> Outcome:
-    return Outcome(status="rolled_back", request_id=o.request_id, version=o.version,
-                   reason=f"rollback {new_version} undid {o.version}; {how}", topic=o.topic,
-                   partition=o.partition, offset=o.offset, subject=o.subject, completed_at=now)
 
 
 def request_via_daemon(root: Path, to_version: str, force: bool, timeout_s: float) -> dict:

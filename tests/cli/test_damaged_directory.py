@@ -18,7 +18,8 @@ from streamer.engine.models import digits_cnn
 from streamer.state.checkpoints import CheckpointStore
 from streamer.state.kek import generate_kek_file
 from streamer.state.vault import ForgetVault
-from streamer.state.ledger import LEDGER_FILE, Ledger, Outcome
+from streamer.state.ledger import LEDGER_FILE, Ledger
+from streamer.state.outcome import RequestOutcome
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -39,7 +40,7 @@ def directory(tmp_path: Path) -> Path:
     store.publish(None, net.state_dict())
     store.publish("v000000", net.state_dict(), requests=[])
     with Ledger(tmp_path / "ckpt" / LEDGER_FILE) as ledger:
-        ledger.append([Outcome(status="rejected", request_id="x", version=None, reason="r", topic="t", partition=0,
+        ledger.append([RequestOutcome(status="rejected", request_id="x", version=None, reason="r", topic="t", partition=0,
                                offset=0, subject=None, completed_at="2026-01-01T00:00:00.000Z")])
     return tmp_path
 

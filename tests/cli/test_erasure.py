@@ -11,7 +11,8 @@ from streamer.cli.erasure import erasure_report, format_report
 from streamer.config import parse_config
 from streamer.state.checkpoints import CheckpointStore, RetainedRef
 from streamer.state.kek import LocalKEK
-from streamer.state.ledger import LEDGER_FILE, Ledger, Outcome
+from streamer.state.ledger import LEDGER_FILE, Ledger
+from streamer.state.outcome import RequestOutcome
 from streamer.state.manifest import rfc3339
 from streamer.state.shreds import ShredLog, ShredRow
 from streamer.state.vault import ForgetVault, VaultItem
@@ -43,9 +44,8 @@ def cfg(tmp_path: Path):
     manifest = store.publish("v000000", {"w": torch.ones(1)}, refs,
                              requests=[_entry("a", 0, T0 - 60), _entry("b", 1, T0 - 30)])
     with Ledger(cfg.checkpoints.dir / LEDGER_FILE) as ledger:
-        ledger.append([Outcome.from_json({**e, "version": "v000001", "completed_at": manifest.created_at})
-                       for e in manifest.requests])
-        ledger.append([Outcome("rejected", "c", None, "label 42 is outside [0, 10)", "req", 0, 2, None,
+        ledger.append([RequestOutcome.from_manifest(e, "v000001", manifest.created_at) for e in manifest.requests])
+        ledger.append([RequestOutcome("rejected", "c", None, "label 42 is outside [0, 10)", "req", 0, 2, None,
                                rfc3339(T0 + 10))])
     vault.shred("a", "v000001")
     with ShredLog(cfg.checkpoints.dir / LEDGER_FILE) as log:

@@ -44,8 +44,8 @@ class TestRepositoryConfig:
         assert cfg.model.input_shape == (1, 8, 8) and cfg.model.num_classes == 10
         assert cfg.unlearning.fragment_size == 8 and cfg.unlearning.max_wait_s == 5.0
         raw = yaml.safe_load((ROOT / "config.yaml").read_text())
-        assert cfg.unlearning.engine.max_steps == raw["unlearning"]["max_steps"]
-        assert cfg.unlearning.engine.retain_forgotten is True
+        assert cfg.engine.max_steps == raw["engine"]["max_steps"]
+        assert cfg.engine.retain_forgotten is True and cfg.deprecations == ()
         assert cfg.kafka.topics.dead_letter == "streamer.dead-letter"
         assert cfg.kafka.max_poll_interval_ms == 300_000
         assert cfg.data.datasets["digits"] == DatasetRef(builtin="digits", split="train")
@@ -88,7 +88,7 @@ class TestRepositoryConfig:
 
 
 class TestErrors:
-    @pytest.mark.parametrize("dotted", ["surprise", "kafka.topics.extra", "unlearning.bogus_rate",
+    @pytest.mark.parametrize("dotted", ["surprise", "kafka.topics.extra", "unlearning.bogus_rate", "engine.bogus_rate",
                                         "data.audit.nonsense", "metrics.path", "model.colour"])
     def test_unknown_keys_are_named(self, raw: dict[str, Any], dotted: str) -> None:
         """A key nobody reads is an error that names it with its full path."""
@@ -100,10 +100,10 @@ class TestErrors:
         ("metrics.port", 70000, r"metrics\.port: must be <= 65535"),
         ("unlearning.fragment_size", 0, r"unlearning\.fragment_size: must be >= 1"),
         ("unlearning.max_wait_s", -1, r"unlearning\.max_wait_s: must be >= 0"),
-        ("unlearning.max_steps", 1.5, r"unlearning\.max_steps: must be a int"),
-        ("unlearning.retain_forgotten", "yes", r"unlearning\.retain_forgotten: must be a bool"),
-        ("unlearning.method", "magic", r"unlearning\.method 'magic'"),
-        ("unlearning.lr", 0, r"lr must be > 0"),
+        ("engine.max_steps", 1.5, r"engine\.max_steps: must be a int"),
+        ("engine.retain_forgotten", "yes", r"engine\.retain_forgotten: must be a bool"),
+        ("engine.method", "magic", r"engine\.method 'magic'"),
+        ("engine.lr", 0, r"lr must be > 0"),
         ("device", "tpu", r"device: must be one of auto, cpu, cuda"),
         ("model.input_shape", [8, 8], r"model\.input_shape: must be \[C, H, W\]"),
         ("model.std", [0.0], r"model\.std: values must be > 0"),
@@ -119,7 +119,7 @@ class TestErrors:
         ("model.format", "onnx", r"model\.format: must be one of auto, state_dict, torchscript, export"),
         ("model.kwargs", ["x"], r"model\.kwargs: must be a mapping"),
         ("model.kwargs", {"input_size": 8}, r"model\.kwargs: only factory: and torchvision: sources"),
-        ("unlearning.trainable", "heads", r"trainable must be 'auto', 'head', 'block', 'all' or a list"),
+        ("engine.trainable", "heads", r"trainable must be 'auto', 'head', 'block', 'all' or a list"),
     ])
     def test_bad_values_are_named(self, raw: dict[str, Any], dotted: str, value: Any, message: str) -> None:
         """A value of the wrong type or range raises ConfigError naming the key and the problem."""
@@ -142,12 +142,28 @@ class TestErrors:
 
 
 class TestSections:
-    def test_unlearning_keys_reach_the_engine(self, raw: dict[str, Any]) -> None:
-        """Every unlearning key except fragment_size and max_wait_s configures the engine's method."""
-        raw["unlearning"].update({"method": "neggrad", "max_steps": 7, "lr": 0.01})
+    def test_engine_keys_reach_the_engine(self, raw: dict[str, Any]) -> None:
+        """Every engine key configures the engine's method, over the method's preset."""
+        raw["engine"].update({"method": "neggrad", "max_steps": 7, "lr": 0.01})
         cfg = _parse(raw)
-        assert (cfg.unlearning.engine.method, cfg.unlearning.engine.max_steps, cfg.unlearning.engine.lr) == ("neggrad", 7, 0.01)
-        assert cfg.unlearning.engine.n_adv == 0  # the neggrad preset still applies
+        assert (cfg.engine.method, cfg.engine.max_steps, cfg.engine.lr) == ("neggrad", 7, 0.01)
+        assert cfg.engine.n_adv == 0  # the neggrad preset still applies
+
+    def test_the_old_layout_is_read_with_one_deprecation_line(self, raw: dict[str, Any]) -> None:
+        """Engine keys under `unlearning:` (the layout before `engine:`) give the same engine, one
+        deprecation line naming them, and errors that name the key where it was written."""
+        old = copy.deepcopy(raw)
+        old["unlearning"].update({**old.pop("engine"), "lr": 0.01})
+        new = _set(raw, "engine.lr", 0.01)
+        assert _parse(old).engine == _parse(new).engine and _parse(new).deprecations == ()
+        (line,) = _parse(old).deprecations
+        assert line.startswith("unlearning.method, unlearning.max_steps") and "move them to the `engine:`" in line
+        with pytest.raises(ConfigError, match=r"unlearning\.max_steps: must be a int"):
+            _parse(_set(old, "unlearning.max_steps", 1.5))
+        with pytest.raises(ConfigError, match=r"unlearning\.method 'magic'"):
+            _parse(_set(old, "unlearning.method", "magic"))
+        with pytest.raises(ConfigError, match=r"engine\.lr: is set under both unlearning: and engine:"):
+            _parse(_set(new, "unlearning.lr", 0.02))
 
     def test_kafka_client_settings_and_bootstrap_list(self, raw: dict[str, Any]) -> None:
         """kafka.client passes through as is and a bootstrap list is joined for kafka-python."""
@@ -172,17 +188,17 @@ class TestSections:
         assert _parse(_set(raw, "model.format", "state_dict")).model.model_format == "state_dict"
         with pytest.raises(ConfigError, match=r"model\.format: export models cannot be published as torchscript"):
             _parse(_set(raw, "model.format", "torchscript"))
-        with pytest.raises(ConfigError, match=r"unlearning\.train_mode: must be false for an export: model"):
-            _parse(_set(raw, "unlearning.train_mode", True))
+        with pytest.raises(ConfigError, match=r"engine\.train_mode: must be false for an export: model"):
+            _parse(_set(raw, "engine.train_mode", True))
         assert _parse(_set(raw, "model.source", "torchscript:m.ts")).model.model_format == "torchscript"
 
     def test_factory_kwargs_and_trainable_globs(self, raw: dict[str, Any]) -> None:
-        """model.kwargs reach the factory config; unlearning.trainable becomes the engine's globs."""
+        """model.kwargs reach the factory config; engine.trainable becomes the engine's globs."""
         raw["model"].update({"source": "factory:ccexam.models:SVHNNet", "kwargs": {"input_size": 32}})
-        raw["unlearning"]["trainable"] = ["classifier.*"]
+        raw["engine"]["trainable"] = ["classifier.*"]
         cfg = _parse(raw)
         assert dict(cfg.model.kwargs) == {"input_size": 32} and cfg.model.model_format == "state_dict"
-        assert cfg.unlearning.engine.trainable == ("classifier.*",)
+        assert cfg.engine.trainable == ("classifier.*",)
 
     def test_audit_and_buffer_may_be_null(self, raw: dict[str, Any]) -> None:
         """data.audit: null turns the audit gauges off; data.buffer: null turns the retain buffer off."""

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from streamer.service.metrics import Metrics
+from streamer.telemetry.metrics import Metrics
 
 from deploy_assets import (DATA_FILES, DEPLOY, DOCKERFILE, GRAFANA, K8S, PROMETHEUS, ROOT, _alert_rules,  # noqa: F401
                            _dashboard, _dashboard_exprs, _panels, _referenced_metric_names, _yaml)

@@ -10,7 +10,8 @@ from streamer.errors import ConfigError
 from streamer.engine.evaluate import accuracy
 from streamer.engine.models import ModelConfig, Normalized, digits_cnn, grad_only, load_model, load_weights
 from streamer.engine.train import train_reference
-from streamer.engine.unlearn import Fragment, Unlearner, method_config, random_affine
+from streamer.engine.augment import random_affine
+from streamer.engine.unlearn import Fragment, Unlearner, method_config
 
 from engine_fixtures import tiny_data, tiny_model
 
@@ -24,6 +25,13 @@ def _correct_subset(model, n=6):
     keep = model(x).argmax(1) == y
     return x[keep][:n], y[keep][:n]
 
+
+
+def _step_inputs(unlearner: Unlearner, fragment: Fragment, adv_x: torch.Tensor, adv_y: torch.Tensor):
+    """What the unlearner's step loop would feed the model for `fragment` (engine.steps.StepInputs)."""
+    from streamer.engine.steps import StepInputs
+    return StepInputs.build(unlearner.cfg, unlearner.model, unlearner.teacher, unlearner.trainable, fragment.x, adv_x,
+                            adv_y, unlearner.buffer, unlearner.sampler)
 
 class TestLoop:
     def test_stops_at_goal(self):
@@ -224,10 +232,15 @@ class TestDistillationInputs:
         model = tiny_model()
         x, y = _correct_subset(model, 4)
         bx, by = tiny_data(50, seed=1)
+        from streamer.engine import steps, terms
         seen = []
-        original = Unlearner._distill_inputs
-        monkeypatch.setattr(Unlearner, "_distill_inputs",
-                            lambda self, src, adv, *count: seen.append(len(src)) or original(self, src, adv, *count))
+        original = steps.distill_inputs
+
+        def spy(src, adv, *rest):
+            seen.append(len(src))
+            return original(src, adv, *rest)
+        monkeypatch.setattr(steps, "distill_inputs", spy)  # the fast path's pool
+        monkeypatch.setattr(terms, "distill_inputs", spy)  # the old path's inputs made per step
         cfg = method_config("default", n_adv=0, lr=1e-7, max_steps=2, buffer_batch=16, distill_buffer=distill_buffer,
                             fast_path=fast_path)
         Unlearner(model, cfg, 3, buffer=Dataset(bx, by)).unlearn(_fragment(x, y))
@@ -331,9 +344,11 @@ class TestFastPath:
         rows (the prefix once on the objective and the adversarial batch, as the old path does
         every step); the fast path's one forward over all terms, channels-last prefix and fused
         Adam change only summation order and kernels. BatchNorm stays in eval mode in both."""
+        from streamer.engine import unlearn
+
         x, y = _correct_subset(_bn_conv_model(), 6)
         adv = (torch.rand(12, 1, 4, 4, generator=torch.Generator().manual_seed(3)), torch.arange(12) % 3)
-        monkeypatch.setattr(Unlearner, "_adversarial", lambda self, frag, stop=None: (*adv, 1.0))
+        monkeypatch.setattr(unlearn, "adversarial_examples", lambda *args, **kw: (*adv, 1.0))
         runs = {}
         for fast in (False, True):
             model = _bn_conv_model()
@@ -370,9 +385,9 @@ class TestFastPath:
                               buffer=buffer)
         adv_x, adv_y = torch.rand(6, 1, 4, 4), torch.arange(6) % 3
         with grad_only(unlearner.model, unlearner._trainable()):
-            inputs = unlearner._step_inputs(_fragment(x, y), adv_x, adv_y)
+            inputs = _step_inputs(unlearner, _fragment(x, y), adv_x, adv_y)
             assert inputs.merge
-            terms = unlearner._step_logits(inputs, objective=True)
+            terms = inputs.logits(unlearner.cfg, unlearner.sampler, objective=True)
             assert set(terms) == {"objective", "adv", "distill", "buffer"}
             rows = {"objective": inputs.objective, "adv": inputs.adv, "distill": inputs.pool, "buffer": inputs.buffer}
             for name, (out, pick) in terms.items():
@@ -389,7 +404,7 @@ class TestFastPath:
         for model, overrides, merge in ((_bn_conv_model(), {}, True), (_bn_conv_model(), {"train_mode": True}, False),
                                         (_bn_conv_model(), {"fast_path": False}, False), (mixing, {}, False)):
             unlearner = Unlearner(model, method_config("default", **overrides), 3)
-            assert unlearner._step_inputs(frag, x[:0], y[:0]).merge is merge
+            assert _step_inputs(unlearner, frag, x[:0], y[:0]).merge is merge
 
     def test_train_mode_updates_batchnorm_only_from_batches_it_steps_on(self):
         """In train mode the iteration that stops at the step cap runs the objective alone through
@@ -425,7 +440,7 @@ class TestFastPath:
         frag = _fragment(x, y)
         for overrides, cached in (({}, True), ({"train_mode": True}, False), ({"fast_path": False}, False)):
             unlearner = Unlearner(_bn_conv_model(), method_config("default", **overrides), 3)
-            inputs = unlearner._step_inputs(frag, x[:0], y[:0])
+            inputs = _step_inputs(unlearner, frag, x[:0], y[:0])
             assert (inputs.split is not None) == cached
             assert (inputs.pool is not None) == overrides.get("fast_path", True)
 
@@ -433,7 +448,7 @@ class TestFastPath:
         """The pool's teacher logits come from the teacher's suffix on the cached features only
         while the teacher's prefix has the student's weights; they equal the teacher's own."""
         from streamer.engine.prefix import split_frozen_prefix
-        from streamer.engine.unlearn import _same_prefix_suffix
+        from streamer.engine.steps import _same_prefix_suffix
         model = _bn_conv_model()
         unlearner = Unlearner(model, method_config("default"), 3)
         split = split_frozen_prefix(model, unlearner.trainable)
@@ -449,7 +464,7 @@ class TestCapCause:
     def test_time_when_still_progressing_difficulty_when_stalled(self):
         """A cap hit while the missing count still falls is "time" / "steps" (which cap); a flat count is
         "difficulty"."""
-        from streamer.engine.unlearn import cap_cause
+        from streamer.engine.fragment import cap_cause
         assert cap_cause("time_cap", [(0, 8), (25, 6), (50, 3)]) == "time"
         assert cap_cause("step_cap", [(0, 8), (25, 6), (50, 3)]) == "steps"  # raise max_steps, not max_seconds
         assert cap_cause("step_cap", [(0, 8), (25, 3), (50, 3), (75, 3)]) == "difficulty"

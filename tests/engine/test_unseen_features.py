@@ -10,7 +10,7 @@ from engine_fixtures import tiny_data, tiny_model
 from streamer.engine.data import Dataset
 from streamer.engine.models import Normalized
 from streamer.engine.unlearn import Fragment, Unlearner, method_config
-from streamer.engine.unseen import UNSEEN, class_prototypes, last_linear, unseen_classes
+from streamer.engine.unseen import UNSEEN, FeatureGoal, class_prototypes, last_linear, unseen_classes
 
 
 def _penultimate(model, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +87,7 @@ def test_retained_memorised_unseen_instances_stay_in_the_feature_goal():
     """Continual: a later fragment's objective holds the earlier memorised unseen row at its prototype
     too (its unseen flag survives resolution and retention; the service rebuilds it from the vault's
     unseen ids), while misclassify rows never join the feature goal."""
-    from streamer.service.fragments import _as_fragment
+    from streamer.pipeline.worker import _as_fragment
     from streamer.state.manifest import ForgottenSet
 
     teacher = _smooth_model()
@@ -100,7 +100,10 @@ def test_retained_memorised_unseen_instances_stay_in_the_feature_goal():
     unlearner.unlearn(Fragment(x[:1], y, torch.tensor([UNSEEN])))
     later = Fragment(x[1:], torch.tensor([0]), torch.tensor([-1]))
     objective = Fragment.cat([later, unlearner.forgotten])
-    rows, targets = unlearner._prototype_goal(objective)
+    goal = FeatureGoal.build(unlearner.net, unlearner.teacher, unlearner.buffer, 3, objective.y, objective.target,
+                             objective.unseen_mask(), 0.25, 3.0)
+    assert goal is not None
+    rows, targets = goal.rows, goal.targets
     assert rows.tolist() == [1] and torch.equal(targets[0], class_prototypes(teacher, buffer, 3)[objective.target[1]])
     t = int(unlearner.forgotten.target[0])
     vault = ForgottenSet.empty((1, 4, 4)).prepend(x, torch.tensor([int(y), 0]), torch.tensor([t, -1]), ["u", "m"], ["u"])

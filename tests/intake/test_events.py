@@ -88,13 +88,13 @@ class TestValidEvents:
         req = parse_event(encode_event("r:1.a_b-c", "relabel", 2, x, target_label=7, subject="user-9"), ctx)
         assert isinstance(req, ForgetRequest)
         assert (req.request_id, req.mode, req.label, req.target_label, req.subject) == ("r:1.a_b-c", "relabel", 2, 7, "user-9")
-        assert req.target == 7
+        assert req.goal.engine_target == 7
         assert req.x.dtype == torch.float32 and torch.equal(req.x, x)
 
     def test_misclassify_target_is_minus_one(self, ctx: SampleContext) -> None:
         """A misclassify request has no target_label and target -1."""
         req = parse_event(_encode(_event()), ctx)
-        assert req.target_label is None and req.target == -1
+        assert req.target_label is None and req.goal.engine_target == -1
 
     def test_uint8_tensor_is_scaled_to_unit_range(self, ctx: SampleContext) -> None:
         """uint8 tensor data is divided by 255."""

@@ -31,14 +31,14 @@ class TestUnseen:
     def test_unseen_event_parses_with_the_unresolved_target(self) -> None:
         """mode unseen: no target_label, engine target -2 until the class it resolved to is known."""
         request = parse_event(_event(), CTX)
-        assert (request.mode, request.label, request.target_label, request.target) == ("unseen", 3, None, UNSEEN)
+        assert (request.mode, request.label, request.target_label, request.goal.engine_target) == ("unseen", 3, None, UNSEEN)
 
     def test_a_resolved_unseen_request_targets_its_class(self) -> None:
         """unseen_class (set when a rolled-back request is replayed) is the target; other modes ignore it."""
         request = parse_event(_event(), CTX)
-        assert type(request)(**{**request.__dict__, "unseen_class": 3}).target == 3
+        assert type(request)(**{**request.__dict__, "unseen_class": 3}).goal.engine_target == 3
         misclassify = parse_event(_event("misclassify"), CTX)
-        assert type(misclassify)(**{**misclassify.__dict__, "unseen_class": 5}).target == -1
+        assert type(misclassify)(**{**misclassify.__dict__, "unseen_class": 5}).goal.engine_target == -1
 
     def test_unseen_takes_no_target_label(self) -> None:
         """A target_label with mode unseen is rejected in one line naming the mode."""
@@ -52,10 +52,10 @@ class TestAbsentMode:
     def test_the_config_default_applies(self) -> None:
         """No mode (or null): misclassify by default, unseen when the context says so."""
         assert parse_event(_event(None), CTX).mode == "misclassify"
-        assert parse_event(_event(None), CTX).target == -1
+        assert parse_event(_event(None), CTX).goal.engine_target == -1
         assert parse_event(_event(mode=None), CTX).mode == "misclassify"  # a JSON null
         unseen = SampleContext(num_classes=10, input_shape=SHAPE, default_mode="unseen")
-        assert parse_event(_event(None), unseen).target == UNSEEN
+        assert parse_event(_event(None), unseen).goal.engine_target == UNSEEN
         assert parse_event(_event("misclassify"), unseen).mode == "misclassify"  # a mode given wins
 
     def test_a_target_label_without_mode_names_the_default(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from kafka import KafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon_harness import (
+    AUDIT_FLOOR,
+    USEFUL_UNLEARNING,
     DaemonProcess,
     new_topics,
     produce,
@@ -32,13 +35,14 @@ from daemon_harness import (
 )
 from streamer.state.checkpoints import CheckpointStore, Manifest
 from streamer.config import load_config
-from streamer.service.crash import FRAGMENT_CRASH_POINTS
+from streamer.pipeline.faults import FRAGMENT_CRASH_POINTS
 from streamer.state.ledger import LEDGER_FILE
 from streamer.engine.data import load_splits
 from streamer.engine.evaluate import predict
 from streamer.intake.events import encode_event
-from streamer.state.ledger import APPLIED, Ledger
-from streamer.service.metrics import REQUEST_OUTCOMES
+from streamer.state.ledger import Ledger
+from streamer.state.outcome import APPLIED
+from streamer.telemetry.metrics import REQUEST_OUTCOMES
 from streamer.engine.models import Normalized, digits_cnn
 
 pytestmark = pytest.mark.kafka
@@ -101,6 +105,15 @@ def _assert_each_request_in_one_version(checkpoint_dir: Path, request_ids: set[s
         rows = [r.outcome for r in ledger.rows() if r.outcome.status in APPLIED]
         assert Counter(o.request_id for o in rows) == applied
         assert ledger.counts()["rolled_back"] == 0
+
+
+def _sample(metrics_text: str, name: str, labels: dict[str, str]) -> float | None:
+    """One sample's value from a /metrics exposition, or None when absent."""
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return None
 
 
 def _committed(bootstrap: str, group_id: str, topic: str) -> int | None:
@@ -337,35 +350,36 @@ def test_crash_at_every_point_loses_nothing_and_applies_nothing_twice(
 
 def test_long_fragment_keeps_the_assignment_and_sigterm_commits_nothing_unfinished(
         kafka_bootstrap: str, weights: Path, tmp_path: Path) -> None:
-    """A fragment running several max.poll.interval.ms causes no rebalance (one assignment, receipts
-    right, offsets committed); SIGTERM during the next fragment abandons it and exits 0, with nothing
-    published, receipted or committed for it."""
+    """A fragment held for three max.poll.interval.ms (a hold point: it cannot end before the test
+    releases it) causes no rebalance (one assignment, receipts right, offsets committed); SIGTERM
+    during the next, held fragment abandons it and exits 0, with nothing published, receipted or
+    committed for it."""
     interval_ms = 1500
     topics = new_topics(kafka_bootstrap, "poll")
-    config = write_config(tmp_path, kafka_bootstrap, topics, weights,
-                          unlearning={"pgd_steps": 2000, "n_adv": 10},  # a slow adversarial stage (~3x the interval)
-                          kafka={"max_poll_interval_ms": interval_ms})
+    config = write_config(tmp_path, kafka_bootstrap, topics, weights, kafka={"max_poll_interval_ms": interval_ms})
     group = load_config(config).kafka.group_id
     ids = [f"p{i}" for i in range(8)]
-    daemon = DaemonProcess(config, tmp_path / "daemon.log")
+    release = tmp_path / "release-fragment"
+    daemon = DaemonProcess(config, tmp_path / "daemon.log", hold_at=("during_unlearn", release))
     try:
         daemon.wait_for("partitions_assigned", timeout_s=90)
         produce(kafka_bootstrap, topics["requests"], [_event(rid, 20 + i) for i, rid in enumerate(ids[:4])])
-        (published,) = daemon.wait_for("fragment_published", timeout_s=180)
+        daemon.wait_for("hold_hook", timeout_s=60)
+        time.sleep(3 * interval_ms / 1000)  # held: the fragment outlasts the poll interval three times
+        assert not [e for e in daemon.events() if e["event"] == "fragment_published"]
+        release.touch()
+        daemon.wait_for("fragment_published", timeout_s=180)
         daemon.wait_for("request_outcome", count=4)
         assigned = [e for e in daemon.events() if e["event"] == "partitions_assigned"]
         revoked = [e for e in daemon.events() if e["event"] == "partitions_revoked"]
         committed_after_first = _committed(kafka_bootstrap, group, topics["requests"])
 
-        # Relabels: a fragment whose goal already holds ends before its slow attack (the model may
-        # misclassify these after the first fragment), and this one must still be running at SIGTERM.
         produce(kafka_bootstrap, topics["requests"],
                 [_event(rid, 24 + i, target=(int(TRAIN.y[24 + i]) + 5) % 10) for i, rid in enumerate(ids[4:])])
-        daemon.wait_for("fragment_started", count=2, timeout_s=60)
+        daemon.wait_for("hold_hook", count=2, timeout_s=60)  # the second fragment is held until SIGTERM
         code = daemon.stop(timeout_s=120)
     finally:
         daemon.kill()
-    assert published["seconds"] > 2 * interval_ms / 1000, "the fragment was too fast to test anything"
     assert len(assigned) == 1 and revoked == []
     assert committed_after_first == 4
 
@@ -377,3 +391,30 @@ def test_long_fragment_keeps_the_assignment_and_sigterm_commits_nothing_unfinish
     assert _lineage(tmp_path / "checkpoints")[0].version == "v000001"
     assert CheckpointStore(tmp_path / "checkpoints").versions() == ["v000000", "v000001"]
     assert _committed(kafka_bootstrap, group, topics["requests"]) == 4
+
+
+def test_the_served_model_stays_useful_with_the_guard_rail_on(kafka_bootstrap: str, weights: Path,
+                                                              tmp_path: Path) -> None:
+    """With the utility guard rail on (USEFUL_UNLEARNING: max_audit_drop 0.15, a retain buffer), 16
+    requests are all forgotten, no fragment is refused, and the audit accuracy the daemon serves
+    stays above AUDIT_FLOOR in every version and in the /metrics gauge."""
+    topics = new_topics(kafka_bootstrap, "useful")
+    config = write_config(tmp_path, kafka_bootstrap, topics, weights, unlearning=USEFUL_UNLEARNING, fast=False,
+                          data={"buffer": {"builtin": "digits", "split": "buffer"}})
+    ids = [f"u{i}" for i in range(16)]
+    daemon = DaemonProcess(config, tmp_path / "daemon.log")
+    try:
+        daemon.wait_for("partitions_assigned", timeout_s=90)
+        produce(kafka_bootstrap, topics["requests"], [_event(rid, 40 + 3 * i) for i, rid in enumerate(ids)])
+        daemon.wait_for("request_outcome", count=16, timeout_s=600)
+        _, text = daemon.get("/metrics")
+    finally:
+        daemon.stop()
+    receipts = values(read_topic(kafka_bootstrap, topics["receipts"], 16))
+    assert sorted((r["request_id"], r["status"]) for r in receipts) == sorted((rid, "forgotten") for rid in ids)
+    lineage = _lineage(tmp_path / "checkpoints")
+    audit = [m.metrics["audit_accuracy"] for m in reversed(lineage)]
+    assert len(lineage) >= 5 and all(a >= AUDIT_FLOOR for a in audit), audit  # v000000 and at least 4 fragments
+    gauge = _sample(text, "streamer_accuracy_ratio", {"set": "audit"})
+    failures = _sample(text, "streamer_fragment_failures_total", {"kind": "utility_floor"})
+    assert gauge == pytest.approx(audit[-1], abs=1e-6) and gauge >= AUDIT_FLOOR and failures == 0.0

@@ -21,9 +21,11 @@ from streamer.engine.data import load_splits
 from streamer.engine.models import Normalized, published_model
 from streamer.errors import ConfigError, ModelLoadError
 from streamer.intake.events import ForgetRequest
-from streamer.service.collector import Accepted
-from streamer.service.metrics import Metrics
-from streamer.service.pipeline import FragmentPipeline
+from streamer.pipeline.collector import Accepted
+from streamer.telemetry.metrics import Metrics
+from streamer.pipeline.commit import Commit
+from streamer.pipeline.quarantine import run_quarantined
+from streamer.state.retained import Window
 from streamer.service.recovery import recover
 from streamer.state.checkpoints import CheckpointStore
 from user_models import INPUTS, MEAN, STD, UserDigitsNet, predict_logits, trained_net, user_load, write_source
@@ -63,15 +65,16 @@ def _one_fragment(cfg, x: torch.Tensor, y: torch.Tensor):
     Returns (the published manifest, the daemon's model after the fragment)."""
     state = _recover(cfg)
     try:
-        pipeline = FragmentPipeline(state.worker, state.store, None, Metrics(CollectorRegistry()),  # no outbox: not finished
-                                    state.vault)
+        # steps 2 and 3 of the commit only (vault, version): no outbox or consumer here
+        commit = Commit(state.worker, state.store, state.vault, state.shreds, None, None,  # type: ignore[arg-type]
+                        Metrics(CollectorRegistry()), Window.of(cfg.privacy), structlog.get_logger())
         accepted = [Accepted(ForgetRequest(f"r{i}", "misclassify", int(label), None, xi), "r", 0, i, 0.0)
                     for i, (xi, label) in enumerate(zip(x, y))]
-        run = pipeline.unlearn(accepted, threading.Event(), structlog.get_logger())
+        run = run_quarantined(state.worker, accepted, threading.Event(), None, structlog.get_logger())
         assert run is not None and not run.failed
-        published = pipeline.publish(run, [], {"r": {0: len(accepted)}}, state.checkpoint.manifest.version)
-        assert published is not None and all(s.status == "forgotten" for _, s in run.applied)
-        return published.manifest, state.worker.model
+        manifest, _ = commit.publish(run, [], {"r": {0: len(accepted)}}, state.checkpoint.manifest.version, ())
+        assert all(o.status == "forgotten" for o in run.applied)
+        return manifest, state.worker.model
     finally:
         state.lock.release()
 

@@ -21,10 +21,11 @@ from streamer.engine.data import load_splits
 from streamer.engine.evaluate import predict
 from streamer.engine.models import published_model
 from streamer.intake.events import encode_event
-from streamer.service.broker import create_topics
+from streamer.kafka.broker import create_topics
 from streamer.state.checkpoints import CheckpointStore
 from streamer.state.kek import generate_kek_file, kek_from_file
-from streamer.state.ledger import APPLIED, LEDGER_FILE, Ledger
+from streamer.state.ledger import LEDGER_FILE, Ledger
+from streamer.state.outcome import APPLIED
 from streamer.state.shreds import ShredLog
 from streamer.state.vault import DATA_DIR, KEYS_DIR, ForgetVault, read_index
 

@@ -9,15 +9,17 @@ import pytest
 import torch
 
 from streamer.state.checkpoints import CheckpointStore, Manifest
-from streamer.state.ledger import STATUSES, Ledger, Outcome, reconcile
+from streamer.state.ledger import Ledger
+from streamer.state.reconcile import reconcile
+from streamer.state.outcome import STATUSES, RequestOutcome
 
 T = "requests"
 NOW = "2024-05-01T12:00:00.000Z"
 
 
 def _o(status: str, offset: int, request_id: str | None = None, version: str | None = None,
-       reason: str | None = None) -> Outcome:
-    return Outcome(status=status, request_id=request_id, version=version, reason=reason, topic=T, partition=0,
+       reason: str | None = None) -> RequestOutcome:
+    return RequestOutcome(status=status, request_id=request_id, version=version, reason=reason, topic=T, partition=0,
                    offset=offset, subject=None, completed_at=NOW)
 
 
@@ -118,8 +120,7 @@ class TestReconcile:
         _publish(store, None, [])
         v1 = _publish(store, "v000000", [_entry("a", 0), _entry("b", 1)])
         v2 = _publish(store, v1.version, [_entry("c", 2, "failed")], duplicates=[_entry("c", 3, "duplicate")])
-        ledger.append([Outcome.from_json({**e, "version": v1.version, "completed_at": v1.created_at})
-                       for e in v1.requests])
+        ledger.append([RequestOutcome.from_manifest(e, v1.version, v1.created_at) for e in v1.requests])
         result = reconcile(ledger, store.lineage(v2.version))
         assert (result.added, result.rolled_back) == (2, 0)
         assert [(o.request_id, o.status) for o in ledger.requests_of(v2.version)] == [("c", "failed"), ("c", "duplicate")]
@@ -185,7 +186,7 @@ class TestSchemaAndText:
         with Ledger(path) as ledger:
             (row,) = ledger.rows()
             assert (row.outcome.request_id, row.outcome.status, row.receipt_sent) == ("r1", "forgotten", True)
-            ledger.append([Outcome(status="abandoned", request_id="r1", version="v000002", reason=None, topic="t",
+            ledger.append([RequestOutcome(status="abandoned", request_id="r1", version="v000002", reason=None, topic="t",
                                    partition=0, offset=0, subject=None, completed_at=NOW)])
             assert ledger.counts()["abandoned"] == 1
             with pytest.raises(sqlite3.DatabaseError, match="append-only"):
@@ -203,8 +204,8 @@ class TestSchemaAndText:
         with Ledger(path) as ledger:
             (row,) = ledger.rows()
             assert (row.outcome.request_id, row.outcome.mode, row.outcome.target_class) == ("r1", None, None)
-            ledger.append([Outcome.from_json({**_entry("u", 1), "mode": "unseen", "target_class": 3,
-                                              "version": "v000002", "completed_at": NOW})])
+            ledger.append([RequestOutcome.from_manifest({**_entry("u", 1), "mode": "unseen", "target_class": 3},
+                                                        "v000002", NOW)])
         with Ledger(path) as ledger:
             assert [(r.outcome.mode, r.outcome.target_class) for r in ledger.rows()] == [(None, None), ("unseen", 3)]
             assert ledger._db.execute("PRAGMA user_version").fetchone() == (3,)
@@ -215,7 +216,7 @@ class TestSchemaAndText:
     def test_text_a_utf8_store_cannot_hold_is_escaped(self, tmp_path) -> None:
         """An unpaired surrogate or a control character in a reason or subject is stored escaped, never raised."""
         with Ledger(tmp_path / "ledger.sqlite3") as ledger:
-            outcome = Outcome(status="rejected", request_id=None, version=None, reason="bad \ud83d key\x00",
+            outcome = RequestOutcome(status="rejected", request_id=None, version=None, reason="bad \ud83d key\x00",
                               topic="t", partition=0, offset=3, subject="user-\ud83d", completed_at="now")
             ledger.append([outcome])
             (row,) = ledger.rows()

@@ -13,14 +13,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamer.service.metrics import (
+from streamer.telemetry.metrics import (
     FAILURE_KINDS,
     FRAGMENT_OUTCOMES,
     REQUEST_OUTCOMES,
     STAGES,
     Metrics,
 )
-from streamer.service.http import MetricsServer, serve
+from streamer.telemetry.http import MetricsServer, serve
 
 ALL_SAMPLE_NAMES = {
     "streamer_accuracy_ratio",
@@ -381,7 +381,7 @@ class TestSetAccuracies:
         """set_accuracies fills the accuracy gauges and drift, and counts no fragment."""
         from prometheus_client import CollectorRegistry
 
-        from streamer.service.metrics import Metrics
+        from streamer.telemetry.metrics import Metrics
 
         registry = CollectorRegistry()
         metrics = Metrics(registry)

@@ -5,7 +5,7 @@ import json
 
 import structlog
 
-from streamer.service.logs import configure_logging
+from streamer.telemetry.logs import configure_logging
 
 
 def _refuse(constant: str) -> None:

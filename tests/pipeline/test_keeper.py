@@ -16,20 +16,26 @@ from engine_fixtures import constant_classifier
 from streamer.engine.models import Normalized
 from streamer.engine.unlearn import method_config
 from streamer.intake.events import ForgetRequest
-from streamer.service.collector import Accepted
-from streamer.service.fragments import FragmentWorker
-from streamer.service.metrics import Metrics
-from streamer.service.privacy import VaultKeeper
+from streamer.pipeline.collector import Accepted
+from streamer.pipeline.worker import FragmentWorker
+from streamer.telemetry.metrics import Metrics
+from streamer.pipeline.commit import Commit
+from streamer.pipeline.keeper import VaultKeeper, replay_batch
 from streamer.state.checkpoints import CheckpointStore, ForgottenSet, Manifest
 from streamer.state.kek import LocalKEK
 from streamer.state.ledger import LEDGER_FILE
-from streamer.state.retained import next_refs
+from streamer.state.retained import Window, next_refs
 from streamer.state.shreds import ShredLog, ShredRow
 from streamer.state.vault import ForgetVault, VaultItem
 
 SHAPE = (1, 2, 2)
 ENGINE = dict(n_adv=0, distill_weight=0.0, lr=1e-4, seed=0, max_steps=1)
 T0 = 1_700_000_000.0
+
+def _accepted(requests: list[ForgetRequest]) -> list[Accepted]:
+    """Requests as the collector hands them over (read from one partition, in order)."""
+    return [Accepted(r, "t", 0, i, 0.0) for i, r in enumerate(requests)]
+
 
 
 class Clock:
@@ -60,15 +66,17 @@ class Rig:
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.worker = FragmentWorker(_model(bias), method_config("default", **ENGINE), 3, ForgottenSet.empty(SHAPE))
-        self.keeper = VaultKeeper(self.vault, self.shreds, self.store, privacy, self.metrics,
-                                  structlog.get_logger("test"), self.clock, self.clock)
+        # the shred path of the commit only: no outbox or consumer (this rig publishes by hand)
+        self.commit = Commit(self.worker, self.store, self.vault, self.shreds, None, None,  # type: ignore[arg-type]
+                             self.metrics, Window.of(privacy), structlog.get_logger("test"), self.clock)
+        self.keeper = VaultKeeper(self.vault, self.shreds, self.commit, privacy, self.metrics, self.clock)
         self.manifest: Manifest = self.store.publish(None, self.worker.model.state_dict())
 
     def fragment(self, requests: list[ForgetRequest]) -> Manifest:
-        result = self.worker.run(requests)
+        result = self.worker.run(_accepted(requests))
         assert result is not None
         entries = {e.request_id: e for e in self.vault.put(
-            [VaultItem(r.request_id, r.x, r.label, r.target) for r in requests])}
+            [VaultItem(r.request_id, r.x, r.label, r.goal.engine_target) for r in requests])}
         refs = next_refs(result.forgotten, result.retained_met, self.manifest.retained, entries,
                          self.store.next_version())
         entry = [{"request_id": r.request_id, "status": "forgotten", "topic": "req", "partition": 0, "offset": i,
@@ -88,9 +96,9 @@ class TestShredding:
         the shred recorded with that version, and it leaves the retained set and the objective."""
         rig = Rig(tmp_path, PrivacyConfig(verify_window_days=14, verify_window_fragments=1))
         rig.fragment([_request("a", 1, 0.1)])  # the model predicts 0: "a" (label 1) is forgotten already
-        assert rig.keeper.tick(rig.worker, rig.manifest, force=True) == []  # its window is open
+        assert rig.keeper.tick(rig.manifest, force=True) == []  # its window is open
         current = rig.fragment([_request("b", 2, 0.2)])
-        (row,) = rig.keeper.tick(rig.worker, current, force=True)
+        (row,) = rig.keeper.tick(current, force=True)
         assert (row.request_id, row.verified_version, row.at_version) == ("a", "v000002", "v000002")
         assert row.verified_at_shred and "verified in 1 later version" in row.reason and "versions" not in row.reason
         assert "a" not in rig.vault and rig.shreds.rows()["a"] == row
@@ -103,12 +111,12 @@ class TestShredding:
         rig = Rig(tmp_path, PrivacyConfig(verify_window_days=1.0, check_every_s=60.0))
         rig.fragment([_request("a", 1, 0.1)])
         rig.clock.now += 86_400 - 1
-        assert rig.keeper.tick(rig.worker, rig.manifest, force=True) == []
+        assert rig.keeper.tick(rig.manifest, force=True) == []
         assert rig.sample("streamer_vault_oldest_entry_age_seconds") == 86_399.0
         rig.clock.now += 30
-        assert rig.keeper.tick(rig.worker, rig.manifest) == []  # the next check is not due yet
+        assert rig.keeper.tick(rig.manifest) == []  # the next check is not due yet
         rig.clock.now += 60
-        (row,) = rig.keeper.tick(rig.worker, rig.manifest)
+        (row,) = rig.keeper.tick(rig.manifest)
         assert row.request_id == "a" and "1 days since it was first applied" in row.reason
         assert rig.sample("streamer_vault_oldest_entry_age_seconds") == 0.0
 
@@ -117,7 +125,7 @@ class TestShredding:
         naming the last version where it held (none here), and counted verified=false."""
         rig = Rig(tmp_path, PrivacyConfig(verify_window_days=0.0))
         rig.fragment([_request("a", 0, 0.1)])  # label 0, predicted 0 after one step: goal missed
-        (row,) = rig.keeper.tick(rig.worker, rig.manifest, force=True)
+        (row,) = rig.keeper.tick(rig.manifest, force=True)
         assert row.verified_version is None and not row.verified_at_shred
         assert "did NOT hold on v000001" in row.reason and "erasure deadline" in row.reason
         assert rig.sample("streamer_vault_shreds_total", verified="false") == 1.0
@@ -131,7 +139,7 @@ class TestShredding:
                       "partition": 0, "offset": 0, "subject": None}]
         rig.worker.drop({"a"})
         current = rig.store.publish(applied.version, rig.worker.model.state_dict(), abandoned=abandoned)
-        (row,) = rig.keeper.tick(rig.worker, current, force=True)
+        (row,) = rig.keeper.tick(current, force=True)
         assert (row.request_id, row.verified_version, row.at_version) == ("a", "v000001", "v000002")
         assert row.reason.startswith("abandoned:") and "a" not in rig.vault and not row.verified_at_shred
 
@@ -139,10 +147,10 @@ class TestShredding:
         """A new keeper (a restart) counts the shreds already in the ledger."""
         rig = Rig(tmp_path, PrivacyConfig(verify_window_days=0.0))
         rig.fragment([_request("a", 1, 0.1), _request("b", 2, 0.2)])
-        rig.keeper.tick(rig.worker, rig.manifest, force=True)
+        rig.keeper.tick(rig.manifest, force=True)
         registry = CollectorRegistry()
-        VaultKeeper(rig.vault, ShredLog(tmp_path / "ckpt" / LEDGER_FILE), rig.store, PrivacyConfig(),
-                    Metrics(registry), structlog.get_logger("test"))
+        VaultKeeper(rig.vault, ShredLog(tmp_path / "ckpt" / LEDGER_FILE), rig.commit, PrivacyConfig(),
+                    Metrics(registry))
         assert registry.get_sample_value("streamer_vault_shreds_total", {"verified": "true"}) == 2.0
         assert registry.get_sample_value("streamer_vault_verify_window_seconds") == 14 * 86_400
 
@@ -154,7 +162,7 @@ class TestReplay:
         requests = [_request("a", 1, 0.25), _request("b", 2, 0.75)]
         applied = rig.fragment(requests)
         rolled = rig.store.publish("v000000", rig.worker.model.state_dict(), replay=applied.requests)
-        batch = rig.keeper.replay_batch(rolled, 1)
+        batch = replay_batch(rig.vault, rolled, 1)
         assert len(batch) == 1 and isinstance(batch[0], Accepted)
         (first,) = batch
         assert (first.request.request_id, first.request.label, first.request.subject) == ("a", 1, "subject-a")

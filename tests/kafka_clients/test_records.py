@@ -1,4 +1,4 @@
-"""Tests for streamer.service.outputs (what goes to Kafka) and the daemon's crash-test hook."""
+"""Tests for streamer.kafka.records (what goes to Kafka)."""
 from __future__ import annotations
 
 import base64
@@ -9,17 +9,15 @@ from pathlib import Path
 import pytest
 
 from streamer.state.checkpoints import Manifest
-from streamer.service.crash import CRASH_POINTS, CrashHook
-from streamer.errors import ConfigError
-from streamer.state.ledger import Outcome
-from streamer.service.outputs import checkpoint_record, dead_letter, receipt
+from streamer.state.outcome import RequestOutcome
+from streamer.kafka.records import checkpoint_record, dead_letter, receipt
 
 
-def _outcome(**overrides: object) -> Outcome:
+def _outcome(**overrides: object) -> RequestOutcome:
     fields = dict(status="forgotten", request_id="r-1", version="v000003", reason=None, topic="req",
                   partition=2, offset=41, subject="user-9", completed_at="2024-05-01T12:00:00.000Z")
     fields.update(overrides)
-    return Outcome(**fields)  # type: ignore[arg-type]
+    return RequestOutcome(**fields)  # type: ignore[arg-type]
 
 
 class TestReceipt:
@@ -89,20 +87,3 @@ class TestCheckpointRecord:
                             model_format="export", model_file="model.pt2")
         body = json.loads(checkpoint_record(manifest, tmp_path / "v000002")[1])
         assert (body["model_path"], body["model_format"]) == (str(tmp_path / "v000002" / "model.pt2"), "export")
-
-
-class TestCrashHook:
-    def test_reads_known_points_from_the_environment(self) -> None:
-        """STREAMER_CRASH_AT names one of the documented points; unset means no hook."""
-        assert CrashHook.from_env({}).point is None
-        assert [CrashHook.from_env({"STREAMER_CRASH_AT": p}).point for p in CRASH_POINTS] == list(CRASH_POINTS)
-
-    def test_unknown_point_is_a_config_error(self) -> None:
-        """A typo in the crash point fails at start-up instead of silently never crashing."""
-        with pytest.raises(ConfigError, match="STREAMER_CRASH_AT='after_lunch'"):
-            CrashHook.from_env({"STREAMER_CRASH_AT": "after_lunch"})
-
-    def test_other_points_do_nothing(self) -> None:
-        """The hook fires only at its own point (this process is still alive)."""
-        CrashHook("after_ledger").at("after_checkpoint")
-        CrashHook(None).at("after_ledger")

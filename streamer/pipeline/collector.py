@@ -11,16 +11,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
-from kafka import TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
-from ..intake.events import ForgetRequest, InvalidEvent, SampleContext, parse_event, request_id_of
-from ..state.checkpoints import rfc3339
-from ..state.ledger import Outcome
+from ..intake import storable_text
+from ..kafka import find_undecodable
+from ..intake import ForgetRequest, InvalidEvent, SampleContext, parse_event, request_id_of
+from ..state import rfc3339
+from ..intake import Goal
+from ..state import RequestOutcome
+from ..telemetry import Metrics
 from .goals import GoalIndex
-from .metrics import Metrics
 from .outbox import Outbox
 
 __all__ = ["Accepted", "Collector", "Repeat", "outcome_of"]
@@ -37,6 +41,16 @@ class Accepted:
     received_at: float  # monotonic seconds
     record_time_ms: int | None = None  # the record's Kafka timestamp (when it was written): the erasure report's start
 
+    def outcome(self, status: str, reason: str | None, goal: Goal | None = None,
+                numbers: Mapping[str, float | int | None] | None = None) -> RequestOutcome:
+        """This request's outcome, not settled yet (`goal`: as applied; default: as requested)."""
+        r = self.request
+        received = None if self.record_time_ms is None else rfc3339(self.record_time_ms / 1000)
+        return RequestOutcome(status=status, request_id=r.request_id, version=None, reason=reason, topic=self.topic,
+                              partition=self.partition, offset=self.offset, subject=r.subject,
+                              goal=goal if goal is not None else r.goal, requested_at=r.requested_at,
+                              received_at=received, numbers=MappingProxyType(dict(numbers or {})))
+
 
 @dataclass(frozen=True)
 class Repeat:
@@ -47,6 +61,10 @@ class Repeat:
     partition: int
     offset: int
     first: Accepted
+
+    def outcome(self, reason: str) -> RequestOutcome:
+        """The `duplicate` answer to this repeat, not settled yet."""
+        return outcome_of("duplicate", self.request.request_id, None, reason, self, self.request.subject, None)
 
 
 class Collector:
@@ -63,7 +81,7 @@ class Collector:
     def handle(self, batch: Mapping[TopicPartition, Sequence[ConsumerRecord]]) -> None:
         """Sort each record; answer the ones that need no fragment (dead letters flushed, then
         ledger rows, then receipts flushed)."""
-        answered: list[Outcome] = []
+        answered: list[RequestOutcome] = []
         dead_letters: list[Any] = []
         ledger = self._outbox.ledger
         for records in batch.values():
@@ -110,6 +128,31 @@ class Collector:
         self.pending, self.repeats, self.positions = [], [], {}
         return dropped
 
+    def skip_undecodable(self, consumer: KafkaConsumer, open_probe: Callable[[], KafkaConsumer],
+                         error: Exception) -> bool:
+        """Record-level policy for a batch the client cannot decode (`kafka.find_undecodable`): each
+        skipped offset gets a `rejected` ledger row, the run one dead letter naming partition and
+        offsets, and the position moves past it (committed with the next fragment). False when no
+        partition fails to decode (the error is not about the data: the caller treats it as
+        infrastructure)."""
+        self._log.warning("poll_failed", error=f"{type(error).__name__}: {error}",
+                          action="probing each assigned partition")
+        found = find_undecodable(consumer, open_probe, self._log)
+        if found is None:
+            return False
+        tp, first, last = found
+        reason = storable_text(f"undecodable record batch, offsets {first}-{last} of {tp.topic}/{tp.partition} "
+                               f"skipped: {type(error).__name__}: {error}")[:1000]
+        now = rfc3339(self._clock())
+        outbox = self._outbox
+        outbox.deliver([outbox.send_dead_letter(reason, None, tp.topic, tp.partition, first, None, None, now)])
+        outbox.record([RequestOutcome(status="rejected", request_id=None, version=None, reason=reason, topic=tp.topic,
+                                      partition=tp.partition, offset=offset, subject=None, completed_at=now)
+                       for offset in range(first, last + 1)])
+        self.positions[(tp.topic, tp.partition)] = last + 1
+        self._metrics.count_failure("undecodable")
+        return True
+
     def _parse(self, record: ConsumerRecord) -> ForgetRequest:
         """The record's request; any failure that depends on the record's bytes is InvalidEvent
         (record-level policy: the record is rejected, the daemon keeps going)."""
@@ -128,10 +171,10 @@ class Collector:
         """Why `request` cannot be taken: its request_id names an applied or pending request with
         other content, or its goal cannot be met together with an applied or pending request for
         the same instance (e.g. two relabels to different classes); None if it can."""
-        pending = [(a.request.request_id, a.request.label, a.request.target, a.request.x) for a in self.pending]
+        pending = [(a.request.request_id, a.request.goal, a.request.x) for a in self.pending]
         return self._goals.reused(request, pending) or self._goals.conflict(request, pending)
 
-    def _sort(self, record: ConsumerRecord, dead_letters: list[Any]) -> Outcome | None:
+    def _sort(self, record: ConsumerRecord, dead_letters: list[Any]) -> RequestOutcome | None:
         start = time.perf_counter()
         try:
             request = self._parse(record)
@@ -168,7 +211,7 @@ def _request_id_of(record: ConsumerRecord) -> str | None:
 
 
 def outcome_of(status: str, request_id: str | None, version: str | None, reason: str | None,
-               record: ConsumerRecord, subject: str | None, completed_at: str) -> Outcome:
-    """The ledger outcome of one record."""
-    return Outcome(status=status, request_id=request_id, version=version, reason=reason, topic=record.topic,
-                   partition=record.partition, offset=record.offset, subject=subject, completed_at=completed_at)
+               record: ConsumerRecord | Repeat, subject: str | None, completed_at: str | None) -> RequestOutcome:
+    """The outcome of one record whose request's goal does not matter (rejected, duplicate)."""
+    return RequestOutcome(status=status, request_id=request_id, version=version, reason=reason, topic=record.topic,
+                          partition=record.partition, offset=record.offset, subject=subject, completed_at=completed_at)

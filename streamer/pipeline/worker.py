@@ -1,9 +1,9 @@
 """One group of requests through the engine: unlearn, check the guard rails, evaluate, decide each
 request's status, and age the retained set (instances that keep missing their goal leave it).
 
-No Kafka and no disk here: `FragmentWorker.run` takes validated requests and returns what the
-daemon publishes, or raises a `FragmentFailure` (see failures.py) and leaves the model to be
-restored from `snapshot()`. It owns the model being unlearned (updated in place), the retained
+No Kafka and no disk here: `FragmentWorker.run` takes validated requests and returns each one's
+outcome and what the daemon publishes, or raises a `FragmentFailure` (see failures.py) and leaves
+the model to be restored from `snapshot()`. It owns the model being unlearned (updated in place), the retained
 forgotten set and the evaluation sets.
 """
 from __future__ import annotations
@@ -17,32 +17,25 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..engine.data import Dataset
-from ..engine.evaluate import goal_mask
-from ..engine.evaluate import logits as logits_of
-from ..engine.formats import save_user_model
-from ..engine.models import load_net_state
-from ..state.checkpoints import ModelFile
-from ..engine.objectives import goal_gap, goal_met
-from ..engine.unlearn import Fragment, FragmentOutcome, UnlearnConfig, Unlearner
-from ..intake.events import ForgetRequest
-from ..state.checkpoints import ForgottenSet
+from ..engine import Dataset
+from ..engine import goal_mask
+from ..engine import logits as logits_of
+from ..engine import save_user_model
+from ..engine import load_net_state
+from ..engine import goal_gap, goal_met
+from ..engine import Fragment, FragmentOutcome, UnlearnConfig, Unlearner
+from ..state import ForgottenSet, ModelFile
+from ..state import RequestOutcome
+from .collector import Accepted
 from .failures import EngineFailure, NonFiniteOutputs, UtilityFloorBreached
 
-__all__ = ["FragmentResult", "FragmentWorker", "RequestStatus"]
-
-
-@dataclass(frozen=True)
-class RequestStatus:
-    status: str  # forgotten | relabelled | failed
-    reason: str | None
-    target: int = -1  # the goal as applied: -1 misclassify, c: relabel to c or unseen resolved to c (never -2)
+__all__ = ["FragmentResult", "FragmentWorker"]
 
 
 @dataclass(frozen=True)
 class FragmentResult:
     outcome: FragmentOutcome
-    statuses: list[RequestStatus]  # one per request, in order
+    outcomes: list[RequestOutcome]  # one per request, in order: forgotten | relabelled | failed (not settled)
     forgotten: ForgottenSet  # the retained set after this fragment (this fragment first)
     accuracies: dict[str, float]  # fragment | forgotten | audit -> ratio (absent: no such set)
     evaluate_seconds: float
@@ -118,16 +111,17 @@ class FragmentWorker:
     def restore(self, snap: _Snapshot) -> None:
         self.reset(snap.state, snap.forgotten, snap.misses)
 
-    def run(self, requests: Sequence[ForgetRequest], cancel: threading.Event | None = None,
+    def run(self, accepted: Sequence[Accepted], cancel: threading.Event | None = None,
             progress: Callable[[int, float, int], None] | None = None) -> FragmentResult | None:
-        """Unlearn `requests` as one fragment; None when cancelled (restore the snapshot then).
+        """Unlearn `accepted` as one fragment; None when cancelled (restore the snapshot then).
 
         Raises EngineFailure (the engine or model raised), NonFiniteOutputs (NaN/Inf logits on the
         fragment, the retained set or the audit set) or UtilityFloorBreached (audit accuracy more
         than max_audit_drop below the base model's); the model is then left as it was, to restore."""
+        requests = [a.request for a in accepted]
         x = torch.stack([r.x for r in requests])  # (k, C, H, W)
         y = torch.tensor([r.label for r in requests], dtype=torch.int64)
-        target = torch.tensor([r.target for r in requests], dtype=torch.int64)  # -2: unseen, resolved by the engine
+        target = torch.tensor([r.goal.engine_target for r in requests], dtype=torch.int64)  # the engine resolves unseen
         try:
             outcome = self._unlearner.unlearn(Fragment(x, y, target), progress=progress, cancel=cancel)
             if outcome.stopped_by == "cancelled":
@@ -137,7 +131,7 @@ class FragmentWorker:
             start = time.perf_counter()
             target = _resolved(outcome, target)
             forgotten = self.forgotten.prepend(x, y, target, [r.request_id for r in requests],
-                                               [r.request_id for r in requests if r.mode == "unseen"])
+                                               [r.request_id for r in requests if r.goal.unseen])
             on_forgotten = logits_of(self.model, forgotten.x)  # the fragment comes first in it: one pass for both
             logits = {"fragment": on_forgotten[: len(requests)], "forgotten": on_forgotten}
             if self.audit is not None:
@@ -160,7 +154,7 @@ class FragmentWorker:
         if self.audit is not None:
             accuracies["audit"] = _acc(logits["audit"], self.audit.y)
             self._check_floor(accuracies["audit"])
-        statuses = _statuses(logits["fragment"], requests, y, target, outcome, self.cfg)
+        outcomes = _outcomes(logits["fragment"], accepted, y, target, outcome, self.cfg)
         met = dict(zip(forgotten.request_ids, goal_met(logits["forgotten"], forgotten.y, forgotten.target).tolist()))
         forgotten, abandoned = self._age(forgotten, logits["forgotten"])
         self.forgotten = forgotten
@@ -175,7 +169,7 @@ class FragmentWorker:
             "audit_accuracy": _finite(accuracies.get("audit")), "audit_baseline_accuracy": _finite(self.audit_baseline),
             "forgotten_instances": len(forgotten),
         }
-        return FragmentResult(outcome, statuses, forgotten, accuracies, seconds, metrics, abandoned,
+        return FragmentResult(outcome, outcomes, forgotten, accuracies, seconds, metrics, abandoned,
                               tuple(bool(met[rid]) for rid in forgotten.request_ids))
 
     def _check_floor(self, audit_accuracy: float) -> None:
@@ -223,34 +217,41 @@ def _acc(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(1) == y).float().mean()) if len(y) else float("nan")  # checked finite first
 
 
-def _statuses(logits: torch.Tensor, requests: Sequence[ForgetRequest], y: torch.Tensor, target: torch.Tensor,
-              outcome: FragmentOutcome, cfg: UnlearnConfig) -> list[RequestStatus]:
+def _outcomes(logits: torch.Tensor, accepted: Sequence[Accepted], y: torch.Tensor, target: torch.Tensor,
+              outcome: FragmentOutcome, cfg: UnlearnConfig) -> list[RequestOutcome]:
     """forgotten / relabelled when the instance meets its goal (`target`: (k,) resolved, no -2);
-    failed (with by how much) when not. An unseen request that meets its goal is `forgotten`."""
+    failed (with by how much, `goal_gap` in logits) when not. An unseen request that meets its
+    goal is `forgotten`."""
     met = goal_met(logits, y, target)
     gaps = goal_gap(logits, y, target)  # > 0: goal missed by this logit margin
     predicted = logits.argmax(1)
     cap = {"step_cap": f"step cap {cfg.max_steps} hit", "time_cap": f"time cap {cfg.max_seconds:g} s hit",
            "goal": "goal reached for the fragment"}.get(outcome.stopped_by, outcome.stopped_by)
-    why = ""
-    if outcome.cap_cause is not None and outcome.missed_trend:  # time/steps: still progressing; difficulty: stalled
-        trend = ", ".join(f"{missed} at step {step}" for step, missed in outcome.missed_trend[-4:])
-        more = {"time": "more time", "steps": "more steps"}.get(outcome.cap_cause)
-        why = (f"; cap hit while still progressing, {more} would likely have reached the goal (missing: {trend})"
-               if more else f"; cap hit after progress stalled (missing: {trend})")
-    statuses = []
-    for i, request in enumerate(requests):
-        goal = int(target[i])
+    why = _cap_explanation(outcome)
+    outcomes = []
+    for i, a in enumerate(accepted):
+        goal = a.request.goal.with_engine_target(int(target[i]))
         if bool(met[i]):
-            statuses.append(RequestStatus("relabelled" if request.mode == "relabel" else "forgotten", None, goal))
+            outcomes.append(a.outcome("relabelled" if goal.mode == "relabel" else "forgotten", None, goal))
             continue
-        if request.mode == "misclassify":
-            missed = (f"instance still predicted as its label {request.label} "
+        if goal.mode == "misclassify":
+            missed = (f"instance still predicted as its label {goal.label} "
                       f"(logit margin {float(gaps[i]):.3f} above the next class)")
         else:
-            aim = f"its target {goal}" if request.mode == "relabel" else f"class {goal}, its unseen goal"
+            aim = f"its target {goal.target_class}" if goal.mode == "relabel" else \
+                f"class {goal.target_class}, its unseen goal"
             missed = (f"instance predicted as {int(predicted[i])}, not {aim} "
                       f"(target logit {float(gaps[i]):.3f} below the top class)")
-        statuses.append(RequestStatus("failed", f"{cap}: {missed}; kept in the retained set{why}", goal))
-    return statuses
+        outcomes.append(a.outcome("failed", f"{cap}: {missed}; kept in the retained set{why}", goal,
+                                  {"goal_gap": round(float(gaps[i]), 6)}))
+    return outcomes
 
+
+def _cap_explanation(outcome: FragmentOutcome) -> str:
+    """Why a cap was hit, from the trend of instances missing their goal ("" when no cap)."""
+    if outcome.cap_cause is None or not outcome.missed_trend:  # time/steps: still progressing; difficulty: stalled
+        return ""
+    trend = ", ".join(f"{missed} at step {step}" for step, missed in outcome.missed_trend[-4:])
+    more = {"time": "more time", "steps": "more steps"}.get(outcome.cap_cause)
+    return (f"; cap hit while still progressing, {more} would likely have reached the goal (missing: {trend})"
+            if more else f"; cap hit after progress stalled (missing: {trend})")

@@ -19,8 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..state.checkpoints import Manifest
-from ..state.ledger import Outcome
+from ..state import Manifest
+from ..state import RequestOutcome
 
 SCHEMA = 1
 DEAD_LETTER_MAX_BYTES = 1_048_576 - 16_384  # kafka-python's default max_request_size, less headroom
@@ -29,7 +29,7 @@ MAX_KEY_BYTES = 1024
 __all__ = ["checkpoint_record", "dead_letter", "receipt"]
 
 
-def receipt(outcome: Outcome) -> tuple[bytes, bytes]:
+def receipt(outcome: RequestOutcome) -> tuple[bytes, bytes]:
     """(key, value) of the receipt for an outcome that has a request_id. An outcome that knows its
     request's mode adds "mode" and "target_class" (relabel: target_label; unseen: the class the
     instance now goes to, null until applied; misclassify: null). Raises ValueError without a request_id."""

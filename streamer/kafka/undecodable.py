@@ -5,7 +5,7 @@ not installed, a CRC mismatch, a malformed batch) and leaves the partition's pos
 was, so without this the daemon would fail on the same offset forever. Kafka returns whole
 batches, so a fetch from any offset inside a bad batch fails the same way: the undecodable run
 is found by probing offset by offset with a separate consumer until a fetch succeeds (or the log
-ends). The caller records an outcome for every skipped offset.
+ends). The caller records an outcome for every skipped offset (`pipeline.Collector.skip_undecodable`).
 """
 from __future__ import annotations
 
@@ -15,13 +15,8 @@ from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 
-from ..intake.samples import storable_text
-from ..state.checkpoints import rfc3339
-from ..state.ledger import Outcome
-from .metrics import Metrics
-from .outbox import Outbox
 
-__all__ = ["MAX_SKIP", "find_undecodable", "skip_undecodable"]
+__all__ = ["MAX_SKIP", "find_undecodable"]
 
 MAX_SKIP = 100_000  # offsets one undecodable run may span before the search gives up
 PROBE_S = 3.0  # how long one offset is fetched before it counts as past the end of the log
@@ -51,30 +46,6 @@ def find_undecodable(consumer: KafkaConsumer, open_probe: Callable[[], KafkaCons
         return None
     finally:
         probe.close()
-
-
-def skip_undecodable(consumer: KafkaConsumer, open_probe: Callable[[], KafkaConsumer], error: Exception,
-                     outbox: Outbox, positions: dict[tuple[str, int], int], metrics: Metrics, log: Any,
-                     clock: Callable[[], float] = time.time) -> bool:
-    """Record-level policy for a batch the client cannot decode: each skipped offset gets a
-    `rejected` ledger row, the run one dead letter naming partition and offsets, and `positions`
-    moves past it (committed with the next fragment). False when no partition fails to decode
-    (the error is not about the data: the caller treats it as infrastructure)."""
-    log.warning("poll_failed", error=f"{type(error).__name__}: {error}", action="probing each assigned partition")
-    found = find_undecodable(consumer, open_probe, log)
-    if found is None:
-        return False
-    tp, first, last = found
-    reason = storable_text(f"undecodable record batch, offsets {first}-{last} of {tp.topic}/{tp.partition} "
-                           f"skipped: {type(error).__name__}: {error}")[:1000]
-    now = rfc3339(clock())
-    outbox.deliver([outbox.send_dead_letter(reason, None, tp.topic, tp.partition, first, None, None, now)])
-    outbox.record([Outcome(status="rejected", request_id=None, version=None, reason=reason, topic=tp.topic,
-                           partition=tp.partition, offset=offset, subject=None, completed_at=now)
-                   for offset in range(first, last + 1)])
-    positions[(tp.topic, tp.partition)] = last + 1
-    metrics.count_failure("undecodable")
-    return True
 
 
 def _probe(consumer: KafkaConsumer, tp: TopicPartition, offset: int, probe_s: float) -> Exception | None:

@@ -14,14 +14,10 @@ import torch
 from engine_fixtures import tiny_model
 from streamer.engine.unlearn import method_config
 from streamer.intake.events import ForgetRequest
-from streamer.service.collector import Accepted
-from streamer.service.failures import (
-    EngineFailure,
-    NonFiniteOutputs,
-    UtilityFloorBreached,
-    run_quarantined,
-)
-from streamer.service.fragments import FragmentWorker, RequestStatus
+from streamer.pipeline.collector import Accepted
+from streamer.pipeline.failures import EngineFailure, NonFiniteOutputs, UtilityFloorBreached
+from streamer.pipeline.quarantine import run_quarantined
+from streamer.pipeline.worker import FragmentWorker
 from streamer.state.checkpoints import ForgottenSet
 
 LOG = structlog.get_logger()
@@ -33,8 +29,8 @@ def _accepted(n: int) -> list[Accepted]:
 
 
 class _Result:
-    def __init__(self, k: int):
-        self.statuses = [RequestStatus("forgotten", None)] * k
+    def __init__(self, accepted: list[Accepted]):
+        self.outcomes = [a.outcome("forgotten", None) for a in accepted]
         self.abandoned: dict[str, str] = {}
         self.evaluate_seconds = 0.0
         self.outcome = type("O", (), {"stage_seconds": {"unlearn": 1.0}})()
@@ -54,12 +50,12 @@ class _FakeWorker:
         self.restores += 1
         self.applied = snap
 
-    def run(self, requests, cancel=None, progress=None):
+    def run(self, accepted, cancel=None, progress=None):
         self.attempts += 1
-        self.applied += [r.request_id for r in requests]
-        if self.poisoned & {r.request_id for r in requests}:
+        self.applied += [a.request.request_id for a in accepted]
+        if self.poisoned & {a.request.request_id for a in accepted}:
             raise self.error("poisoned group")
-        return _Result(len(requests))
+        return _Result(accepted)
 
 
 class TestBisection:
@@ -68,10 +64,11 @@ class TestBisection:
         """Healthy requests end applied, each poisoned one failed alone, in at most 2k - 1 attempts."""
         worker = _FakeWorker(poisoned)
         run = run_quarantined(worker, _accepted(8), threading.Event(), None, LOG)
-        assert {a.request.request_id for a, _ in run.applied} == {f"r{i}" for i in range(8)} - poisoned
-        assert {a.request.request_id for a, _ in run.failed} == poisoned
+        assert {o.request_id for o in run.applied} == {f"r{i}" for i in range(8)} - poisoned
+        assert {o.request_id for o in run.failed} == poisoned
+        assert all(o.status == "failed" and o.version is None for o in run.failed)  # never applied
         assert worker.attempts <= 2 * 8 - 1
-        assert sorted(worker.applied) == sorted(a.request.request_id for a, _ in run.applied)  # failed undone
+        assert sorted(worker.applied) == sorted(o.request_id for o in run.applied)  # failed undone
         assert len(run.trips) == worker.restores
 
     def test_a_utility_floor_breach_fails_the_whole_group_without_bisection(self) -> None:
@@ -79,7 +76,7 @@ class TestBisection:
         worker = _FakeWorker({"r1"}, UtilityFloorBreached)
         run = run_quarantined(worker, _accepted(8), threading.Event(), None, LOG)
         assert worker.attempts == 1 and len(run.failed) == 8 and run.trips == ["utility_floor"]
-        assert all(reason == "poisoned group" for _, reason in run.failed)
+        assert all(o.reason == "poisoned group" for o in run.failed)
 
 
 class TestGuardRails:
@@ -88,9 +85,10 @@ class TestGuardRails:
         audit = type("D", (), {"x": torch.rand(16, 1, 4, 4), "y": torch.randint(0, 3, (16,))})()
         return FragmentWorker(tiny_model(), cfg, 3, ForgottenSet.empty((1, 4, 4)), audit=audit, **kw)
 
-    def _requests(self, n: int = 2) -> list[ForgetRequest]:
+    def _requests(self, n: int = 2) -> list[Accepted]:
         g = torch.Generator().manual_seed(0)
-        return [ForgetRequest(f"q{i}", "misclassify", i % 3, None, torch.rand(1, 4, 4, generator=g)) for i in range(n)]
+        return [Accepted(ForgetRequest(f"q{i}", "misclassify", i % 3, None, torch.rand(1, 4, 4, generator=g)), "t", 0, i,
+                         0.0) for i in range(n)]
 
     def test_nan_weights_are_refused_and_restore_brings_the_model_back(self) -> None:
         """A model whose outputs are NaN is never returned as a result; restore() puts the weights back."""
@@ -119,8 +117,8 @@ class TestAging:
         worker = FragmentWorker(tiny_model(), cfg, 3, ForgottenSet.empty((1, 4, 4)), max_missed_fragments=2)
         x = torch.rand(1, 4, 4, generator=torch.Generator().manual_seed(1))
         label = int(worker.model(x[None]).argmax(1))  # predicted as its label: the goal is missed
-        first = worker.run([ForgetRequest("a", "misclassify", label, None, x)])
-        assert first.statuses[0].status == "failed" and worker.misses == {"a": 1} and not first.abandoned
-        second = worker.run([ForgetRequest("b", "misclassify", label, None, x.clone())])
+        first = worker.run([Accepted(ForgetRequest("a", "misclassify", label, None, x), "t", 0, 0, 0.0)])
+        assert first.outcomes[0].status == "failed" and worker.misses == {"a": 1} and not first.abandoned
+        second = worker.run([Accepted(ForgetRequest("b", "misclassify", label, None, x.clone()), "t", 0, 1, 0.0)])
         assert set(second.abandoned) == {"a"} and "max_missed_fragments" in second.abandoned["a"]
         assert "a" not in second.forgotten.request_ids and worker.misses == {"b": 1}

@@ -18,20 +18,18 @@ from typing import NamedTuple
 
 import torch
 
-from ..engine.unseen import UNSEEN
-from ..intake.events import ForgetRequest
-from ..state.checkpoints import ForgottenSet
+from ..intake import ForgetRequest
+from ..intake import Goal
+from ..state import ForgottenSet
 
 __all__ = ["GoalIndex", "instance_sha256"]
 
-Entry = tuple[str, int, int, torch.Tensor]  # (request_id, label, target (-1: misclassify, -2: unseen), x (C, H, W))
+Entry = tuple[str, Goal, torch.Tensor]  # (request_id, goal, x (C, H, W)) of a pending request
 
 
-class _Goal(NamedTuple):
+class _Asked(NamedTuple):
     request_id: str
-    label: int
-    target: int  # -1: misclassify; c: relabel to c, or unseen resolved to c; -2: unseen, not resolved yet
-    unseen: bool
+    goal: Goal
 
 
 def instance_sha256(x: torch.Tensor) -> str:
@@ -39,14 +37,15 @@ def instance_sha256(x: torch.Tensor) -> str:
     return hashlib.sha256(x.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()).hexdigest()
 
 
-def _compatible(a: _Goal, b: _Goal, num_classes: int) -> bool:
+def _compatible(a: Goal, b: Goal, num_classes: int) -> bool:
     if a.unseen or b.unseen:
         return a.unseen and b.unseen
-    return bool(_allowed(a, num_classes) & _allowed(b, num_classes))
+    return bool(a.allowed(num_classes) & b.allowed(num_classes))
 
 
-def _allowed(goal: _Goal, num_classes: int) -> set[int]:
-    return {goal.target} if goal.target >= 0 else set(range(num_classes)) - {goal.label}
+def _same(a: Goal, b: Goal) -> bool:
+    """The same goal for the same label (an unseen goal is the same whatever it resolved to)."""
+    return a.mode == b.mode and (a.unseen or a.target_class == b.target_class)
 
 
 class GoalIndex:
@@ -56,22 +55,22 @@ class GoalIndex:
     def __init__(self, retained: Callable[[], ForgottenSet], num_classes: int):
         self._retained, self._num_classes = retained, num_classes
         self._seen: ForgottenSet | None = None
-        self._index: dict[str, list[_Goal]] = {}
+        self._index: dict[str, list[_Asked]] = {}
 
     def conflict(self, request: ForgetRequest, pending: Sequence[Entry] = ()) -> str | None:
-        """A reason naming the conflicting request, or None. `pending`: the requests collected so
-        far (an unseen one with target -2)."""
+        """A reason naming the conflicting request, or None. `pending`: the requests collected so far."""
         digest = instance_sha256(request.x)
         others = list(self._applied().get(digest, ()))
-        others += [_Goal(rid, label, target, target == UNSEEN) for rid, label, target, x in pending
-                   if instance_sha256(x) == digest]
-        goal = _Goal(request.request_id, request.label, request.target, request.mode == "unseen")
+        others += [_Asked(rid, goal) for rid, goal, x in pending if instance_sha256(x) == digest]
+        goal = request.goal
         for other in others:
-            if other.request_id != request.request_id and not _compatible(goal, other, self._num_classes):
-                why = (f"no prediction can meet both that and {_describe(goal)}" if not (goal.unseen or other.unseen)
-                       else f"this request is {_describe(goal)}, and an unseen goal takes the class the model decides, "
-                            "so it cannot be combined with a misclassify or relabel of the same instance")
-                return f"conflicts with request {other.request_id} for the same instance ({_describe(other)}): {why}"
+            if other.request_id != request.request_id and not _compatible(goal, other.goal, self._num_classes):
+                why = (f"no prediction can meet both that and {goal.describe()}"
+                       if not (goal.unseen or other.goal.unseen) else
+                       f"this request is {goal.describe()}, and an unseen goal takes the class the model decides, "
+                       "so it cannot be combined with a misclassify or relabel of the same instance")
+                return (f"conflicts with request {other.request_id} for the same instance ({other.goal.describe()}): "
+                        f"{why}")
         return None
 
     def reused(self, request: ForgetRequest, pending: Sequence[Entry] = ()) -> str | None:
@@ -80,36 +79,28 @@ class GoalIndex:
         again: a duplicate). An idempotency key names one request; a repeat with other content is
         not that request, and answering it `duplicate` would leave its instance unforgotten.
         Shredded requests' content is gone, so their ids can only be recognised as duplicates."""
-        digest, unseen = instance_sha256(request.x), request.mode == "unseen"
-        earlier = [(d, g) for d, goals in self._applied().items() for g in goals if g.request_id == request.request_id]
-        earlier += [(instance_sha256(x), _Goal(rid, label, target, target == UNSEEN)) for rid, label, target, x in pending
-                    if rid == request.request_id]
+        digest, goal = instance_sha256(request.x), request.goal
+        earlier = [(d, a) for d, asked in self._applied().items() for a in asked if a.request_id == request.request_id]
+        earlier += [(instance_sha256(x), _Asked(rid, g)) for rid, g, x in pending if rid == request.request_id]
         for other_digest, other in earlier:
             if other_digest != digest:
                 what = "another instance (other pixels)"
-            elif other.label != request.label:
-                what = f"another label ({request.label}, was {other.label})"
-            elif other.unseen != unseen or (not unseen and other.target != request.target):
-                what = f"another goal ({_describe(_Goal(request.request_id, request.label, request.target, unseen))}, " \
-                       f"was {_describe(other)})"
+            elif other.goal.label != goal.label:
+                what = f"another label ({goal.label}, was {other.goal.label})"
+            elif not _same(goal, other.goal):
+                what = f"another goal ({goal.describe()}, was {other.goal.describe()})"
             else:
                 continue
             return (f"request_id {request.request_id} is already used by a request for {what}: a request_id names one "
                     "request; send this one under a new request_id")
         return None
 
-    def _applied(self) -> dict[str, list[_Goal]]:
+    def _applied(self) -> dict[str, list[_Asked]]:
         retained = self._retained()
         if retained is not self._seen:  # rebuilt only when the retained set object changes
             self._index = {}
             for x, y, t, rid in zip(retained.x, retained.y.tolist(), retained.target.tolist(), retained.request_ids):
-                self._index.setdefault(instance_sha256(x), []).append(_Goal(rid, int(y), int(t), rid in retained.unseen))
+                goal = Goal.from_engine(int(y), int(t), rid in retained.unseen)
+                self._index.setdefault(instance_sha256(x), []).append(_Asked(rid, goal))
             self._seen = retained
         return self._index
-
-
-def _describe(goal: _Goal) -> str:
-    if goal.unseen:
-        resolved = f", resolved to class {goal.target}" if goal.target >= 0 else ""
-        return f"unseen, label {goal.label}{resolved}"
-    return f"relabel {goal.label} -> {goal.target}" if goal.target >= 0 else f"misclassify, label {goal.label}"

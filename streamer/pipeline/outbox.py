@@ -18,11 +18,11 @@ from kafka.errors import KafkaError
 
 from ..config import KafkaTopics
 from ..errors import StreamerError
-from ..state.checkpoints import Manifest, rfc3339
-from ..state.ledger import Ledger, Outcome
-from . import outputs
-from .crash import CrashHook
-from .metrics import Metrics
+from ..kafka import records
+from ..state import Ledger
+from ..state import Manifest, rfc3339
+from ..state import RequestOutcome
+from ..telemetry import Metrics
 
 DELIVERY_TIMEOUT_S = 120.0
 
@@ -37,13 +37,11 @@ class Outbox:
     """Ledger rows, receipts, dead letters and checkpoint records for one daemon."""
 
     def __init__(self, producer: KafkaProducer, topics: KafkaTopics, ledger: Ledger, metrics: Metrics, log: Any,
-                 clock: Callable[[], float] = time.time, crash: CrashHook | None = None,
-                 dead_letter_payload: bool = False, max_record_bytes: int = 1_048_576):
+                 clock: Callable[[], float] = time.time, dead_letter_payload: bool = False, max_record_bytes: int = 1_048_576):
         self.producer, self.topics, self.ledger = producer, topics, ledger
         self._dead_letter_payload = dead_letter_payload
         self._dead_letter_max = max(4096, max_record_bytes - 16_384)  # headroom for headers and batch overhead
         self._metrics, self._log, self._clock = metrics, log, clock
-        self._crash = crash if crash is not None else CrashHook()
 
     def deliver(self, futures: Sequence[Any]) -> None:
         """Block until Kafka acknowledged every send (flush alone does not surface failures).
@@ -59,34 +57,40 @@ class Outbox:
     def send_dead_letter(self, reason: str, request_id: str | None, topic: str, partition: int, offset: int,
                          key: bytes | None, value: bytes | None, rejected_at: str) -> Any:
         """Queue one dead letter; the caller delivers it before the ledger row is written."""
-        k, v, headers = outputs.dead_letter(reason, request_id, topic, partition, offset, key, value, rejected_at,
+        k, v, headers = records.dead_letter(reason, request_id, topic, partition, offset, key, value, rejected_at,
                                             self._dead_letter_payload, self._dead_letter_max)
         return self.producer.send(self.topics.dead_letter, key=k, value=v, headers=headers)
 
     def send_checkpoint_record(self, manifest: Manifest, path: Path) -> None:
         """The checkpoints-topic record of a version, delivered (at least once)."""
-        key, value = outputs.checkpoint_record(manifest, path)
+        key, value = records.checkpoint_record(manifest, path)
         self.deliver([self.producer.send(self.topics.checkpoints, key=key, value=value)])
 
-    def record(self, outcomes: Sequence[Outcome], extra: Sequence[tuple[str, bytes, bytes]] = (),
-               crash_point: str | None = None) -> None:
+    def record(self, outcomes: Sequence[RequestOutcome], extra: Sequence[tuple[str, bytes, bytes]] = ()) -> None:
         """Ledger rows, then receipts and the `extra` (topic, key, value) records delivered, then the
-        receipts noted as sent; counts and logs each outcome."""
-        seqs = self.ledger.append(outcomes)
-        if crash_point is not None:
-            self._crash.at(crash_point)
+        receipts noted as sent; counts and logs each outcome. Raises LedgerError / DeliveryError."""
+        self.send(self.append(outcomes), outcomes, extra)
+
+    def append(self, outcomes: Sequence[RequestOutcome]) -> list[int]:
+        """The ledger rows alone (each outcome settled); their seqs, for `send`."""
+        return self.ledger.append(outcomes)
+
+    def send(self, seqs: Sequence[int], outcomes: Sequence[RequestOutcome],
+             extra: Sequence[tuple[str, bytes, bytes]] = ()) -> None:
+        """The receipts of outcomes already in the ledger (`seqs`, from `append`), and `extra`,
+        delivered; then noted as sent. Counts and logs each outcome."""
         futures = [self.producer.send(topic, key=key, value=value) for topic, key, value in extra]
         sent = []
-        for seq, outcome in zip(seqs, outcomes):
+        for seq, outcome in zip(seqs, outcomes, strict=True):
             if outcome.request_id is not None:
-                key, value = outputs.receipt(outcome)
+                key, value = records.receipt(outcome)
                 futures.append(self.producer.send(self.topics.receipts, key=key, value=value))
                 sent.append(seq)
         self.deliver(futures)
         self.ledger.mark_receipts_sent(sent, rfc3339(self._clock()))
         for outcome in outcomes:
             if outcome.status == "abandoned":  # a later outcome of an applied request, not a new request
-                self._metrics.abandoned.inc()
+                self._metrics.count_abandoned()
             else:
                 self._metrics.count_request(outcome.status)
             self._log.bind(request_id=outcome.request_id, partition=outcome.partition, offset=outcome.offset,
@@ -100,7 +104,7 @@ class Outbox:
             return 0
         futures = []
         for row in owed:
-            key, value = outputs.receipt(row.outcome)
+            key, value = records.receipt(row.outcome)
             futures.append(self.producer.send(self.topics.receipts, key=key, value=value))
         self.deliver(futures)
         self.ledger.mark_receipts_sent([row.seq for row in owed], rfc3339(self._clock()))

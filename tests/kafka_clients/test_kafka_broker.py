@@ -15,10 +15,10 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
-from streamer.service import broker as kafka_broker
-from streamer.service.broker import Broker, BrokerError, create_topics
+from streamer.kafka import broker as kafka_broker
+from streamer.kafka.broker import Broker, BrokerError, create_topics
 from streamer.errors import ConfigError
-from streamer.service.kafka_io import (consumer_lag, described_topic_configs, ensure_topics, make_consumer,
+from streamer.kafka.clients import (consumer_lag, described_topic_configs, ensure_topics, make_consumer,
                                        make_producer)
 
 JOIN_SETTINGS = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}  # joins take session/2

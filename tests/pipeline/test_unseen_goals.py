@@ -8,30 +8,32 @@ import json
 from pathlib import Path
 
 import pytest
-import structlog
 import torch
-from prometheus_client import CollectorRegistry
 
 from engine_fixtures import constant_classifier
-from streamer.config import PrivacyConfig
 from streamer.engine.models import Normalized
 from streamer.engine.unlearn import method_config
 from streamer.intake.events import ForgetRequest
-from streamer.service.fragments import FragmentWorker
-from streamer.service.goals import GoalIndex
-from streamer.service.metrics import Metrics
-from streamer.service.outputs import receipt
-from streamer.service.privacy import VaultKeeper
+from streamer.pipeline.collector import Accepted
+from streamer.pipeline.worker import FragmentWorker
+from streamer.pipeline.goals import GoalIndex
+from streamer.kafka.records import receipt
+from streamer.pipeline.keeper import replay_batch
 from streamer.state.checkpoints import CheckpointStore, ForgottenSet
 from streamer.state.kek import LocalKEK
-from streamer.state.ledger import LEDGER_FILE, Outcome
+from streamer.intake.goal import Goal
+from streamer.state.outcome import RequestOutcome
 from streamer.state.sealed import VaultIntegrityError
-from streamer.state.shreds import ShredLog
 from streamer.state.vault import ForgetVault, VaultItem
 
 SHAPE = (1, 2, 2)
 ENGINE = dict(n_adv=0, distill_weight=0.0, lr=1e-4, seed=0)
 X = torch.full(SHAPE, 0.5)
+
+def _accepted(requests: list[ForgetRequest]) -> list[Accepted]:
+    """Requests as the collector hands them over (read from one partition, in order)."""
+    return [Accepted(r, "t", 0, i, 0.0) for i, r in enumerate(requests)]
+
 
 
 def _request(rid: str, mode: str, label: int, target: int | None = None, x: torch.Tensor = X,
@@ -57,25 +59,25 @@ class TestFragmentWorker:
         """The teacher's vote (class 0 here) becomes each unseen request's goal: met, `forgotten`, its
         status and the retained set hold the class (never -2) and the set marks it unseen."""
         worker = _worker(_predicting(0, 5.0))
-        result = worker.run([_request("u", "unseen", 1), _request("k", "unseen", 0), _request("m", "misclassify", 1)])
+        result = worker.run(_accepted([_request("u", "unseen", 1), _request("k", "unseen", 0), _request("m", "misclassify", 1)]))
         assert result is not None
-        assert [(s.status, s.reason, s.target) for s in result.statuses] == [
+        assert [(s.status, s.reason, s.goal.engine_target) for s in result.outcomes] == [
             ("forgotten", None, 0), ("forgotten", None, 0), ("forgotten", None, -1)]
         assert result.forgotten.target.tolist() == [0, 0, -1] and result.forgotten.unseen == {"u", "k"}
         assert worker._unlearner.forgotten is not None and worker._unlearner.forgotten.target.tolist() == [0, 0, -1]
 
     def test_a_missed_unseen_goal_names_the_class(self) -> None:
         """Failed: the reason says which class the unseen goal resolved to and what is predicted."""
-        result = _worker(_predicting(0), teacher=_predicting(2), max_steps=1).run([_request("u", "unseen", 0)])
+        result = _worker(_predicting(0), teacher=_predicting(2), max_steps=1).run(_accepted([_request("u", "unseen", 0)]))
         assert result is not None
-        (status,) = result.statuses
-        assert status.status == "failed" and status.target == 2
+        (status,) = result.outcomes
+        assert status.status == "failed" and status.goal.engine_target == 2
         assert status.reason is not None and "instance predicted as 0, not class 2, its unseen goal" in status.reason
 
     def test_a_replayed_unseen_request_keeps_its_class(self) -> None:
         """unseen_class set (a replay from the vault): no new vote, the stored class is the goal."""
-        result = _worker(_predicting(0, 5.0), max_steps=1).run([_request("u", "unseen", 2, unseen_class=1)])
-        assert result is not None and result.statuses[0].target == 1 and result.forgotten.target.tolist() == [1]
+        result = _worker(_predicting(0, 5.0), max_steps=1).run(_accepted([_request("u", "unseen", 2, unseen_class=1)]))
+        assert result is not None and result.outcomes[0].goal.engine_target == 1 and result.forgotten.target.tolist() == [1]
 
 
 class TestConflicts:
@@ -94,13 +96,13 @@ class TestConflicts:
     def test_pending(self, first: tuple, second: tuple, conflict: bool) -> None:
         """Against a pending request for the same pixels: unseen conflicts with any other mode."""
         a, b = _request("a", *first), _request("b", *second)
-        reason = self._index().conflict(b, [(a.request_id, a.label, a.target, a.x)])
+        reason = self._index().conflict(b, [(a.request_id, a.goal, a.x)])
         assert (reason is not None) == conflict
         if conflict:
             assert reason.startswith(f"conflicts with request a for the same instance ({first[0]}")
             assert "unseen goal" in reason and "cannot be combined with a misclassify or relabel" in reason
             assert f"this request is {second[0]}" in reason  # the rejected request's own goal is named
-        assert self._index().conflict(b, [(a.request_id, a.label, a.target, torch.zeros(SHAPE))]) is None
+        assert self._index().conflict(b, [(a.request_id, a.goal, torch.zeros(SHAPE))]) is None
 
     def test_applied(self) -> None:
         """Against the retained set, an applied unseen request (resolved to 1) is still unseen."""
@@ -124,7 +126,7 @@ class TestConflicts:
         mode, label, target, x = again
         first = _request("r", "misclassify", 0)
         retained = ForgottenSet.empty(SHAPE).prepend(X[None], torch.tensor([0]), torch.tensor([-1]), ["r"])
-        for index, pending in ((self._index(), [(first.request_id, first.label, first.target, first.x)]),
+        for index, pending in ((self._index(), [(first.request_id, first.goal, first.x)]),
                                (self._index(retained), [])):
             reason = index.reused(_request("r", mode, label, target, x), pending)
             assert reason is not None and f"already used by a request for {what}" in reason, reason
@@ -140,24 +142,21 @@ class TestReplay:
         checked against the vault; a mismatch is a VaultIntegrityError."""
         store = CheckpointStore(tmp_path / "ckpt")
         vault = ForgetVault.open(tmp_path / "ckpt" / "vault", LocalKEK(bytes(32)))
-        keeper = VaultKeeper(vault, ShredLog(tmp_path / "ckpt" / LEDGER_FILE), store, PrivacyConfig(),
-                             Metrics(CollectorRegistry()), structlog.get_logger("test"))
         vault.put([VaultItem("u", X.clone(), 2, 1)])
         entry = {"request_id": "u", "status": "forgotten", "topic": "req", "partition": 0, "offset": 0,
                  "mode": "unseen", "label": 2, "target_label": None, "target_class": 1}
-        (accepted,) = keeper.replay_batch(store.publish(None, {"w": torch.zeros(1)}, replay=[entry]), 1)
-        assert (accepted.request.mode, accepted.request.unseen_class, accepted.request.target) == ("unseen", 1, 1)
+        (accepted,) = replay_batch(vault, store.publish(None, {"w": torch.zeros(1)}, replay=[entry]), 1)
+        assert (accepted.request.mode, accepted.request.unseen_class, accepted.request.goal.engine_target) == ("unseen", 1, 1)
         forged = store.publish("v000000", {"w": torch.zeros(1)}, replay=[{**entry, "target_class": 0}])
         with pytest.raises(VaultIntegrityError, match="has label/target 2/1, its request 2/0"):
-            keeper.replay_batch(forged, 1)
+            replay_batch(vault, forged, 1)
 
 
 class TestReceipt:
     def test_mode_and_class_when_the_request_was_read(self) -> None:
         """An applied unseen request's receipt says its mode and the class it now goes to."""
-        outcome = Outcome(status="forgotten", request_id="u", version="v000001", reason=None, topic="t", partition=0,
-                          offset=0, subject=None, completed_at="2024-05-01T12:00:00.000Z", mode="unseen",
-                          target_class=4)
+        outcome = RequestOutcome(status="forgotten", request_id="u", version="v000001", reason=None, topic="t", partition=0,
+                          offset=0, subject=None, completed_at="2024-05-01T12:00:00.000Z", goal=Goal("unseen", None, 4))
         body = json.loads(receipt(outcome)[1])
         assert (body["status"], body["mode"], body["target_class"]) == ("forgotten", "unseen", 4)
-        assert "mode" not in json.loads(receipt(dataclasses.replace(outcome, mode=None, target_class=None))[1])
+        assert "mode" not in json.loads(receipt(dataclasses.replace(outcome, goal=None))[1])

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+
+from .optional_gauge import OptionalGauge
 
 ACCURACY_SETS = ("fragment", "forgotten", "audit")
 REQUEST_OUTCOMES = ("forgotten", "relabelled", "duplicate", "rejected", "failed")
@@ -62,38 +62,6 @@ def _check_seconds(name: str, value: float) -> None:
         raise ValueError(f"{name} must be finite, non-negative seconds, got {value!r}")
 
 
-class _OptionalGauge(Collector):
-    """A label-less gauge with no sample until it is first set (prometheus_client's `Gauge`
-    always exposes 0). HELP and TYPE are exposed either way, like a labelled gauge with no
-    children."""
-
-    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
-        self._name = name
-        self._documentation = documentation
-        self._value: float | None = None
-        self._lock = threading.Lock()
-        registry.register(self)
-
-    def set(self, value: float) -> None:
-        with self._lock:
-            self._value = float(value)
-
-    @property
-    def value(self) -> float | None:
-        with self._lock:
-            return self._value
-
-    def describe(self) -> Iterable[Metric]:
-        return [GaugeMetricFamily(self._name, self._documentation)]
-
-    def collect(self) -> Iterable[Metric]:
-        family = GaugeMetricFamily(self._name, self._documentation)
-        value = self.value
-        if value is not None:
-            family.add_metric([], value)
-        return [family]
-
-
 class Metrics:
     """Every metric the daemon exports, registered on `registry`."""
 
@@ -105,12 +73,12 @@ class Metrics:
             ["set"],
             registry=registry,
         )
-        self.audit_drift = _OptionalGauge(
+        self.audit_drift = OptionalGauge(
             "streamer_audit_accuracy_drift_ratio",
             "Audit accuracy of the original model minus that of the current model.",
             registry,
         )
-        self.audit_baseline = _OptionalGauge(
+        self.audit_baseline = OptionalGauge(
             "streamer_audit_accuracy_baseline_ratio",
             "Audit accuracy of the original model, before any unlearning.",
             registry,
@@ -273,6 +241,19 @@ class Metrics:
         """Count one handled deletion request."""
         _check_member("request outcome", outcome, REQUEST_OUTCOMES)
         self.requests.labels(outcome=outcome).inc()
+
+    def count_abandoned(self, n: int = 1) -> None:
+        """Count instances that left the retained set, goal out of reach."""
+        _check_count("abandoned instances", n)
+        self.abandoned.inc(n)
+
+    def resume_counts(self, counts: Mapping[str, int]) -> None:
+        """Continue the request counters from the ledger (rows per status) at start, so they never reset."""
+        for outcome in REQUEST_OUTCOMES:
+            if counts.get(outcome):
+                self.requests.labels(outcome=outcome).inc(counts[outcome])
+        if counts.get("abandoned"):
+            self.count_abandoned(counts["abandoned"])
 
     def count_failure(self, kind: str) -> None:
         _check_member("failure kind", kind, FAILURE_KINDS)

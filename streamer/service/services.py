@@ -1,0 +1,146 @@
+"""The daemon's parts, built in start-up order and closed in reverse: what `Daemon.__init__` starts.
+
+    recover            the locked checkpoint directory, the vault, CURRENT and the engine around it
+    topics, producer   the four topics ensured; the producer (owed receipts go out first)
+    consumer           created, subscribed only when the loop starts
+    Commit.repair      what a crash interrupted, finished or undone; CURRENT announced again
+    counters           the request counters continue from the ledger
+    VaultKeeper.tick   windows that closed while the daemon was stopped
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaError
+
+from ..config import DaemonConfig
+from ..kafka import ensure_topics, make_consumer, make_producer, topic_configs_by_name
+from ..pipeline import Commit, Outbox, Repaired, VaultKeeper
+from ..state import Manifest
+from ..state import Window, load_retained
+from ..state import answer_request, run_rollback, take_request
+from ..telemetry import Metrics
+from .recovery import Recovered, recover, resume_gauges
+
+__all__ = ["Services"]
+
+
+@dataclass
+class Services:
+    """Everything the poll loop uses besides its own state; `close()` releases it all."""
+
+    cfg: DaemonConfig
+    state: Recovered
+    producer: KafkaProducer
+    consumer: KafkaConsumer
+    outbox: Outbox
+    commit: Commit
+    keeper: VaultKeeper
+    metrics: Metrics
+    _closers: ExitStack
+
+    @staticmethod
+    def start(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], float] = time.time,
+              monotonic: Callable[[], float] = time.monotonic) -> Services:
+        """Build every part in order; on any error, close what was built and re-raise."""
+        kafka = cfg.kafka
+        with ExitStack() as stack:
+            state = recover(cfg, metrics, log, clock)
+            stack.callback(state.close)
+            _ensure_topics(cfg, log)
+            producer = make_producer(kafka.bootstrap_servers, kafka.settings("producer"))
+            stack.callback(_close_client, producer, "producer", log)
+            outbox = Outbox(producer, kafka.topics, state.ledger, metrics, log, clock, kafka.dead_letter_payload,
+                            int(kafka.settings("producer").get("max_request_size", 1_048_576)))
+            consumer = make_consumer(kafka.bootstrap_servers, kafka.group_id, kafka.settings("consumer"),
+                                     max_poll_interval_ms=kafka.max_poll_interval_ms)
+            stack.callback(_close_client, consumer, "consumer", log)
+            commit = Commit(state.worker, state.store, state.vault, state.shreds, outbox, consumer, metrics,
+                            Window.of(cfg.privacy), log, clock)
+            _log_repaired(log, state, commit.repair(state.checkpoint))
+            metrics.resume_counts(state.ledger.counts())
+            keeper = VaultKeeper(state.vault, state.shreds, commit, cfg.privacy, metrics, monotonic)
+            keeper.tick(state.checkpoint.manifest, force=True)  # windows that closed while stopped
+            return Services(cfg, state, producer, consumer, outbox, commit, keeper, metrics, stack.pop_all())
+        raise AssertionError("unreachable")  # ExitStack does not swallow exceptions
+
+    # --- what the loop asks of them -------------------------------------------------------------
+
+    @property
+    def worker(self) -> Any:
+        return self.state.worker
+
+    @property
+    def ctx(self) -> Any:
+        return self.state.ctx
+
+    @property
+    def checkpoint(self) -> Any:
+        return self.state.checkpoint
+
+    def probe_consumer(self) -> KafkaConsumer:
+        """A group-less consumer for probing undecodable batches (kafka.find_undecodable)."""
+        kafka = self.cfg.kafka
+        return KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, group_id=None, enable_auto_commit=False,
+                             **kafka.settings("consumer"))
+
+    def rollback_if_requested(self, log: Any) -> Manifest | None:
+        """Carry out a pending `streamer rollback` request (state/rollback.py): publish the new
+        version and load its weights and retained set. The new CURRENT's manifest, or None when
+        there was no request or it was refused (answered either way)."""
+        store, vault = self.state.store, self.state.vault
+        request = take_request(store.root)
+        if request is None:
+            return None
+        answer = run_rollback(store, self.state.ledger, str(request.get("to")), bool(request.get("force")),
+                              vault.__contains__)
+        manifest = None
+        if answer["ok"]:
+            checkpoint = store.load(answer["version"])
+            forgotten, _ = load_retained(vault, checkpoint.manifest, self.cfg.model.input_shape)
+            self.worker.reset(checkpoint.state_dict, forgotten, checkpoint.manifest.retained_misses)
+            self.outbox.send_checkpoint_record(checkpoint.manifest, checkpoint.path)
+            resume_gauges(self.metrics, checkpoint, len(forgotten))
+            manifest = checkpoint.manifest
+        answer_request(store.root, request, answer)
+        log.bind(version=store.current_version()).info("rollback", to=request.get("to"), ok=answer["ok"],
+                                                       message=answer["message"])
+        return manifest
+
+    def close(self, log: Any) -> None:
+        """Close the clients, the ledger, then release the directory (idempotent)."""
+        self._closers.close()
+
+
+def _ensure_topics(cfg: DaemonConfig, log: Any) -> None:
+    kafka = cfg.kafka
+    configs = topic_configs_by_name(kafka.topics, kafka.topic_configs)
+    try:
+        created = ensure_topics(kafka.bootstrap_servers, kafka.settings("admin"), list(configs), configs=configs)
+        log.info("topics_ensured", created={name: configs[name] for name in created})
+    except KafkaError as err:  # e.g. no create permission: the topics may well exist
+        log.warning("topics_not_ensured", error=repr(err))
+
+
+def _log_repaired(log: Any, state: Recovered, repaired: Repaired) -> None:
+    manifest = state.checkpoint.manifest
+    log.info("checkpoint_loaded", version=manifest.version, forgotten=len(state.worker.forgotten),
+             offsets=manifest.offsets, audit_baseline=state.baseline, ledger_rows_added=repaired.ledger_added,
+             ledger_rows_rolled_back=repaired.ledger_rolled_back)
+    if repaired.vault_orphans:
+        log.info("vault_orphans_removed", request_ids=repaired.vault_orphans,
+                 reason="written for a fragment that was never published; Kafka replays their records")
+    if repaired.shreds_recorded:
+        log.warning("shreds_recorded_on_start", request_ids=repaired.shreds_recorded)
+
+
+def _close_client(client: Any, name: str, log: Any) -> None:
+    try:
+        client.close(autocommit=False) if isinstance(client, KafkaConsumer) else client.close(timeout=10)
+    except KafkaError as err:
+        log.warning(f"{name}_close_failed", error=repr(err))

@@ -1,0 +1,105 @@
+"""The forget vault's files and index records (`vault.py` owns the reads and writes).
+
+    <root>/kek-check.json   key_id + a known plaintext under a DEK wrapped by the KEK
+    <root>/index.json       metadata, never pixels (the `_FIELDS` of each entry)
+    <root>/keys/<id>.dek    the wrapped DEK                      <id> = sha256(request_id)
+    <root>/data/<id>.bin    nonce || AES-GCM ciphertext || tag
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .durable import TEMP_PREFIX, fsync_dir, write_atomic
+from .kek import KeyEncryptionKey, VaultError
+from .sealed import SCHEMA, json_bytes, key_check, verify_key_check
+
+INDEX_FILE, CHECK_FILE, KEYS_DIR, DATA_DIR = "index.json", "kek-check.json", "keys", "data"
+_FIELDS = ("request_id", "created_at", "digest", "shape", "shredded_at", "verified_version")
+
+__all__ = ["CHECK_FILE", "DATA_DIR", "INDEX_FILE", "KEYS_DIR", "ShredRecord", "VaultEntry", "VaultEntryMissing"]
+
+
+class VaultEntryMissing(VaultError):
+    """Requested entries were shredded or never stored: the caller drops or reports those ids."""
+
+    def __init__(self, missing: Mapping[str, str]):
+        self.missing = dict(missing)  # request_id -> "shredded" | "absent"
+        shown = ", ".join(f"{rid!r} ({why})" for rid, why in list(self.missing.items())[:10])
+        more = f" and {len(self.missing) - 10} more" if len(self.missing) > 10 else ""
+        super().__init__(f"{len(self.missing)} request id(s) not in the vault: {shown}{more}")
+
+
+@dataclass(frozen=True)
+class VaultEntry:
+    """What the index says about one request, read without the KEK."""
+
+    request_id: str
+    digest: str  # HMAC-SHA256 hex of the plaintext under a DEK-derived key; "" once shredded
+    created_at: float  # unix s, the vault's clock at the first put(): the verification window starts here
+    shredded: bool
+    shape: tuple[int, ...] = ()  # (C, H, W)
+    shredded_at: float | None = None  # unix s
+    verified_version: str | None = None  # the last version that proved the request forgotten
+
+
+@dataclass(frozen=True)
+class ShredRecord:
+    """Evidence of one cryptographic erase, for the ledger."""
+
+    request_id: str
+    verified_version: str | None  # None: no version ever verified it (it never met its goal)
+    shredded_at: float  # unix s
+    key_id: str  # the KEK that had wrapped the destroyed DEK
+
+
+def _entries(index: Mapping[str, Mapping[str, Any]]) -> list[VaultEntry]:
+    return [VaultEntry(rid, m["digest"], m["created_at"], m["shredded_at"] is not None, tuple(m["shape"]),
+                       m["shredded_at"], m["verified_version"])
+            for rid, m in sorted(index.items(), key=lambda kv: (kv[1]["created_at"], kv[0]))]
+
+
+def _create(root: Path, kek: KeyEncryptionKey) -> None:
+    for directory in (root, root / KEYS_DIR, root / DATA_DIR):
+        directory.mkdir(parents=True, exist_ok=True)
+    try:
+        write_atomic(root / CHECK_FILE, json_bytes(key_check(kek)))
+        write_atomic(root / INDEX_FILE, json_bytes({"schema": SCHEMA, "entries": []}))
+    except OSError as err:
+        raise VaultError(f"cannot create the forget vault in {root}: {err}") from err
+    fsync_dir(root)
+
+
+def _verify_key_check(path: Path, kek: KeyEncryptionKey) -> None:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise VaultError(f"{path} is not a key check record: {err!r}") from err
+    verify_key_check(record, kek, str(path))
+
+
+def _load_index(root: Path) -> dict[str, dict[str, Any]]:
+    if not (root / INDEX_FILE).exists():
+        if _has_entry_files(root):
+            raise VaultError(f"{root} holds encrypted entries but no {INDEX_FILE}: restore it from backup")
+        return {}  # a crash between writing the key check and the index of a new vault
+    try:
+        entries = json.loads((root / INDEX_FILE).read_text(encoding="utf-8"))["entries"]
+        if not all(isinstance(m, dict) and set(_FIELDS) <= m.keys() for m in entries):
+            raise ValueError(f"an entry lacks one of {_FIELDS}")
+        return {m["request_id"]: m for m in entries}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise VaultError(f"{root / INDEX_FILE} is not a vault index: {err!r}") from err
+
+
+def _has_entry_files(root: Path) -> bool:
+    dirs = [d for d in (root / KEYS_DIR, root / DATA_DIR) if d.is_dir()]
+    return any(not p.name.startswith(TEMP_PREFIX) for d in dirs for p in d.iterdir())
+
+
+def _file_id(request_id: str) -> str:
+    return hashlib.sha256(request_id.encode("utf-8")).hexdigest()
