@@ -28,10 +28,8 @@ from ..engine import logits as predict_logits
 from ..engine import load_model, published_model
 from ..errors import ConfigError, ModelLoadError
 from ..intake import load_dataset_ref, resolve_device
-from ..state import CheckpointError, CheckpointStore
-from ..state import fsync_dir, pretty_json, write_atomic
-from ..state import rfc3339
-from ..state import load_retained, open_vault
+from ..state import (CheckpointError, CheckpointStore, fsync_dir, load_retained, open_vault, pretty_json, rfc3339,
+                     write_atomic)
 from .ops import _fmt
 
 ATTACKS_FILE = "attacks.json"

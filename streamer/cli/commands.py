@@ -136,6 +136,9 @@ def _verify(args: argparse.Namespace) -> int:
               "(neither pass nor fail): " + ", ".join(
                   f"{r.request_id} verified until {r.verified_version or 'never'}, shredded at {r.shredded_at}"
                   for r in result.shredded))
+    if result.deferred:
+        print(f"DEFERRED: {len(result.deferred)} requests are owed, not applied yet (the utility budget was reached; "
+              "the next `streamer rebase` applies them): " + ", ".join(result.deferred))
     if result.came_back:
         print(f"CAME BACK: {len(result.came_back)} instances no longer meet their goal: " + ", ".join(result.came_back))
     if result.ok:
@@ -175,6 +178,32 @@ def _rollback(args: argparse.Namespace) -> int:
     from .ops import rollback
 
     answer = rollback(load_config(args.config), args.to, args.force, args.timeout)
+    print(answer["message"])
+    return 0 if answer["ok"] else 1
+
+
+def _forgotten(args: argparse.Namespace) -> int:
+    import json
+
+    from ..config import load_config
+    from ..state import write_atomic
+    from .ops import forgotten
+
+    document = forgotten(load_config(args.config))
+    text = json.dumps(document, indent=1, sort_keys=True) + "\n"
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        write_atomic(Path(args.out), text.encode("utf-8"))
+        print(f"{args.out}: {len(document['requests'])} requests to exclude from retraining (as of {document['current']})")
+    return 0
+
+
+def _rebase(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from .ops import rebase
+
+    answer = rebase(load_config(args.config), args.weights, args.excluded, args.timeout)
     print(answer["message"])
     return 0 if answer["ok"] else 1
 

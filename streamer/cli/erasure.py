@@ -17,13 +17,9 @@ from kafka.errors import KafkaError
 
 from ..config import DaemonConfig
 from ..kafka import described_topic_configs, topic_configs_by_name
-from ..state import CheckpointStore, Manifest
-from ..state import parse_rfc3339, rfc3339, version_number
-from ..state import LEDGER_FILE, Ledger
-from ..state import APPLIED, RequestOutcome
-from ..state import Window
-from ..state import ShredLog
-from ..state import read_index
+from ..pipeline import deadline_of
+from ..state import (APPLIED, LEDGER_FILE, CheckpointStore, Ledger, Manifest, RequestOutcome, ShredLog, Window,
+                     parse_rfc3339, read_index, rfc3339, version_number)
 from ..text import plural
 
 __all__ = ["erasure_report", "format_report"]
@@ -58,7 +54,8 @@ def erasure_report(cfg: DaemonConfig, request_id: str | None = None, subject: st
     retention = _retention(cfg, offline)
     window = Window.of(cfg.privacy)
     requests = [_request(rid, rows, lineage, written, vault.get(rid), shreds.get(rid), retention, window, now,
-                         cfg.kafka.topics.dead_letter if cfg.kafka.dead_letter_payload else None)
+                         cfg.kafka.topics.dead_letter if cfg.kafka.dead_letter_payload else None,
+                         cfg.privacy.erasure_deadline_days)
                 for rid, rows in sorted(outcomes.items(), key=lambda kv: kv[1][0].completed_at)]
     return {"generated_at": rfc3339(now), "current": current, "verify_window_days": window.days,
             "verify_window_fragments": window.fragments, "retention": retention, "requests": requests}
@@ -66,9 +63,9 @@ def erasure_report(cfg: DaemonConfig, request_id: str | None = None, subject: st
 
 def _request(rid: str, rows: list[RequestOutcome], lineage: list[Manifest], written: Mapping[tuple, str], entry: Any,
              shred: Any, retention: Mapping[str, Mapping[str, Any]], window: Window, now: float,
-             dead_letter: str | None) -> dict[str, Any]:
+             dead_letter: str | None, deadline_days: float = 30.0) -> dict[str, Any]:
     standing = [o for o in rows if o.status in APPLIED]
-    decisive = [o for o in rows if o.status in (*APPLIED, "rolled_back", "abandoned")] or rows
+    decisive = [o for o in rows if o.status in (*APPLIED, "rolled_back", "abandoned", "deferred", "rebased")] or rows
     entries = {m.version: e for m in lineage for e in m.requests if e["request_id"] == rid}
     refs = [(m.version, r) for m in reversed(lineage) for r in m.retained if r.request_id == rid]
     applied_in = standing[-1].version if standing and decisive[-1].status != "rolled_back" else None
@@ -85,6 +82,9 @@ def _request(rid: str, rows: list[RequestOutcome], lineage: list[Manifest], writ
         "applied_in": applied_in, "applied_at": standing[0].completed_at if standing else None,
         "verified_in": [v for v, r in refs if r.met],
         "window": None, "shredded": None,
+        # owed: deferred by the utility budget and not applied since; erased (applied) by this deadline
+        "deadline": (rfc3339(deadline_of({"received_at": rows[0].received_at, "deferred_at": decisive[-1].completed_at},
+                                          deadline_days)) if decisive[-1].status == "deferred" else None),
     }
     if refs:
         ref = refs[-1][1]

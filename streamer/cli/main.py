@@ -9,8 +9,8 @@ from pathlib import Path
 
 from ..errors import StreamerError
 from ..telemetry import configure_logging
-from .commands import (_broker, _checkpoints, _demo, _erasure_report, _keygen, _produce, _rollback, _run, _train,
-                       _verify, _verify_attacks)
+from .commands import (_broker, _checkpoints, _demo, _erasure_report, _forgotten, _keygen, _produce, _rebase, _rollback,
+                       _run, _train, _verify, _verify_attacks)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     back.add_argument("--timeout", type=float, default=900.0,
                       help="seconds to wait for a running daemon to carry it out (it does so between fragments)")
     back.set_defaults(func=_rollback)
+    gone = sub.add_parser("forgotten", help="the exclusion list a retraining needs: every request applied, retained, "
+                                            "deferred or shredded, with its id, subject and sample reference")
+    gone.add_argument("--config", required=True)
+    gone.add_argument("--out", help="write it to this file (default: stdout)")
+    gone.set_defaults(func=_forgotten)
+    rebase = sub.add_parser("rebase", help="hand over to a model retrained without the deleted data: publish it as a "
+                                           "version, carry or re-apply what the vault holds, apply deferred requests")
+    rebase.add_argument("--weights", required=True, help="the retrained model's weights (as model.weights takes them)")
+    rebase.add_argument("--excluded", required=True, help="the exclusion list it was trained without "
+                        "(`streamer forgotten --out`); it must name every request the daemon applied or owes")
+    rebase.add_argument("--config", required=True)
+    rebase.add_argument("--timeout", type=float, default=900.0,
+                        help="seconds to wait for a running daemon to carry it out (it does so between fragments)")
+    rebase.set_defaults(func=_rebase)
     verify = sub.add_parser("verify", help="re-check that every request applied up to a version is still forgotten")
     verify.add_argument("version", nargs="?", help="default: CURRENT")
     verify.add_argument("--config", required=True)

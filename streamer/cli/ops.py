@@ -1,29 +1,25 @@
-"""Operator commands over a checkpoint directory: list, show, verify, rollback.
+"""Operator commands over a checkpoint directory: list, show, verify, rollback, forgotten, rebase.
 
-They read the version directories and the ledger only, so they work whether the daemon runs or not.
+They read the version directories and the ledger, so they work whether the daemon runs or not;
+rollback and rebase hand the work to a running daemon (state/operations.py), else do it here.
 """
 from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from pathlib import Path
-
-from ..state import CheckpointError, CheckpointStore
-from ..state import DirectoryLock
-from ..state import load_retained, open_vault
-from ..state import request_via_daemon, run_rollback
-from ..state import ShredLog, ShredRow
-from ..state import read_index
+from ..pipeline import exclusion_list, run_rebase
+from ..state import (LEDGER_FILE, CheckpointError, CheckpointStore, DirectoryLock, Ledger, LedgerError, ShredLog,
+                     ShredRow, load_retained, open_vault, read_index, request_via_daemon, run_rollback)
 from ..config import DaemonConfig
-from ..engine import goal_met
+from ..engine import goal_met, published_model
 from ..engine import logits as predict_logits
-from ..state import LEDGER_FILE, Ledger, LedgerError
-from ..engine import published_model
 from ..intake import load_dataset_ref, resolve_device
 
 
@@ -82,7 +78,7 @@ class Verification:
     abandoned: list[str] = field(default_factory=list)  # left the retained set, goal unreachable (own category)
     non_finite: int = 0  # retained or audit instances with NaN/Inf logits (they count as came back)
     model_format: str = "state_dict"  # the version's model file, loaded as its user loads it
-
+    deferred: list[str] = field(default_factory=list)  # owed: not applied yet (the utility budget), the next rebase
     @property
     def ok(self) -> bool:
         return not self.came_back and not self.unverifiable
@@ -137,7 +133,8 @@ def verify(cfg: DaemonConfig, version: str | None = None) -> Verification:
         non_finite += bad
         audit = float((logits.argmax(1) == data.y).float().mean()) if not bad else float("nan")
     return Verification(version, len(forgotten), sorted(came_back), unverifiable, audit, shredded,
-                        sorted(abandoned & applied), non_finite, checkpoint.model.format)
+                        sorted(abandoned & applied), non_finite, checkpoint.model.format,
+                        sorted(str(d["request_id"]) for d in checkpoint.manifest.deferred))
 
 
 def _applied_in_lineage(store: CheckpointStore, manifests: list) -> set[str]:
@@ -164,11 +161,39 @@ def rollback(cfg, to_version: str, force: bool, timeout_s: float = 900.0) -> dic
     root = Path(cfg.checkpoints.dir)
     lock = DirectoryLock(root)
     if not lock.acquire():
-        return request_via_daemon(root, to_version, force, timeout_s)
+        return request_via_daemon(root, "ROLLBACK", {"to": to_version, "force": force}, timeout_s)
     try:
         store = CheckpointStore(root, cfg.checkpoints.keep)
         live = {e.request_id for e in read_index(cfg.privacy.vault_path(root)) if not e.shredded}
         with Ledger(root / LEDGER_FILE) as ledger:
             return run_rollback(store, ledger, to_version, force, live.__contains__)
+    finally:
+        lock.release()
+
+
+def forgotten(cfg: DaemonConfig) -> dict:
+    """`streamer forgotten`: the exclusion list (pipeline/forgotten.py), read while the daemon runs or not."""
+    root = Path(cfg.checkpoints.dir)
+    store = CheckpointStore(root)
+    current = store.current_version()
+    if current is None or not (root / LEDGER_FILE).exists():
+        raise CheckpointError(f"no version and ledger in {root}: nothing has been forgotten yet")
+    with Ledger(root / LEDGER_FILE) as ledger, ShredLog(root / LEDGER_FILE) as shreds:
+        return exclusion_list(ledger, store.manifest(current), shreds.rows())
+
+
+def rebase(cfg: DaemonConfig, weights: str, excluded: str, timeout_s: float = 900.0) -> dict:
+    """`streamer rebase`: done by the running daemon if there is one, else here (the daemon applies
+    the replay list when it next runs). Returns {"ok": bool, "message": str, "version": ...}."""
+    root = Path(cfg.checkpoints.dir)
+    weights, excluded = str(Path(weights).resolve()), str(Path(excluded).resolve())
+    lock = DirectoryLock(root)
+    if not lock.acquire():
+        return request_via_daemon(root, "REBASE", {"weights": weights, "excluded": excluded}, timeout_s)
+    try:
+        store = CheckpointStore(root, cfg.checkpoints.keep)
+        vault = open_vault(cfg, writer=False)
+        with Ledger(root / LEDGER_FILE) as ledger:
+            return run_rebase(cfg, store, ledger, vault, weights, excluded, time.time)
     finally:
         lock.release()

@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from ..config import DEFAULT_MODES, DaemonConfig
-from ..intake import InvalidEvent, SampleContext, parse_event
-from ..intake import load_dataset_ref
+from ..intake import InvalidEvent, SampleContext, load_dataset_ref, parse_event
 from ..kafka import make_producer
 
 

@@ -8,10 +8,7 @@ from typing import Any
 
 import yaml
 
-from ..engine import DATASETS
-from ..engine import UnlearnConfig, method_config
-from ..engine import FORMATS
-from ..engine import ModelConfig, source_format
+from ..engine import DATASETS, FORMATS, ModelConfig, UnlearnConfig, method_config, source_format
 from ..errors import ConfigError
 from ._section import _same_kind, _Section
 from .schema import (DEFAULT_MODES, DEFAULT_TOPIC_CONFIGS, DEVICES, LOG_LEVELS, SPLITS, CheckpointsConfig, DaemonConfig,
@@ -103,10 +100,14 @@ def _model(s: _Section) -> ModelConfig:
     if kwargs and kind not in ("factory", "torchvision"):
         s.fail("kwargs", "only factory: and torchvision: sources take keyword arguments")
     s.take("kwargs", None)
+    size = s.take("training_set_size", _MODEL.training_set_size)
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        s.fail("training_set_size", f"must be a positive integer or null, got {size!r}")
     s.done()
     return ModelConfig(source=source, weights=None if weights is None else str(weights), num_classes=num_classes,
                        input_shape=(input_shape[0], input_shape[1], input_shape[2]),
-                       mean=tuple(mean), std=tuple(std), format=fmt, kwargs=MappingProxyType(dict(kwargs)))
+                       mean=tuple(mean), std=tuple(std), format=fmt, kwargs=MappingProxyType(dict(kwargs)),
+                       training_set_size=size)
 
 
 def _data(s: _Section) -> DataConfig:
@@ -153,10 +154,16 @@ def _unlearning(s: _Section) -> UnlearningConfig:
         s.fail("default_mode", "cannot be relabel: a relabel names its class per request (target_label); "
                                f"use one of {', '.join(DEFAULT_MODES)}")
     default_mode = s.choice("default_mode", DEFAULT_MODES, _UNLEARNING.default_mode)
+    drift = s.take("retrain_advised_drift", _UNLEARNING.retrain_advised_drift)
+    if drift is not None and (isinstance(drift, bool) or not isinstance(drift, (int, float)) or not 0.0 <= drift <= 1.0):
+        s.fail("retrain_advised_drift", f"must be a number in [0, 1] or null, got {drift!r}")
+    fraction = s.number("retrain_advised_fraction", _UNLEARNING.retrain_advised_fraction, minimum=0.0)
     s.done()
     return UnlearningConfig(fragment_size=fragment_size, max_wait_s=max_wait_s,
                             max_audit_drop=None if max_audit_drop is None else float(max_audit_drop),
-                            max_missed_fragments=max_missed, default_mode=default_mode)
+                            max_missed_fragments=max_missed, default_mode=default_mode,
+                            retrain_advised_drift=None if drift is None else float(drift),
+                            retrain_advised_fraction=fraction)
 
 
 def _engine(s: _Section, legacy: dict[str, Any]) -> UnlearnConfig:
@@ -264,6 +271,10 @@ def _privacy(s: _Section, checkpoints_dir: Path) -> PrivacyConfig:
         window.fail("fragments", f"must be null or an integer >= 0, got {fragments!r}")
     window.done()
     check_every_s = s.number("check_every_s", _PRIVACY.check_every_s, minimum=0.001)
+    deadline = s.number("erasure_deadline_days", _PRIVACY.erasure_deadline_days, minimum=0.0)
+    if deadline > MAX_WINDOW_DAYS:
+        s.fail("erasure_deadline_days", f"must be <= {MAX_WINDOW_DAYS:g} (GDPR Art. 12(3): one month), got {deadline:g}")
     s.done()
     return PrivacyConfig(kek_file=kek_file, kek_env=kek_env, vault_dir=vault_dir, verify_window_days=days,
-                         verify_window_fragments=fragments, check_every_s=check_every_s)
+                         verify_window_fragments=fragments, check_every_s=check_every_s,
+                         erasure_deadline_days=deadline)

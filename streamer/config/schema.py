@@ -15,8 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 
-from ..engine import ModelConfig
-from ..engine import UnlearnConfig
+from ..engine import ModelConfig, UnlearnConfig
 
 DEVICES = ("auto", "cpu", "cuda")
 SPLITS = ("train", "buffer", "audit")
@@ -84,6 +83,10 @@ class UnlearningConfig:
     # An instance still missing its goal after this many fragments leaves the objective (`abandoned`).
     max_missed_fragments: int = 3
     default_mode: str = "misclassify"  # the goal of an event without `mode`: one of DEFAULT_MODES
+    # "Retrain advised" (a gauge and an alert) before the budget is reached: at this audit drift
+    # (None: half of max_audit_drop), or once this fraction of model.training_set_size is forgotten.
+    retrain_advised_drift: float | None = None
+    retrain_advised_fraction: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,8 @@ class PrivacyConfig:
     verify_window_days: float = 14.0
     verify_window_fragments: int | None = None
     check_every_s: float = 60.0  # how often an idle daemon looks for closed windows
+    # A deferred request's erasure deadline: received + this (GDPR Art. 12(3): one month)
+    erasure_deadline_days: float = 30.0
 
     def vault_path(self, checkpoints_dir: Path) -> Path:
         return self.vault_dir if self.vault_dir is not None else checkpoints_dir / "vault"

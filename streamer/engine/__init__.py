@@ -22,6 +22,7 @@ from .data import DATASETS, Dataset, load_splits
 from .evaluate import accuracy, goal_mask, logits
 from .formats import FORMATS, USER_LOADERS, clone_module, load_user_model_bytes, read_state_dict, save_user_model
 from .importance import ImportancePenalty, mas_importance
+from .memory import release_freed_memory
 from .methods import METHODS, UnlearnConfig, method_config
 from .models import (REFERENCE, REFERENCE_INPUT, ModelConfig, Normalized, grad_only, load_model, load_net_state,
                      published_model, source_format, split_normalized_state)
@@ -37,5 +38,5 @@ __all__ = ["BENCHMARK_CANARIES", "DATASETS", "FORMATS", "METHODS", "REFERENCE", 
            "UnlearnConfig", "Unlearner", "accuracy", "attack_report", "clone_module", "fit", "goal_gap", "goal_mask",
            "goal_met", "grad_only", "head_parameter_names", "load_model", "load_net_state", "load_splits",
            "load_user_model_bytes", "logits", "mas_importance", "method_config", "published_model", "read_state_dict",
-           "reference_model", "save_user_model", "select_trainable", "source_format", "split_normalized_state",
+           "reference_model", "release_freed_memory", "save_user_model", "select_trainable", "source_format", "split_normalized_state",
            "targeted_l2_pgd", "train_reference"]

@@ -63,6 +63,9 @@ class UnlearnConfig:
     unseen_feature_weight: float = 3.0
     unseen_feature_tol: float = 0.25
     distill_pool: int = 2048  # distillation inputs made per fragment on the fast path
+    # L2 anchor (L2-SP, Li et al. ICML 2018) of the trainable parameters to the original's: weight x
+    # the sum of squared differences, so fragment after fragment the model cannot drift far (0: off)
+    anchor_weight: float = 0.0
     pgd_early_exit: bool = False  # stop each attack once its example is predicted as the target (measured: fewer
     # PGD FLOPs, but examples left at the boundary double the steps a fragment takes: off by default)
 

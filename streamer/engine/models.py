@@ -127,6 +127,7 @@ class ModelConfig:
     std: tuple[float, ...] = (1.0,)
     format: str = "auto"
     kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    training_set_size: int | None = None  # optional: instances the model was trained on ("retrain advised")
 
     @property
     def model_format(self) -> str:

@@ -17,10 +17,12 @@ from torch import nn
 
 from .augment import random_affine
 from .data import Dataset
+from .fragment import Fragment
 from .methods import UnlearnConfig
+from .objectives import goal_gap, goal_met
 from .prefix import FrozenPrefix, cpu_channels_last, rows_independent, split_frozen_prefix
 
-__all__ = ["Sampler", "StepInputs", "distill_inputs"]
+__all__ = ["AtRisk", "Sampler", "StepInputs", "distill_inputs"]
 
 Logits = dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # term -> (logits, rows drawn; None: all)
 
@@ -111,14 +113,16 @@ class StepInputs:
         return StepInputs(forward, split, encode(objective_x), encode(adv_x) if len(adv_x) else adv_x, adv_y, adv_x,
                           buffer_in, pool, pool_teacher, merge)
 
-    def logits(self, cfg: UnlearnConfig, sampler: Sampler, objective: bool) -> Logits:
-        """This step's logits per term, with the rows each term drew: objective (all; if `objective`),
+    def logits(self, cfg: UnlearnConfig, sampler: Sampler, objective: bool,
+               rows: torch.Tensor | None = None) -> Logits:
+        """This step's logits per term, with the rows each term drew: objective (`rows` of it, all
+        when None; if `objective`),
         adv (a batch of the adversarial examples; all of them with proportional weighting), distill
         (a batch of the fast path's pool), buffer (a batch of the retain buffer). With `merge` one
         forward over all the rows (measured on the MNIST-5k head: 1.7 ms instead of 2.8 ms per
         forward and backward); otherwise one per term."""
         terms: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = (
-            {"objective": (self.objective, None)} if objective else {})
+            {"objective": (self.objective if rows is None else self.objective[rows], rows)} if objective else {})
         if len(self.adv_y):
             pick = None if cfg.weighting == "proportional" else sampler.sample(len(self.adv_y), cfg.adv_batch)
             terms["adv"] = (self.adv if pick is None else self.adv[pick], pick)
@@ -151,3 +155,37 @@ def _same_prefix_suffix(teacher: nn.Module, split: FrozenPrefix | None, trainabl
     if any(m.training for m in teacher.modules()):  # the student's prefix is split in eval mode only
         return None
     return other.suffix
+
+
+@dataclass
+class AtRisk:
+    """The objective rows a step trains on, so a step pays the full forward and backward only for
+    rows its loss can move: the margin loss is exactly zero for a row whose goal gap is at or
+    below -margin (README "The idea"), so such a row adds nothing to the loss or its gradient.
+    Each step runs every row once without gradients (the stop test and the trend see all of them,
+    this step, as before), then the fragment's k rows and the rows above -margin with gradients:
+    the same loss and gradients, for a cost that grows with the retained set by a no-grad forward
+    per row instead of a forward and a backward."""
+
+    objective: Fragment  # the fragment's k rows first, then the retained set
+    k: int
+    margin: float
+
+    @staticmethod
+    def of(cfg: UnlearnConfig, objective: Fragment, k: int, whole: bool) -> AtRisk | None:
+        """None where every row must run with gradients every step: a loss without a zero region
+        (neg_ce), train mode (every forward moves BatchNorm statistics), `whole` (e.g. the feature
+        goal), or no retained row."""
+        if cfg.forget_loss != "margin" or cfg.train_mode or whole or len(objective) == k:
+            return None
+        return AtRisk(objective, k, cfg.margin)
+
+    def check(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """((n,) bool every row's goal met, the rows to train on this step), from one forward
+        without gradients."""
+        o = self.objective
+        with torch.no_grad():
+            logits = inputs.forward(inputs.objective)
+        risky = goal_gap(logits, o.y, o.target) > -self.margin
+        risky[: self.k] = True
+        return goal_met(logits, o.y, o.target), torch.nonzero(risky).flatten()

@@ -33,6 +33,7 @@ class FragmentLoss:
     sampler: Sampler
     buffer: Dataset | None = None
     importance: ImportancePenalty | None = None
+    anchor: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()  # (trainable parameter, the original's value)
 
     def __call__(self, logits: Logits, step: int) -> torch.Tensor:
         """The scalar loss of `step` (0-based): forget + adversarial + distillation + buffer + importance."""
@@ -45,15 +46,19 @@ class FragmentLoss:
             loss = loss + cfg.buffer_weight * F.cross_entropy(out, self.buffer.y[pick])
         if self.importance is not None:
             loss = loss + cfg.imp_lambda * self.importance.penalty(self.model)  # Eq. 7
+        if cfg.anchor_weight > 0 and self.anchor:
+            loss = loss + cfg.anchor_weight * sum((p - p0).pow(2).sum() for p, p0 in self.anchor)  # L2-SP
         return loss
 
     def forget_and_adversarial(self, logits: Logits) -> torch.Tensor:
-        """The forgetting term on the objective and the cross-entropy of the adversarial examples
+        """The forgetting term on the objective (the rows drawn: `steps.AtRisk`) and the cross-entropy of the adversarial examples
         to their target classes. `proportional`: Eq. 6, one mean over D_f and D_adv together, each
         term weighted by its share; `fragment`: the forgetting term divided by k, not diluted by the
         retained set or the adversarial batch, plus the adversarial batch's mean."""
-        cfg, objective = self.cfg, self.objective
-        per_instance = forget_loss(cfg.forget_loss, logits["objective"][0], objective.y, objective.target, cfg.margin)
+        cfg, (z, rows) = self.cfg, logits["objective"]
+        y, target = (self.objective.y, self.objective.target) if rows is None else (
+            self.objective.y[rows], self.objective.target[rows])
+        per_instance = forget_loss(cfg.forget_loss, z, y, target, cfg.margin)
         adv, adv_y = logits.get("adv"), self.inputs.adv_y
         if cfg.weighting == "proportional":
             total = len(per_instance) + len(adv_y)

@@ -20,10 +20,11 @@ from .data import Dataset
 from .formats import clone_module
 from .fragment import Cancelled, Fragment, FragmentOutcome, StopTest, Trend, cap_cause
 from .importance import ImportancePenalty, mas_importance
+from .memory import release_freed_memory
 from .methods import METHODS, UnlearnConfig, method_config  # noqa: F401 (the engine's public API)
 from .models import Normalized, grad_only
 from .objectives import goal_met
-from .steps import Sampler, StepInputs
+from .steps import AtRisk, Sampler, StepInputs
 from .terms import FragmentLoss
 from .trainable import describe_trainable, select_trainable
 from .unseen import UNSEEN, FeatureGoal, unseen_classes
@@ -110,14 +111,19 @@ class Unlearner:
         with grad_only(self.model, params, train=cfg.train_mode), features or nullcontext():  # no grads for the rest
             inputs = StepInputs.build(cfg, self.model, self.teacher, self.trainable, objective.x, adv_x, adv_y,
                                       self.buffer, self.sampler)  # frozen-prefix features computed once
-            loss_of = FragmentLoss(cfg, self.model, self.teacher, objective, k, inputs, self.sampler, self.buffer, imp)
+            loss_of = FragmentLoss(cfg, self.model, self.teacher, objective, k, inputs, self.sampler, self.buffer, imp,
+                                   self._anchor(params))
+            risk = AtRisk.of(cfg, objective, k, whole=features is not None)
             while True:
                 if features is not None:
                     features.clear()
+                met, rows = risk.check(inputs) if risk is not None else (None, None)  # every row, no gradients
                 # merged: every term in one forward; else the objective first, the rest only when a step follows
-                logits = (inputs.logits(cfg, self.sampler, objective=True) if inputs.merge
-                          else {"objective": (inputs.forward(inputs.objective), None)})
-                met = goal_met(logits["objective"][0].detach(), objective.y, objective.target)
+                logits = (inputs.logits(cfg, self.sampler, objective=True, rows=rows) if inputs.merge else
+                          {"objective": (inputs.forward(inputs.objective if rows is None else inputs.objective[rows]),
+                                         rows)})
+                if met is None:
+                    met = goal_met(logits["objective"][0].detach(), objective.y, objective.target)
                 features_met, feature_loss = features.check() if features is not None else (True, None)
                 trend.observe(steps, int((~met).sum()))
                 stopped = stop(steps, bool(met.all()), features_met)
@@ -148,6 +154,7 @@ class Unlearner:
         if self.cfg.retain_forgotten:
             self.forgotten = objective
         self.fragments_done += 1
+        release_freed_memory()  # the resident size stays flat as the retained set grows (memory.py)
         met, k = met.cpu(), len(fragment)
         return FragmentOutcome(
             goal_reached=stopped_by == "goal", stopped_by=stopped_by, steps=steps,
@@ -156,6 +163,14 @@ class Unlearner:
             missed_trend=trend, cap_cause=cap_cause(stopped_by, trend),
             targets=fragment.target.cpu().tolist(),
         )
+
+    def _anchor(self, params: list[nn.Parameter]) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """(trainable parameter, the teacher's value of it) for the L2 anchor (`anchor_weight`)."""
+        if self.cfg.anchor_weight <= 0:
+            return ()
+        net = self.teacher.net if isinstance(self.teacher, Normalized) else self.teacher
+        original = dict(net.named_parameters())
+        return tuple((p, original[name].detach()) for p, name in zip(params, self.trainable))
 
     def resolve_unseen(self, fragment: Fragment, should_stop: Callable[[], bool] | None = None) -> Fragment:
         """The fragment with each `unseen` target (-2) replaced by the class the teacher's warp vote

@@ -24,6 +24,7 @@ import base64
 import json
 import re
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -56,6 +57,9 @@ class ForgetRequest:
     subject: str | None = None
     requested_at: str | None = None
     unseen_class: int | None = None  # unseen only: the class it resolved to when first applied (replay)
+    # Where the sample came from, when it names a place a training pipeline can match on:
+    # {"dataset": NAME, "index": I} or {"uri": URI}; None for inline pixels (tensor, image_b64)
+    sample_ref: Mapping[str, Any] | None = None
 
     @property
     def goal(self) -> Goal:
@@ -205,7 +209,17 @@ def _parse_object(event: dict[str, Any], ctx: SampleContext) -> ForgetRequest:
     return ForgetRequest(
         request_id=request_id, mode=mode, label=label, target_label=target_label, x=x,
         subject=_subject(event.get("subject")), requested_at=_requested_at(event.get("requested_at")),
+        sample_ref=_sample_ref(event["sample"]),
     )
+
+
+def _sample_ref(sample: dict[str, Any]) -> dict[str, Any] | None:
+    """The sample's reference for `streamer forgotten` (a decoded, valid sample)."""
+    if "dataset" in sample:
+        return {"dataset": sample["dataset"], "index": sample["index"]}
+    if "uri" in sample:
+        return {"uri": sample["uri"]}
+    return None
 
 
 def _check_dataset_label(sample: dict[str, Any], label: int, ctx: SampleContext) -> None:

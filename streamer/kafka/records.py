@@ -19,8 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..state import Manifest
-from ..state import RequestOutcome
+from ..state import Manifest, RequestOutcome
 
 SCHEMA = 1
 DEAD_LETTER_MAX_BYTES = 1_048_576 - 16_384  # kafka-python's default max_request_size, less headroom

@@ -9,21 +9,27 @@
                  shreds), its crash points (faults.py), and the repair of a crash at start
     outbox       ledger rows, receipts, dead letters and checkpoint records
     keeper       verification windows between fragments (shredding.py decides), replay batches
+    budget       the utility budget: deferred requests, their deadlines, "retrain advised"
+    forgotten    the exclusion list a retraining needs; rebase: hand over to the retrained model
 
 Public API: `Collector`, `Accepted`, `Repeat`, `GoalIndex`, `FragmentWorker`, `FragmentResult`,
 `run_quarantined`, `FragmentRun`, `Commit`, `Outbox`, `DeliveryError`, `VaultKeeper`, the
 failure types and `faults`.
 """
 from . import faults
+from .budget import UtilityBudget, deadline_of
 from .collector import Accepted, Collector, Repeat
 from .commit import Commit, Repaired
 from .failures import EngineFailure, FragmentFailure, NonFiniteOutputs, UtilityFloorBreached
 from .goals import GoalIndex
 from .keeper import VaultKeeper, replay_batch
 from .outbox import DeliveryError, Outbox
+from .forgotten import exclusion_list, listed_ids
 from .quarantine import FragmentRun, run_quarantined
+from .rebase import RebaseRefused, run_rebase
 from .worker import FragmentResult, FragmentWorker
 
 __all__ = ["Accepted", "Collector", "Commit", "DeliveryError", "EngineFailure", "FragmentFailure",
            "FragmentResult", "FragmentRun", "FragmentWorker", "GoalIndex", "NonFiniteOutputs", "Outbox", "Repaired",
-           "Repeat", "UtilityFloorBreached", "VaultKeeper", "faults", "replay_batch", "run_quarantined"]
+           "Repeat", "UtilityBudget", "UtilityFloorBreached", "VaultKeeper", "deadline_of", "exclusion_list", "faults", "listed_ids", "replay_batch", "run_quarantined", "run_rebase",
+           "RebaseRefused"]

@@ -17,12 +17,9 @@ from typing import Any
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
-from ..intake import storable_text
+from ..intake import ForgetRequest, Goal, InvalidEvent, SampleContext, parse_event, request_id_of, storable_text
 from ..kafka import find_undecodable
-from ..intake import ForgetRequest, InvalidEvent, SampleContext, parse_event, request_id_of
-from ..state import rfc3339
-from ..intake import Goal
-from ..state import RequestOutcome
+from ..state import RequestOutcome, rfc3339
 from ..telemetry import Metrics
 from .goals import GoalIndex
 from .outbox import Outbox
@@ -49,7 +46,8 @@ class Accepted:
         return RequestOutcome(status=status, request_id=r.request_id, version=None, reason=reason, topic=self.topic,
                               partition=self.partition, offset=self.offset, subject=r.subject,
                               goal=goal if goal is not None else r.goal, requested_at=r.requested_at,
-                              received_at=received, numbers=MappingProxyType(dict(numbers or {})))
+                              received_at=received, numbers=MappingProxyType(dict(numbers or {})),
+                              sample_ref=r.sample_ref)
 
 
 @dataclass(frozen=True)
@@ -189,7 +187,12 @@ class Collector:
             return outcome_of("rejected", request_id, None, err.reason, record, None, now)
         finally:
             self._metrics.observe_stage("resolve", time.perf_counter() - start)
-        applied_in = self._outbox.ledger.applied(request.request_id)
+        ledger = self._outbox.ledger
+        if ledger.owed(request.request_id):
+            return outcome_of("duplicate", request.request_id, None,
+                              f"request_id {request.request_id} is deferred (owed): it is applied when a retrained "
+                              "model takes over", record, request.subject, rfc3339(self._clock()))
+        applied_in = ledger.applied(request.request_id)
         if applied_in is not None:
             return outcome_of("duplicate", request.request_id, applied_in,
                               f"request_id {request.request_id} was already applied in {applied_in}",

@@ -32,13 +32,8 @@ from typing import Any
 from kafka import KafkaConsumer
 
 from ..kafka import commit_offsets, records
-from ..state import CheckpointStore
-from ..state import reconcile
-from ..state import Checkpoint, Manifest, rfc3339
-from ..state import RequestOutcome
-from ..state import Window, next_refs, referenced_ids
-from ..state import ShredLog, ShredRow
-from ..state import ForgetVault, VaultItem
+from ..state import (Checkpoint, CheckpointStore, ForgetVault, Manifest, RequestOutcome, ShredLog, ShredRow,
+                     VaultItem, Window, next_refs, reconcile, referenced_ids, rfc3339)
 from ..telemetry import Metrics
 from . import faults
 from .collector import Repeat
@@ -76,20 +71,21 @@ class Commit:
     def fragment(self, run: FragmentRun, repeats: Sequence[Repeat], offsets: Offsets, parent: str,
                  replay: Sequence[Mapping[str, Any]] = (), log: Any = None) -> Manifest | None:
         """Steps 1-7 for one fragment; the new CURRENT's manifest, or None when nothing was applied
-        (CURRENT stays; the offsets move with the next version). `replay`: the rolled-back requests
-        still to re-apply after this one. Raises VaultError / CheckpointError / LedgerError /
-        DeliveryError (infrastructure: stop; `repair` resumes)."""
+        or deferred (CURRENT stays; the offsets move with the next version). `replay`: the
+        rolled-back requests still to re-apply after this one. Raises VaultError / CheckpointError /
+        LedgerError / DeliveryError (infrastructure: stop; `repair` resumes)."""
         log = log if log is not None else self._log
         failed = {o.request_id for o in run.failed}
         self._settle(run, [r for r in repeats if r.first.request.request_id in failed])  # 1
-        if not run.applied or run.result is None:
+        if not run.applied and not run.deferred:
             return None
         start = time.perf_counter()
         manifest, outcomes = self.publish(run, [r for r in repeats if r.first.request.request_id not in failed],
                                            offsets, parent, replay)  # 2, 3
         stages = {**run.stage_seconds, "checkpoint": time.perf_counter() - start}
         faults.crash_at("after_checkpoint")
-        settled = [o.settled(manifest.version, manifest.created_at) for o in outcomes]
+        settled = [o.settled(None if o.status == "deferred" else manifest.version, manifest.created_at)
+                   for o in outcomes]  # a deferred request is in no version
         key, value = records.checkpoint_record(manifest, self.store.path(manifest.version))
         seqs = self._outbox.append(settled)  # 4
         faults.crash_at("after_ledger")
@@ -107,7 +103,7 @@ class Commit:
         before = self.store.manifest(parent)
         manifest = self.store.publish(parent, self.worker.model_file(), before.retained, offsets=offsets,
                                       metrics={**before.metrics, "replay_failed": True}, replay=rest,
-                                      retained_misses=self.worker.misses)
+                                      retained_misses=self.worker.misses, deferred=before.deferred)
         self._outbox.send_checkpoint_record(manifest, self.store.path(manifest.version))
         return manifest
 
@@ -160,27 +156,33 @@ class Commit:
         self._outbox.record(outcomes)
 
     def publish(self, run: FragmentRun, repeats: Sequence[Repeat], offsets: Offsets, parent: str,
-                 replay: Sequence[Mapping[str, Any]]) -> tuple[Manifest, list[RequestOutcome]]:
-        """Steps 2 and 3: the applied instances into the vault, then the version of the applied
-        requests (its retained set as vault references) and CURRENT switched. The manifest, and
-        the outcomes it records (applied, repeats, abandoned), in its order."""
-        result = run.result
-        assert result is not None  # checked by the caller
+                replay: Sequence[Mapping[str, Any]]) -> tuple[Manifest, list[RequestOutcome]]:
+        """Steps 2 and 3: the applied and the deferred instances into the vault, then the version of
+        the applied requests (its retained set as vault references; its deferred list the parent's
+        and this fragment's) and CURRENT switched. The manifest, and the outcomes it records
+        (applied, repeats, abandoned, deferred), in its order."""
+        result, before, version = run.result, self.store.manifest(parent), self.store.next_version()
+        owed = [*run.applied, *run.deferred]
         items = [VaultItem(o.request_id, run.items[o.request_id].request.x.float().cpu(), o.goal.label,
-                           o.goal.engine_target) for o in run.applied]  # the goal as applied (unseen: resolved)
+                           o.goal.engine_target) for o in owed]  # the goal as applied (unseen: resolved) or owed
         entries = {e.request_id: e for e in self.vault.put(items)}
         faults.crash_at("after_vault")
-        refs = next_refs(result.forgotten, result.retained_met, self.store.manifest(parent).retained, entries,
-                         self.store.next_version())
+        refs = (before.retained if result is None else
+                next_refs(result.forgotten, result.retained_met, before.retained, entries, version))
+        deferred_by = {o.request_id for o in run.deferred}
         duplicates = [r.outcome(f"request_id {r.request.request_id} repeats offset {r.first.offset} of partition "
-                                f"{r.first.partition}, applied once in this version") for r in repeats]
+                                f"{r.first.partition}, " + ("deferred with it" if r.first.request.request_id in deferred_by
+                                                            else "applied once in this version")) for r in repeats]
         abandoned = [a for a in (self._abandoned(rid, reason) for rid, reason in run.abandoned.items()) if a]
-        manifest = self.store.publish(parent, self.worker.model_file(), refs,
-                                      requests=[o.to_manifest() for o in run.applied], offsets=offsets,
-                                      metrics=result.metrics, duplicates=[o.to_manifest() for o in duplicates],
-                                      abandoned=[a.to_manifest() for a in abandoned],
-                                      retained_misses=self.worker.misses, replay=replay)
-        return manifest, [*run.applied, *duplicates, *abandoned]
+        metrics = result.metrics if result is not None else {**before.metrics, "stopped_by": "deferred", "steps": 0}
+        manifest = self.store.publish(
+            parent, self.worker.model_file(), refs, requests=[o.to_manifest() for o in run.applied], offsets=offsets,
+            metrics={**metrics, **({"deferred_requests": len(run.deferred)} if run.deferred else {})},
+            duplicates=[o.to_manifest() for o in duplicates], abandoned=[a.to_manifest() for a in abandoned],
+            retained_misses=self.worker.misses, replay=replay,
+            deferred=[*before.deferred, *({**o.to_manifest(), "deferred_in": version, "deferred_at": rfc3339(self._clock())}
+                                          for o in run.deferred)])
+        return manifest, [*run.applied, *duplicates, *abandoned, *run.deferred]
 
     def _abandoned(self, request_id: str, reason: str) -> RequestOutcome | None:
         """The `abandoned` outcome of an instance that left the retained set, on its applying record."""
@@ -192,20 +194,22 @@ class Commit:
                               subject=applied.subject)
 
     def _observe(self, run: FragmentRun, manifest: Manifest, stages: dict[str, float], log: Any) -> None:
-        """Metrics and the fragment's log line."""
-        result = run.result
-        assert result is not None
-        stopped_by = result.outcome.stopped_by
-        accuracies = {k: v for k, v in result.accuracies.items() if math.isfinite(v)}  # NaN: an empty set (all unseen)
+        """Metrics and the fragment's log line (a fragment deferred whole counts as `deferred`, with
+        the refused attempt's steps and audit accuracy)."""
+        result, refused = run.result, run.refused
+        stopped_by = result.outcome.stopped_by if result is not None else "deferred"
+        steps = result.outcome.steps if result is not None else int(refused.get("steps") or 0)
+        accuracies = ({k: v for k, v in result.accuracies.items() if math.isfinite(v)}  # NaN: an empty set
+                      if result is not None else {})
         self._metrics.observe_fragment(
-            outcome=stopped_by if stopped_by in ("goal", "step_cap", "time_cap") else "failed",
-            steps=result.outcome.steps, stage_seconds=stages, accuracies=accuracies, version=manifest.number,
-            timestamp=self._clock())
-        self._metrics.set_forgotten(len(result.forgotten))
+            outcome=stopped_by if stopped_by in ("goal", "step_cap", "time_cap", "deferred") else "failed",
+            steps=steps, stage_seconds=stages, accuracies=accuracies, version=manifest.number, timestamp=self._clock())
+        self._metrics.set_forgotten(len(self.worker.forgotten))
         statuses = [o.status for o in run.applied]
         log.bind(version=manifest.version).info(
-            "fragment_published", stopped_by=stopped_by, steps=result.outcome.steps,
-            seconds=round(sum(stages.values()), 3), forgotten=statuses.count("forgotten"),
-            relabelled=statuses.count("relabelled"), failed=statuses.count("failed"), quarantined=len(run.failed),
-            abandoned=len(run.abandoned), duplicates=len(manifest.duplicates), missed=result.outcome.missed,
+            "fragment_published", stopped_by=stopped_by, steps=steps, seconds=round(sum(stages.values()), 3),
+            forgotten=statuses.count("forgotten"), relabelled=statuses.count("relabelled"),
+            failed=statuses.count("failed"), quarantined=len(run.failed), deferred=len(run.deferred),
+            refused=refused or None, abandoned=len(run.abandoned), duplicates=len(manifest.duplicates),
+            missed=result.outcome.missed if result is not None else None,
             accuracies={k: round(v, 4) for k, v in accuracies.items()}, offsets=manifest.offsets)

@@ -6,8 +6,8 @@
 |                | duplicate keys, bad text, failed validation, conflict | receipt (when a request_id can be read)     |                       |
 | fragment       | the engine or model raises (incl. CUDA OOM) or gives  | bisection from the last good model: healthy | keeps going; counted  |
 |                | NaN/Inf logits on some input                          | requests applied, each culprit `failed`     | and alerted           |
-| guard rail     | audit accuracy below the utility floor                | the group's requests `failed` with the      | keeps going; alerted  |
-|                |                                                       | measured drop; CURRENT stays                |                       |
+| guard rail     | audit accuracy past the utility budget                | the group's requests `deferred`: owed, in   | keeps going; alerted; |
+|                |                                                       | the vault, applied by the next rebase       | retrain advised       |
 | unreachable    | an instance misses its goal max_missed_fragments      | `abandoned` in the ledger; leaves the       | keeps going; alerted  |
 |                | fragments in a row                                    | retained set                                |                       |
 | infrastructure | broker gone past its deadline, disk full, damaged     | none yet: nothing committed past them       | stops with one line;  |
@@ -31,10 +31,11 @@ class FragmentFailure(StreamerError):
     kind = "fragment"
     bisect = True
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, numbers: dict[str, float | int | None] | None = None):
         reason = storable_text(reason if len(reason) <= 1000 else f"{reason[:1000]}... ({len(reason)} characters)")
         super().__init__(reason)
         self.reason = reason
+        self.numbers = dict(numbers or {})  # what was measured (the operator's log and ledger, not the receipt)
 
 
 class EngineFailure(FragmentFailure):
@@ -50,7 +51,9 @@ class NonFiniteOutputs(FragmentFailure):
 
 
 class UtilityFloorBreached(FragmentFailure):
-    """After unlearning, audit accuracy is below the floor: refused whole (the method, not one input)."""
+    """After unlearning, audit accuracy would be below the utility budget: the group is refused whole
+    (the method's cost, not one input's) and its requests are deferred until a retrained model takes
+    over (`streamer rebase`)."""
 
     kind = "utility_floor"
     bisect = False

@@ -26,11 +26,13 @@ CRASH_ENV = "STREAMER_CRASH_AT"
 HOLD_ENV = "STREAMER_HOLD_AT"
 # In the order a fragment passes them; after_shred: between a vault shred and its ledger row.
 FRAGMENT_CRASH_POINTS = ("during_unlearn", "after_vault", "after_checkpoint", "after_ledger", "after_receipts")
-CRASH_POINTS = (*FRAGMENT_CRASH_POINTS, "after_shred")
+REBASE_CRASH_POINTS = ("rebase_after_publish", "rebase_after_ledger")  # inside `streamer rebase` run by the daemon
+CRASH_POINTS = (*FRAGMENT_CRASH_POINTS, "after_shred", *REBASE_CRASH_POINTS)
 HOLD_POINTS = ("during_unlearn",)  # the worker thread, before the engine runs
 _HOLD_POLL_S = 0.05
 
-__all__ = ["CRASH_ENV", "CRASH_POINTS", "FRAGMENT_CRASH_POINTS", "HOLD_ENV", "HOLD_POINTS", "arm", "crash_at",
+__all__ = ["CRASH_ENV", "CRASH_POINTS", "FRAGMENT_CRASH_POINTS", "HOLD_ENV", "HOLD_POINTS", "REBASE_CRASH_POINTS", "arm",
+           "crash_at",
            "disarm", "hold_at"]
 
 _crash: str | None = None

@@ -18,8 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..intake import ForgetRequest
-from ..intake import Goal
+from ..intake import ForgetRequest, Goal
 from ..state import ForgottenSet
 
 __all__ = ["GoalIndex", "instance_sha256"]

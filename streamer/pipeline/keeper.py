@@ -12,11 +12,7 @@ from collections.abc import Callable
 
 from ..config import PrivacyConfig
 from ..intake import ForgetRequest
-from ..state import Manifest, parse_rfc3339
-from ..state import RequestOutcome
-from ..state import VaultIntegrityError
-from ..state import ShredLog, ShredRow
-from ..state import ForgetVault
+from ..state import ForgetVault, Manifest, RequestOutcome, ShredLog, ShredRow, VaultIntegrityError, parse_rfc3339
 from ..telemetry import Metrics
 from .collector import Accepted
 from .commit import Commit
@@ -69,7 +65,7 @@ def replay_batch(vault: ForgetVault, manifest: Manifest, size: int,
         if goal is None or goal.label is None or e.request_id is None:
             raise VaultIntegrityError(f"replay entry at offset {e.offset} of {e.topic}/{e.partition} has no goal")
         request = ForgetRequest(e.request_id, goal.mode, goal.label, _target_label(e), x[i], e.subject,
-                                e.requested_at, goal.target_class if goal.unseen else None)
+                                e.requested_at, goal.target_class if goal.unseen else None, e.sample_ref)
         if (int(y[i]), int(target[i])) != (request.label, request.goal.engine_target):
             raise VaultIntegrityError(f"vault entry {request.request_id!r} has label/target {int(y[i])}/"
                                       f"{int(target[i])}, its request {request.label}/{request.goal.engine_target}")

@@ -19,9 +19,7 @@ from kafka.errors import KafkaError
 from ..config import KafkaTopics
 from ..errors import StreamerError
 from ..kafka import records
-from ..state import Ledger
-from ..state import Manifest, rfc3339
-from ..state import RequestOutcome
+from ..state import Ledger, Manifest, RequestOutcome, rfc3339
 from ..telemetry import Metrics
 
 DELIVERY_TIMEOUT_S = 120.0

@@ -11,10 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..state import CheckpointStore
-from ..state import Manifest, version_number
-from ..state import Window, last_verified
-from ..state import ForgetVault
+from ..state import CheckpointStore, ForgetVault, Manifest, Window, last_verified, needed_ids, version_number
 from ..text import plural
 from .worker import FragmentWorker
 
@@ -36,7 +33,7 @@ def plan_shreds(vault: ForgetVault, window: Window, worker: FragmentWorker, stor
     retained = set(worker.forgotten.request_ids)
     due = [r for r in manifest.retained if r.request_id in vault and r.request_id in retained
            and window.closed(r, manifest.number, now)]
-    needed = {r.request_id for r in manifest.retained} | {str(e["request_id"]) for e in manifest.replay}
+    needed = needed_ids(manifest)
     stray = sorted(e.request_id for e in vault.entries() if not e.shredded and e.request_id not in needed)
     if not due and not stray:
         return ShredPlan((), (), ())
@@ -45,8 +42,11 @@ def plan_shreds(vault: ForgetVault, window: Window, worker: FragmentWorker, stor
     verified = [manifest.version if ok else last_verified(lineage, r.request_id) for r, ok in zip(due, met)]
     reasons = [_window_reason(window, ref, ok, v, manifest, now) for ref, ok, v in zip(due, met, verified)]
     abandoned = {str(a["request_id"]) for a in manifest.abandoned}
+    rebased = {str(r["request_id"]) for r in lineage[-1].requests if r.get("status") == "rebased"}
     reasons += [("abandoned: its goal stayed out of reach (unlearning.max_missed_fragments), so it left the "
                  "retained set; nothing needs its data any more") if rid in abandoned else
+                (f"covered by the rebase {lineage[-1].version} onto a model retrained without it; nothing needs its "
+                 "data any more") if rid in rebased else
                 "no version needs it any more (it failed when re-applied after a rollback)" for rid in stray]
     verified += [last_verified(lineage, rid) for rid in stray]
     return ShredPlan(tuple(r.request_id for r in due) + tuple(stray), tuple(verified), tuple(reasons))

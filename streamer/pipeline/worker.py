@@ -17,15 +17,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..engine import Dataset
-from ..engine import goal_mask
+from ..engine import (Dataset, Fragment, FragmentOutcome, UnlearnConfig, Unlearner, goal_gap, goal_mask, goal_met,
+                      load_net_state, save_user_model)
 from ..engine import logits as logits_of
-from ..engine import save_user_model
-from ..engine import load_net_state
-from ..engine import goal_gap, goal_met
-from ..engine import Fragment, FragmentOutcome, UnlearnConfig, Unlearner
-from ..state import ForgottenSet, ModelFile
-from ..state import RequestOutcome
+from ..state import ForgottenSet, ModelFile, RequestOutcome
 from .collector import Accepted
 from .failures import EngineFailure, NonFiniteOutputs, UtilityFloorBreached
 
@@ -84,6 +79,13 @@ class FragmentWorker:
         load_net_state(self.model, state_dict, where="the checkpoint")
         self.reset_forgotten(forgotten)
         self.misses = dict(misses or {})
+
+    def rebase(self, state_dict: dict[str, torch.Tensor], forgotten: ForgottenSet, audit_baseline: float | None) -> None:
+        """Switch to a retrained model (`streamer rebase`): its weights become the model's and the
+        distillation teacher's, its audit accuracy the baseline of the guard rail."""
+        self.reset(state_dict, forgotten)
+        load_net_state(self._unlearner.teacher, state_dict, where="the rebase version")
+        self.audit_baseline = audit_baseline
 
     def drop(self, request_ids: set[str]) -> None:
         """Take shredded instances out of the retained set and the anti-resurrection objective."""
@@ -153,7 +155,7 @@ class FragmentWorker:
                       "forgotten": _acc(logits["forgotten"][leaving], forgotten.y[leaving])}
         if self.audit is not None:
             accuracies["audit"] = _acc(logits["audit"], self.audit.y)
-            self._check_floor(accuracies["audit"])
+            self._check_floor(accuracies["audit"], outcome.steps)
         outcomes = _outcomes(logits["fragment"], accepted, y, target, outcome, self.cfg)
         met = dict(zip(forgotten.request_ids, goal_met(logits["forgotten"], forgotten.y, forgotten.target).tolist()))
         forgotten, abandoned = self._age(forgotten, logits["forgotten"])
@@ -172,14 +174,16 @@ class FragmentWorker:
         return FragmentResult(outcome, outcomes, forgotten, accuracies, seconds, metrics, abandoned,
                               tuple(bool(met[rid]) for rid in forgotten.request_ids))
 
-    def _check_floor(self, audit_accuracy: float) -> None:
+    def _check_floor(self, audit_accuracy: float, steps: int) -> None:
         if self.max_audit_drop is None or self.audit_baseline is None:
             return
         drop = self.audit_baseline - audit_accuracy
         if drop > self.max_audit_drop:
             raise UtilityFloorBreached(
                 f"audit accuracy would fall to {audit_accuracy:.4f}, {drop:.4f} below the base model's "
-                f"{self.audit_baseline:.4f} (unlearning.max_audit_drop {self.max_audit_drop:g}); not published")
+                f"{self.audit_baseline:.4f} (unlearning.max_audit_drop {self.max_audit_drop:g}); not published",
+                {"audit_accuracy": round(audit_accuracy, 6), "audit_baseline": round(self.audit_baseline, 6),
+                 "audit_drop": round(drop, 6), "max_audit_drop": self.max_audit_drop, "steps": steps})
 
     def _age(self, forgotten: ForgottenSet, logits: torch.Tensor) -> tuple[ForgottenSet, dict[str, str]]:
         """Count, per retained instance, the fragments in a row it missed its goal; those at

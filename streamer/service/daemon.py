@@ -33,6 +33,7 @@ from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from ..config import DaemonConfig
+from ..engine import release_freed_memory
 from ..kafka import consumer_lag, poll_while
 from ..pipeline import Accepted, Collector, GoalIndex, faults, replay_batch, run_quarantined
 from ..state import Manifest
@@ -149,11 +150,12 @@ class Daemon:
             self._run_fragment()
 
     def _maybe_rollback(self) -> None:
-        """Carry out an operator's `streamer rollback` between fragments (state/rollback.py); the
-        next steps re-apply the rolled-back requests from the vault."""
-        manifest = self.services.rollback_if_requested(self._log)
+        """Carry out an operator's `streamer rollback` or `streamer rebase` between fragments; the
+        next steps apply the requests on its replay list from the vault."""
+        manifest = self.services.operation_if_requested(self._log, self._clock)
         if manifest is not None:
             self._manifest = manifest
+            self.services.budget.start(self.services.state.store.lineage(manifest.version))
             self._collector.clear()
             self._seek_to_current()
 
@@ -182,6 +184,7 @@ class Daemon:
         if manifest is not None:
             self._manifest = manifest
             s.keeper.gauges()
+            s.budget.observe(manifest)
         else:
             log.warning("fragment_not_published", failed=len(run.failed),
                         reason="no request of the fragment could be applied; CURRENT stays")
@@ -190,6 +193,7 @@ class Daemon:
         if self._reseek:  # assigned while the fragment ran: positions came from the old manifest
             self._seek_to_current()
         s.consumer.resume(*s.consumer.paused())
+        release_freed_memory()  # evaluation and commit too: resident memory stays flat over months
 
     def _unlearn(self, accepted: list[Accepted], log: Any) -> Any:
         """Worker thread: the engine under the failure policy; None if cancelled (nothing changed)."""

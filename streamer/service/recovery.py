@@ -21,19 +21,10 @@ from typing import Any
 from kafka import KafkaConsumer
 
 from ..config import DaemonConfig
-from ..engine import accuracy
-from ..engine import clone_module, save_user_model
-from ..engine import load_model, load_net_state
-from ..engine import select_trainable
-from ..intake import SampleContext
-from ..intake import load_dataset_ref, resolve_device, sample_context
-from ..state import BASE_VERSION, Checkpoint, CheckpointStore, ModelFile
-from ..state import LEDGER_FILE, Ledger
-from ..state import CheckpointDirLocked, DirectoryLock
-from ..state import migrate_legacy
-from ..state import load_retained, open_vault
-from ..state import ShredLog
-from ..state import ForgetVault
+from ..engine import accuracy, clone_module, load_model, load_net_state, save_user_model, select_trainable
+from ..intake import SampleContext, load_dataset_ref, resolve_device, sample_context
+from ..state import (BASE_VERSION, LEDGER_FILE, Checkpoint, CheckpointDirLocked, CheckpointStore, DirectoryLock,
+                     ForgetVault, Ledger, ModelFile, ShredLog, load_retained, migrate_legacy, open_vault)
 from ..pipeline import FragmentWorker
 from ..telemetry import Metrics
 
@@ -117,8 +108,9 @@ def _load_worker(cfg: DaemonConfig, store: CheckpointStore, vault: ForgetVault,
     current = store.current_version() or BASE_VERSION
     checkpoint = store.load(current)  # sha256 verified, read in the format its manifest records
     forgotten, shredded = load_retained(vault, checkpoint.manifest, shape)
-    if current != BASE_VERSION and store.path(BASE_VERSION).is_dir():  # the lineage's own base is the teacher
-        load_net_state(base, store.load(BASE_VERSION).state_dict, where=store.path(BASE_VERSION))
+    teacher = store.base_of(current)  # the lineage's own base: v000000, or the last rebase (a retrained model)
+    if teacher != BASE_VERSION or current != BASE_VERSION:  # (v000000 is the configured model itself)
+        load_net_state(base, store.load(teacher).state_dict, where=store.path(teacher))
     model = clone_module(base)  # not deepcopy: a deep-copied TorchScript module cannot be trained
     load_net_state(model, checkpoint.state_dict, where=checkpoint.path)
     model.eval()

@@ -20,10 +20,8 @@ from kafka.errors import KafkaError
 
 from ..config import DaemonConfig
 from ..kafka import ensure_topics, make_consumer, make_producer, topic_configs_by_name
-from ..pipeline import Commit, Outbox, Repaired, VaultKeeper
-from ..state import Manifest
-from ..state import Window, load_retained
-from ..state import answer_request, run_rollback, take_request
+from ..pipeline import Commit, Outbox, Repaired, UtilityBudget, VaultKeeper, run_rebase
+from ..state import KINDS, Manifest, Window, answer_request, load_retained, run_rollback, take_request
 from ..telemetry import Metrics
 from .recovery import Recovered, recover, resume_gauges
 
@@ -41,6 +39,7 @@ class Services:
     outbox: Outbox
     commit: Commit
     keeper: VaultKeeper
+    budget: UtilityBudget
     metrics: Metrics
     _closers: ExitStack
 
@@ -66,7 +65,9 @@ class Services:
             metrics.resume_counts(state.ledger.counts())
             keeper = VaultKeeper(state.vault, state.shreds, commit, cfg.privacy, metrics, monotonic)
             keeper.tick(state.checkpoint.manifest, force=True)  # windows that closed while stopped
-            return Services(cfg, state, producer, consumer, outbox, commit, keeper, metrics, stack.pop_all())
+            budget = UtilityBudget.of(cfg, metrics, log, state.baseline)
+            budget.start(state.store.lineage(state.checkpoint.manifest.version))
+            return Services(cfg, state, producer, consumer, outbox, commit, keeper, budget, metrics, stack.pop_all())
         raise AssertionError("unreachable")  # ExitStack does not swallow exceptions
 
     # --- what the loop asks of them -------------------------------------------------------------
@@ -89,27 +90,43 @@ class Services:
         return KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, group_id=None, enable_auto_commit=False,
                              **kafka.settings("consumer"))
 
-    def rollback_if_requested(self, log: Any) -> Manifest | None:
-        """Carry out a pending `streamer rollback` request (state/rollback.py): publish the new
-        version and load its weights and retained set. The new CURRENT's manifest, or None when
-        there was no request or it was refused (answered either way)."""
+    def operation_if_requested(self, log: Any, clock: Callable[[], float] = time.time) -> Manifest | None:
+        """Carry out a pending `streamer rollback` or `streamer rebase` (state/operations.py): publish
+        the new version and load its weights and retained set (a rebase's also as the teacher and
+        the audit baseline). The new CURRENT's manifest, or None when there was no request or it was
+        refused (answered either way)."""
         store, vault = self.state.store, self.state.vault
-        request = take_request(store.root)
-        if request is None:
-            return None
-        answer = run_rollback(store, self.state.ledger, str(request.get("to")), bool(request.get("force")),
-                              vault.__contains__)
-        manifest = None
-        if answer["ok"]:
-            checkpoint = store.load(answer["version"])
-            forgotten, _ = load_retained(vault, checkpoint.manifest, self.cfg.model.input_shape)
-            self.worker.reset(checkpoint.state_dict, forgotten, checkpoint.manifest.retained_misses)
-            self.outbox.send_checkpoint_record(checkpoint.manifest, checkpoint.path)
-            resume_gauges(self.metrics, checkpoint, len(forgotten))
-            manifest = checkpoint.manifest
-        answer_request(store.root, request, answer)
-        log.bind(version=store.current_version()).info("rollback", to=request.get("to"), ok=answer["ok"],
-                                                       message=answer["message"])
+        for kind in KINDS:
+            request = take_request(store.root, kind)
+            if request is None:
+                continue
+            if kind == "ROLLBACK":
+                answer = run_rollback(store, self.state.ledger, str(request.get("to")), bool(request.get("force")),
+                                      vault.__contains__)
+            else:
+                answer = run_rebase(self.cfg, store, self.state.ledger, vault, str(request.get("weights")),
+                                    str(request.get("excluded")), clock)
+            manifest = self._load(answer["version"]) if answer["ok"] else None
+            answer_request(store.root, kind, request, answer)
+            log.bind(version=store.current_version()).info(kind.lower(), ok=answer["ok"], message=answer["message"])
+            if manifest is not None:
+                return manifest
+        return None
+
+    def _load(self, version: str) -> Manifest:
+        """Make `version` (just published by a rollback or rebase) the worker's, and announce it."""
+        checkpoint = self.state.store.load(version)
+        manifest = checkpoint.manifest
+        forgotten, _ = load_retained(self.state.vault, manifest, self.cfg.model.input_shape)
+        if manifest.base is not None:
+            baseline = manifest.base.get("audit_accuracy")
+            self.worker.rebase(checkpoint.state_dict, forgotten, baseline)
+            if baseline is not None:
+                self.metrics.set_audit_baseline(float(baseline))
+        else:
+            self.worker.reset(checkpoint.state_dict, forgotten, manifest.retained_misses)
+        self.outbox.send_checkpoint_record(manifest, checkpoint.path)
+        resume_gauges(self.metrics, checkpoint, len(forgotten))
         return manifest
 
     def close(self, log: Any) -> None:

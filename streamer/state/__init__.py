@@ -7,8 +7,8 @@ outcomes and the ledger (`RequestOutcome`, `APPLIED`, `Ledger`, `LedgerError`, `
 `reconcile`), the vault (`ForgetVault`, `VaultItem`, `VaultIntegrityError`, `read_index`,
 `open_vault`, `load_retained`, `next_refs`, `referenced_ids`, `Window`, `last_verified`,
 `migrate_legacy`, `generate_kek_file`), shreds (`ShredLog`, `ShredRow`), rollback
-(`plan_rollback`, `apply_rollback`, `run_rollback`, `request_via_daemon`, `take_request`,
-`answer_request`), the single-writer lock (`DirectoryLock`, `CheckpointDirLocked`) and durable
+(`plan_rollback`, `apply_rollback`, `run_rollback`), operator requests to a running daemon
+(`request_via_daemon`, `take_request`, `answer_request`, `OperationTimeout`), the single-writer lock (`DirectoryLock`, `CheckpointDirLocked`) and durable
 writes (`write_atomic`, `fsync_dir`, `pretty_json`).
 """
 from .checkpoints import CheckpointStore
@@ -21,16 +21,17 @@ from .manifest import (BASE_VERSION, Checkpoint, CheckpointError, ForgottenSet, 
 from .migrate import migrate_legacy
 from .outcome import APPLIED, RequestOutcome
 from .reconcile import reconcile
-from .retained import Window, last_verified, load_retained, next_refs, open_vault, referenced_ids
-from .rollback import answer_request, apply_rollback, plan_rollback, request_via_daemon, run_rollback, take_request
+from .retained import Window, last_verified, load_retained, needed_ids, next_refs, open_vault, referenced_ids
+from .operations import KINDS, OperationTimeout, answer_request, request_via_daemon, take_request
+from .rollback import apply_rollback, plan_rollback, run_rollback
 from .sealed import VaultIntegrityError
 from .shreds import ShredLog, ShredRow
 from .vault import ForgetVault, VaultItem, read_index
 
-__all__ = ["APPLIED", "BASE_VERSION", "LEDGER_FILE", "Checkpoint", "CheckpointDirLocked", "CheckpointError",
+__all__ = ["APPLIED", "BASE_VERSION", "KINDS", "LEDGER_FILE", "Checkpoint", "CheckpointDirLocked", "CheckpointError",
            "CheckpointStore", "DirectoryLock", "ForgetVault", "ForgottenSet", "Ledger", "LedgerError", "Manifest",
-           "ModelFile", "RequestOutcome", "RetainedRef", "ShredLog", "ShredRow", "VaultIntegrityError", "VaultItem",
+           "ModelFile", "OperationTimeout", "RequestOutcome", "RetainedRef", "ShredLog", "ShredRow", "VaultIntegrityError", "VaultItem",
            "Window", "answer_request", "apply_rollback", "fsync_dir", "generate_kek_file", "last_verified",
-           "load_retained", "migrate_legacy", "next_refs", "open_vault", "parse_rfc3339", "plan_rollback",
+           "load_retained", "migrate_legacy", "needed_ids", "next_refs", "open_vault", "parse_rfc3339", "plan_rollback",
            "pretty_json", "read_index", "reconcile", "referenced_ids", "request_via_daemon", "rfc3339", "run_rollback",
            "take_request", "version_number", "write_atomic"]

@@ -122,14 +122,20 @@ class CheckpointStore:
         return data, manifest
 
     def lineage(self, version: str) -> list[Manifest]:
-        """`version` and its ancestors, newest first, up to the base or the first pruned one."""
+        """`version` and its ancestors, newest first, up to the base (v000000, or the last rebase
+        version: a model retrained without the deleted data starts a lineage of its own) or the
+        first pruned one."""
         chain: list[Manifest] = []
         current: str | None = version
         while current is not None and (self.root / current / MANIFEST_FILE).is_file():
             manifest = self.manifest(current)
             chain.append(manifest)
-            current = manifest.parent
+            current = manifest.parent if manifest.base is None else None
         return chain
+
+    def base_of(self, version: str) -> str:
+        """The base of `version`'s lineage: its last rebase version, else v000000 (the teacher)."""
+        return next((m.version for m in self.lineage(version) if m.base is not None), BASE_VERSION)
 
     def load(self, version: str) -> Checkpoint:
         """The version's model file (and the weights in it) and manifest, after checking the model
@@ -197,12 +203,14 @@ class CheckpointStore:
                 offsets: Offsets | None = None, metrics: Mapping[str, Any] | None = None,
                 duplicates: Sequence[Mapping[str, Any]] = (), replay: Sequence[Mapping[str, Any]] = (),
                 created_at: float | None = None, abandoned: Sequence[Mapping[str, Any]] = (),
-                retained_misses: Mapping[str, int] | None = None) -> Manifest:
+                retained_misses: Mapping[str, int] | None = None, deferred: Sequence[Mapping[str, Any]] = (),
+                base: Mapping[str, Any] | None = None) -> Manifest:
         """Write the next version atomically, switch CURRENT to it, prune; return its manifest.
 
         `model` is the model file (see engine/formats.py), or a state_dict to write as one;
-        `retained` references the forget vault's entries (written before, see pipeline.py); `replay`
-        lists rolled-back requests still to re-apply. The first version ever published is v000000
+        `retained` references the forget vault's entries (written before, see pipeline/commit.py);
+        `replay` lists rolled-back requests still to re-apply; `deferred` the requests owed until a
+        rebase (each row's `deferred_in` names the version that deferred it); `base` marks a rebase. The first version ever published is v000000
         (the base model, no parent). Raises CheckpointError when the write fails."""
         existing = self.versions()
         if parent is None and existing:
@@ -218,7 +226,8 @@ class CheckpointStore:
             model_sha256=hashlib.sha256(model_bytes).hexdigest(), retained=tuple(retained),
             replay=tuple(dict(r) for r in replay),
             abandoned=tuple(dict(a) for a in abandoned), retained_misses=dict(retained_misses or {}),
-            model_format=model.format, model_file=model.name,
+            model_format=model.format, model_file=model.name, deferred=tuple(dict(d) for d in deferred),
+            base=None if base is None else dict(base),
         )
         manifest_bytes = pretty_json(manifest.to_json())
         temp = self.root / f"{_TEMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}"
@@ -252,11 +261,12 @@ class CheckpointStore:
         _fsync_dir(self.root)
 
     def prune(self) -> list[str]:
-        """Delete all but the newest `keep` versions, never CURRENT nor the base; 0 keeps all."""
+        """Delete all but the newest `keep` versions, never CURRENT nor v000000 nor CURRENT's base (its
+        last rebase); 0 keeps all."""
         if self.keep == 0:
             return []
-        versions = self.versions()
-        protected = {BASE_VERSION, self.current_version(), *versions[-self.keep:]}
+        versions, current = self.versions(), self.current_version()
+        protected = {BASE_VERSION, current, *versions[-self.keep:], *([self.base_of(current)] if current else [])}
         removed = [v for v in versions if v not in protected]
         for version in removed:
             shutil.rmtree(self.root / version)

@@ -12,19 +12,21 @@ re-read record safe. The checkpoint manifests are the source of truth for applie
 """
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from ..errors import StreamerError
-from ..intake import Goal
-from ..intake import storable_text
+from ..intake import Goal, storable_text
 from .outcome import RECEIPTED, STATUSES, RequestOutcome
 
 LEDGER_FILE = "ledger.sqlite3"  # beside the version directories
-SCHEMA_VERSION = 3  # PRAGMA user_version; 1 had a CHECK on the status list, which froze it; 3 added mode, target_class
+SCHEMA_VERSION = 4  # PRAGMA user_version; 1 had a CHECK on the status list, which froze it; 3 added mode,
+# target_class; 4 added received_at, sample_ref and numbers (JSON: the measured numbers behind a status)
 
 __all__ = ["LEDGER_FILE", "Ledger", "LedgerError", "LedgerRow"]
 
@@ -41,7 +43,10 @@ CREATE TABLE IF NOT EXISTS outcomes (
     subject      TEXT,
     completed_at TEXT NOT NULL,
     mode         TEXT,
-    target_class INTEGER
+    target_class INTEGER,
+    received_at  TEXT,
+    sample_ref   TEXT,
+    numbers      TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS outcomes_key ON outcomes (topic, partition, "offset", status, IFNULL(version, ''));
 CREATE INDEX IF NOT EXISTS outcomes_request ON outcomes (request_id);
@@ -60,7 +65,10 @@ CREATE TRIGGER IF NOT EXISTS receipts_no_delete BEFORE DELETE ON receipts_sent
     BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
 """
 _V2_COLUMNS = ("request_id", "status", "version", "reason", "topic", "partition", "offset", "subject", "completed_at")
-_COLUMNS = (*_V2_COLUMNS, "mode", "target_class")
+_ADDED = (("mode", "TEXT"), ("target_class", "INTEGER"), ("received_at", "TEXT"), ("sample_ref", "TEXT"),
+          ("numbers", "TEXT"))  # after schema 2, in order
+_COLUMNS = (*_V2_COLUMNS, *(name for name, _ in _ADDED))
+_JSON_COLUMNS = ("sample_ref", "numbers")
 _SELECT = "SELECT seq, " + ", ".join(f'"{c}"' for c in _COLUMNS) + " FROM outcomes"
 
 
@@ -108,7 +116,7 @@ class Ledger:
                     self._db.execute(
                         f'INSERT OR IGNORE INTO outcomes ({", ".join(_quoted(_COLUMNS))}) '
                         f'VALUES ({", ".join("?" for _ in _COLUMNS)})',
-                        tuple(_storable(getattr(o, c)) for c in _COLUMNS),
+                        tuple(_column(o, c) for c in _COLUMNS),
                     )
                     (seq,) = self._db.execute(
                         'SELECT seq FROM outcomes WHERE topic = ? AND partition = ? AND "offset" = ? AND status = ? '
@@ -139,6 +147,14 @@ class Ledger:
             (request_id,),
         ).fetchone()
         return None if row is None or row[0] == "rolled_back" else row[1]
+
+    def owed(self, request_id: str) -> bool:
+        """Whether `request_id` is deferred and not applied since (a rebase applies it)."""
+        row = self._db.execute(
+            "SELECT status FROM outcomes WHERE request_id = ? AND (status = 'deferred' OR "
+            "(status IN ('forgotten', 'relabelled', 'failed', 'rebased') AND version IS NOT NULL)) "
+            "ORDER BY seq DESC LIMIT 1", (request_id,)).fetchone()
+        return row is not None and row[0] == "deferred"
 
     def last_applied(self, request_id: str) -> RequestOutcome | None:
         """The outcome that applied `request_id` (its record's coordinates), or None."""
@@ -202,7 +218,17 @@ def _from_row(row: dict[str, Any]) -> RequestOutcome:
     """A ledger row as its outcome (the ledger keeps the goal's mode and target class, not its label)."""
     mode = row.pop("mode")
     target_class = row.pop("target_class")
-    return RequestOutcome(**row, goal=None if mode is None else Goal(mode, None, target_class))
+    sample_ref, numbers = (json.loads(text) if (text := row.pop(c)) is not None else None for c in _JSON_COLUMNS)
+    return RequestOutcome(**row, goal=None if mode is None else Goal(mode, None, target_class), sample_ref=sample_ref,
+                          numbers=MappingProxyType(numbers or {}))
+
+
+def _column(o: RequestOutcome, column: str) -> Any:
+    """An outcome's value for a column: JSON text for the mappings, storable text for the strings."""
+    value = getattr(o, column)
+    if column in _JSON_COLUMNS:
+        return json.dumps(dict(value), sort_keys=True, allow_nan=False) if value else None
+    return _storable(value)
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -220,24 +246,24 @@ def _storable(value: Any) -> Any:
 
 
 def _migrate(db: sqlite3.Connection) -> None:
-    """Schema 1 -> 3: drop the CHECK on `status` (new statuses must not need a table rebuild); the
-    append-only triggers go with the old table and are re-created by _SCHEMA. Schema 2 -> 3: add
-    the mode and target_class columns (NULL in older rows)."""
+    """Schema 1 -> 4: drop the CHECK on `status` (new statuses must not need a table rebuild); the
+    append-only triggers go with the old table and are re-created by _SCHEMA. Schema 2 or 3 -> 4:
+    add the columns missing (NULL in older rows)."""
     (version,) = db.execute("PRAGMA user_version").fetchone()
     exists = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outcomes'").fetchone()
-    if version >= 3 or not exists:
+    if version >= SCHEMA_VERSION or not exists:
         return
     columns = ", ".join(_quoted(("seq", *_V2_COLUMNS)))
     db.execute("PRAGMA legacy_alter_table = ON")  # a renamed `outcomes`: receipts_sent keeps referring to the new one
     with transaction(db):
         if version < 2:
             db.execute("ALTER TABLE outcomes RENAME TO outcomes_v1")
-            db.execute(_SCHEMA.split(";")[0])  # CREATE TABLE outcomes (schema 3)
+            db.execute(_SCHEMA.split(";")[0])  # CREATE TABLE outcomes (this schema)
             db.execute(f"INSERT INTO outcomes ({columns}) SELECT {columns} FROM outcomes_v1")
             db.execute("DROP TABLE outcomes_v1")
-        else:  # only the columns missing: an older daemon that opened it set user_version back to 2
+        else:  # only the columns missing (an older daemon that opened it may also have set user_version back)
             present = {row[1] for row in db.execute("PRAGMA table_info(outcomes)")}
-            for column, kind in (("mode", "TEXT"), ("target_class", "INTEGER")):
+            for column, kind in _ADDED:
                 if column not in present:
                     db.execute(f"ALTER TABLE outcomes ADD COLUMN {column} {kind}")
 

@@ -165,6 +165,12 @@ class Manifest:
     # Earlier requests whose instance left the retained set here, goal unreachable (ledger: abandoned)
     abandoned: tuple[Mapping[str, Any], ...] = ()
     retained_misses: Mapping[str, int] = field(default_factory=dict)  # request_id -> fragments missed in a row
+    # Requests deferred by the utility budget, owed (their instances in the vault), carried to every
+    # later version until a rebase applies them; request rows as `requests` holds them
+    deferred: tuple[Mapping[str, Any], ...] = ()
+    # On a rebase version only: the retrained model it switched to ({"sha256", "audit_accuracy", ...});
+    # it is this lineage's base (the distillation teacher and the audit baseline) from here on
+    base: Mapping[str, Any] | None = None
     legacy_forgotten_sha256: str | None = None  # schema 1 only: the sha256 of its plaintext forgotten.pt
     # Attack-report summaries, one per reference model (cli/attacks.py writes them after publishing;
     # absent from manifests that never had one, and from every manifest written before them)
@@ -178,12 +184,20 @@ class Manifest:
     def number(self) -> int:
         return version_number(self.version)
 
+    @property
+    def new_deferred(self) -> tuple[Mapping[str, Any], ...]:
+        """The deferred rows this version itself recorded (its `deferred` is its parent's, then these)."""
+        return tuple(d for d in self.deferred if d.get("deferred_in") == self.version)
+
     def outcomes(self) -> tuple[RequestOutcome, ...]:
-        """Every outcome this version records (applied requests, repeats, abandoned instances),
-        with its version and time. Raises CheckpointError for a malformed row."""
+        """Every outcome this version records (applied requests, repeats, abandoned instances, with
+        this version; the requests it deferred, with none) and its time. Raises CheckpointError for
+        a malformed row."""
         try:
-            return tuple(RequestOutcome.from_manifest(row, self.version, self.created_at)
-                         for row in (*self.requests, *self.duplicates, *self.abandoned))
+            held = [RequestOutcome.from_manifest(row, self.version, self.created_at)
+                    for row in (*self.requests, *self.duplicates, *self.abandoned)]
+            owed = [RequestOutcome.from_manifest(row, None, self.created_at) for row in self.new_deferred]
+            return (*held, *owed)  # a deferred request is in no version: it has none
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"malformed manifest {self.version}: a request row {err!r}") from err
 
@@ -196,7 +210,10 @@ class Manifest:
             "retained": [r.to_json() for r in self.retained], "replay": [dict(r) for r in self.replay],
             "abandoned": [dict(a) for a in self.abandoned], "retained_misses": dict(sorted(self.retained_misses.items())),
             "model_format": self.model_format, "model_file": self.model_file,
+            "deferred": [dict(d) for d in self.deferred],
         }
+        if self.base is not None:
+            data["base"] = dict(self.base)
         if self.legacy_forgotten_sha256 is not None:
             data["forgotten_sha256"] = self.legacy_forgotten_sha256
         if self.attacks:
@@ -220,6 +237,7 @@ class Manifest:
                 retained_misses={str(k): int(v) for k, v in data.get("retained_misses", {}).items()},
                 model_format=data.get("model_format", "state_dict"), model_file=data.get("model_file", MODEL_FILE),
                 format_recorded="model_format" in data, attacks=_attack_entries(data.get("attacks", [])),
+                deferred=tuple(data.get("deferred", ())), base=data.get("base"),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise CheckpointError(f"malformed manifest: {err!r}") from err

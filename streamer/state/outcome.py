@@ -8,8 +8,9 @@ place a manifest row is made), the ledger (`state/ledger.py`, columns) and the r
 (`kafka/records.receipt`). Reading back (`from_manifest`, the ledger's rows) gives the same type.
 
 Statuses: forgotten | relabelled (applied, goal met), failed (with a version: applied, goal missed
-at the cap, kept in the retained set; without one: never applied), duplicate, rejected,
-rolled_back, abandoned (no receipt for the last two).
+at the cap, kept in the retained set; without one: never applied), deferred (not applied: the
+utility budget was reached; owed until a rebase applies it), duplicate, rejected; and, with no
+receipt, rolled_back, abandoned, rebased (a rebase onto a retrained model covered the request).
 """
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from typing import Any
 
 from ..intake import Goal
 
-STATUSES = ("forgotten", "relabelled", "duplicate", "rejected", "failed", "rolled_back", "abandoned")
+STATUSES = ("forgotten", "relabelled", "duplicate", "rejected", "failed", "rolled_back", "abandoned", "deferred",
+            "rebased")
 APPLIED = ("forgotten", "relabelled", "failed")  # in the model when the outcome has a version
-RECEIPTED = ("forgotten", "relabelled", "duplicate", "rejected", "failed")  # statuses with a receipt
+RECEIPTED = ("forgotten", "relabelled", "duplicate", "rejected", "failed", "deferred")  # statuses with a receipt
 
 __all__ = ["APPLIED", "RECEIPTED", "STATUSES", "RequestOutcome"]
 
@@ -47,6 +49,7 @@ class RequestOutcome:
     goal: Goal | None = None  # when the request was read: its goal (unseen: the class it resolved to)
     requested_at: str | None = None  # the event's own timestamp
     received_at: str | None = None  # RFC 3339 of the record's Kafka timestamp
+    sample_ref: Mapping[str, Any] | None = None  # {"dataset", "index"} or {"uri"} (intake.ForgetRequest.sample_ref)
     # Measured numbers behind the status (e.g. goal_gap: by how much, in logits, the goal was missed)
     numbers: Mapping[str, float | int | None] = field(default_factory=lambda: MappingProxyType({}))
 
@@ -87,6 +90,8 @@ class RequestOutcome:
             g = self.goal
             row.update(mode=g.mode, label=g.label, target_label=g.target_class if g.mode == "relabel" else None,
                        target_class=self.target_class, requested_at=self.requested_at, received_at=self.received_at)
+            if self.sample_ref is not None:
+                row["sample_ref"] = dict(self.sample_ref)
         if self.numbers:
             row["numbers"] = dict(self.numbers)
         return row
@@ -107,7 +112,8 @@ class RequestOutcome:
             status=str(row["status"]), request_id=row.get("request_id"), version=version, reason=row.get("reason"),
             topic=str(row["topic"]), partition=int(row["partition"]), offset=int(row["offset"]),
             subject=row.get("subject"), completed_at=completed_at, goal=goal, requested_at=row.get("requested_at"),
-            received_at=row.get("received_at"), numbers=MappingProxyType(dict(row.get("numbers") or {})))
+            received_at=row.get("received_at"), numbers=MappingProxyType(dict(row.get("numbers") or {})),
+            sample_ref=row.get("sample_ref"))
 
 
 def _int(value: Any) -> int | None:

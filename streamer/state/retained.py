@@ -22,7 +22,7 @@ from .manifest import CheckpointError, ForgottenSet, Manifest, RetainedRef, pars
 from .sealed import VaultIntegrityError
 from .vault import ForgetVault, VaultEntry
 
-__all__ = ["Window", "last_verified", "load_retained", "next_refs", "open_vault", "referenced_ids"]
+__all__ = ["Window", "last_verified", "load_retained", "needed_ids", "next_refs", "open_vault", "referenced_ids"]
 
 
 def open_vault(cfg: DaemonConfig, writer: bool, clock: Callable[[], float] = time.time) -> ForgetVault:
@@ -34,10 +34,16 @@ def open_vault(cfg: DaemonConfig, writer: bool, clock: Callable[[], float] = tim
 
 
 def referenced_ids(manifest: Manifest) -> set[str]:
-    """The vault ids a version needs: its retained set, the rolled-back requests it will replay, and
-    the requests it abandoned (kept until the daemon shreds them with a ledger row)."""
+    """The vault ids a version needs: its retained set, the rolled-back requests it will replay, the
+    requests it owes (deferred), and the requests it abandoned (kept until the daemon shreds them
+    with a ledger row)."""
+    return (needed_ids(manifest) | {str(a["request_id"]) for a in manifest.abandoned})
+
+
+def needed_ids(manifest: Manifest) -> set[str]:
+    """The vault ids a version still uses: retained, to replay, or owed (deferred)."""
     return ({r.request_id for r in manifest.retained} | {str(e["request_id"]) for e in manifest.replay}
-            | {str(a["request_id"]) for a in manifest.abandoned})
+            | {str(d["request_id"]) for d in manifest.deferred})
 
 
 def load_retained(vault: ForgetVault, manifest: Manifest,

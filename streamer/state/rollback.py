@@ -11,17 +11,14 @@ refused and names those requests, unless forced; then they are recorded `rolled_
 un-applied (the model rolled back to V no longer forgets them).
 
 While the daemon runs it owns the checkpoint directory (an flock on LOCK): the command then
-leaves a request file that the daemon carries out between fragments and answers in a result
-file. When the daemon is stopped the command does the same work itself.
+leaves a request that the daemon carries out between fragments and answers (`operations.py`).
+When the daemon is stopped the command does the same work itself.
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..engine import split_normalized_state
@@ -29,9 +26,6 @@ from .checkpoints import CheckpointStore, Manifest, rfc3339
 from ..errors import StreamerError
 from .ledger import Ledger
 from .outcome import RequestOutcome
-
-REQUEST_FILE = "ROLLBACK.request.json"
-RESULT_FILE = "ROLLBACK.result.json"
 
 InVault = Callable[[str], bool]  # request_id -> its instance is still in the vault (not shredded)
 
@@ -93,51 +87,13 @@ def apply_rollback(store: CheckpointStore, ledger: Ledger, plan: RollbackPlan, f
     legacy = None if plan.to.format_recorded else split_normalized_state(checkpoint.state_dict)
     model = legacy[0] if legacy is not None else checkpoint.model or checkpoint.state_dict
     manifest = store.publish(plan.to.version, model, retained, offsets=plan.current.offsets,
-                             metrics=metrics, replay=plan.replay)
+                             metrics=metrics, replay=plan.replay, deferred=plan.current.deferred)  # still owed
     now = rfc3339(clock())
     lost = {str(e["request_id"]) for e in plan.lost}
     how = {True: "NOT applied again: its instance was shredded (--force)", False: "applied again from the forget vault"}
     ledger.append([o.rolled_back(f"rollback {manifest.version} undid {o.version}; {how[o.request_id in lost]}", now)
                    for o in plan.undone])
     return manifest
-
-
-def request_via_daemon(root: Path, to_version: str, force: bool, timeout_s: float) -> dict:
-    """Leave a rollback request for the running daemon and wait for its answer."""
-    result = root / RESULT_FILE
-    result.unlink(missing_ok=True)
-    request_id = f"{os.getpid()}-{time.time_ns()}"
-    temp = root / f".{REQUEST_FILE}.tmp"
-    temp.write_text(json.dumps({"id": request_id, "to": to_version, "force": force}))
-    os.replace(temp, root / REQUEST_FILE)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if result.exists():
-            answer = json.loads(result.read_text())
-            if answer.get("id") == request_id:
-                return answer
-        time.sleep(0.5)
-    raise RollbackRefused(f"the daemon did not answer the rollback request within {timeout_s:.0f} s "
-                          f"(it runs it between fragments); {root / REQUEST_FILE} is still pending")
-
-
-def take_request(root: Path) -> dict | None:
-    """The daemon's side: a pending rollback request, removed from the directory, or None."""
-    path = root / REQUEST_FILE
-    if not path.exists():
-        return None
-    try:
-        request = json.loads(path.read_text())
-    except (OSError, ValueError):
-        request = {"id": None, "to": None, "force": False}
-    path.unlink(missing_ok=True)
-    return request
-
-
-def answer_request(root: Path, request: dict, answer: dict) -> None:
-    temp = root / f".{RESULT_FILE}.tmp"
-    temp.write_text(json.dumps({"id": request.get("id"), **answer}))
-    os.replace(temp, root / RESULT_FILE)
 
 
 def run_rollback(store: CheckpointStore, ledger: Ledger, to_version: str, force: bool, in_vault: InVault) -> dict:

@@ -16,11 +16,12 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .budget_metrics import BudgetMetrics
 from .optional_gauge import OptionalGauge
 
 ACCURACY_SETS = ("fragment", "forgotten", "audit")
-REQUEST_OUTCOMES = ("forgotten", "relabelled", "duplicate", "rejected", "failed")
-FRAGMENT_OUTCOMES = ("goal", "step_cap", "time_cap", "failed")
+REQUEST_OUTCOMES = ("forgotten", "relabelled", "duplicate", "rejected", "failed", "deferred")
+FRAGMENT_OUTCOMES = ("goal", "step_cap", "time_cap", "failed", "deferred")
 FAILURE_KINDS = ("engine_error", "non_finite", "utility_floor", "undecodable")
 STAGES = ("resolve", "unseen", "adversarial", "importance", "unlearn", "evaluate", "checkpoint")
 
@@ -161,6 +162,7 @@ class Metrics:
             ["verified"],
             registry=registry,
         )
+        self.budget = BudgetMetrics(registry)  # deferred requests, erasure deadlines, retrain advised
         self._audit_accuracy: float | None = None
         self._audit_lock = threading.RLock()
         # Pre-initialised so that increase()/rate() see the first event, and dashboards show 0

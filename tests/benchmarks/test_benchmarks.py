@@ -81,3 +81,46 @@ def test_forgetting_attacks_buffer_reaches_the_unlearner(tmp_path, capsys):
     path.write_text(json.dumps([rec]))
     assert fa.main(["--render", str(path), "--methods", "head", "--out", str(tmp_path)]) == 0
     assert "| head+buffer500 | canary |" in capsys.readouterr().out
+
+
+def test_horizon_tiny_run_json_references_and_render(tmp_path, monkeypatch, capsys):
+    """benchmarks/horizon.py end to end on a slice of MNIST-5k (2 fragments of 8, 1-epoch references):
+    the JSON holds every fragment and report point (0, half, end) with RSS, the retrained references
+    at 0 (the original), half and end, and the constrained retrain; references are cached by recipe
+    (a second request trains nothing); --render re-prints the targets and plots."""
+    import pytest
+    import torch
+
+    import horizon
+    from streamer.engine.data import Splits, load_splits
+
+    full = load_splits("mnist5k")
+    small = Splits(full.train.subset(torch.arange(600)), full.buffer.subset(torch.arange(64)),
+                   full.audit.subset(torch.arange(200)))
+    monkeypatch.setattr(horizon, "load_splits", lambda name: small)
+    argv = ["--datasets", "mnist5k", "--seeds", "0", "--goals", "misclassify", "--variants", "data-free",
+            "--requests", "16", "--every", "8", "--epochs", "1", "--weights-dir", str(tmp_path / "w"),
+            "--out", str(tmp_path / "out")]
+    assert horizon.main(argv) == 0
+    assert "| mnist5k | every fragment reaches its goal |" in capsys.readouterr().out
+    result = tmp_path / "out" / "horizon-mnist5k.json"
+    (run,) = json.loads(result.read_text())["runs"]
+    assert (run["goal"], run["variant"], run["requests"], run["half"]) == ("misclassify", "data-free", 16, 8)
+    assert [f["requests"] for f in run["fragments"]] == [8, 16] and run["fragments"][-1]["retained"] == 16
+    checks = run["checkpoints"]
+    assert [c["requests"] for c in checks] == [0, 8, 16]
+    assert all(c["rss_mb"] > 0 for c in checks) and all("retrained_test_acc" in c for c in checks)
+    assert checks[0]["retrained_test_acc"] == run["before"]  # retrained without nothing = the original
+    if all(f["goal_reached"] for f in run["fragments"]):  # the engine's goal covers the retained set too
+        assert checks[1]["goal_rate"] == checks[2]["goal_rate"] == 1.0
+    assert 0 < run["end"]["constrained_test_acc"] <= 1 and run["end"]["sent_to_own_label"] <= 1
+    assert len(list((tmp_path / "w").glob("*.pt"))) == 4  # original, half, end, constrained
+
+    monkeypatch.setattr(horizon, "fit", lambda *a, **k: pytest.fail("a cached reference was trained again"))
+    index, relabel = horizon.request_order(small.train.y, 16, 0)
+    assert len(set(index.tolist())) == 16 and bool((relabel != small.train.y[index]).all())
+    _, info = horizon.reference("mnist5k", small, horizon.parse_args(argv), exclude=index[:8])
+    assert info["recipe"]["n_exclude"] == 8
+    assert horizon.main(["--render", str(result), "--out", str(tmp_path / "r")]) == 0
+    assert "| mnist5k | misclassify | data-free | 1 | 16 |" in capsys.readouterr().out
+    assert (tmp_path / "r" / "horizon-mnist5k.png").stat().st_size > 10_000

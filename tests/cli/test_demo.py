@@ -39,8 +39,15 @@ def test_demo_prints_summary_and_writes_plot(tmp_path):
                           "--workdir", str(workdir)], cwd=tmp_path, capture_output=True, text=True,
                          timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "[5/5] done" in out.stdout
+    assert "[6/6] done" in out.stdout
     assert "| v000001 | v000000 | 8 |" in out.stdout
+    assert "[5/6] retraining without the 8 forgotten instances" in out.stdout  # the other end of the bridge
+    excluded = json.loads((workdir / "excluded.json").read_text())
+    assert len(excluded["requests"]) == 8 and all(r["sample"] is None for r in excluded["requests"])  # inline images
+    from streamer.state import CheckpointStore
+    store = CheckpointStore(workdir / "checkpoints")
+    (rebased,) = [store.manifest(v) for v in store.versions() if store.manifest(v).base is not None]
+    assert store.lineage(store.current_version())[-1].version == rebased.version
     assert "receipts by outcome: duplicate 1, forgotten" in out.stdout and "rejected 2" in out.stdout
     (line,) = [ln for ln in out.stdout.splitlines() if ln.startswith("model: ")]
     assert "/model.pt (state_dict): net = streamer.engine.models.digits_cnn(); net.load_state_dict(" in line
@@ -55,10 +62,8 @@ def test_demo_prints_summary_and_writes_plot(tmp_path):
     stream, _ = _plan(load_config(workdir / "config.yaml"), "digits", 8, 0)
     valid = [p for p in stream if p.request_id and p.request_id.startswith("demo-digits-")]
     assert "erasure report (10 requests" in out.stdout  # 8 applied + 2 rejected with a readable id
-    windows = {r["request_id"]: r["window"] for r in report["requests"]}
-    assert all(windows[p.request_id]["state"] == "open" for p in valid)
-    assert all(f"| {p.request_id} | forgotten |" in out.stdout or f"| {p.request_id} | relabelled |" in out.stdout
-               for p in valid)
+    status = {r["request_id"]: r["status"] for r in report["requests"]}
+    assert all(status[p.request_id] in ("forgotten", "relabelled", "rebased") for p in valid)
 
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.parent.name == "data" and p.parent.parent.name == "vault" for p in files)

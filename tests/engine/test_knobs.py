@@ -167,6 +167,18 @@ class TestObjectiveKnobs:
         assert torch.allclose(term, 2.0 * gap) and met == bool(gap.sqrt() <= 0.25)
 
 
+class TestAnchor:
+    def test_anchor_weight_adds_the_l2_distance_to_the_original(self) -> None:
+        """anchor_weight x sum((p - p0)^2) over the trainable parameters (L2-SP); 0 adds nothing."""
+        totals = {}
+        for weight in (0.0, 2.0):
+            loss = _loss(method_config("default", anchor_weight=weight, distill_weight=0.0))
+            p = loss.model.net[3].weight
+            loss.anchor = ((p, p.detach() + 0.5),)  # the original's value, 0.5 away in every element
+            totals[weight] = loss(loss.inputs.logits(loss.cfg, _sampler(2), objective=True), 0)
+        assert torch.allclose(totals[2.0] - totals[0.0], torch.tensor(2.0 * 0.25 * p.numel()), rtol=1e-5)
+
+
 class TestEveryKnobIsTested:
     def test_each_engine_field_is_named_in_a_test(self) -> None:
         """A knob no test names is untested (or should be deprecated): every UnlearnConfig field

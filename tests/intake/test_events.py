@@ -133,6 +133,16 @@ class TestValidEvents:
         req.x.zero_()
         assert not torch.equal(req.x, ctx.datasets["digits"][4])
 
+    def test_the_sample_reference_is_kept_for_the_exclusion_list(self, ctx: SampleContext,
+                                                                 files: dict[str, Path]) -> None:
+        """{dataset, index} and {uri} samples keep where they came from (a retraining matches on it);
+        inline pixels have none."""
+        uri = (files["root"] / "a.png").as_uri()
+        refs = [parse_event(_encode(_event(sample=sample)), ctx).sample_ref for sample in (
+            {"dataset": "digits", "index": 4}, {"uri": uri})]
+        assert refs == [{"dataset": "digits", "index": 4}, {"uri": uri}]
+        assert parse_event(_encode(_event()), ctx).sample_ref is None
+
     def test_dataset_sample_label_must_be_the_datasets(self, ctx: SampleContext) -> None:
         """With the dataset's labels known, a dataset sample under another label is invalid whatever the
         mode (misclassify would be 'met' with the model unchanged); its own label passes."""

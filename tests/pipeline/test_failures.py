@@ -16,7 +16,7 @@ from streamer.engine.unlearn import method_config
 from streamer.intake.events import ForgetRequest
 from streamer.pipeline.collector import Accepted
 from streamer.pipeline.failures import EngineFailure, NonFiniteOutputs, UtilityFloorBreached
-from streamer.pipeline.quarantine import run_quarantined
+from streamer.pipeline.quarantine import DEFERRED_REASON, run_quarantined
 from streamer.pipeline.worker import FragmentWorker
 from streamer.state.checkpoints import ForgottenSet
 
@@ -71,12 +71,14 @@ class TestBisection:
         assert sorted(worker.applied) == sorted(o.request_id for o in run.applied)  # failed undone
         assert len(run.trips) == worker.restores
 
-    def test_a_utility_floor_breach_fails_the_whole_group_without_bisection(self) -> None:
-        """The floor is the method's doing, not one input's: one attempt, every request failed."""
-        worker = _FakeWorker({"r1"}, UtilityFloorBreached)
+    def test_a_utility_floor_breach_defers_the_whole_group_without_bisection(self) -> None:
+        """The budget is the method's doing, not one input's: one attempt, every request deferred (owed),
+        none failed, the producer-facing reason without the model's numbers (those go with `numbers`)."""
+        worker = _FakeWorker({"r1"}, lambda reason: UtilityFloorBreached(reason, {"audit_drop": 0.3}))
         run = run_quarantined(worker, _accepted(8), threading.Event(), None, LOG)
-        assert worker.attempts == 1 and len(run.failed) == 8 and run.trips == ["utility_floor"]
-        assert all(o.reason == "poisoned group" for o in run.failed)
+        assert worker.attempts == 1 and len(run.deferred) == 8 and run.failed == [] and run.trips == ["utility_floor"]
+        assert all(o.reason == DEFERRED_REASON and dict(o.numbers) == {"audit_drop": 0.3} for o in run.deferred)
+        assert run.refused == {"audit_drop": 0.3} and run.applied == []
 
 
 class TestGuardRails:

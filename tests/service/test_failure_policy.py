@@ -155,11 +155,10 @@ def test_an_undecodable_batch_is_skipped_by_offset_range(kafka_bootstrap, weight
 
 @pytest.mark.parametrize("unlearning, kind, words", [
     ({"method": "neggrad", "lr": 1e20, "max_steps": 50}, "non_finite", "NaN/Inf"),  # blows up at step 1
-    ({"max_audit_drop": 0.0}, "utility_floor", "below the base model"),
 ])
-def test_a_broken_or_collapsed_model_is_never_published(kafka_bootstrap, weights, tmp_path, unlearning, kind, words):
-    """A method that gives NaN/Inf, or a fragment below the utility floor: the requests get `failed`
-    with the measured reason, CURRENT stays the base, the failure is counted, the daemon goes on."""
+def test_a_broken_model_is_never_published(kafka_bootstrap, weights, tmp_path, unlearning, kind, words):
+    """A method that gives NaN/Inf: the requests get `failed` with the measured reason, CURRENT
+    stays the base, the failure is counted, the daemon goes on."""
     topics = new_topics(kafka_bootstrap, kind)
     config = write_config(tmp_path, kafka_bootstrap, topics, weights, unlearning=unlearning)
     produce(kafka_bootstrap, topics["requests"], [_event(f"g{i}", 10 + i) for i in range(4)])
@@ -175,6 +174,42 @@ def test_a_broken_or_collapsed_model_is_never_published(kafka_bootstrap, weights
     assert Counter(r["status"] for r in receipts) == {"failed": 4}
     assert all(words in r["reason"] and r["version"] is None for r in receipts), receipts
     assert CheckpointStore(tmp_path / "checkpoints").current_version() == "v000000"
+
+
+def test_a_fragment_past_the_utility_budget_is_deferred(kafka_bootstrap, weights, tmp_path):
+    """A fragment that would take audit accuracy past unlearning.max_audit_drop is deferred whole:
+    `deferred` receipts without the model's numbers (those are in the ledger), nothing applied
+    (the version that records the deferral serves the base's weights), the instances in the vault
+    under the version's `deferred` list, counted as a deferred fragment; a re-sent id is a duplicate."""
+    topics = new_topics(kafka_bootstrap, "deferred")
+    config = write_config(tmp_path, kafka_bootstrap, topics, weights, unlearning={"max_audit_drop": 0.0})
+    produce(kafka_bootstrap, topics["requests"], [_event(f"g{i}", 10 + i) for i in range(4)])
+    daemon = DaemonProcess(config, tmp_path / "daemon.log")
+    try:
+        daemon.wait_for("request_outcome", timeout_s=240, count=4)
+        produce(kafka_bootstrap, topics["requests"], [_event("g0", 10)])
+        daemon.wait_for("request_outcome", count=5)
+        metrics = _scrape(daemon)
+        assert _sample(metrics, 'streamer_fragment_failures_total{kind="utility_floor"}') >= 1
+        assert _sample(metrics, 'streamer_fragments_total{outcome="deferred"}') == 1
+        assert _sample(metrics, 'streamer_requests_total{outcome="deferred"}') == 4
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    receipts = values(read_topic(kafka_bootstrap, topics["receipts"], 5))
+    assert Counter(r["status"] for r in receipts) == {"deferred": 4, "duplicate": 1}
+    for r in receipts[:4]:
+        assert r["version"] is None and "utility budget" in r["reason"] and "audit accuracy" not in r["reason"]
+    assert "deferred (owed)" in receipts[4]["reason"]
+    store = CheckpointStore(tmp_path / "checkpoints")
+    current = store.manifest(store.current_version())
+    assert current.version == "v000001" and current.requests == () and current.model_sha256 == store.manifest(
+        "v000000").model_sha256
+    assert sorted(d["request_id"] for d in current.deferred) == [f"g{i}" for i in range(4)]
+    with Ledger(tmp_path / "checkpoints" / LEDGER_FILE) as ledger:
+        rows = [r.outcome for r in ledger.rows() if r.outcome.status == "deferred"]
+        assert len(rows) == 4 and all(o.numbers["audit_drop"] > 0 and o.version is None for o in rows)
+        assert all(ledger.owed(f"g{i}") for i in range(4))
 
 
 def test_a_second_daemon_on_the_same_directory_touches_nothing(kafka_bootstrap, weights, tmp_path):

@@ -263,3 +263,31 @@ class TestPruneAndLineage:
         manifest = Manifest.from_json(data)
         assert (manifest.schema, manifest.legacy_forgotten_sha256, manifest.retained) == (1, "cd" * 32, ())
         assert manifest.to_json()["forgotten_sha256"] == "cd" * 32
+
+
+class TestRebaseLineage:
+    def test_a_rebase_version_starts_a_lineage_and_is_never_pruned(self, tmp_path: Path) -> None:
+        """lineage() stops at the last version with a `base` (a retrained model); base_of names it;
+        prune keeps it, CURRENT and v000000 whatever `keep` says."""
+        store = CheckpointStore(tmp_path / "ckpt", keep=1)
+        chain = _publish_chain(store, 2)
+        rebased = store.publish(chain[-1].version, _model(7).state_dict(), base={"sha256": "ab" * 32})
+        after = store.publish(rebased.version, _model(8).state_dict())
+        assert [m.version for m in store.lineage(after.version)] == [after.version, rebased.version]
+        assert store.base_of(after.version) == rebased.version and store.base_of(chain[-1].version) == BASE_VERSION
+        store.publish(after.version, _model(9).state_dict())
+        assert rebased.version in store.versions() and BASE_VERSION in store.versions()
+        assert after.version not in store.versions()  # pruned: neither CURRENT, the base nor the newest
+        assert store.manifest(rebased.version).base == {"sha256": "ab" * 32}
+
+    def test_deferred_rows_round_trip_and_count_once(self, store: CheckpointStore) -> None:
+        """`deferred` survives the manifest's JSON; outcomes() gives a version's own deferrals only, versionless."""
+        base = store.publish(None, _model().state_dict())
+        row = {"request_id": "d1", "status": "deferred", "reason": "budget", "topic": "t", "partition": 0, "offset": 3,
+               "subject": None, "mode": "misclassify", "label": 2, "target_label": None, "target_class": None}
+        first = store.publish(base.version, _model().state_dict(), deferred=[{**row, "deferred_in": "v000001"}])
+        second = store.publish(first.version, _model().state_dict(), deferred=first.deferred)
+        assert store.manifest(second.version).deferred == first.deferred
+        (owed,) = store.manifest(first.version).outcomes()
+        assert (owed.request_id, owed.status, owed.version) == ("d1", "deferred", None)
+        assert store.manifest(second.version).outcomes() == ()

@@ -11,6 +11,7 @@ import torch
 from streamer.state.checkpoints import CheckpointStore, Manifest
 from streamer.state.ledger import Ledger
 from streamer.state.reconcile import reconcile
+from streamer.intake.goal import Goal
 from streamer.state.outcome import STATUSES, RequestOutcome
 
 T = "requests"
@@ -208,7 +209,7 @@ class TestSchemaAndText:
                                                         "v000002", NOW)])
         with Ledger(path) as ledger:
             assert [(r.outcome.mode, r.outcome.target_class) for r in ledger.rows()] == [(None, None), ("unseen", 3)]
-            assert ledger._db.execute("PRAGMA user_version").fetchone() == (3,)
+            assert ledger._db.execute("PRAGMA user_version").fetchone() == (4,)
             ledger._db.execute("PRAGMA user_version = 2")  # as an older daemon leaves it after opening it
         with Ledger(path) as ledger:
             assert len(ledger.rows()) == 2
@@ -227,3 +228,39 @@ class TestSchemaAndText:
         with Ledger(tmp_path / "ledger.sqlite3") as ledger:
             ledger.append([_o("failed", 5, "r9")])
             assert ledger.applied("r9") is None and ledger.handled(T, 0, 5)
+
+
+class TestSchema4:
+    def test_sample_ref_numbers_and_received_at_round_trip(self, ledger: Ledger) -> None:
+        """The columns schema 4 added come back as they went in; owed() follows a deferral until it is applied."""
+        base = dict(request_id="q", reason="budget", topic=T, partition=0, subject=None, completed_at=NOW,
+                    goal=Goal("misclassify", 1), received_at="2024-05-01T11:59:00.000Z")
+        ledger.append([RequestOutcome(status="deferred", version=None, offset=5, numbers={"audit_drop": 0.2},
+                                      sample_ref={"dataset": "digits", "index": 7}, **base)])
+        (row,) = ledger.rows()
+        assert (row.outcome.sample_ref, dict(row.outcome.numbers), row.outcome.received_at) == (
+            {"dataset": "digits", "index": 7}, {"audit_drop": 0.2}, "2024-05-01T11:59:00.000Z")
+        assert ledger.owed("q") and not ledger.owed("other")
+        ledger.append([RequestOutcome(status="forgotten", version="v000004", offset=6, **base)])
+        assert not ledger.owed("q")
+
+    def test_a_schema_3_ledger_gains_the_new_columns(self, tmp_path: Path) -> None:
+        """A ledger written by schema 3 opens, keeps its rows (NULL in the new columns) and takes new ones."""
+        path = tmp_path / "old.sqlite3"
+        db = sqlite3.connect(path)
+        db.executescript(_SCHEMA_1.replace(
+            "CHECK (status IN ('forgotten', 'relabelled', 'duplicate', 'rejected', 'failed', 'rolled_back'))", ""))
+        db.execute("ALTER TABLE outcomes ADD COLUMN mode TEXT")
+        db.execute("ALTER TABLE outcomes ADD COLUMN target_class INTEGER")
+        db.execute("INSERT INTO outcomes (request_id, status, topic, partition, \"offset\", completed_at, mode) "
+                   "VALUES ('r2', 'forgotten', 't', 0, 1, '2024-01-01T00:00:00.000Z', 'misclassify')")
+        db.execute("PRAGMA user_version = 3")
+        db.commit()
+        db.close()
+        with Ledger(path) as ledger:
+            old = ledger.rows()[-1].outcome  # r1 from _SCHEMA_1, then this one
+            assert (old.request_id, old.mode, old.sample_ref, dict(old.numbers)) == ("r2", "misclassify", None, {})
+            ledger.append([RequestOutcome(status="rejected", request_id="r3", version=None, reason="x", topic="t",
+                                          partition=0, offset=2, subject=None, completed_at=NOW,
+                                          sample_ref={"uri": "file:///a.png"})])
+            assert ledger.rows()[-1].outcome.sample_ref == {"uri": "file:///a.png"}
