@@ -67,11 +67,13 @@ def train_digits(out: Path, epochs: int = 12, seed: int = 0) -> Path:
     return out
 
 
-def new_topics(bootstrap: str, prefix: str) -> dict[str, str]:
-    """Four fresh single-partition topics: requests, receipts, dead_letter, checkpoints."""
+def new_topics(bootstrap: str, prefix: str, request_partitions: int = 1) -> dict[str, str]:
+    """Four fresh topics: requests (`request_partitions` partitions), receipts, dead_letter,
+    checkpoints (one partition each)."""
     tag = uuid.uuid4().hex[:10]
     topics = {name: f"{prefix}.{name}.{tag}" for name in ("requests", "receipts", "dead_letter", "checkpoints")}
-    create_topics(bootstrap, topics.values(), 1)
+    create_topics(bootstrap, [topics["requests"]], request_partitions)
+    create_topics(bootstrap, [t for name, t in topics.items() if name != "requests"], 1)
     return topics
 
 

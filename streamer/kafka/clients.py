@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 from kafka.structs import OffsetAndMetadata
@@ -160,12 +160,13 @@ def commit_offsets(consumer: KafkaConsumer, offsets: Mapping[str, Mapping[int, i
         log.warning("offset_commit_failed", error=repr(err))
 
 
-def poll_while(consumer: KafkaConsumer, work: Callable[[], T], poll_ms: int, tick: Callable[[], None]) -> T:
-    """Run `work()` in a thread while this thread keeps calling poll() on paused partitions, so
-    the group sees a live member and max.poll.interval never expires however long `work` takes
-    (minutes of unlearning on a CPU). `tick()` runs after every poll. Returns work's result, or
-    re-raises what it raised. A partition assigned meanwhile comes unpaused: it is sought back
-    to its first polled record and paused, so nothing is consumed before the work is done."""
+def poll_while(consumer: KafkaConsumer, work: Callable[[], T], poll_ms: int, tick: Callable[[], None],
+               take: Callable[[Any], int] | None = None) -> T:
+    """Run `work()` in a thread while this thread keeps polling: intake goes on while a fragment
+    unlearns (minutes on a CPU). `take(batch)`, when given, receives each poll's records and returns
+    how many more it can hold (0: the partitions are paused until the work is done); without it, the
+    partitions stay paused. `tick()` runs after every poll. Returns work's result, or re-raises what
+    it raised; the partitions are resumed either way."""
     box: dict[str, Any] = {}
 
     def run() -> None:
@@ -174,15 +175,59 @@ def poll_while(consumer: KafkaConsumer, work: Callable[[], T], poll_ms: int, tic
         except BaseException as err:  # re-raised in the calling thread
             box["error"] = err
 
-    consumer.pause(*consumer.assignment())
+    room = 0 if take is None else take({})
+    if room <= 0:
+        consumer.pause(*consumer.assignment())
     thread = threading.Thread(target=run, name="fragment", daemon=True)
     thread.start()
-    while thread.is_alive():
-        for tp, records in consumer.poll(timeout_ms=poll_ms).items():
-            consumer.seek(tp, records[0].offset)
-            consumer.pause(tp)
-        tick()
-        thread.join(timeout=0.01)
+    try:
+        while thread.is_alive():
+            batch = consumer.poll(timeout_ms=poll_ms, max_records=max(1, room))
+            if batch and take is not None and room > 0:
+                room = take(batch)
+                if room <= 0:
+                    consumer.pause(*consumer.assignment())
+            tick()
+            thread.join(timeout=0.01)
+    finally:
+        consumer.resume(*consumer.paused())
     if "error" in box:
         raise box["error"]
     return box["result"]
+
+
+def all_partitions(consumer: KafkaConsumer, topic: str) -> set[TopicPartition]:
+    """Every partition of `topic` as the brokers report it now (empty while the topic is unknown)."""
+    consumer.topics()  # refreshes the cluster metadata
+    return {TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()}
+
+
+def seek_to_offsets(consumer: KafkaConsumer, offsets: Mapping[str, Mapping[int, int]]) -> dict[str, int | str]:
+    """Seek every assigned partition to CURRENT's offset; where the manifest has none, the
+    consumer keeps the group offset (else earliest). Returns where each partition reads from."""
+    sources: dict[str, int | str] = {}
+    for tp in consumer.assignment():
+        offset = offsets.get(tp.topic, {}).get(tp.partition)
+        if offset is not None:
+            consumer.seek(tp, offset)
+        sources[f"{tp.topic}/{tp.partition}"] = offset if offset is not None else "group offset, else earliest"
+    return sources
+
+
+def own_all_partitions(consumer: KafkaConsumer, topic: str, assigned: frozenset[TopicPartition],
+                       offsets: Mapping[str, Mapping[int, int]]) -> tuple[frozenset[TopicPartition], dict] | None:
+    """Assign every partition of `topic` to `consumer` (no group management: a second consumer in
+    the same group gets them all too, never a share), when they differ from `assigned`. A new
+    partition reads from `offsets` (CURRENT's), else the group's, else the earliest; one already
+    assigned keeps its position. Returns (the partitions, where each reads from), or None when
+    nothing changed or the topic has no partition yet."""
+    partitions = frozenset(all_partitions(consumer, topic))
+    if not partitions or partitions == assigned:
+        return None
+    kept = {tp: consumer.position(tp) for tp in assigned}
+    consumer.assign(list(partitions))
+    sources = seek_to_offsets(consumer, offsets)
+    for tp, position in kept.items():
+        consumer.seek(tp, position)
+        sources[f"{tp.topic}/{tp.partition}"] = position
+    return partitions, sources

@@ -74,24 +74,41 @@ class Collector:
         self._clock, self._monotonic = clock, monotonic
         self.pending: list[Accepted] = []
         self.repeats: list[Repeat] = []
+        self.held: list[tuple[ConsumerRecord, ForgetRequest]] = []  # valid, read while a fragment ran
         self.positions: dict[tuple[str, int], int] = {}  # next offset after the last handled record
 
     def handle(self, batch: Mapping[TopicPartition, Sequence[ConsumerRecord]]) -> None:
-        """Sort each record; answer the ones that need no fragment (dead letters flushed, then
-        ledger rows, then receipts flushed)."""
+        """Sort each record (between fragments); answer the ones that need no fragment (dead letters
+        flushed, then ledger rows, then receipts flushed)."""
+        self._answer([(r, self._sort) for records in batch.values() for r in records])
+
+    def screen(self, batch: Mapping[TopicPartition, Sequence[ConsumerRecord]], room: int) -> int:
+        """While a fragment runs: answer every record that fails validation now, hold the valid ones
+        (sorted by `release()` once the fragment is committed: their goals are checked against it).
+        Returns how many more valid records `room` leaves room for."""
+        self._answer([(r, self._screen) for records in batch.values() for r in records])
+        return room - len(self.held)
+
+    def release(self) -> None:
+        """After a fragment: sort the records held while it ran, as `handle` would have."""
+        held, self.held = self.held, []
+        self._answer([(record, lambda r, dl, request=request: self._place(r, request, dl)) for record, request in held],
+                     skip_handled=False)
+
+    def _answer(self, work: Sequence[tuple[ConsumerRecord, Callable[..., RequestOutcome | None]]],
+                skip_handled: bool = True) -> None:
         answered: list[RequestOutcome] = []
         dead_letters: list[Any] = []
         ledger = self._outbox.ledger
-        for records in batch.values():
-            for record in records:
-                self.positions[(record.topic, record.partition)] = record.offset + 1
-                if ledger.handled(record.topic, record.partition, record.offset):
-                    self._log.info("record_already_handled", topic=record.topic, partition=record.partition,
-                                   offset=record.offset)
-                    continue
-                outcome = self._sort(record, dead_letters)
-                if outcome is not None:
-                    answered.append(outcome)
+        for record, sort in work:
+            self.positions[(record.topic, record.partition)] = record.offset + 1
+            if skip_handled and ledger.handled(record.topic, record.partition, record.offset):
+                self._log.info("record_already_handled", topic=record.topic, partition=record.partition,
+                               offset=record.offset)
+                continue
+            outcome = sort(record, dead_letters)
+            if outcome is not None:
+                answered.append(outcome)
         if dead_letters:
             self._outbox.deliver(dead_letters)
         if answered:
@@ -110,20 +127,28 @@ class Collector:
         due_in = self.pending[0].received_at + max_wait_s - self._monotonic()
         return max(0, min(poll_ms, int(due_in * 1000)))
 
-    def take(self, offsets: Mapping[str, Mapping[int, int]]) -> tuple[list[Accepted], list[Repeat], dict]:
-        """The pending fragment, its repeats, and the offsets to publish with it: CURRENT's offsets
-        advanced to the positions read so far."""
-        accepted, repeats = self.pending, self.repeats
-        self.pending, self.repeats = [], []
+    def take(self, offsets: Mapping[str, Mapping[int, int]], limit: int) -> tuple[list[Accepted], list[Repeat], dict]:
+        """The next fragment (the first `limit` pending requests), their repeats, and the offsets to
+        publish with it: CURRENT's offsets advanced to the positions read so far, but never past a
+        record still unanswered (a pending request left for the next fragment, its repeats, a held
+        record): a crash after the publish re-reads it."""
+        accepted, self.pending = self.pending[:limit], self.pending[limit:]
+        taken = {id(a) for a in accepted}
+        repeats = [r for r in self.repeats if id(r.first) in taken]
+        self.repeats = [r for r in self.repeats if id(r.first) not in taken]
         advanced = {t: dict(p) for t, p in offsets.items()}
         for (topic, partition), offset in self.positions.items():
             advanced.setdefault(topic, {})[partition] = offset
+        for left in (*self.pending, *self.repeats, *(record for record, _ in self.held)):
+            here = advanced.setdefault(left.topic, {})
+            here[left.partition] = min(here.get(left.partition, left.offset), left.offset)
         return accepted, repeats, advanced
 
     def clear(self) -> int:
-        """Forget everything collected (partitions revoked, or a rollback); returns how many were pending."""
-        dropped = len(self.pending)
-        self.pending, self.repeats, self.positions = [], [], {}
+        """Forget everything collected (a rollback or rebase: re-read from CURRENT's offsets); returns
+        how many were pending or held."""
+        dropped = len(self.pending) + len(self.held)
+        self.pending, self.repeats, self.held, self.positions = [], [], [], {}
         return dropped
 
     def skip_undecodable(self, consumer: KafkaConsumer, open_probe: Callable[[], KafkaConsumer],
@@ -173,20 +198,39 @@ class Collector:
         return self._goals.reused(request, pending) or self._goals.conflict(request, pending)
 
     def _sort(self, record: ConsumerRecord, dead_letters: list[Any]) -> RequestOutcome | None:
+        request = self._valid(record, dead_letters)
+        return request if not isinstance(request, ForgetRequest) else self._place(record, request, dead_letters)
+
+    def _screen(self, record: ConsumerRecord, dead_letters: list[Any]) -> RequestOutcome | None:
+        request = self._valid(record, dead_letters)
+        if isinstance(request, ForgetRequest):
+            self.held.append((record, request))
+            return None
+        return request
+
+    def _valid(self, record: ConsumerRecord, dead_letters: list[Any]) -> ForgetRequest | RequestOutcome:
+        """The record's request, or its `rejected` outcome (dead letter queued)."""
         start = time.perf_counter()
         try:
-            request = self._parse(record)
-            conflict = self._conflict(request)
-            if conflict is not None:
-                raise InvalidEvent(conflict, request.request_id)
+            return self._parse(record)
         except InvalidEvent as err:
-            request_id = err.request_id or _request_id_of(record)
-            now = rfc3339(self._clock())
-            dead_letters.append(self._outbox.send_dead_letter(err.reason, request_id, record.topic, record.partition,
-                                                              record.offset, record.key, record.value, now))
-            return outcome_of("rejected", request_id, None, err.reason, record, None, now)
+            return self._reject(record, err, dead_letters)
         finally:
             self._metrics.observe_stage("resolve", time.perf_counter() - start)
+
+    def _reject(self, record: ConsumerRecord, err: InvalidEvent, dead_letters: list[Any]) -> RequestOutcome:
+        request_id = err.request_id or _request_id_of(record)
+        now = rfc3339(self._clock())
+        dead_letters.append(self._outbox.send_dead_letter(err.reason, request_id, record.topic, record.partition,
+                                                          record.offset, record.key, record.value, now))
+        return outcome_of("rejected", request_id, None, err.reason, record, None, now)
+
+    def _place(self, record: ConsumerRecord, request: ForgetRequest, dead_letters: list[Any]) -> RequestOutcome | None:
+        """A valid request into the pending fragment, or answered: rejected (a conflicting goal or a
+        reused id), duplicate (owed, applied, or pending: then a repeat)."""
+        conflict = self._conflict(request)
+        if conflict is not None:
+            return self._reject(record, InvalidEvent(conflict, request.request_id), dead_letters)
         ledger = self._outbox.ledger
         if ledger.owed(request.request_id):
             return outcome_of("duplicate", request.request_id, None,

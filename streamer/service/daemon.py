@@ -7,9 +7,16 @@
     Commit.fragment     settle -> vault -> publish -> ledger -> receipts -> offsets -> shreds
     VaultKeeper         shred on time while idle; replay after a rollback
 
-While the worker thread unlearns (minutes on CPU), the main thread pauses the assigned
-partitions and keeps calling poll(): the group sees a live member and max.poll.interval never
-expires. On every partition assignment the consumer seeks to the offsets in CURRENT's manifest.
+Partition ownership: one model sees every request. The daemon assigns itself every partition of
+the requests topic (and any added later: checked every PARTITIONS_EVERY_S) and uses its consumer
+group only for committed offsets and lag, so a second daemon in the same group (a replicated
+Deployment) never splits the requests: each model applies all of them. Fan-out is one group and
+one checkpoint directory per model; a model cannot be scaled out by adding consumers, since its
+fragments are one sequential state. Positions come from CURRENT's manifest, not the group.
+
+While the worker thread unlearns (minutes on CPU), the main thread keeps polling: records that
+fail validation are answered at once, valid ones are held for the next fragment (up to
+fragment_size; then the partitions pause until the fragment is committed).
 
 Delivery guarantees (where each is enforced: README "Architecture"):
   * model: each accepted request is applied in exactly one version of CURRENT's lineage (its
@@ -28,35 +35,24 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
-from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka import TopicPartition
 from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from ..config import DaemonConfig
 from ..engine import release_freed_memory
-from ..kafka import consumer_lag, poll_while
+from ..kafka import consumer_lag, own_all_partitions, poll_while, seek_to_offsets
 from ..pipeline import Accepted, Collector, GoalIndex, faults, replay_batch, run_quarantined
 from ..state import Manifest
 from ..telemetry import Metrics, serve
-from .recovery import seek_to_offsets
 from .services import Services
 
 POLL_TIMEOUT_MS = 200  # the longest the loop waits for records, a signal or a due fragment
 HEALTH_STALL_S = 60.0  # /healthz fails when the main loop has not ticked for this long
 LAG_EVERY_S = 1.0
+PARTITIONS_EVERY_S = 30.0  # how often the requests topic is checked for partitions added to it
 
 __all__ = ["Daemon", "run_daemon"]
-
-
-class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, daemon: Daemon):
-        self._daemon = daemon
-
-    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        self._daemon._on_revoked(revoked)
-
-    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._daemon._on_assigned(assigned)
 
 
 class Daemon:
@@ -75,8 +71,9 @@ class Daemon:
         self._last_tick: float | None = None  # None until the loop runs (start-up counts as healthy)
         self._last_lag = 0.0
         self._assigned: frozenset[TopicPartition] = frozenset()
-        self._fragment_running = self._reseek = self._ready_flag = False
-        self.assignments = 0  # partition assignments seen by this process
+        self._last_partitions = float("-inf")
+        self._ready_flag = False
+        self.assignments = 0  # partition assignments made by this process
         self._server = serve(registry, cfg.metrics.host, cfg.metrics.port, self._healthy, self._ready)
         self._log.info("metrics_serving", host=self._server.host, port=self._server.port)
         try:
@@ -105,7 +102,6 @@ class Daemon:
         """Serve until `request_stop()`; 0 on a clean stop. Errors propagate after closing clients."""
         try:
             topic = self.cfg.kafka.topics.requests
-            self.services.consumer.subscribe([topic], listener=_Rebalance(self))
             self._log.info("daemon_started", version=self._manifest.version, group_id=self.cfg.kafka.group_id,
                            topic=topic, fragment_size=self.cfg.unlearning.fragment_size,
                            max_wait_s=self.cfg.unlearning.max_wait_s)
@@ -129,6 +125,10 @@ class Daemon:
     def _step(self) -> None:
         s, unlearning = self.services, self.cfg.unlearning
         self._tick()
+        self._own_partitions()
+        if not self._assigned:
+            self._stop.wait(POLL_TIMEOUT_MS / 1000)  # the topic has no partition yet
+            return
         if not self._collector.pending:
             self._maybe_rollback()
             if self._manifest.replay and not self._stop.is_set():  # rolled back: re-apply before reading on
@@ -138,7 +138,7 @@ class Daemon:
         wait_ms = self._collector.wait_ms(POLL_TIMEOUT_MS, unlearning.max_wait_s)
         try:
             batch = s.consumer.poll(timeout_ms=wait_ms,
-                                    max_records=unlearning.fragment_size - len(self._collector.pending))
+                                    max_records=max(1, unlearning.fragment_size - len(self._collector.pending)))
         except Exception as err:  # noqa: BLE001 - a batch the client cannot decode, or infrastructure
             if not self._collector.skip_undecodable(s.consumer, s.probe_consumer, err):
                 raise
@@ -164,7 +164,7 @@ class Daemon:
         then commit here. `replay`: the next rolled-back requests of CURRENT's replay list, from
         the vault, instead of the collected ones."""
         s = self.services
-        accepted, repeats, offsets = self._collector.take(self._manifest.offsets)
+        accepted, repeats, offsets = self._collector.take(self._manifest.offsets, self.cfg.unlearning.fragment_size)
         rest: tuple = ()
         if replay:
             accepted = replay_batch(s.state.vault, self._manifest, self.cfg.unlearning.fragment_size, self._monotonic)
@@ -172,13 +172,12 @@ class Daemon:
         parent = self._manifest.version
         log = self._log.bind(parent=parent, requests=len(accepted))
         log.info("fragment_started", request_ids=[a.request.request_id for a in accepted], replay=replay)
-        self._fragment_running, self._reseek = True, False
-        try:
-            run = poll_while(s.consumer, lambda: self._unlearn(accepted, log), POLL_TIMEOUT_MS, self._while_unlearning)
-        finally:
-            self._fragment_running = False
+        room = self.cfg.unlearning.fragment_size
+        run = poll_while(s.consumer, lambda: self._unlearn(accepted, log), POLL_TIMEOUT_MS, self._while_unlearning,
+                         take=lambda batch: self._collector.screen(batch, room))
         if run is None:
             log.info("fragment_abandoned", reason="cancelled by shutdown; nothing published or committed")
+            self._collector.release()
             return
         manifest = s.commit.fragment(run, repeats, offsets, parent, replay=rest, log=log)
         if manifest is not None:
@@ -190,9 +189,7 @@ class Daemon:
                         reason="no request of the fragment could be applied; CURRENT stays")
             if replay:  # they failed when re-applied (receipted): off the replay list, or it would loop
                 self._manifest = s.commit.replay_failed(parent, offsets, rest)
-        if self._reseek:  # assigned while the fragment ran: positions came from the old manifest
-            self._seek_to_current()
-        s.consumer.resume(*s.consumer.paused())
+        self._collector.release()  # the valid records read while it ran, against the committed state
         release_freed_memory()  # evaluation and commit too: resident memory stays flat over months
 
     def _unlearn(self, accepted: list[Accepted], log: Any) -> Any:
@@ -211,33 +208,33 @@ class Daemon:
         return run
 
     def _while_unlearning(self) -> None:
+        """While the fragment unlearns: alive and lagging as usual; a stop cancels it."""
         self._tick()
         self._update_lag()
         if self._stop.is_set():
             self._cancel.set()
 
-    # --- rebalances (called inside poll, on the main thread) ---------------------------------
+    # --- partition ownership ------------------------------------------------------------------
 
-    def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        # Eager rebalancing revokes everything; the records of an unstarted fragment are re-read
-        # from CURRENT's offsets once partitions come back.
-        dropped = self._collector.clear()
-        self._assigned = frozenset()
-        if not revoked:  # kafka-python's first join revokes the empty set
+    def _own_partitions(self) -> None:
+        """Own every partition of the requests topic: at start and whenever partitions were added
+        (checked every PARTITIONS_EVERY_S; kafka.own_all_partitions)."""
+        now = self._monotonic()
+        if now - self._last_partitions < PARTITIONS_EVERY_S:
             return
-        self._log.info("partitions_revoked", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in revoked),
-                       pending_dropped=dropped)
-
-    def _on_assigned(self, assigned: set[TopicPartition]) -> None:
-        consumer = self.services.consumer
-        self.assignments += 1
-        self._assigned = frozenset(consumer.assignment())
-        sources = self._seek_to_current()
-        if self._fragment_running:
-            consumer.pause(*self._assigned)
-            self._reseek = True
-        self._log.info("partitions_assigned", assignment=self.assignments, positions=sources,
-                       during_fragment=self._fragment_running)
+        self._last_partitions = now
+        try:
+            owned = own_all_partitions(self.services.consumer, self.cfg.kafka.topics.requests, self._assigned,
+                                       self._manifest.offsets)
+        except KafkaError as err:
+            self._log.warning("partitions_unknown", error=repr(err))
+            return
+        if owned is None:
+            return
+        partitions, sources = owned
+        added = sorted(f"{tp.topic}/{tp.partition}" for tp in partitions - self._assigned)
+        self._assigned, self.assignments = partitions, self.assignments + 1
+        self._log.info("partitions_assigned", assignment=self.assignments, positions=sources, added=added)
 
     # --- small helpers -----------------------------------------------------------------------
 

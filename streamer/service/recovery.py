@@ -13,12 +13,11 @@ consumption resumes.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from kafka import KafkaConsumer
 
 from ..config import DaemonConfig
 from ..engine import accuracy, clone_module, load_model, load_net_state, save_user_model, select_trainable
@@ -28,7 +27,7 @@ from ..state import (BASE_VERSION, LEDGER_FILE, Checkpoint, CheckpointDirLocked,
 from ..pipeline import FragmentWorker
 from ..telemetry import Metrics
 
-__all__ = ["Recovered", "recover", "resume_gauges", "seek_to_offsets"]
+__all__ = ["Recovered", "recover", "resume_gauges"]
 
 
 @dataclass
@@ -136,18 +135,6 @@ def resume_gauges(metrics: Metrics, checkpoint: Checkpoint, forgotten: int) -> N
     metrics.set_forgotten(forgotten)
     recorded = {name: m.metrics.get(f"{name}_accuracy") for name in ("fragment", "forgotten", "audit")}
     metrics.set_accuracies({k: float(v) for k, v in recorded.items() if v is not None})
-
-
-def seek_to_offsets(consumer: KafkaConsumer, offsets: Mapping[str, Mapping[int, int]]) -> dict[str, int | str]:
-    """Seek every assigned partition to CURRENT's offset; where the manifest has none, the
-    consumer keeps the group offset (else earliest). Returns where each partition reads from."""
-    sources: dict[str, int | str] = {}
-    for tp in consumer.assignment():
-        offset = offsets.get(tp.topic, {}).get(tp.partition)
-        if offset is not None:
-            consumer.seek(tp, offset)
-        sources[f"{tp.topic}/{tp.partition}"] = offset if offset is not None else "group offset, else earliest"
-    return sources
 
 
 def _timestamp(rfc: str) -> float:
