@@ -64,8 +64,9 @@ def erasure_report(cfg: DaemonConfig, request_id: str | None = None, subject: st
 def _request(rid: str, rows: list[RequestOutcome], lineage: list[Manifest], written: Mapping[tuple, str], entry: Any,
              shred: Any, retention: Mapping[str, Mapping[str, Any]], window: Window, now: float,
              dead_letter: str | None, deadline_days: float = 30.0) -> dict[str, Any]:
-    standing = [o for o in rows if o.status in APPLIED]
-    decisive = [o for o in rows if o.status in (*APPLIED, "rolled_back", "abandoned", "deferred", "rebased")] or rows
+    standing = [o for o in rows if o.status in APPLIED and o.version is not None]  # in a version: applied
+    decisive = [o for o in rows if (o.status in APPLIED and o.version is not None)
+                or o.status in ("rolled_back", "abandoned", "deferred", "rebased")] or rows
     entries = {m.version: e for m in lineage for e in m.requests if e["request_id"] == rid}
     refs = [(m.version, r) for m in reversed(lineage) for r in m.retained if r.request_id == rid]
     applied_in = standing[-1].version if standing and decisive[-1].status != "rolled_back" else None
@@ -73,13 +74,13 @@ def _request(rid: str, rows: list[RequestOutcome], lineage: list[Manifest], writ
     report: dict[str, Any] = {
         "request_id": rid, "status": decisive[-1].status, "subject": next((o.subject for o in rows if o.subject), None),
         "mode": goal.mode if goal else None, "target_class": goal.target_class if goal else None,
-        "records": sorted({f"{o.topic}[{o.partition}]@{o.offset}" for o in rows}),
+        "records": [f"{t}[{p}]@{o}" for t, p, o in sorted({(o.topic, o.partition, o.offset) for o in rows})],
         "requested_at": next((e.get("requested_at") for e in entries.values() if e.get("requested_at")), None),
-        "received_at": written.get((rows[0].topic, rows[0].partition, rows[0].offset)),
+        "received_at": next((o.received_at or written.get((o.topic, o.partition, o.offset)) for o in rows
+                             if o.received_at or (o.topic, o.partition, o.offset) in written), None),
         "handled_at": rows[0].completed_at,
-        "history": [{"status": o.status, "version": o.version, "at": o.completed_at, "reason": o.reason}
-                    for o in rows],
-        "applied_in": applied_in, "applied_at": standing[0].completed_at if standing else None,
+        "history": _history(rows, shred),
+        "applied_in": applied_in, "applied_at": standing[-1].completed_at if applied_in else None,
         "verified_in": [v for v, r in refs if r.met],
         "window": None, "shredded": None,
         # owed: deferred by the utility budget and not applied since; erased (applied) by this deadline
@@ -99,6 +100,17 @@ def _request(rid: str, rows: list[RequestOutcome], lineage: list[Manifest], writ
                               "final_check_passed": shred.verified_at_shred, "key_id": shred.key_id}
     report["copies"] = _copies(rows, written, entry, report["window"], retention, now, dead_letter)
     return report
+
+
+def _history(rows: list[RequestOutcome], shred: Any) -> list[dict[str, Any]]:
+    """Every attempt and outcome of the request in order, each with its own time, version and record
+    (a re-sent request, a deferral, a rollback and its replay, a rebase), then its shred."""
+    story = [{"status": o.status, "version": o.version, "at": o.completed_at, "reason": o.reason,
+              "record": f"{o.topic}[{o.partition}]@{o.offset}", "received_at": o.received_at} for o in rows]
+    if shred is not None:
+        story.append({"status": "shredded", "version": shred.at_version, "at": shred.shredded_at,
+                      "reason": shred.reason, "record": None, "received_at": None})
+    return story
 
 
 def _copies(rows: list[RequestOutcome], written: Mapping[tuple, str], entry: Any, window: Mapping[str, Any] | None,
@@ -181,6 +193,11 @@ def format_report(report: Mapping[str, Any]) -> str:
                      f"handled {r['handled_at']}  "
                      + (f"applied in {r['applied_in']} at {r['applied_at']}" if r["applied_in"] else
                         "not applied: " + r["status"]))
+        for event in r["history"]:
+            lines.append(f"  {event['at']}  {event['status']:<11} {event['version'] or '-':<8} "
+                         f"{event['record'] or ''}" + (f"  {event['reason']}" if event["reason"] else ""))
+        if r.get("deadline"):
+            lines.append(f"  owed: to be applied (erased) by {r['deadline']}")
         if r["verified_in"]:
             lines.append(f"  verified in {plural(len(r['verified_in']), 'version')}: {_span(r['verified_in'])}")
         if window:

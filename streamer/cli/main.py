@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import NoReturn
 import os
 import sys
 import traceback
@@ -13,8 +14,16 @@ from .commands import (_broker, _checkpoints, _demo, _erasure_report, _forgotten
                        _run, _train, _verify, _verify_attacks)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as every other failure: one `streamer: error: ...` line (the usage at its end), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        usage = " ".join(self.format_usage().split())
+        self.exit(2, f"streamer: error: {message} ({usage})\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamer", description=__doc__)
+    parser = _Parser(prog="streamer", description=__doc__)
     parser.add_argument("--log-level", default=None, help="debug | info | warning | error "
                         "(default: logging.level of the config for `run`, else info)")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,7 +1,7 @@
 """What the daemon writes to Kafka: receipts, dead letters and checkpoint records (pure encoders).
 
-    receipts topic     key request_id  {"schema": 1, "request_id", "status", "version", "reason",
-                                        "completed_at"} (+ "mode", "target_class" when the request
+    receipts topic     key request_id  {"schema": 1, "request_id", "status", "applied", "version",
+                                        "reason", "completed_at"} (+ "mode", "target_class" when the request
                                         was read: its goal, and the class it sends the instance to)
     dead-letter topic  key as received {"schema": 1, "reason", "request_id", "topic", "partition",
                                         "offset", "key_bytes", "value_bytes", "key_sha256", "value_sha256",
@@ -29,13 +29,16 @@ __all__ = ["checkpoint_record", "dead_letter", "receipt"]
 
 
 def receipt(outcome: RequestOutcome) -> tuple[bytes, bytes]:
-    """(key, value) of the receipt for an outcome that has a request_id. An outcome that knows its
+    """(key, value) of the receipt for an outcome that has a request_id. `applied` tells a `failed`
+    request that is in the model (its goal missed at the cap; the daemon keeps working on it) from
+    one that never was (re-send it). An outcome that knows its
     request's mode adds "mode" and "target_class" (relabel: target_label; unseen: the class the
     instance now goes to, null until applied; misclassify: null). Raises ValueError without a request_id."""
     if outcome.request_id is None:
         raise ValueError("an outcome without a request_id gets no receipt")
     value = {"schema": SCHEMA, "request_id": outcome.request_id, "status": outcome.status,
-             "version": outcome.version, "reason": outcome.reason, "completed_at": outcome.completed_at}
+             "applied": outcome.applied, "version": outcome.version, "reason": outcome.reason,
+             "completed_at": outcome.completed_at}
     if outcome.mode is not None:
         value.update(mode=outcome.mode, target_class=outcome.target_class)
     return outcome.request_id.encode("utf-8"), _json(value)

@@ -78,6 +78,12 @@ class Commit:
         failed = {o.request_id for o in run.failed}
         self._settle(run, [r for r in repeats if r.first.request.request_id in failed])  # 1
         if not run.applied and not run.deferred:
+            self._metrics.observe_fragment(  # counted and timed like any other: CURRENT stays
+                outcome="failed", steps=run.failed_steps, stage_seconds=run.stage_seconds, accuracies={},
+                version=self.store.manifest(parent).number, timestamp=self._clock(), published=False)
+            log.warning("fragment_not_published", failed=len(run.failed), steps=run.failed_steps,
+                        seconds=round(run.seconds, 3), trips=run.trips,
+                        reason="no request of the fragment could be applied; CURRENT stays")
             return None
         start = time.perf_counter()
         manifest, outcomes = self.publish(run, [r for r in repeats if r.first.request.request_id not in failed],

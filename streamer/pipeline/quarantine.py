@@ -4,6 +4,7 @@ utility budget is deferred whole."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,8 @@ class FragmentRun:
     items: dict[str, Accepted] = field(default_factory=dict)  # request_id -> the request (for the vault)
     applied_ids: set[str] = field(default_factory=set)
     refused: dict[str, float | int | None] = field(default_factory=dict)  # the numbers of the last deferral
+    failed_steps: int = 0  # optimizer steps of the attempts that failed (where the failure counted them)
+    seconds: float = 0.0  # wall time of every attempt
 
     @property
     def applied(self) -> list[RequestOutcome]:
@@ -56,7 +59,7 @@ def run_quarantined(worker: FragmentWorker, accepted: Sequence[Accepted], cancel
     halves (bisection) until every healthy request is applied and every request that fails on
     its own is isolated: at most 2k - 1 attempts for k requests. None if cancelled."""
     run = FragmentRun(items={a.request.request_id: a for a in accepted})
-    groups = [list(accepted)]
+    groups, start = [list(accepted)], time.perf_counter()
     while groups:
         group = groups.pop(0)
         snap = worker.snapshot()
@@ -65,6 +68,7 @@ def run_quarantined(worker: FragmentWorker, accepted: Sequence[Accepted], cancel
         except FragmentFailure as err:
             worker.restore(snap)
             run.trips.append(err.kind)
+            run.failed_steps += int(err.numbers.get("steps") or 0)
             split = err.bisect and len(group) > 1
             log.warning("fragment_group_failed", kind=err.kind, requests=len(group), reason=err.reason,
                         next="bisect" if split else "failed", request_ids=[a.request.request_id for a in group])
@@ -86,4 +90,5 @@ def run_quarantined(worker: FragmentWorker, accepted: Sequence[Accepted], cancel
         run.abandoned.update(result.abandoned)
         for stage, seconds in {**result.outcome.stage_seconds, "evaluate": result.evaluate_seconds}.items():
             run.stage_seconds[stage] = run.stage_seconds.get(stage, 0.0) + seconds
+    run.seconds = time.perf_counter() - start
     return run

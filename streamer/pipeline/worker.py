@@ -129,7 +129,8 @@ class FragmentWorker:
             if outcome.stopped_by == "cancelled":
                 return None
             if outcome.stopped_by == "non_finite":
-                raise NonFiniteOutputs(f"the unlearning loss became NaN/Inf at step {outcome.steps}; not published")
+                raise NonFiniteOutputs(f"the unlearning loss became NaN/Inf at step {outcome.steps}; not published",
+                                       {"steps": outcome.steps})
             start = time.perf_counter()
             target = _resolved(outcome, target)
             forgotten = self.forgotten.prepend(x, y, target, [r.request_id for r in requests],
@@ -146,7 +147,7 @@ class FragmentWorker:
             bad = int((~torch.isfinite(values)).any(1).sum())
             if bad:
                 raise NonFiniteOutputs(f"non-finite logits on {bad} of {len(values)} {name} instances after "
-                                       f"{outcome.steps} steps; not published")
+                                       f"{outcome.steps} steps; not published", {"steps": outcome.steps})
         # Accuracy on the label, "want 0", is meaningful for misclassify and relabel only: an unseen
         # instance's goal may be its own label (a typical one), so it is left out of both.
         leaving = torch.tensor([rid not in forgotten.unseen for rid in forgotten.request_ids], dtype=torch.bool)

@@ -185,8 +185,6 @@ class Daemon:
             s.keeper.gauges()
             s.budget.observe(manifest)
         else:
-            log.warning("fragment_not_published", failed=len(run.failed),
-                        reason="no request of the fragment could be applied; CURRENT stays")
             if replay:  # they failed when re-applied (receipted): off the replay list, or it would loop
                 self._manifest = s.commit.replay_failed(parent, offsets, rest)
         self._collector.release()  # the valid records read while it ran, against the committed state

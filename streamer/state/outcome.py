@@ -69,8 +69,10 @@ class RequestOutcome:
 
     @property
     def applied(self) -> bool:
-        """In the model: an applied status with the version that holds it."""
-        return self.status in APPLIED and self.version is not None
+        """The request is in the model: an applied status (or a duplicate of one) with the version
+        that holds it. False for `failed` without a version (never applied: re-send it), `deferred`
+        (owed until a rebase) and `rejected`."""
+        return self.status in (*APPLIED, "duplicate") and self.version is not None
 
     def settled(self, version: str | None, completed_at: str) -> RequestOutcome:
         """This outcome as its commit records it."""

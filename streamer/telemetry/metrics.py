@@ -130,11 +130,8 @@ class Metrics:
             "Unix time at which the last fragment finished.",
             registry=registry,
         )
-        self.fragment_steps = Gauge(
-            "streamer_fragment_steps",
-            "Optimizer steps taken by the last fragment.",
-            registry=registry,
-        )
+        self.fragment_steps = Gauge("streamer_fragment_steps", "Optimizer steps taken by the last fragment.",
+                                    registry=registry)
         self.forgotten_instances = Gauge(
             "streamer_forgotten_instances",
             "Instances in the retained forgotten set.",
@@ -186,12 +183,12 @@ class Metrics:
         accuracies: Mapping[str, float],
         version: int,
         timestamp: float,
+        published: bool = True,
     ) -> None:
-        """Record one finished fragment. Everything is checked before anything is recorded.
-
-        `accuracies` maps a set ("fragment", "forgotten", "audit") to a ratio; a set left out
-        keeps its previous value, or stays absent if it never had one.
-        """
+        """Record one finished fragment, published or not (not: nothing applied, no version; the
+        checkpoint gauges keep CURRENT's). Everything is checked before anything
+        is recorded. `accuracies` maps a set ("fragment", "forgotten", "audit") to a ratio; a set
+        left out keeps its previous value, or stays absent if it never had one."""
         _check_member("fragment outcome", outcome, FRAGMENT_OUTCOMES)
         _check_count("steps", steps)
         for stage, seconds in stage_seconds.items():
@@ -208,8 +205,9 @@ class Metrics:
         for stage, seconds in stage_seconds.items():
             self.stage_duration.labels(stage=stage).observe(seconds)
         self._set_accuracies(accuracies)
-        self.checkpoint_version.set(version)
-        self.last_fragment_timestamp.set(timestamp)
+        if published:
+            self.checkpoint_version.set(version)
+            self.last_fragment_timestamp.set(timestamp)
 
     def set_accuracies(self, accuracies: Mapping[str, float]) -> None:
         """Set the accuracy gauges without a fragment (e.g. from CURRENT's manifest at start-up)."""

@@ -101,3 +101,43 @@ class TestErasureReport:
         plain = replace(cfg, kafka=replace(cfg.kafka, dead_letter_payload=False))
         (c,) = [r for r in erasure_report(plain, offline=True, now=T0 + 2 * DAY)["requests"] if r["request_id"] == "c"]
         assert [x["where"] for x in c["copies"]] == ["record req[0]@2"]
+
+
+class TestWholeStory:
+    def test_failed_resent_applied_rolled_back_replayed_shredded_each_line(self, tmp_path: Path) -> None:
+        """A request refused first (failed, never applied), re-sent and applied in v000001, rolled back by
+        v000002 and replayed in v000003, then shredded; another deferred, then covered by a rebase. Each
+        attempt is a line of its own with its own time, version and record; records in numeric order;
+        received is the record's own time; applied names the version that holds it now."""
+        cfg = parse_config({"model": {"weights": "w.pt"}, "checkpoints": {"dir": "ckpt"},
+                            "kafka": {"topics": {"requests": "req"}}, "privacy": {"kek_env": "UNUSED"}}, tmp_path)
+        at = lambda minutes: rfc3339(T0 + 60 * minutes)  # noqa: E731
+
+        def outcome(status, version, offset, minutes, reason=None, rid="s"):
+            return RequestOutcome(status, rid, version, reason, "req", 0, offset, "person", at(minutes),
+                                  received_at=at(minutes - 1))
+        (tmp_path / "ckpt").mkdir()
+        with Ledger(tmp_path / "ckpt" / LEDGER_FILE) as ledger:
+            ledger.append([outcome("failed", None, 3, 0, "the engine raised ValueError"),
+                           outcome("forgotten", "v000001", 23, 10), outcome("rolled_back", "v000001", 23, 20, "rollback"),
+                           outcome("forgotten", "v000003", 23, 30),
+                           outcome("deferred", None, 4, 5, "deferred: budget", rid="d"),
+                           outcome("rebased", "v000004", 4, 40, "covered by the rebase", rid="d")])
+        with ShredLog(tmp_path / "ckpt" / LEDGER_FILE) as log:
+            log.append([ShredRow("s", "v000003", "v000004", at(50), "local:1", "window closed")])
+        report = erasure_report(cfg, offline=True, now=T0 + 3600)
+        s, d = ({r["request_id"]: r for r in report["requests"]}[k] for k in ("s", "d"))
+        assert s["records"] == ["req[0]@3", "req[0]@23"]  # numeric, not text, order
+        assert (s["received_at"], s["applied_in"], s["applied_at"]) == (at(-1), "v000003", at(30))
+        assert [(e["at"], e["status"], e["version"], e["record"]) for e in s["history"]] == [
+            (at(0), "failed", None, "req[0]@3"), (at(10), "forgotten", "v000001", "req[0]@23"),
+            (at(20), "rolled_back", "v000001", "req[0]@23"), (at(30), "forgotten", "v000003", "req[0]@23"),
+            (at(50), "shredded", "v000004", None)]
+        assert [e["status"] for e in d["history"]] == ["deferred", "rebased"] and d["status"] == "rebased"
+        text = format_report(report).splitlines()
+        story = [line.split()[:3] for line in text if line.startswith("  20")]
+        assert story[:5] == [[at(0), "failed", "-"], [at(10), "forgotten", "v000001"],
+                             [at(20), "rolled_back", "v000001"], [at(30), "forgotten", "v000003"],
+                             [at(50), "shredded", "v000004"]]
+        assert any(line.startswith("s  subject person  record req[0]@3, req[0]@23") for line in text)
+        assert any(f"applied in v000003 at {at(30)}" in line for line in text)

@@ -25,8 +25,18 @@ class TestReceipt:
         """A receipt is keyed by request_id and carries exactly the documented fields (no subject)."""
         key, value = receipt(_outcome())
         assert key == b"r-1"
-        assert json.loads(value) == {"schema": 1, "request_id": "r-1", "status": "forgotten", "version": "v000003",
-                                     "reason": None, "completed_at": "2024-05-01T12:00:00.000Z"}
+        assert json.loads(value) == {"schema": 1, "request_id": "r-1", "status": "forgotten", "applied": True,
+                                     "version": "v000003", "reason": None, "completed_at": "2024-05-01T12:00:00.000Z"}
+
+    def test_applied_tells_the_two_failures_apart(self) -> None:
+        """`failed` with a version was applied (goal missed at the cap, still worked on); without one it never
+        was (re-send); deferred and rejected were not applied; a duplicate says whether its first was."""
+        applied = {status: json.loads(receipt(_outcome(status=status, version=version))[1])["applied"]
+                   for status, version in (("failed", "v000003"), ("duplicate", "v000003"))}
+        never = {status: json.loads(receipt(_outcome(status=status, version=None))[1])["applied"]
+                 for status in ("failed", "deferred", "rejected", "duplicate")}
+        assert applied == {"failed": True, "duplicate": True}
+        assert never == {"failed": False, "deferred": False, "rejected": False, "duplicate": False}
 
     def test_no_receipt_without_request_id(self) -> None:
         """An event whose request_id could not be read gets no receipt (the ledger row identifies it)."""

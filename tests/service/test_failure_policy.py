@@ -165,7 +165,11 @@ def test_a_broken_model_is_never_published(kafka_bootstrap, weights, tmp_path, u
     daemon = DaemonProcess(config, tmp_path / "daemon.log")
     try:
         daemon.wait_for("request_outcome", timeout_s=240, count=4)
-        assert _sample(_scrape(daemon), f'streamer_fragment_failures_total{{kind="{kind}"}}') >= 1
+        metrics = _scrape(daemon)
+        assert _sample(metrics, f'streamer_fragment_failures_total{{kind="{kind}"}}') >= 1
+        assert _sample(metrics, 'streamer_fragments_total{outcome="failed"}') >= 1  # refused: counted and timed too
+        (line,) = daemon.wait_for("fragment_not_published")[:1]
+        assert line["steps"] >= 1 and line["seconds"] > 0 and kind in line["trips"]
         assert daemon.process.poll() is None
         assert daemon.stop() == 0
     finally:
