@@ -143,11 +143,7 @@ class FragmentWorker:
             raise
         except Exception as err:  # any error here depends on the model or the inputs: no I/O runs
             raise EngineFailure(f"the engine raised {type(err).__name__}: {err}") from err
-        for name, values in logits.items():
-            bad = int((~torch.isfinite(values)).any(1).sum())
-            if bad:
-                raise NonFiniteOutputs(f"non-finite logits on {bad} of {len(values)} {name} instances after "
-                                       f"{outcome.steps} steps; not published", {"steps": outcome.steps})
+        _check_finite(logits, outcome.steps)
         # Accuracy on the label, "want 0", is meaningful for misclassify and relabel only: an unseen
         # instance's goal may be its own label (a typical one), so it is left out of both.
         leaving = torch.tensor([rid not in forgotten.unseen for rid in forgotten.request_ids], dtype=torch.bool)
@@ -163,16 +159,8 @@ class FragmentWorker:
         self.forgotten = forgotten
         if abandoned:
             self._unlearner.forgotten = _as_fragment(forgotten).to(self._unlearner.device) if len(forgotten) else None
-        seconds = time.perf_counter() - start
-        metrics: dict[str, float | int | str | None] = {
-            "stopped_by": outcome.stopped_by, "steps": outcome.steps, "unlearn_seconds": round(outcome.seconds, 3),
-            "missed": outcome.missed, "cap_cause": outcome.cap_cause, "resurrected_at_start": outcome.resurrected_at_start,
-            "attack_success_ratio": _finite(outcome.attack_success_ratio),
-            "fragment_accuracy": _finite(accuracies["fragment"]), "forgotten_accuracy": _finite(accuracies["forgotten"]),
-            "audit_accuracy": _finite(accuracies.get("audit")), "audit_baseline_accuracy": _finite(self.audit_baseline),
-            "forgotten_instances": len(forgotten),
-        }
-        return FragmentResult(outcome, outcomes, forgotten, accuracies, seconds, metrics, abandoned,
+        return FragmentResult(outcome, outcomes, forgotten, accuracies, time.perf_counter() - start,
+                              _manifest_metrics(outcome, accuracies, self.audit_baseline, len(forgotten)), abandoned,
                               tuple(bool(met[rid]) for rid in forgotten.request_ids))
 
     def _check_floor(self, audit_accuracy: float, steps: int) -> None:
@@ -198,6 +186,28 @@ class FragmentWorker:
         reason = (f"goal still missed after {self.max_missed_fragments} fragments: left the retained set "
                   "(unlearning.max_missed_fragments); anti-resurrection no longer covers it")
         return forgotten.without(out), {rid: reason for rid in forgotten.request_ids if rid in out}
+
+
+def _check_finite(logits: Mapping[str, torch.Tensor], steps: int) -> None:
+    """Raises NonFiniteOutputs when a set's logits hold NaN/Inf: the version would be broken."""
+    for name, values in logits.items():
+        bad = int((~torch.isfinite(values)).any(1).sum())
+        if bad:
+            raise NonFiniteOutputs(f"non-finite logits on {bad} of {len(values)} {name} instances after "
+                                   f"{steps} steps; not published", {"steps": steps})
+
+
+def _manifest_metrics(outcome: FragmentOutcome, accuracies: Mapping[str, float], baseline: float | None,
+                      retained: int) -> dict[str, float | int | str | None]:
+    """The numbers a version's manifest records about its fragment."""
+    return {
+        "stopped_by": outcome.stopped_by, "steps": outcome.steps, "unlearn_seconds": round(outcome.seconds, 3),
+        "missed": outcome.missed, "cap_cause": outcome.cap_cause, "resurrected_at_start": outcome.resurrected_at_start,
+        "attack_success_ratio": _finite(outcome.attack_success_ratio),
+        "fragment_accuracy": _finite(accuracies["fragment"]), "forgotten_accuracy": _finite(accuracies["forgotten"]),
+        "audit_accuracy": _finite(accuracies.get("audit")), "audit_baseline_accuracy": _finite(baseline),
+        "forgotten_instances": retained,
+    }
 
 
 def _resolved(outcome: FragmentOutcome, target: torch.Tensor) -> torch.Tensor:
