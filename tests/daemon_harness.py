@@ -80,12 +80,13 @@ def new_topics(bootstrap: str, prefix: str, request_partitions: int = 1) -> dict
 def write_config(directory: Path, bootstrap: str, topics: dict[str, str], weights: Path,
                  unlearning: dict[str, Any] | None = None, kafka: dict[str, Any] | None = None,
                  data: dict[str, Any] | None = None, fast: bool = True,
-                 model: dict[str, Any] | None = None, privacy: dict[str, Any] | None = None) -> Path:
+                 model: dict[str, Any] | None = None, privacy: dict[str, Any] | None = None,
+                 checkpoints: dict[str, Any] | None = None) -> Path:
     """A config.yaml in `directory` with its own checkpoint dir, group, a free metrics port and a
     fresh KEK file (`directory/kek.key`, outside the checkpoint dir) for the forget vault.
 
     `unlearning` overrides FAST_UNLEARNING, or replaces it with fast=False (daemon and engine keys
-    alike: each goes to its own section); `privacy` overrides keys of the privacy section."""
+    alike: each goes to its own section); `privacy` and `checkpoints` override keys of theirs."""
     from streamer.config.parse import ENGINE_KEYS
     from streamer.state.kek import generate_kek_file
 
@@ -104,7 +105,7 @@ def write_config(directory: Path, bootstrap: str, topics: dict[str, str], weight
         "engine": {k: v for k, v in settings.items() if k in ENGINE_KEYS},
         "kafka": {"bootstrap_servers": bootstrap, "group_id": f"streamer.{uuid.uuid4().hex[:10]}",
                   "topics": topics, "client": {}, **(kafka or {})},
-        "checkpoints": {"dir": "checkpoints", "keep": 0},
+        "checkpoints": {"dir": "checkpoints", "keep": 0, **(checkpoints or {})},
         "privacy": {"kek_file": "kek.key", **(privacy or {})},
         "metrics": {"host": "127.0.0.1", "port": 0},
         "logging": {"level": "info"},

@@ -11,13 +11,14 @@ import yaml
 from ..engine import DATASETS, FORMATS, ModelConfig, UnlearnConfig, method_config, source_format
 from ..errors import ConfigError
 from ._section import _same_kind, _Section
-from .schema import (DEFAULT_MODES, DEFAULT_TOPIC_CONFIGS, DEVICES, LOG_LEVELS, SPLITS, CheckpointsConfig, DaemonConfig,
+from .checkpoints import checkpoints_section
+from .schema import (DEFAULT_MODES, DEFAULT_TOPIC_CONFIGS, DEVICES, LOG_LEVELS, SPLITS, DaemonConfig,
                      DataConfig, DatasetRef, KafkaConfig, KafkaTopics, LoggingConfig, MetricsConfig, PrivacyConfig,
                      UnlearningConfig)
 
 # The defaults, each written once: in the schema's dataclasses (README "Configuration" is checked against them)
 _MODEL, _DATA, _UNLEARNING, _KAFKA = ModelConfig(), DataConfig(), UnlearningConfig(), KafkaConfig()
-_TOPICS, _CHECKPOINTS, _PRIVACY, _METRICS = KafkaTopics(), CheckpointsConfig(), PrivacyConfig(), MetricsConfig()
+_TOPICS, _PRIVACY, _METRICS = KafkaTopics(), PrivacyConfig(), MetricsConfig()
 _DAEMON, _LOGGING = DaemonConfig(), LoggingConfig()
 ENGINE_KEYS = tuple(f.name for f in fields(UnlearnConfig))  # `method` and every engine setting
 
@@ -43,7 +44,7 @@ def load_config(path: str | Path) -> DaemonConfig:
 def parse_config(raw: Any, base_dir: Path) -> DaemonConfig:
     """Validate an already-loaded config mapping; relative paths resolve against `base_dir`."""
     root = _Section(raw if raw is not None else {}, "", base_dir)
-    checkpoints = _checkpoints(root.section("checkpoints"))
+    checkpoints = checkpoints_section(root.section("checkpoints"))
     unlearning = root.section("unlearning")
     legacy = {key: unlearning.take(key) for key in unlearning.keys() if key in ENGINE_KEYS}
     deprecations = (f"{', '.join('unlearning.' + k for k in legacy)}: engine settings under `unlearning:` are "
@@ -217,13 +218,6 @@ def _kafka(s: _Section) -> KafkaConfig:
                       max_poll_interval_ms=s.integer("max_poll_interval_ms", _KAFKA.max_poll_interval_ms, minimum=1000),
                       dead_letter_payload=s.boolean("dead_letter_payload", _KAFKA.dead_letter_payload),
                       topic_configs=_topic_configs(s.section("topic_configs")))
-    s.done()
-    return cfg
-
-
-def _checkpoints(s: _Section) -> CheckpointsConfig:
-    cfg = CheckpointsConfig(dir=s.resolve(s.string("dir", str(_CHECKPOINTS.dir))),
-                            keep=s.integer("keep", _CHECKPOINTS.keep, minimum=0))
     s.done()
     return cfg
 

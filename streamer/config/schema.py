@@ -126,6 +126,9 @@ class KafkaConfig:
 class CheckpointsConfig:
     dir: Path = Path("runs/checkpoints")
     keep: int = 0  # 0 keeps every version
+    # Publish targets every version is mirrored to once durable locally: each a mapping
+    # {kind: s3, name, bucket, prefix, model_name, alias, endpoint_url, region} (publish/targets.py)
+    publish: tuple[Mapping[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -155,6 +155,7 @@ class Daemon:
         manifest = self.services.operation_if_requested(self._log, self._clock)
         if manifest is not None:
             self._manifest = manifest
+            self.services.mirror.nudge()
             self.services.budget.start(self.services.state.store.lineage(manifest.version))
             self._collector.clear()
             self._seek_to_current()
@@ -182,6 +183,7 @@ class Daemon:
         manifest = s.commit.fragment(run, repeats, offsets, parent, replay=rest, log=log)
         if manifest is not None:
             self._manifest = manifest
+            s.mirror.nudge()  # upload it now (in the mirror's thread)
             s.keeper.gauges()
             s.budget.observe(manifest)
         else:

@@ -6,6 +6,7 @@
     Commit.repair      what a crash interrupted, finished or undone; CURRENT announced again
     counters           the request counters continue from the ledger
     VaultKeeper.tick   windows that closed while the daemon was stopped
+    Mirror             the publish targets' upload thread (versions a crash left un-uploaded first)
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from kafka.errors import KafkaError
 from ..config import DaemonConfig
 from ..kafka import ensure_topics, make_consumer, make_producer, topic_configs_by_name
 from ..pipeline import Commit, Outbox, Repaired, UtilityBudget, VaultKeeper, run_rebase
+from ..publish import Mirror, make_targets
 from ..state import KINDS, Manifest, Window, answer_request, load_retained, run_rollback, take_request
 from ..telemetry import Metrics
 from .recovery import Recovered, recover, resume_gauges
@@ -41,6 +43,7 @@ class Services:
     keeper: VaultKeeper
     budget: UtilityBudget
     metrics: Metrics
+    mirror: Mirror
     _closers: ExitStack
 
     @staticmethod
@@ -67,7 +70,10 @@ class Services:
             keeper.tick(state.checkpoint.manifest, force=True)  # windows that closed while stopped
             budget = UtilityBudget.of(cfg, metrics, log, state.baseline)
             budget.start(state.store.lineage(state.checkpoint.manifest.version))
-            return Services(cfg, state, producer, consumer, outbox, commit, keeper, budget, metrics, stack.pop_all())
+            mirror = _start_mirror(cfg, state, metrics, log, clock)
+            stack.callback(mirror.stop)
+            return Services(cfg, state, producer, consumer, outbox, commit, keeper, budget, metrics, mirror,
+                            stack.pop_all())
         raise AssertionError("unreachable")  # ExitStack does not swallow exceptions
 
     # --- what the loop asks of them -------------------------------------------------------------
@@ -132,6 +138,16 @@ class Services:
     def close(self, log: Any) -> None:
         """Close the clients, the ledger, then release the directory (idempotent)."""
         self._closers.close()
+
+
+def _start_mirror(cfg: DaemonConfig, state: Recovered, metrics: Metrics, log: Any, clock: Callable[[], float]) -> Mirror:
+    targets = make_targets(list(cfg.checkpoints.publish))
+    metrics.publish.targets([t.name for t in targets])
+    mirror = Mirror(state.store, targets, metrics, log, clock)
+    mirror.start()
+    if targets:
+        log.info("publish_targets", targets=[t.name for t in targets])
+    return mirror
 
 
 def _ensure_topics(cfg: DaemonConfig, log: Any) -> None:

@@ -15,8 +15,10 @@ from .checkpoints import CheckpointStore
 from .durable import fsync_dir, pretty_json, write_atomic
 from .kek import generate_kek_file
 from .ledger import LEDGER_FILE, Ledger, LedgerError
+from .ledger import connect as connect_ledger
+from .ledger import transaction as ledger_transaction
 from .lock import CheckpointDirLocked, DirectoryLock
-from .manifest import (BASE_VERSION, Checkpoint, CheckpointError, ForgottenSet, Manifest, ModelFile, RetainedRef,
+from .manifest import (BASE_VERSION, MANIFEST_FILE, Checkpoint, CheckpointError, ForgottenSet, Manifest, ModelFile, RetainedRef,
                        parse_rfc3339, rfc3339, version_number)
 from .migrate import migrate_legacy
 from .outcome import APPLIED, RequestOutcome
@@ -28,10 +30,10 @@ from .sealed import VaultIntegrityError
 from .shreds import ShredLog, ShredRow
 from .vault import ForgetVault, VaultItem, read_index
 
-__all__ = ["APPLIED", "BASE_VERSION", "KINDS", "LEDGER_FILE", "Checkpoint", "CheckpointDirLocked", "CheckpointError",
+__all__ = ["APPLIED", "BASE_VERSION", "KINDS", "LEDGER_FILE", "MANIFEST_FILE", "Checkpoint", "CheckpointDirLocked", "CheckpointError",
            "CheckpointStore", "DirectoryLock", "ForgetVault", "ForgottenSet", "Ledger", "LedgerError", "Manifest",
            "ModelFile", "OperationTimeout", "RequestOutcome", "RetainedRef", "ShredLog", "ShredRow", "VaultIntegrityError", "VaultItem",
-           "Window", "answer_request", "apply_rollback", "fsync_dir", "generate_kek_file", "last_verified",
+           "Window", "answer_request", "apply_rollback", "connect_ledger", "fsync_dir", "generate_kek_file", "last_verified", "ledger_transaction",
            "load_retained", "migrate_legacy", "needed_ids", "next_refs", "open_vault", "parse_rfc3339", "plan_rollback",
            "pretty_json", "read_index", "reconcile", "referenced_ids", "request_via_daemon", "rfc3339", "run_rollback",
            "take_request", "version_number", "write_atomic"]

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .budget_metrics import BudgetMetrics
 from .optional_gauge import OptionalGauge
+from .publish_metrics import PublishMetrics
 
 ACCURACY_SETS = ("fragment", "forgotten", "audit")
 REQUEST_OUTCOMES = ("forgotten", "relabelled", "duplicate", "rejected", "failed", "deferred")
@@ -160,6 +161,7 @@ class Metrics:
             registry=registry,
         )
         self.budget = BudgetMetrics(registry)  # deferred requests, erasure deadlines, retrain advised
+        self.publish = PublishMetrics(registry)  # publish targets: versions behind, failed uploads
         self._audit_accuracy: float | None = None
         self._audit_lock = threading.RLock()
         # Pre-initialised so that increase()/rate() see the first event, and dashboards show 0

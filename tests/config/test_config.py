@@ -120,11 +120,28 @@ class TestErrors:
         ("model.kwargs", ["x"], r"model\.kwargs: must be a mapping"),
         ("model.kwargs", {"input_size": 8}, r"model\.kwargs: only factory: and torchvision: sources"),
         ("engine.trainable", "heads", r"trainable must be 'auto', 'head', 'block', 'all' or a list"),
+        ("checkpoints.publish", {"kind": "s3"}, r"checkpoints\.publish: must be a list of targets"),
+        ("checkpoints.publish", [{"kind": "gcs", "bucket": "b", "model_name": "m"}],
+         r"checkpoints\.publish\[0\]: must be a mapping with kind: s3"),
+        ("checkpoints.publish", [{"kind": "s3", "bucket": "b", "model_name": "m", "aws_secret_access_key": "k"}],
+         r"publish\[0\]: unknown key\(s\) aws_secret_access_key \(credentials come from the environment\)"),
+        ("checkpoints.publish", [{"kind": "s3", "bucket": "b", "model_name": "a/b"}], r"publish\[0\]\.model_name"),
+        ("checkpoints.publish", [{"kind": "s3", "model_name": "m"}], r"publish\[0\]\.bucket"),
+        ("checkpoints.publish", [{"kind": "s3", "name": "x", "bucket": "b", "model_name": "m"}] * 2,
+         r"target names must differ"),
     ])
     def test_bad_values_are_named(self, raw: dict[str, Any], dotted: str, value: Any, message: str) -> None:
         """A value of the wrong type or range raises ConfigError naming the key and the problem."""
         with pytest.raises(ConfigError, match=message):
             _parse(_set(raw, dotted, value))
+
+    def test_publish_targets_get_their_defaults(self, raw: dict[str, Any]) -> None:
+        """A publish target names its bucket and model; name, prefix, alias, endpoint and region default."""
+        cfg = _parse(_set(raw, "checkpoints.publish", [{"kind": "s3", "bucket": "models", "model_name": "digits"}]))
+        assert [dict(t) for t in cfg.checkpoints.publish] == [
+            {"kind": "s3", "name": "s3-0", "bucket": "models", "prefix": "", "model_name": "digits", "alias": "current",
+             "endpoint_url": None, "region": None}]
+        assert _parse(raw).checkpoints.publish == ()
 
     def test_model_section_is_required(self, raw: dict[str, Any]) -> None:
         """Without a model section the daemon has nothing to unlearn."""

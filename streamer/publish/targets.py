@@ -1,0 +1,75 @@
+"""Publish targets: where a version's files land for serving stacks to read.
+
+S3 (any S3-compatible object store, boto3; credentials from boto3's usual chain: environment,
+shared files, instance roles; never from streamer's config, manifests or logs). The layout is the
+one serving stacks poll, per model name:
+
+    <prefix>/<model>/<n>/<model file>, manifest.json   every version, n its integer number
+                                                       (Triton's model repository; v000007 -> 7)
+    <prefix>/<model>/<alias>/<model file>, manifest.json, VERSION
+                                                       a copy of the version CURRENT names (KServe's
+                                                       storageUri, a TorchServe loader); VERSION holds n
+
+A target's `put` is idempotent: writing a version again writes the same objects.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = ["PublishTarget", "S3Target", "TargetDown"]
+
+
+class TargetDown(Exception):
+    """A target could not take an upload now (unreachable, throttled, refused): retried later."""
+
+
+class PublishTarget(Protocol):
+    name: str
+
+    def put_version(self, number: int, files: Mapping[str, bytes]) -> None: ...
+
+    def put_alias(self, number: int, files: Mapping[str, bytes]) -> None: ...
+
+
+@dataclass
+class S3Target:
+    """An S3 bucket; `client` is a boto3 S3 client (made by `of` from the target's settings)."""
+
+    name: str
+    bucket: str
+    prefix: str
+    model: str
+    alias: str
+    client: Any
+
+    @staticmethod
+    def of(settings: Mapping[str, Any]) -> S3Target:
+        """A target from its config section (checkpoints.publish[i]). Raises ImportError without boto3."""
+        import boto3  # the `aws` extra: only needed when an S3 target is configured
+        from botocore.config import Config
+
+        client = boto3.client("s3", endpoint_url=settings.get("endpoint_url"), region_name=settings.get("region"),
+                              config=Config(retries={"max_attempts": 2}, connect_timeout=5, read_timeout=30))
+        return S3Target(settings["name"], settings["bucket"], settings.get("prefix", "").strip("/"),
+                        settings["model_name"], settings.get("alias", "current"), client)
+
+    def put_version(self, number: int, files: Mapping[str, bytes]) -> None:
+        self._put(str(number), files)
+
+    def put_alias(self, number: int, files: Mapping[str, bytes]) -> None:
+        """The alias directory: the files (the previous alias's model file, if another name, removed
+        after), then VERSION last, so a reader that sees the new VERSION sees the new files."""
+        self._put(self.alias, files)
+        self._put(self.alias, {"VERSION": f"{number}\n".encode()})
+
+    def _put(self, directory: str, files: Mapping[str, bytes]) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        base = "/".join(p for p in (self.prefix, self.model, directory) if p)
+        try:
+            for name, data in files.items():
+                self.client.put_object(Bucket=self.bucket, Key=f"{base}/{name}", Body=data)
+        except (BotoCoreError, ClientError) as err:
+            raise TargetDown(f"s3://{self.bucket}/{base}: {type(err).__name__}: {str(err)[:300]}") from err
