@@ -6,14 +6,17 @@ Public API: versions (`CheckpointStore`, `Checkpoint`, `Manifest`, `ModelFile`, 
 outcomes and the ledger (`RequestOutcome`, `APPLIED`, `Ledger`, `LedgerError`, `LEDGER_FILE`,
 `reconcile`), the vault (`ForgetVault`, `VaultItem`, `VaultIntegrityError`, `read_index`,
 `open_vault`, `load_retained`, `next_refs`, `referenced_ids`, `Window`, `last_verified`,
-`migrate_legacy`, `generate_kek_file`), shreds (`ShredLog`, `ShredRow`), rollback
+`migrate_legacy`, `generate_kek_file`), the KEK's sources (`configured_kek`, `describe_source`,
+`dispose_kek`, `Disposal`, `KmsKEK`, `VaultError`, `VaultKeyError`), shreds (`ShredLog`, `ShredRow`), rollback
 (`plan_rollback`, `apply_rollback`, `run_rollback`), operator requests to a running daemon
 (`request_via_daemon`, `take_request`, `answer_request`, `OperationTimeout`), the single-writer lock (`DirectoryLock`, `CheckpointDirLocked`) and durable
 writes (`write_atomic`, `fsync_dir`, `pretty_json`).
 """
 from .checkpoints import CheckpointStore
 from .durable import fsync_dir, pretty_json, write_atomic
-from .kek import generate_kek_file
+from .kek import VaultError, VaultKeyError, generate_kek_file
+from .kek_source import Disposal, configured_kek, describe_source, dispose_kek
+from .kms import KmsKEK
 from .ledger import LEDGER_FILE, Ledger, LedgerError
 from .lock import CheckpointDirLocked, DirectoryLock
 from .manifest import (BASE_VERSION, Checkpoint, CheckpointError, ForgottenSet, Manifest, ModelFile, RetainedRef,
@@ -28,7 +31,8 @@ from .sealed import VaultIntegrityError
 from .shreds import ShredLog, ShredRow
 from .vault import ForgetVault, VaultItem, read_index
 
-__all__ = ["APPLIED", "BASE_VERSION", "KINDS", "LEDGER_FILE", "Checkpoint", "CheckpointDirLocked", "CheckpointError",
+__all__ = ["APPLIED", "BASE_VERSION", "KINDS", "LEDGER_FILE", "Disposal", "KmsKEK", "VaultError", "VaultKeyError",
+           "configured_kek", "describe_source", "dispose_kek", "Checkpoint", "CheckpointDirLocked", "CheckpointError",
            "CheckpointStore", "DirectoryLock", "ForgetVault", "ForgottenSet", "Ledger", "LedgerError", "Manifest",
            "ModelFile", "OperationTimeout", "RequestOutcome", "RetainedRef", "ShredLog", "ShredRow", "VaultIntegrityError", "VaultItem",
            "Window", "answer_request", "apply_rollback", "fsync_dir", "generate_kek_file", "last_verified",
