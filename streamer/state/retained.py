@@ -34,9 +34,10 @@ def open_vault(cfg: DaemonConfig, writer: bool, clock: Callable[[], float] = tim
     VaultKeyError when the KEK is missing, unreadable or not the vault's (a clean refusal at start),
     VaultError when the directory is not a vault (a reader never creates one)."""
     root = cfg.privacy.vault_path(cfg.checkpoints.dir)
-    if writer:
-        finish_rotation(root, cfg.checkpoints.dir / LEDGER_FILE, clock=clock)
-    return ForgetVault.open(root, configured_kek(cfg.privacy), clock=clock, writer=writer)
+    finished = finish_rotation(root, cfg.checkpoints.dir / LEDGER_FILE, clock=clock) if writer else None
+    vault = ForgetVault.open(root, configured_kek(cfg.privacy), clock=clock, writer=writer)
+    vault.finished_rotation = finished
+    return vault
 
 
 def referenced_ids(manifest: Manifest) -> set[str]:

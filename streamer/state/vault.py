@@ -60,6 +60,7 @@ class ForgetVault:
                  clock: Callable[[], float]):
         self.root, self.kek, self._index, self._writer, self._clock = root, kek, index, writer, clock
         self.recovered: tuple[str, ...] = ()  # what a crash left, erased by a writer's open (log it)
+        self.finished_rotation: Any = None  # a KEK rotation a crash interrupted, finished by open_vault (log it)
 
     @classmethod
     def open(cls, root: str | Path, kek: KeyEncryptionKey, *, clock: Callable[[], float] = time.time,

@@ -180,6 +180,7 @@ class TestRotateFiles:
         config.write_text(yaml.safe_dump({**raw, "privacy": {"kek_file": "keys/new.key"}}))
         opened = open_vault(load_config(config), writer=True)
         assert len(opened) == 5 and not (vault / "ROTATION.json").exists()
+        assert opened.finished_rotation is not None and opened.finished_rotation.entries == 5  # logged by the daemon
         assert [r.finished_by for r in _rotations(tmp_path)] == ["the daemon's start"]
         new = kek_from_file(keys / "new.key")
         assert set(map(tuple, _under(vault, {"new": new, "old": kek_from_file(keys / "old.key")}).values())) == {("new",)}
