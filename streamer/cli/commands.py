@@ -217,6 +217,18 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kek_rotate(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..pipeline import faults
+    from .kek import format_rotation, rotate_kek, target_privacy
+
+    cfg = load_config(args.config)
+    faults.arm()  # STREAMER_CRASH_AT=rotate_*: the rotation's crash points, for the kill -9 tests
+    target = target_privacy(cfg, args.to_file, args.to_env, args.to_kms, args.kms_region, args.kms_endpoint_url)
+    print(format_rotation(rotate_kek(cfg, target, args.destroy_old, args.pending_window_days, faults.crash_at)))
+    return 0
+
+
 def _erasure_report(args: argparse.Namespace) -> int:
     from ..config import load_config
     from .erasure import erasure_report, format_report, report_json

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from ..errors import StreamerError
 from ..telemetry import configure_logging
-from .commands import (_broker, _checkpoints, _demo, _erasure_report, _forgotten, _keygen, _produce, _rebase, _rollback,
-                       _run, _train, _verify, _verify_attacks)
+from .commands import (_broker, _checkpoints, _demo, _erasure_report, _forgotten, _kek_rotate, _keygen, _produce, _rebase,
+                       _rollback, _run, _train, _verify, _verify_attacks)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -106,6 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
     keygen = sub.add_parser("keygen", help="write a new random key-encryption key (KEK) for the forget vault")
     keygen.add_argument("path", help="where to write it (mode 0600; an existing file is never overwritten)")
     keygen.set_defaults(func=_keygen)
+    kek = sub.add_parser("kek", help="the forget vault's key-encryption key: rotate it")
+    kek_sub = kek.add_subparsers(dest="kek_command", required=True)
+    rotate = kek_sub.add_parser("rotate", help="re-wrap every live vault entry's data key under a new KEK (the "
+                                "daemon stopped), exactly once across crashes; then optionally destroy the old KEK")
+    rotate.add_argument("--config", required=True, help="the daemon's config; its privacy section names the old KEK")
+    to = rotate.add_mutually_exclusive_group(required=True)
+    to.add_argument("--to-file", metavar="PATH", help="the new KEK's file (`streamer keygen PATH`)")
+    to.add_argument("--to-env", metavar="NAME", help="the new KEK in this environment variable")
+    to.add_argument("--to-kms", metavar="KEY_ID", help="the new KEK: this KMS key (id, ARN or alias; AWS KMS API)")
+    rotate.add_argument("--kms-region", help="with --to-kms: its region (default: boto3's)")
+    rotate.add_argument("--kms-endpoint-url", help="with --to-kms: its endpoint (default: the region's AWS endpoint)")
+    rotate.add_argument("--destroy-old", action="store_true", help="once every entry decrypts under the new KEK: "
+                        "erase the old KEK's file, or schedule its KMS key's deletion")
+    rotate.add_argument("--pending-window-days", type=int, default=7,
+                        help="with --destroy-old and a KMS key: days until KMS deletes it (7-30; it refuses the key "
+                             "at once)")
+    rotate.set_defaults(func=_kek_rotate, usage_error=rotate.error)
     report = sub.add_parser("erasure-report", help="per request: received, applied, verified, shredded, and where "
                                                    "copies may still exist")
     report.add_argument("--config", required=True)
@@ -144,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.file and dataset_only:
             args.usage_error(f"{', '.join(dataset_only)} {'goes' if len(dataset_only) == 1 else 'go'} with --dataset, "
                              "not --file")
+    if args.func is _kek_rotate and not args.to_kms and (args.kms_region or args.kms_endpoint_url):
+        args.usage_error("--kms-region and --kms-endpoint-url go with --to-kms")
     if getattr(args, "attacks", False):
         args.func = _verify_attacks
     configure_logging(args.log_level or "info")

@@ -9,8 +9,8 @@ whatever working directory it is started in.
 Public API: the section dataclasses, `load_config`, `parse_config`.
 """
 from .parse import load_config, parse_config
-from .schema import (DEFAULT_MODES, REQUEST_MODES, CheckpointsConfig, DaemonConfig, DataConfig, DatasetRef, KafkaConfig, KafkaTopics, LoggingConfig,
+from .schema import (DEFAULT_MODES, REQUEST_MODES, CheckpointsConfig, DaemonConfig, DataConfig, DatasetRef, KafkaConfig, KafkaTopics, KmsKeyConfig, LoggingConfig,
                      MetricsConfig, PrivacyConfig, UnlearningConfig)
 
-__all__ = ["DEFAULT_MODES", "REQUEST_MODES", "CheckpointsConfig", "DaemonConfig", "DataConfig", "DatasetRef", "KafkaConfig", "KafkaTopics",
+__all__ = ["DEFAULT_MODES", "REQUEST_MODES", "CheckpointsConfig", "DaemonConfig", "DataConfig", "DatasetRef", "KafkaConfig", "KafkaTopics", "KmsKeyConfig",
            "LoggingConfig", "MetricsConfig", "PrivacyConfig", "UnlearningConfig", "load_config", "parse_config"]

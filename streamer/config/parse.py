@@ -13,7 +13,8 @@ from ..errors import ConfigError
 from ._section import _same_kind, _Section
 from .checkpoints import checkpoints_section
 from .schema import (DEFAULT_MODES, DEFAULT_TOPIC_CONFIGS, DEVICES, LOG_LEVELS, SPLITS, DaemonConfig,
-                     DataConfig, DatasetRef, KafkaConfig, KafkaTopics, LoggingConfig, MetricsConfig, PrivacyConfig,
+                     DataConfig, DatasetRef, KafkaConfig, KafkaTopics, KmsKeyConfig, LoggingConfig, MetricsConfig,
+                     PrivacyConfig,
                      UnlearningConfig)
 
 # The defaults, each written once: in the schema's dataclasses (README "Configuration" is checked against them)
@@ -249,8 +250,10 @@ def _privacy(s: _Section, checkpoints_dir: Path) -> PrivacyConfig:
     kek_env = s.take("kek_env", None)
     if kek_env is not None and (not isinstance(kek_env, str) or not kek_env):
         s.fail("kek_env", f"must be an environment variable name, got {kek_env!r}")
-    if kek_file is not None and kek_env is not None:
-        s.fail("", "set one of kek_file and kek_env, not both")
+    kek_kms = _kms(s.section("kek_kms")) if s.get("kek_kms") is not None else s.skip("kek_kms")
+    given = [name for name, value in (("kek_file", kek_file), ("kek_env", kek_env), ("kek_kms", kek_kms)) if value]
+    if len(given) > 1:
+        s.fail("", f"set one of kek_file, kek_env and kek_kms, not {' and '.join(given)}")
     vault_dir = s.optional_path("vault_dir") or checkpoints_dir / "vault"
     for name, directory in (("checkpoints.dir", checkpoints_dir), ("privacy.vault_dir", vault_dir)):
         if kek_file is not None and kek_file.is_relative_to(directory):
@@ -269,6 +272,19 @@ def _privacy(s: _Section, checkpoints_dir: Path) -> PrivacyConfig:
     if deadline > MAX_WINDOW_DAYS:
         s.fail("erasure_deadline_days", f"must be <= {MAX_WINDOW_DAYS:g} (GDPR Art. 12(3): one month), got {deadline:g}")
     s.done()
-    return PrivacyConfig(kek_file=kek_file, kek_env=kek_env, vault_dir=vault_dir, verify_window_days=days,
+    return PrivacyConfig(kek_file=kek_file, kek_env=kek_env, kek_kms=kek_kms, vault_dir=vault_dir, verify_window_days=days,
                          verify_window_fragments=fragments, check_every_s=check_every_s,
                          erasure_deadline_days=deadline)
+
+
+def _kms(s: _Section) -> KmsKeyConfig:
+    """privacy.kek_kms: {key_id, region, endpoint_url}; no credentials (boto3 finds those itself)."""
+    optional = {}
+    for name in ("region", "endpoint_url"):
+        value = s.take(name, None)
+        if value is not None and (not isinstance(value, str) or not value):
+            s.fail(name, f"must be a non-empty string or null, got {value!r}")
+        optional[name] = value
+    cfg = KmsKeyConfig(key_id=s.string("key_id", None), **optional)
+    s.done()
+    return cfg

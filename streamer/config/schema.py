@@ -32,6 +32,7 @@ __all__ = [
     "DatasetRef",
     "KafkaConfig",
     "KafkaTopics",
+    "KmsKeyConfig",
     "LoggingConfig",
     "MetricsConfig",
     "PrivacyConfig",
@@ -132,11 +133,25 @@ class CheckpointsConfig:
 
 
 @dataclass(frozen=True)
+class KmsKeyConfig:
+    """A KEK held by a KMS that speaks the AWS KMS API (privacy.kek_kms). Credentials come from
+    boto3's usual chain (environment, shared files, instance role), never from the config."""
+
+    key_id: str  # key id, key ARN, alias name (alias/...) or alias ARN
+    region: str | None = None  # None: boto3's (AWS_REGION / AWS_DEFAULT_REGION / ~/.aws/config)
+    endpoint_url: str | None = None  # None: the region's AWS endpoint; else e.g. a VPC endpoint or a test server
+
+    def describe(self) -> str:
+        return f"KMS key {self.key_id}" + (f" at {self.endpoint_url}" if self.endpoint_url else "")
+
+
+@dataclass(frozen=True)
 class PrivacyConfig:
     """The forget vault and its verification window (README "Data protection")."""
 
     kek_file: Path | None = None  # the KEK: a file (base64, 64 hex digits or 32 raw bytes) ...
-    kek_env: str | None = None  # ... or an environment variable (base64 or hex); exactly one
+    kek_env: str | None = None  # ... or an environment variable (base64 or hex) ...
+    kek_kms: KmsKeyConfig | None = None  # ... or a KMS key (AWS KMS API); exactly one of the three
     vault_dir: Path | None = None  # None: <checkpoints.dir>/vault
     # GDPR Art. 12(3)/17: erasure within one month. Shred 14 days after a request was first
     # applied, or after it was verified in this many later versions, whichever comes first.

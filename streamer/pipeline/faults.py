@@ -6,7 +6,8 @@
 
 `arm()` reads them once (`run_daemon` calls it); until then, and without them, `crash_at` and
 `hold_at` do nothing. Production classes take no argument for this: the points are called where
-the durable steps are (the commit, commit.py) and where a fragment runs (the worker thread).
+the durable steps are (the commit, commit.py) and where a fragment runs (the worker thread);
+`streamer kek rotate` arms them too and hands `crash_at` to the rotation (state/rotation.py).
 """
 from __future__ import annotations
 
@@ -21,17 +22,20 @@ from pathlib import Path
 import structlog
 
 from ..errors import ConfigError
+from ..state import ROTATION_CRASH_POINTS
 
 CRASH_ENV = "STREAMER_CRASH_AT"
 HOLD_ENV = "STREAMER_HOLD_AT"
 # In the order a fragment passes them; after_shred: between a vault shred and its ledger row.
 FRAGMENT_CRASH_POINTS = ("during_unlearn", "after_vault", "after_checkpoint", "after_ledger", "after_receipts")
 REBASE_CRASH_POINTS = ("rebase_after_publish", "rebase_after_ledger")  # inside `streamer rebase` run by the daemon
-CRASH_POINTS = (*FRAGMENT_CRASH_POINTS, "after_shred", *REBASE_CRASH_POINTS)
+# inside `streamer kek rotate` (state/rotation.py names and orders them; the command arms them too)
+CRASH_POINTS = (*FRAGMENT_CRASH_POINTS, "after_shred", *REBASE_CRASH_POINTS, *ROTATION_CRASH_POINTS)
 HOLD_POINTS = ("during_unlearn",)  # the worker thread, before the engine runs
 _HOLD_POLL_S = 0.05
 
-__all__ = ["CRASH_ENV", "CRASH_POINTS", "FRAGMENT_CRASH_POINTS", "HOLD_ENV", "HOLD_POINTS", "REBASE_CRASH_POINTS", "arm",
+__all__ = ["CRASH_ENV", "CRASH_POINTS", "FRAGMENT_CRASH_POINTS", "HOLD_ENV", "HOLD_POINTS", "REBASE_CRASH_POINTS",
+           "ROTATION_CRASH_POINTS", "arm",
            "crash_at",
            "disarm", "hold_at"]
 

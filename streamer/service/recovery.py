@@ -64,6 +64,10 @@ def recover(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], f
         vault = open_vault(cfg, writer=True, clock=clock)  # fail fast: before any model is loaded
         if vault.recovered:
             log.info("vault_crash_leftovers_erased", files=len(vault.recovered))
+        if vault.finished_rotation is not None:  # `streamer kek rotate` was killed after its commit point
+            r = vault.finished_rotation
+            log.warning("kek_rotation_finished_on_start", rotation_id=r.rotation_id, old_key_id=r.old_key_id,
+                        new_key_id=r.new_key_id, entries=r.entries)
         migrated = migrate_legacy(store, vault)
         if migrated:
             log.warning("plaintext_forgotten_sets_migrated", versions=migrated,

@@ -6,14 +6,19 @@ Public API: versions (`CheckpointStore`, `Checkpoint`, `Manifest`, `ModelFile`, 
 outcomes and the ledger (`RequestOutcome`, `APPLIED`, `Ledger`, `LedgerError`, `LEDGER_FILE`,
 `reconcile`), the vault (`ForgetVault`, `VaultItem`, `VaultIntegrityError`, `read_index`,
 `open_vault`, `load_retained`, `next_refs`, `referenced_ids`, `Window`, `last_verified`,
-`migrate_legacy`, `generate_kek_file`), shreds (`ShredLog`, `ShredRow`), rollback
+`migrate_legacy`, `generate_kek_file`), the KEK's sources and rotation (`configured_kek`,
+`describe_source`, `dispose_kek`, `Disposal`, `KmsKEK`, `VaultError`, `VaultKeyError`, `rotate_vault`,
+`finish_rotation`, `vault_key_id`, `Rotation`, `ROTATION_CRASH_POINTS`, `RotationLog`, `RotationRow`,
+`DisposalRow`), shreds (`ShredLog`, `ShredRow`), rollback
 (`plan_rollback`, `apply_rollback`, `run_rollback`), operator requests to a running daemon
 (`request_via_daemon`, `take_request`, `answer_request`, `OperationTimeout`), the single-writer lock (`DirectoryLock`, `CheckpointDirLocked`) and durable
 writes (`write_atomic`, `fsync_dir`, `pretty_json`).
 """
 from .checkpoints import CheckpointStore
 from .durable import fsync_dir, pretty_json, write_atomic
-from .kek import generate_kek_file
+from .kek import VaultError, VaultKeyError, generate_kek_file
+from .kek_source import Disposal, configured_kek, describe_source, dispose_kek
+from .kms import KmsKEK
 from .ledger import LEDGER_FILE, Ledger, LedgerError
 from .ledger import connect as connect_ledger
 from .ledger import transaction as ledger_transaction
@@ -26,12 +31,16 @@ from .reconcile import reconcile
 from .retained import Window, last_verified, load_retained, needed_ids, next_refs, open_vault, referenced_ids
 from .operations import KINDS, OperationTimeout, answer_request, request_via_daemon, take_request
 from .rollback import apply_rollback, plan_rollback, run_rollback
+from .rotation import ROTATION_CRASH_POINTS, Rotation, finish_rotation, rotate_vault, vault_key_id
+from .rotation_log import DisposalRow, RotationLog, RotationRow
 from .sealed import VaultIntegrityError
 from .shreds import ShredLog, ShredRow
 from .vault import ForgetVault, VaultItem, read_index
 from .verified import VERIFIED_FILE, read_verification, record_verification
 
-__all__ = ["APPLIED", "BASE_VERSION", "KINDS", "LEDGER_FILE", "MANIFEST_FILE", "Checkpoint", "CheckpointDirLocked", "CheckpointError",
+__all__ = ["APPLIED", "BASE_VERSION", "KINDS", "LEDGER_FILE", "MANIFEST_FILE", "ROTATION_CRASH_POINTS", "Disposal", "DisposalRow",
+           "KmsKEK", "Rotation", "RotationLog", "RotationRow", "VaultError", "VaultKeyError", "configured_kek",
+           "describe_source", "dispose_kek", "finish_rotation", "rotate_vault", "vault_key_id", "Checkpoint", "CheckpointDirLocked", "CheckpointError",
            "CheckpointStore", "DirectoryLock", "ForgetVault", "ForgottenSet", "Ledger", "LedgerError", "Manifest",
            "ModelFile", "OperationTimeout", "RequestOutcome", "RetainedRef", "ShredLog", "ShredRow", "VERIFIED_FILE", "VaultIntegrityError", "VaultItem",
            "Window", "answer_request", "apply_rollback", "connect_ledger", "fsync_dir", "generate_kek_file", "last_verified", "ledger_transaction",

@@ -2,8 +2,9 @@
 
 The vault encrypts every instance under its own data key (DEK) and stores the DEK only wrapped by
 the KEK with AES key wrap (RFC 3394, AES-256). The KEK lives outside the data it protects: a file
-(mode 0600, e.g. a mounted Kubernetes Secret) or an environment variable. `KeyEncryptionKey` is the
-whole interface, two methods, so a KMS (AWS KMS, GCP KMS, Vault transit) can implement it later.
+(mode 0600, e.g. a mounted Kubernetes Secret), an environment variable, or a KMS key (`kms.py`,
+the AWS KMS API). `KeyEncryptionKey` is the whole interface, two methods (and a key id), which
+`LocalKEK` and `KmsKEK` implement; another KMS (GCP KMS, Vault transit) would be a third class.
 
 Key material is accepted as 32 raw bytes, 64 hex digits or base64 of 32 bytes; it is never logged
 or echoed. A key's id is a key check value, never the key.
@@ -99,8 +100,8 @@ def load_kek(kek_file: Path | None, kek_env: str | None, environ: Mapping[str, s
         return kek_from_file(kek_file)
     if kek_env is not None:
         return kek_from_env(kek_env, environ=environ)
-    raise VaultKeyError("no KEK configured: set privacy.kek_file (make one with `streamer keygen PATH`) "
-                        "or privacy.kek_env")
+    raise VaultKeyError("no KEK configured: set privacy.kek_file (make one with `streamer keygen PATH`), "
+                        "privacy.kek_env or privacy.kek_kms")
 
 
 def generate_kek_file(path: str | Path) -> LocalKEK:

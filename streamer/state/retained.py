@@ -17,8 +17,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..config import DaemonConfig, PrivacyConfig
-from .kek import load_kek
+from .kek_source import configured_kek
+from .ledger import LEDGER_FILE
 from .manifest import CheckpointError, ForgottenSet, Manifest, RetainedRef, parse_rfc3339, rfc3339, version_number
+from .rotation import finish_rotation
 from .sealed import VaultIntegrityError
 from .vault import ForgetVault, VaultEntry
 
@@ -27,10 +29,15 @@ __all__ = ["Window", "last_verified", "load_retained", "needed_ids", "next_refs"
 
 def open_vault(cfg: DaemonConfig, writer: bool, clock: Callable[[], float] = time.time) -> ForgetVault:
     """The vault of `cfg` (privacy.vault_dir, default <checkpoints.dir>/vault) opened with the configured
-    KEK. Raises VaultKeyError when the KEK is missing, unreadable or not the vault's (a clean refusal
-    at start), VaultError when the directory is not a vault (a reader never creates one)."""
-    kek = load_kek(cfg.privacy.kek_file, cfg.privacy.kek_env)
-    return ForgetVault.open(cfg.privacy.vault_path(cfg.checkpoints.dir), kek, clock=clock, writer=writer)
+    KEK (a file, a variable or a KMS key). A writer (under the checkpoint lock) first finishes a KEK
+    rotation that a crash interrupted after its commit point, ledger row included. Raises
+    VaultKeyError when the KEK is missing, unreadable or not the vault's (a clean refusal at start),
+    VaultError when the directory is not a vault (a reader never creates one)."""
+    root = cfg.privacy.vault_path(cfg.checkpoints.dir)
+    finished = finish_rotation(root, cfg.checkpoints.dir / LEDGER_FILE, clock=clock) if writer else None
+    vault = ForgetVault.open(root, configured_kek(cfg.privacy), clock=clock, writer=writer)
+    vault.finished_rotation = finished
+    return vault
 
 
 def referenced_ids(manifest: Manifest) -> set[str]:

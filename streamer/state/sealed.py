@@ -2,7 +2,7 @@
 
     plaintext   y (int64 LE) || target (int64 LE) || x (float32 LE, C-order)
     blob        nonce (12 bytes) || AES-256-GCM(plaintext) || tag (16 bytes)     NIST SP 800-38D
-    wrapped     the entry's data key (DEK) wrapped by the KEK, 40 bytes          RFC 3394
+    wrapped     the entry's data key (DEK) wrapped by the KEK: 40 bytes (RFC 3394), a KMS blob for KMS
     AAD         {"schema", "request_id", "shape"}: a blob only opens as its own request and shape
     digest      HMAC-SHA256 (RFC 2104) of the plaintext under HKDF-SHA256(DEK) (RFC 5869)
 
@@ -104,11 +104,13 @@ def unseal(request_id: str, shape: Sequence[int], sealed: Sealed, kek: KeyEncryp
     return x, y, target
 
 
-def key_check(kek: KeyEncryptionKey) -> dict[str, Any]:
-    """A record that proves, later, that a KEK is this vault's: a known plaintext under a wrapped DEK."""
+def key_check(kek: KeyEncryptionKey, previous_key_ids: Sequence[str] = ()) -> dict[str, Any]:
+    """A record that proves, later, that a KEK is this vault's: a known plaintext under a wrapped DEK.
+    `previous_key_ids`: the KEKs the vault was rotated away from, oldest first (named when one is given)."""
     dek, nonce = AESGCM.generate_key(256), os.urandom(_NONCE_BYTES)
     return {"schema": SCHEMA, "key_id": kek.key_id, "wrapped_dek": _b64(kek.wrap(dek)), "nonce": _b64(nonce),
-            "ciphertext": _b64(AESGCM(dek).encrypt(nonce, _CHECK_PLAINTEXT, _CHECK_AAD))}
+            "ciphertext": _b64(AESGCM(dek).encrypt(nonce, _CHECK_PLAINTEXT, _CHECK_AAD)),
+            "previous_key_ids": list(previous_key_ids)}
 
 
 def verify_key_check(record: Any, kek: KeyEncryptionKey, where: str) -> None:
@@ -119,11 +121,16 @@ def verify_key_check(record: Any, kek: KeyEncryptionKey, where: str) -> None:
     except (ValueError, KeyError, TypeError) as err:
         raise VaultError(f"{where} is not a key check record: {err!r}") from err
     if stored_id != kek.key_id:
-        raise VaultKeyError(f"the KEK does not match the vault's (key id {stored_id}; given key id {kek.key_id})")
+        rotated = kek.key_id in (record.get("previous_key_ids") or [])
+        hint = (f": the vault was rotated away from key id {kek.key_id} (`streamer kek rotate`); point the config "
+                "at the new KEK") if rotated else ""
+        raise VaultKeyError(f"the KEK does not match the vault's (key id {stored_id}; given key id {kek.key_id}){hint}")
     mismatch = f"the KEK does not match the vault's (key id {stored_id}): its key check does not decrypt"
     try:
         plain = AESGCM(kek.unwrap(wrapped)).decrypt(nonce, ciphertext, _CHECK_AAD)
-    except (VaultKeyError, InvalidTag, ValueError) as err:
+    except VaultKeyError as err:
+        raise VaultKeyError(f"{mismatch} ({err})") from err
+    except (InvalidTag, ValueError) as err:
         raise VaultKeyError(mismatch) from err
     if plain != _CHECK_PLAINTEXT:
         raise VaultKeyError(mismatch)

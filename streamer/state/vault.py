@@ -5,13 +5,13 @@ stored only wrapped by the key-encryption key (`kek.py`, RFC 3394). Destroying t
 leaves ciphertext nobody can decrypt, KEK or not: cryptographic erase (NIST SP 800-88 Rev. 1,
 2.6), how one request is erased (GDPR Art. 17) without touching the others. A copy or backup of
 the directory taken before the shred still holds the wrapped DEK: it stays decryptable for as
-long as the KEK that wrapped it exists (README "Data protection"; rotating the KEK and destroying
-the old one ends that).
+long as the KEK that wrapped it exists (README "Data protection"; `rotation.py` re-wraps every live
+DEK under a new KEK, after which destroying the old one ends that).
 
     <root>/kek-check.json   key_id + a known plaintext under a DEK wrapped by the KEK
     <root>/index.json       metadata, never pixels: request_id, created_at, digest, shape;
                             shredded_at and verified_version (digest erased) once shredded
-    <root>/keys/<id>.dek    the wrapped DEK, 40 bytes            <id> = sha256(request_id)
+    <root>/keys/<id>.dek    the wrapped DEK (40 bytes; a KMS blob)    <id> = sha256(request_id)
     <root>/data/<id>.bin    nonce (12) || AES-GCM(y, target, x) || tag (16); AAD = request_id + shape
 
 An entry's digest is HMAC-SHA256 of its plaintext under a key derived from its own DEK (HKDF,
@@ -20,8 +20,10 @@ no longer identifies the image to anyone, even someone holding it.
 
 The index is the truth: `put` writes files then the index; `shred` and `remove_orphans` write the
 index then erase files; a writer's `open` erases temp files and every file no live entry owns, so
-a crash leaves the old state or the new one. One writer per root (the daemon, under the
-checkpoint LOCK); other processes open with `writer=False`; `read_index` needs no KEK.
+a crash leaves the old state or the new one; a KEK rotation that passed its commit point
+(ROTATION.json, `rotation.py`) is rolled forward by a writer's `open` and refused by a reader's.
+One writer per root (the daemon, under the checkpoint LOCK); other processes open with
+`writer=False`; `read_index` needs no KEK.
 """
 from __future__ import annotations
 
@@ -36,8 +38,9 @@ import torch
 from .durable import TEMP_PREFIX, erase_file, fsync_dir, write_atomic
 from .kek import KeyEncryptionKey, VaultError, VaultKeyError
 from .sealed import SCHEMA, Sealed, VaultIntegrityError, VaultItem, digest_under, json_bytes, seal, unseal, validate
-from .vault_layout import (_FIELDS, CHECK_FILE, DATA_DIR, INDEX_FILE, KEYS_DIR, ShredRecord, VaultEntry, VaultEntryMissing,
-                           _create, _entries, _file_id, _has_entry_files, _load_index, _verify_key_check)
+from .vault_layout import (_FIELDS, CHECK_FILE, DATA_DIR, INDEX_FILE, KEYS_DIR, NEXT_SUFFIX, ROTATION_FILE, ShredRecord,
+                           VaultEntry, VaultEntryMissing, _create, _entries, _file_id, _has_entry_files, _load_index,
+                           _pending_rotation, _roll_forward, _vault_key_id, _verify_key_check)
 
 
 __all__ = ["ForgetVault", "ShredRecord", "VaultEntry", "VaultEntryMissing", "VaultError", "VaultIntegrityError",
@@ -57,6 +60,7 @@ class ForgetVault:
                  clock: Callable[[], float]):
         self.root, self.kek, self._index, self._writer, self._clock = root, kek, index, writer, clock
         self.recovered: tuple[str, ...] = ()  # what a crash left, erased by a writer's open (log it)
+        self.finished_rotation: Any = None  # a KEK rotation a crash interrupted, finished by open_vault (log it)
 
     @classmethod
     def open(cls, root: str | Path, kek: KeyEncryptionKey, *, clock: Callable[[], float] = time.time,
@@ -65,6 +69,12 @@ class ForgetVault:
         check; a writer then erases what a crash left. Raises VaultKeyError ("the KEK does not match the
         vault's (key id X) ...") or VaultError (not a vault, index missing). Never open two writers."""
         root = Path(root)
+        pending = _pending_rotation(root)
+        if pending is not None:  # a KEK rotation passed its commit point: the staged files are the truth
+            if not writer:
+                raise VaultError(f"{root}: the KEK rotation to key id {pending['new_key_id']} is committed but not "
+                                 "finished; run `streamer kek rotate` again or start the daemon: either finishes it")
+            _roll_forward(root)  # the record stays until rotation.finish_rotation has written its ledger row
         if not (root / CHECK_FILE).is_file():
             if not writer or (root / INDEX_FILE).exists() or _has_entry_files(root):
                 raise VaultError(f"{root} is not a forget vault: it has no {CHECK_FILE}")
@@ -183,7 +193,13 @@ class ForgetVault:
         meta, fid = self._index[rid], _file_id(rid)
         sealed = Sealed(self._read(DATA_DIR, f"{fid}.bin", rid), self._read(KEYS_DIR, f"{fid}.dek", rid),
                         meta["digest"])
-        return unseal(rid, meta["shape"], sealed, self.kek)
+        try:
+            return unseal(rid, meta["shape"], sealed, self.kek)
+        except VaultIntegrityError as err:  # a reader that opened the vault just before a KEK rotation committed
+            if (self.root / ROTATION_FILE).exists() or _vault_key_id(self.root) != self.kek.key_id:
+                raise VaultKeyError(f"the vault's KEK was rotated while it was open (key id {self.kek.key_id} -> "
+                                    f"{_vault_key_id(self.root)}): run the command again with the new KEK") from err
+            raise
 
     def _read(self, directory: str, name: str, rid: str) -> bytes:
         try:
@@ -219,7 +235,8 @@ class ForgetVault:
 
     def _erase_unowned(self) -> tuple[str, ...]:
         live = {_file_id(rid) for rid in self._index if rid in self}
-        stale = list(self.root.glob(f"{TEMP_PREFIX}*"))
+        # no rotation record here (open rolled a committed one forward): staged files are an uncommitted try's
+        stale = [*self.root.glob(f"{TEMP_PREFIX}*"), *self.root.glob(f"*{NEXT_SUFFIX}")]
         for directory in (self.root / KEYS_DIR, self.root / DATA_DIR):
             directory.mkdir(exist_ok=True)
             stale += [p for p in directory.iterdir() if p.name.startswith(TEMP_PREFIX) or p.stem not in live]

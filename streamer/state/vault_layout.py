@@ -4,12 +4,16 @@
     <root>/index.json       metadata, never pixels (the `_FIELDS` of each entry)
     <root>/keys/<id>.dek    the wrapped DEK                      <id> = sha256(request_id)
     <root>/data/<id>.bin    nonce || AES-GCM ciphertext || tag
+    <root>/ROTATION.json    only during a KEK rotation, from its commit point until it is finished:
+                            every keys/<id>.dek.next and kek-check.json.next is then the truth
+                            (`rotation.py`)
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +23,11 @@ from .kek import KeyEncryptionKey, VaultError
 from .sealed import SCHEMA, json_bytes, key_check, verify_key_check
 
 INDEX_FILE, CHECK_FILE, KEYS_DIR, DATA_DIR = "index.json", "kek-check.json", "keys", "data"
+ROTATION_FILE, NEXT_SUFFIX = "ROTATION.json", ".next"  # a committed KEK rotation; its staged files
 _FIELDS = ("request_id", "created_at", "digest", "shape", "shredded_at", "verified_version")
 
-__all__ = ["CHECK_FILE", "DATA_DIR", "INDEX_FILE", "KEYS_DIR", "ShredRecord", "VaultEntry", "VaultEntryMissing"]
+__all__ = ["CHECK_FILE", "DATA_DIR", "INDEX_FILE", "KEYS_DIR", "NEXT_SUFFIX", "ROTATION_FILE", "ShredRecord", "VaultEntry",
+           "VaultEntryMissing"]
 
 
 class VaultEntryMissing(VaultError):
@@ -103,3 +109,45 @@ def _has_entry_files(root: Path) -> bool:
 
 def _file_id(request_id: str) -> str:
     return hashlib.sha256(request_id.encode("utf-8")).hexdigest()
+
+
+def _pending_rotation(root: Path) -> dict[str, Any] | None:
+    """The record of a committed, unfinished KEK rotation, or None. Raises VaultError when unreadable."""
+    try:
+        record = json.loads((root / ROTATION_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise VaultError(f"{root / ROTATION_FILE} is not a rotation record: {err!r}") from err
+    if not isinstance(record, dict) or not {"rotation_id", "old_key_id", "new_key_id", "entries"} <= record.keys():
+        raise VaultError(f"{root / ROTATION_FILE} is not a rotation record: {record!r}")
+    return record
+
+
+def _roll_forward(root: Path, halfway: Callable[[], None] = lambda: None) -> int:
+    """Move every staged file of a committed rotation over its live one (keys first, the key check
+    last), then fsync; renames only, no KEK needed, idempotent. Returns how many were moved."""
+    staged = sorted((root / KEYS_DIR).glob(f"*{NEXT_SUFFIX}")) if (root / KEYS_DIR).is_dir() else []
+    try:
+        for i, path in enumerate(staged):
+            if i == len(staged) // 2:
+                halfway()
+            os.replace(path, path.with_name(path.name[: -len(NEXT_SUFFIX)]))
+        if staged:
+            fsync_dir(root / KEYS_DIR)
+        check = root / f"{CHECK_FILE}{NEXT_SUFFIX}"
+        if check.exists():
+            os.replace(check, root / CHECK_FILE)
+            staged.append(check)
+        fsync_dir(root)
+    except OSError as err:
+        raise VaultError(f"cannot finish the KEK rotation in {root}: {err}") from err
+    return len(staged)
+
+
+def _vault_key_id(root: Path) -> str:
+    """The key id the vault's key check names (no KEK needed). Raises VaultError."""
+    try:
+        return str(json.loads((root / CHECK_FILE).read_text(encoding="utf-8"))["key_id"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise VaultError(f"{root / CHECK_FILE} is not a key check record: {err!r}") from err

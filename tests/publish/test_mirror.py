@@ -10,7 +10,7 @@ import structlog
 import torch
 from prometheus_client import CollectorRegistry
 
-from object_store import ObjectStore
+from aws_server import AwsServer
 from streamer.publish import Mirror, S3Target, TargetDown, UploadLog
 from streamer.publish.mirror import FIRST_BACKOFF_S, IDLE_PASS_S, MAX_BACKOFF_S, serving_manifest
 from streamer.state import LEDGER_FILE, CheckpointStore, record_verification
@@ -147,19 +147,15 @@ def test_the_thread_uploads_on_a_nudge_and_stops(store: CheckpointStore) -> None
 
 
 class TestS3Target:
-    def test_layout_is_numbered_versions_and_an_alias_with_version(self, tmp_path: Path) -> None:
-        server = ObjectStore().start()
-        try:
-            server.client().create_bucket(Bucket="models")
-            target = S3Target("s3", "models", "prod", "digits", "current", server.client())
-            target.put_version("v000007", {"model.pt": b"weights", "streamer.json": b"{}"})
-            target.put_alias("v000007", {"model.pt": b"weights", "streamer.json": b"{}"})
-            assert server.objects("models") == {
-                "prod/digits/7/model.pt": b"weights", "prod/digits/7/streamer.json": b"{}",
-                "prod/digits/current/model.pt": b"weights", "prod/digits/current/streamer.json": b"{}",
-                "prod/digits/current/VERSION": b"7\n"}
-            missing = S3Target("s3", "no-such-bucket", "", "digits", "current", server.client())
-            with pytest.raises(TargetDown, match="no-such-bucket"):
-                missing.put_version("v000001", {"model.pt": b"x"})
-        finally:
-            server.stop()
+    def test_layout_is_numbered_versions_and_an_alias_with_version(self, aws_server: AwsServer) -> None:
+        aws_server.client("s3").create_bucket(Bucket="layout")
+        target = S3Target("s3", "layout", "prod", "digits", "current", aws_server.client("s3"))
+        target.put_version("v000007", {"model.pt": b"weights", "streamer.json": b"{}"})
+        target.put_alias("v000007", {"model.pt": b"weights", "streamer.json": b"{}"})
+        assert aws_server.objects("layout") == {
+            "prod/digits/7/model.pt": b"weights", "prod/digits/7/streamer.json": b"{}",
+            "prod/digits/current/model.pt": b"weights", "prod/digits/current/streamer.json": b"{}",
+            "prod/digits/current/VERSION": b"7\n"}
+        missing = S3Target("s3", "no-such-bucket", "", "digits", "current", aws_server.client("s3"))
+        with pytest.raises(TargetDown, match="no-such-bucket"):
+            missing.put_version("v000001", {"model.pt": b"x"})

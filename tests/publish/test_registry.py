@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from object_store import free_port
+from aws_server import free_port
 from streamer.publish import MlflowTarget, TargetDown
 
 SERVING = {"version": "v000003", "model_sha256": "ab" * 32, "model_format": "state_dict",
