@@ -126,6 +126,9 @@ class KafkaConfig:
 class CheckpointsConfig:
     dir: Path = Path("runs/checkpoints")
     keep: int = 0  # 0 keeps every version
+    # Published versions (model files, manifests, CURRENT) readable by the group (0640, directories
+    # 0750), for a serving process of another user in that group; the rest stays the owner's alone
+    group_readable: bool = False
 
 
 @dataclass(frozen=True)
