@@ -233,9 +233,10 @@ def _check_dataset_label(sample: dict[str, Any], label: int, ctx: SampleContext)
     against the trained label (a wrong one makes misclassify 'met' with the model unchanged)."""
     labels = ctx.dataset_labels.get(sample.get("dataset")) if "dataset" in sample else None
     if labels is not None and int(labels[sample["index"]]) != label:
-        raise InvalidEvent(f"label {label} is not the label dataset {sample['dataset']!r} holds for index "
-                           f"{sample['index']} ({int(labels[sample['index']])}): goals are judged against the "
-                           "trained label")
+        what = f"label {label} is not the label dataset {sample['dataset']!r} holds for index {sample['index']}"
+        why = ": goals are judged against the trained label"
+        # the producer is not told the dataset's label; the operator's log and `streamer produce` are
+        raise InvalidEvent(what + why, detail=f"{what} ({int(labels[sample['index']])}){why}")
 
 
 def _valid_request_id(value: Any) -> str | None:
