@@ -9,11 +9,14 @@ and hands the running daemon over to it (`streamer rebase`), which re-applies fr
 the retrained model does not meet. It ends with a summary per version, the erasure report (every
 request with its verification window; the demo closes windows after 2 later versions, so the
 first fragment's instances are crypto-shredded while it runs) and a PNG of forgotten-set / audit
-accuracy per version. Nothing it writes holds a deleted image in plaintext.
+accuracy per version. Nothing it writes holds a deleted image in plaintext. `data/`, the only uri
+root, holds nothing else (`kek.key` and `checkpoints/` lie beside it); the log and the reports are
+the owner's alone; the broker and the daemon get only the environment they need.
 """
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -25,9 +28,10 @@ from pathlib import Path
 import yaml
 from kafka import KafkaConsumer, TopicPartition
 
+from ..environ import BASE, PYTHON, child_env
 from ..text import plural
 from ..kafka import Broker, ensure_topics, free_port, topic_configs_by_name
-from ..state import CheckpointStore, generate_kek_file
+from ..state import PRIVATE_FILE, CheckpointStore, generate_kek_file, write_atomic
 from ..config import DaemonConfig, load_config
 from ..engine import REFERENCE, REFERENCE_INPUT, USER_LOADERS, accuracy, published_model
 from ..errors import StreamerError
@@ -44,11 +48,13 @@ class DemoError(StreamerError):
 
 
 def write_config(workdir: Path, dataset: str, weights: Path, bootstrap: str, metrics_port: int) -> Path:
+    """The demo's config.yaml; `uri` samples come from `workdir/data` only (created), not the KEK's directory."""
+    (workdir / "data").mkdir(mode=0o700, exist_ok=True)
     cfg = {
         "device": "auto",
         "model": {"source": f"reference:{dataset}", "weights": str(weights.resolve()), "num_classes": 10,
                   "input_shape": list(REFERENCE_INPUT[dataset]), "mean": [0.0], "std": [1.0]},
-        "data": {"uri_roots": [str(workdir.resolve())], "max_payload_bytes": 8388608,
+        "data": {"uri_roots": [str((workdir / "data").resolve())], "max_payload_bytes": 8388608,
                  "datasets": {dataset: {"builtin": dataset, "split": "train"}},
                  "audit": {"builtin": dataset, "split": "audit"}, "buffer": None},
         "unlearning": {"fragment_size": 8, "max_wait_s": 3.0},
@@ -141,7 +147,7 @@ def _retrain_and_rebase(cfg: DaemonConfig, dataset: str, workdir: Path, seed: in
     from .ops import forgotten, rebase
 
     listed = forgotten(cfg)
-    (workdir / "excluded.json").write_text(json.dumps(listed, indent=1))
+    write_atomic(workdir / "excluded.json", json.dumps(listed, indent=1).encode())  # ids and subjects: owner-only
     # the demo's request ids name their training index; a training pipeline matches on ids, subjects or `sample`
     indices = sorted(int(r["request_id"].rsplit("-", 1)[1]) for r in listed["requests"]
                      if r["request_id"].startswith(f"demo-{dataset}-"))
@@ -257,9 +263,10 @@ def run_demo(dataset: str = "mnist5k", requests: int = 24, workdir: Path | None 
         print(f"      vault key (KEK): {workdir / 'kek.key'} (mode 0600); topics created with "
               f"{TOPICS['requests']}: {dict(configs[TOPICS['requests']])}")
         print(f"[3/6] starting the daemon: streamer run --config {config}  (log: {workdir / 'daemon.log'})")
-        with open(workdir / "daemon.log", "wb") as log:
+        log_fd = os.open(workdir / "daemon.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, PRIVATE_FILE)
+        with os.fdopen(log_fd, "wb") as log:  # request ids and subjects: the owner's alone
             daemon = subprocess.Popen([sys.executable, "-m", "streamer", "run", "--config", str(config)],
-                                      stdout=log, stderr=subprocess.STDOUT)
+                                      stdout=log, stderr=subprocess.STDOUT, env=child_env((*BASE, *PYTHON)))
             try:
                 stream, expected = _plan(cfg, dataset, requests, seed)
                 sent = send(cfg, stream)
@@ -280,7 +287,7 @@ def run_demo(dataset: str = "mnist5k", requests: int = 24, workdir: Path | None 
                         daemon.kill()
     table, rows = summarize(cfg.checkpoints.dir, receipts)
     png = plot(rows, workdir / "accuracy_per_version.png")
-    (workdir / "erasure_report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+    write_atomic(workdir / "erasure_report.json", json.dumps(report, indent=2, sort_keys=True).encode())
     print(f"[6/6] done in {elapsed:.0f} s\n\n{table}\n")
     print(erasure_table(report))
     print(f"full erasure report: streamer erasure-report --config {config}  (saved: {workdir / 'erasure_report.json'})")

@@ -165,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         args.usage_error("--kms-region and --kms-endpoint-url go with --to-kms")
     if getattr(args, "attacks", False):
         args.func = _verify_attacks
+    from ..state import PRIVATE_UMASK  # here, not at the top: `streamer --help` stays fast
+
+    os.umask(PRIVATE_UMASK)  # whatever a command or a library creates is the owner's alone (README "Security")
     configure_logging(args.log_level or "info")
     try:
         status = args.func(args)

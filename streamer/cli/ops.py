@@ -179,7 +179,7 @@ def rollback(cfg, to_version: str, force: bool, timeout_s: float = 900.0) -> dic
     if not lock.acquire():
         return request_via_daemon(root, "ROLLBACK", {"to": to_version, "force": force}, timeout_s)
     try:
-        store = CheckpointStore(root, cfg.checkpoints.keep)
+        store = CheckpointStore(root, cfg.checkpoints.keep, group_readable=cfg.checkpoints.group_readable)
         live = {e.request_id for e in read_index(cfg.privacy.vault_path(root)) if not e.shredded}
         with Ledger(root / LEDGER_FILE) as ledger:
             return run_rollback(store, ledger, to_version, force, live.__contains__)
@@ -205,9 +205,10 @@ def rebase(cfg: DaemonConfig, weights: str, excluded: str, timeout_s: float = 90
     weights, excluded = str(Path(weights).resolve()), str(Path(excluded).resolve())
     lock = DirectoryLock(root)
     if not lock.acquire():
-        return request_via_daemon(root, "REBASE", {"weights": weights, "excluded": excluded}, timeout_s)
+        return request_via_daemon(root, "REBASE", {"weights_given": weights}, timeout_s,  # copied in, not named
+                                  files={"weights": Path(weights), "excluded": Path(excluded)})
     try:
-        store = CheckpointStore(root, cfg.checkpoints.keep)
+        store = CheckpointStore(root, cfg.checkpoints.keep, group_readable=cfg.checkpoints.group_readable)
         vault = open_vault(cfg, writer=False)
         with Ledger(root / LEDGER_FILE) as ledger:
             return run_rebase(cfg, store, ledger, vault, weights, excluded, time.time)

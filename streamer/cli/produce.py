@@ -74,7 +74,8 @@ def prepare(items: Iterable[tuple[str, bytes | InvalidEvent]], ctx: SampleContex
             request = parse_event(value, ctx)
             out.append(Prepared(where, request.request_id, value, None))
         except InvalidEvent as err:
-            out.append(Prepared(where, err.request_id, value if isinstance(value, bytes) else b"", err.reason))
+            # the operator's account (`detail`): the producer running this command has the config and its data
+            out.append(Prepared(where, err.request_id, value if isinstance(value, bytes) else b"", err.detail))
     return out
 
 

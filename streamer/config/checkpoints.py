@@ -27,7 +27,8 @@ __all__ = ["TARGET_KEYS", "checkpoints_section"]
 
 def checkpoints_section(s: _Section) -> CheckpointsConfig:
     cfg = CheckpointsConfig(dir=s.resolve(s.string("dir", str(_CHECKPOINTS.dir))),
-                            keep=s.integer("keep", _CHECKPOINTS.keep, minimum=0), publish=_publish(s))
+                            keep=s.integer("keep", _CHECKPOINTS.keep, minimum=0), publish=_publish(s),
+                            group_readable=s.boolean("group_readable", _CHECKPOINTS.group_readable))
     s.done()
     return cfg
 

@@ -256,7 +256,8 @@ def _privacy(s: _Section, checkpoints_dir: Path) -> PrivacyConfig:
         s.fail("", f"set one of kek_file, kek_env and kek_kms, not {' and '.join(given)}")
     vault_dir = s.optional_path("vault_dir") or checkpoints_dir / "vault"
     for name, directory in (("checkpoints.dir", checkpoints_dir), ("privacy.vault_dir", vault_dir)):
-        if kek_file is not None and kek_file.is_relative_to(directory):
+        # resolved, symlinks followed: a link to the directory (or from it) is the directory
+        if kek_file is not None and kek_file.resolve().is_relative_to(directory.resolve()):
             s.fail("kek_file", f"{kek_file} is inside {name}: a copy of that directory would hold the key "
                                "with the data it protects; keep the KEK elsewhere")
     window = s.section("verify_window")

@@ -131,6 +131,10 @@ class CheckpointsConfig:
     # {kind: s3, name, bucket, prefix, model_name, alias, endpoint_url, region} (publish/targets.py)
     publish: tuple[Mapping[str, Any], ...] = ()
 
+    # Published versions (model files, manifests, CURRENT) readable by the group (0640, directories
+    # 0750), for a serving process of another user in that group; the rest stays the owner's alone
+    group_readable: bool = False
+
 
 @dataclass(frozen=True)
 class KmsKeyConfig:

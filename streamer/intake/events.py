@@ -38,6 +38,7 @@ from .samples import DTYPES, FILE_SUFFIXES, InvalidEvent, SampleContext, _is_int
 SCHEMA_VERSION = 1
 MODES = REQUEST_MODES  # misclassify | relabel | unseen
 MAX_SUBJECT_CHARS = 256
+MAX_JSON_VALUES = 1024  # commas + objects + arrays: an event has ~10, a subject may hold a few hundred commas
 
 _REQUIRED_KEYS = frozenset({"schema", "request_id", "label", "sample"})
 _OPTIONAL_KEYS = frozenset({"mode", "target_label", "subject", "requested_at"})
@@ -129,7 +130,12 @@ def _load_object(value: bytes) -> dict[str, Any]:
     """The record value as a JSON object, strictly: UTF-8 (RFC 8259 sec. 8.1), no duplicate keys
     (sec. 4 leaves them undefined: we refuse to guess which value was meant), no NaN/Infinity,
     and no string that a UTF-8 store cannot hold or a person cannot see (unpaired surrogates from
-    \\uD800-\\uDFFF escapes, control characters)."""
+    \\uD800-\\uDFFF escapes, control characters). At most MAX_JSON_VALUES values, counted from the
+    bytes before parsing: `[{},{},...]` or `["ab","ab",...]` would take 12-24 times the payload."""
+    separators = value.count(b",") + value.count(b"{") + value.count(b"[")
+    if separators > MAX_JSON_VALUES:
+        raise InvalidEvent(f"payload has {separators} JSON commas, objects and arrays, more than the "
+                           f"{MAX_JSON_VALUES} allowed (an event has a handful)")
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -227,9 +233,10 @@ def _check_dataset_label(sample: dict[str, Any], label: int, ctx: SampleContext)
     against the trained label (a wrong one makes misclassify 'met' with the model unchanged)."""
     labels = ctx.dataset_labels.get(sample.get("dataset")) if "dataset" in sample else None
     if labels is not None and int(labels[sample["index"]]) != label:
-        raise InvalidEvent(f"label {label} is not the label dataset {sample['dataset']!r} holds for index "
-                           f"{sample['index']} ({int(labels[sample['index']])}): goals are judged against the "
-                           "trained label")
+        what = f"label {label} is not the label dataset {sample['dataset']!r} holds for index {sample['index']}"
+        why = ": goals are judged against the trained label"
+        # the producer is not told the dataset's label; the operator's log and `streamer produce` are
+        raise InvalidEvent(what + why, detail=f"{what} ({int(labels[sample['index']])}){why}")
 
 
 def _valid_request_id(value: Any) -> str | None:

@@ -6,59 +6,33 @@
     {"dataset": "<configured name>", "index": 0}
 
 Every way a sample can be wrong raises `InvalidEvent` with a reason a person can act on; nothing
-is resized, clipped or converted between channel counts silently.
+is resized, clipped or converted between channel counts silently. A `uri` is read by `uri.py`
+(opened once, checked on the open file); every decoder bounds what it allocates (`pixels.py`).
 """
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
-from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..config import DEFAULT_MODES
-from ..errors import ConfigError, StreamerError
+from ..errors import ConfigError
+from .invalid import MAX_REASON_CHARS, InvalidEvent, storable_text  # noqa: F401 (re-exported)
+from .pixels import DTYPES, check_shape, image_pixels, npy_pixels, pt_pixels, to_pixels
+from .uri import FILE_SUFFIXES, read_uri
 
-DTYPES = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}  # raw tensor bytes are little-endian
-FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy", ".pt")
-MAX_REASON_CHARS = 1000  # a reason quotes event content: bounded, so dead letters and ledger rows stay small
 _SAMPLE_FORMS = (frozenset({"tensor"}), frozenset({"image_b64"}), frozenset({"uri"}),
                  frozenset({"dataset", "index"}))
 _TENSOR_KEYS = frozenset({"dtype", "shape", "data_b64"})
-# Single-band modes for C == 1, colour modes for C == 3; anything else (alpha, 16-bit, CMYK)
-# would need a lossy or ambiguous conversion, so it is rejected instead.
-_IMAGE_MODES = {1: ("1", "L"), 3: ("RGB", "P", "YCbCr")}
 
 
 __all__ = ["DTYPES", "FILE_SUFFIXES", "InvalidEvent", "SampleContext", "decode_sample", "storable_text"]
-
-
-def storable_text(text: str) -> str:
-    """`text` with unpaired surrogates and non-printable characters written as Python escapes
-    (\\ud83d, \\x00): any UTF-8 store (SQLite, Kafka, JSON logs) takes the result."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-
-
-class InvalidEvent(StreamerError):
-    """The event cannot be processed as sent: dead-letter it and emit a `rejected` receipt.
-
-    `request_id` is the event's id when it could be read (else None); `reason` says what is wrong.
-    """
-
-    def __init__(self, reason: str, request_id: str | None = None):
-        reason = storable_text(reason if len(reason) <= MAX_REASON_CHARS else
-                               f"{reason[:MAX_REASON_CHARS]}... ({len(reason)} characters)")
-        super().__init__(reason)
-        self.reason = reason
-        self.request_id = request_id
 
 
 @dataclass(frozen=True)
@@ -109,7 +83,7 @@ def decode_sample(sample: Any, ctx: SampleContext) -> torch.Tensor:
     if "tensor" in sample:
         return _tensor_sample(sample["tensor"], ctx)
     if "image_b64" in sample:
-        return _image_pixels(_b64decode("image_b64", sample["image_b64"]), ctx)
+        return image_pixels(_b64decode("image_b64", sample["image_b64"]), ctx.input_shape)
     if "uri" in sample:
         return _uri_sample(sample["uri"], ctx)
     return _dataset_sample(sample["dataset"], sample["index"], ctx)
@@ -133,111 +107,22 @@ def _tensor_sample(tensor: Any, ctx: SampleContext) -> torch.Tensor:
     shape = tensor["shape"]
     if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
         raise InvalidEvent(f"tensor shape must be a list of integers, got {shape!r}")
-    _check_shape(tuple(shape), ctx)
+    check_shape(tuple(shape), ctx.input_shape)  # before decoding: the data must be exactly this size
     raw = _b64decode("tensor data_b64", tensor["data_b64"])
     expected = math.prod(shape) * DTYPES[dtype].itemsize
     if len(raw) != expected:
         raise InvalidEvent(f"tensor data is {len(raw)} bytes, expected {expected} for {dtype} {shape}")
-    return _to_pixels(np.frombuffer(raw, dtype=DTYPES[dtype]).reshape(shape), ctx)
-
-
-def _check_shape(shape: tuple[int, ...], ctx: SampleContext) -> None:
-    if shape != tuple(ctx.input_shape):
-        raise InvalidEvent(f"sample shape {list(shape)} does not match the model's input shape {list(ctx.input_shape)}")
-
-
-def _to_pixels(array: np.ndarray, ctx: SampleContext) -> torch.Tensor:
-    """float32 must already be finite and in [0, 1]; uint8 is scaled by 1/255."""
-    _check_shape(tuple(array.shape), ctx)
-    if array.dtype == np.uint8:
-        return torch.from_numpy(array.astype(np.float32) / 255.0)
-    if array.dtype != np.float32:
-        raise InvalidEvent(f"sample dtype {array.dtype} is not allowed; use float32 or uint8")
-    if not np.isfinite(array).all():
-        raise InvalidEvent("sample has NaN or infinite values")
-    if array.size and (array.min() < 0.0 or array.max() > 1.0):
-        raise InvalidEvent(f"float32 sample values must lie in [0, 1], got [{array.min()}, {array.max()}]")
-    return torch.from_numpy(array.astype(np.float32, order="C", copy=True))
-
-
-def _image_pixels(data: bytes, ctx: SampleContext) -> torch.Tensor:
-    channels, height, width = ctx.input_shape
-    if channels not in _IMAGE_MODES:
-        raise InvalidEvent(f"image samples need a model with 1 or 3 input channels, not {channels}")
-    try:
-        with Image.open(io.BytesIO(data), formats=["PNG", "JPEG"]) as image:
-            # Size is read from the header: reject before decoding pixels (also stops bombs).
-            if image.size != (width, height):
-                raise InvalidEvent(
-                    f"image is {image.size[0]}x{image.size[1]} (WxH), expected {width}x{height}; "
-                    "streamer does not resize"
-                )
-            if image.mode not in _IMAGE_MODES[channels]:
-                raise InvalidEvent(
-                    f"image mode {image.mode} does not match {channels} input channel(s); "
-                    f"expected one of {', '.join(_IMAGE_MODES[channels])}"
-                )
-            image.load()
-            pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    except InvalidEvent:
-        raise
-    except Exception as err:  # untrusted bytes: whatever the decoder raises is a rejection, not a crash
-        raise InvalidEvent(f"image cannot be decoded as PNG or JPEG: {err}") from err
-    if channels == 1:
-        pixels = pixels[np.newaxis]  # (1, H, W)
-    else:
-        pixels = np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (H, W, 3) -> (3, H, W)
-    return _to_pixels(pixels, ctx)
+    return to_pixels(np.frombuffer(raw, dtype=DTYPES[dtype]).reshape(shape), ctx.input_shape)
 
 
 def _uri_sample(uri: Any, ctx: SampleContext) -> torch.Tensor:
-    path = _resolve_uri(uri, ctx)
-    size = path.stat().st_size
-    if size > ctx.max_payload_bytes:
-        raise InvalidEvent(f"file {uri} is {size} bytes, more than the {ctx.max_payload_bytes} allowed")
-    suffix = path.suffix.lower()
-    if suffix in (".png", ".jpg", ".jpeg"):
-        return _image_pixels(path.read_bytes(), ctx)
-    if suffix == ".npy":
-        try:
-            array = np.load(path, allow_pickle=False)
-        except Exception as err:  # untrusted file: ValueError, EOFError, even tokenize.TokenError
-            raise InvalidEvent(f"{uri} is not a plain .npy array: {err}") from err
-        if not isinstance(array, np.ndarray):  # an .npz archive under a .npy name
-            array.close()
-            raise InvalidEvent(f"{uri} does not hold a single array")
-        return _to_pixels(array, ctx)
+    """The file `uri` names, read once inside the roots (intake/uri.py), decoded within bounds (pixels.py)."""
+    data, suffix = read_uri(uri, ctx.uri_roots, ctx.max_payload_bytes)
+    decode = image_pixels if suffix in (".png", ".jpg", ".jpeg") else npy_pixels if suffix == ".npy" else pt_pixels
     try:
-        tensor = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # untrusted file: UnpicklingError, RuntimeError, EOFError, ...
-        raise InvalidEvent(f"{uri} cannot be loaded as a tensor with weights_only=True: {err}") from err
-    if not isinstance(tensor, torch.Tensor):
-        raise InvalidEvent(f"{uri} holds a {type(tensor).__name__}, expected a tensor")
-    if tensor.dtype not in (torch.float32, torch.uint8):
-        raise InvalidEvent(f"sample dtype {tensor.dtype} is not allowed; use float32 or uint8")
-    return _to_pixels(tensor.detach().contiguous().numpy(), ctx)
-
-
-def _resolve_uri(uri: Any, ctx: SampleContext) -> Path:
-    """The real path a file:// uri names, if it lies inside a uri root and is a supported file."""
-    if not isinstance(uri, str):
-        raise InvalidEvent(f"uri must be a string, got {uri!r}")
-    parts = urlsplit(uri)
-    if parts.scheme != "file":
-        raise InvalidEvent(f"uri scheme must be file, got {parts.scheme or 'none'!r}")
-    if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
-        raise InvalidEvent(f"uri must be file:///ABSOLUTE/PATH with no host, query or fragment, got {uri!r}")
-    # realpath resolves `..` and every symlink, so a link inside a root that points out is caught.
-    real = os.path.realpath(unquote(parts.path))
-    roots = [os.path.realpath(root) for root in ctx.uri_roots]
-    if not any(os.path.commonpath([real, root]) == root for root in roots):
-        raise InvalidEvent(f"uri {uri} resolves to {real}, which is outside the allowed roots")
-    suffix = Path(real).suffix.lower()
-    if suffix not in FILE_SUFFIXES:
-        raise InvalidEvent(f"uri file type {suffix or '(none)'!r} is not supported; use {', '.join(FILE_SUFFIXES)}")
-    if not os.path.isfile(real):
-        raise InvalidEvent(f"uri {uri}: file not found")
-    return Path(real)
+        return decode(data, ctx.input_shape)
+    except InvalidEvent as err:
+        raise InvalidEvent(f"{uri}: {err.reason}", detail=f"{uri}: {err.detail}") from err
 
 
 def _dataset_sample(name: Any, index: Any, ctx: SampleContext) -> torch.Tensor:

@@ -27,6 +27,8 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError
 
+from ..environ import BASE, child_env
+
 
 class BrokerError(RuntimeError):
     """The embedded broker could not be found, started or used."""
@@ -128,8 +130,7 @@ class Broker:
 
     def _spawn(self, executable: Path) -> subprocess.Popen[bytes]:
         url = f"tcp://{self.bootstrap}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-        env["NO_COLOR"] = "1"
+        env = child_env(BASE, NO_COLOR="1")  # never the parent's secrets (a KEK in STREAMER_KEK, credentials)
         self._log = tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log")  # noqa: SIM115
         self._process = subprocess.Popen(
             [str(executable), "broker", "--listener-url", url, "--advertised-listener-url", url,

@@ -4,7 +4,9 @@ Each polled record is either accepted into the pending fragment, kept as a repea
 request_id (answered `duplicate` with the version that applies the first), or answered at once:
 `rejected` (dead letter first, then ledger row, then receipt) or `duplicate` of an applied
 request. A record the ledger already knows (re-read after a crash) is skipped. Answered records'
-offsets are committed with the next fragment.
+offsets are committed with the next fragment. A rejection's reason leaves the daemon (dead letter,
+ledger, receipt) and says what is wrong with the event; what it leaves out (a resolved path, the
+request it conflicts with, a dataset's label: `InvalidEvent.detail`) goes to the log only.
 """
 from __future__ import annotations
 
@@ -188,9 +190,10 @@ class Collector:
         except InvalidEvent:
             raise
         except Exception as err:  # noqa: BLE001 - a decoder bug or a hostile input: this record only
-            raise InvalidEvent(f"the event could not be decoded: {type(err).__name__}: {err}") from err
+            raise InvalidEvent(f"the event could not be decoded ({type(err).__name__})",
+                               detail=f"the event could not be decoded: {type(err).__name__}: {err}") from err
 
-    def _conflict(self, request: ForgetRequest) -> str | None:
+    def _conflict(self, request: ForgetRequest) -> InvalidEvent | None:
         """Why `request` cannot be taken: its request_id names an applied or pending request with
         other content, or its goal cannot be met together with an applied or pending request for
         the same instance (e.g. two relabels to different classes); None if it can."""
@@ -221,6 +224,9 @@ class Collector:
     def _reject(self, record: ConsumerRecord, err: InvalidEvent, dead_letters: list[Any]) -> RequestOutcome:
         request_id = err.request_id or _request_id_of(record)
         now = rfc3339(self._clock())
+        if err.detail != err.reason:  # what the producer is not told, for the operator only
+            self._log.bind(request_id=request_id, partition=record.partition, offset=record.offset).info(
+                "event_rejected_detail", topic=record.topic, reason=err.reason, detail=err.detail)
         dead_letters.append(self._outbox.send_dead_letter(err.reason, request_id, record.topic, record.partition,
                                                           record.offset, record.key, record.value, now))
         return outcome_of("rejected", request_id, None, err.reason, record, None, now)
@@ -230,7 +236,7 @@ class Collector:
         reused id), duplicate (owed, applied, or pending: then a repeat)."""
         conflict = self._conflict(request)
         if conflict is not None:
-            return self._reject(record, InvalidEvent(conflict, request.request_id), dead_letters)
+            return self._reject(record, conflict, dead_letters)
         ledger = self._outbox.ledger
         if ledger.owed(request.request_id):
             return outcome_of("duplicate", request.request_id, None,

@@ -7,8 +7,12 @@ relabel to 5 and a relabel to 7, or a relabel to 5 and a misclassify of an insta
 An unseen request's class is known only once the engine resolves it, so an unseen request
 conflicts with any misclassify or relabel of the same instance (pending or applied), and not
 with another unseen one (the same goal). Such a request could never be met without breaking the
-other, and as a retained instance it would tax every later fragment; it is rejected naming the
-request it conflicts with.
+other, and as a retained instance it would tax every later fragment; it is rejected.
+
+The reasons go back to the producer (dead letter and receipt), so they name this request's own
+goal only: never the other request's id, goal or label (that someone else asked to forget the
+image is not this producer's to learn beyond the refusal itself). `InvalidEvent.detail`, for the
+operator's log, names the other request.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..intake import ForgetRequest, Goal
+from ..intake import ForgetRequest, Goal, InvalidEvent
 from ..state import ForgottenSet
 
 __all__ = ["GoalIndex", "instance_sha256"]
@@ -56,25 +60,28 @@ class GoalIndex:
         self._seen: ForgottenSet | None = None
         self._index: dict[str, list[_Asked]] = {}
 
-    def conflict(self, request: ForgetRequest, pending: Sequence[Entry] = ()) -> str | None:
-        """A reason naming the conflicting request, or None. `pending`: the requests collected so far."""
+    def conflict(self, request: ForgetRequest, pending: Sequence[Entry] = ()) -> InvalidEvent | None:
+        """The rejection of `request` when its goal conflicts with another's for the same instance
+        (its detail names the other request), or None. `pending`: the requests collected so far."""
         digest = instance_sha256(request.x)
         others = list(self._applied().get(digest, ()))
         others += [_Asked(rid, goal) for rid, goal, x in pending if instance_sha256(x) == digest]
         goal = request.goal
         for other in others:
             if other.request_id != request.request_id and not _compatible(goal, other.goal, self._num_classes):
-                why = (f"no prediction can meet both that and {goal.describe()}"
+                why = (f"no prediction can meet both that goal and {goal.describe()}"
                        if not (goal.unseen or other.goal.unseen) else
                        f"this request is {goal.describe()}, and an unseen goal takes the class the model decides, "
                        "so it cannot be combined with a misclassify or relabel of the same instance")
-                return (f"conflicts with request {other.request_id} for the same instance ({other.goal.describe()}): "
-                        f"{why}")
+                return InvalidEvent(f"conflicts with a goal already asked for the same instance: {why}",
+                                    request.request_id, detail=f"conflicts with request {other.request_id} for the "
+                                                               f"same instance ({other.goal.describe()}): {why}")
         return None
 
-    def reused(self, request: ForgetRequest, pending: Sequence[Entry] = ()) -> str | None:
-        """Why `request` reuses the request_id of an applied (still retained) or pending request with
-        other content -- another instance, label or goal -- or None (new, or the same request
+    def reused(self, request: ForgetRequest, pending: Sequence[Entry] = ()) -> InvalidEvent | None:
+        """The rejection of `request` when it reuses the request_id of an applied (still retained) or
+        pending request with other content -- another instance, label or goal (the reason says
+        which, its detail also what the first request had) -- or None (new, or the same request
         again: a duplicate). An idempotency key names one request; a repeat with other content is
         not that request, and answering it `duplicate` would leave its instance unforgotten.
         Shredded requests' content is gone, so their ids can only be recognised as duplicates."""
@@ -83,15 +90,16 @@ class GoalIndex:
         earlier += [(instance_sha256(x), _Asked(rid, g)) for rid, g, x in pending if rid == request.request_id]
         for other_digest, other in earlier:
             if other_digest != digest:
-                what = "another instance (other pixels)"
+                what, was = "another instance (other pixels)", ""
             elif other.goal.label != goal.label:
-                what = f"another label ({goal.label}, was {other.goal.label})"
+                what, was = "another label", f" ({goal.label}, was {other.goal.label})"
             elif not _same(goal, other.goal):
-                what = f"another goal ({goal.describe()}, was {other.goal.describe()})"
+                what, was = "another goal", f" ({goal.describe()}, was {other.goal.describe()})"
             else:
                 continue
-            return (f"request_id {request.request_id} is already used by a request for {what}: a request_id names one "
-                    "request; send this one under a new request_id")
+            text = (f"request_id {request.request_id} is already used by a request for {what}{{}}: a request_id names "
+                    "one request; send this one under a new request_id")
+            return InvalidEvent(text.format(""), request.request_id, detail=text.format(was))
         return None
 
     def _applied(self) -> dict[str, list[_Asked]]:

@@ -60,15 +60,16 @@ class RebasePlan:
 
 
 def plan_rebase(cfg: DaemonConfig, store: CheckpointStore, ledger: Ledger, vault: ForgetVault, weights: Path,
-                excluded: Path) -> RebasePlan:
-    """What the rebase will publish. Raises RebaseRefused (no version, a list that misses a
-    request, weights that do not load) before anything is written."""
+                excluded: Path, shown: str | None = None) -> RebasePlan:
+    """What the rebase will publish (`shown`: the weights' name to record, default `weights`).
+    Raises RebaseRefused (no version, a list that misses a request, weights that do not load)
+    before anything is written."""
     current_version = store.current_version()
     if current_version is None:
         raise RebaseRefused(f"no version in {store.root}: start the daemon once before rebasing")
     current = store.manifest(current_version)
     _check_covered(ledger, excluded)
-    net, model_file, base = _load_new(cfg, weights)
+    net, model_file, base = _load_new(cfg, weights, shown or str(weights))
     lineage = store.lineage(current.version)
     rows = {}  # request_id -> its newest row in the lineage
     for manifest in reversed(lineage):
@@ -109,15 +110,17 @@ def apply_rebase(store: CheckpointStore, ledger: Ledger, plan: RebasePlan,
 
 
 def run_rebase(cfg: DaemonConfig, store: CheckpointStore, ledger: Ledger, vault: ForgetVault, weights: str,
-               excluded: str, clock: Callable[[], float]) -> dict:
-    """Plan and apply; the answer the command prints (and the daemon writes to the result file)."""
+               excluded: str, clock: Callable[[], float], shown: str | None = None) -> dict:
+    """Plan and apply; the answer the command prints (and the daemon writes to the result file).
+    `shown`: how to name the weights (the command's path, when the daemon reads a staged copy)."""
+    shown = shown or weights
     try:
-        plan = plan_rebase(cfg, store, ledger, vault, Path(weights), Path(excluded))
+        plan = plan_rebase(cfg, store, ledger, vault, Path(weights), Path(excluded), shown)
         manifest = apply_rebase(store, ledger, plan, clock)
     except RebaseRefused as err:
         return {"ok": False, "version": None, "message": f"rebase refused: {err}"}
     return {"ok": True, "version": manifest.version, "message": (
-        f"published {manifest.version} = the retrained model {weights} (audit accuracy "
+        f"published {manifest.version} = the retrained model {shown} (audit accuracy "
         f"{plan.base.get('audit_accuracy')}); CURRENT = {manifest.version}; {len(plan.carried)} retained requests "
         f"meet their goal on it (carried), {len(plan.replay)} will be applied from the forget vault by the daemon "
         f"(re-applied or owed), {len(plan.covered)} are covered by the retraining")}
@@ -138,7 +141,7 @@ def _check_covered(ledger: Ledger, excluded: Path) -> None:
                             "(`streamer forgotten` writes the full list)")
 
 
-def _load_new(cfg: DaemonConfig, weights: Path) -> tuple[nn.Module, ModelFile, dict[str, Any]]:
+def _load_new(cfg: DaemonConfig, weights: Path, shown: str) -> tuple[nn.Module, ModelFile, dict[str, Any]]:
     """NEW as the configured model (its file in the configured format) and the `base` record."""
     try:
         data = weights.read_bytes()
@@ -151,7 +154,7 @@ def _load_new(cfg: DaemonConfig, weights: Path) -> tuple[nn.Module, ModelFile, d
     if cfg.data.audit is not None:
         data_ref = load_dataset_ref(cfg.data.audit, shape)
         audit = round(accuracy_of(net, data_ref.x.to(device), data_ref.y.to(device)), 6)
-    base = {"sha256": hashlib.sha256(data).hexdigest(), "weights": str(weights), "audit_accuracy": audit}
+    base = {"sha256": hashlib.sha256(data).hexdigest(), "weights": shown, "audit_accuracy": audit}
     with torch.no_grad():
         return net, ModelFile(fmt, save_user_model(net.net, fmt, shape)), base
 

@@ -23,7 +23,8 @@ from ..config import DaemonConfig
 from ..engine import accuracy, clone_module, load_model, load_net_state, save_user_model, select_trainable
 from ..intake import SampleContext, load_dataset_ref, resolve_device, sample_context
 from ..state import (BASE_VERSION, LEDGER_FILE, Checkpoint, CheckpointDirLocked, CheckpointStore, DirectoryLock,
-                     ForgetVault, Ledger, ModelFile, ShredLog, load_retained, migrate_legacy, open_vault)
+                     ForgetVault, Ledger, ModelFile, ShredLog, load_retained, migrate_legacy, open_vault,
+                     remove_stale_staged)
 from ..pipeline import FragmentWorker
 from ..telemetry import Metrics
 
@@ -54,7 +55,7 @@ def recover(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], f
     """Load CURRENT and everything around it (what a crash left is repaired by `Commit.repair`
     next); the gauges continue from CURRENT's manifest. Raises CheckpointDirLocked if another
     process holds the directory, VaultKeyError when the KEK is missing, unreadable or not the vault's."""
-    store = CheckpointStore(cfg.checkpoints.dir, cfg.checkpoints.keep, clock)
+    store = CheckpointStore(cfg.checkpoints.dir, cfg.checkpoints.keep, clock, cfg.checkpoints.group_readable)
     lock = DirectoryLock(store.root)  # single writer first: nothing is cleaned or written before it
     if not lock.acquire():
         raise CheckpointDirLocked(f"{store.root} is locked by another process ({store.root / 'LOCK'}): "
@@ -85,8 +86,9 @@ def recover(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], f
 
 
 def _clean(store: CheckpointStore, log: Any) -> None:
-    """Temp files of an interrupted publish removed; versions written but never CURRENT logged."""
-    stale = store.recover()
+    """Temp files of an interrupted publish, and files staged for operator requests no longer
+    pending, removed; versions written but never CURRENT logged."""
+    stale = store.recover() + remove_stale_staged(store.root)
     if stale:
         log.info("stale_temp_files_removed", files=stale)
     orphans = store.orphans()

@@ -23,7 +23,8 @@ from ..config import DaemonConfig
 from ..kafka import ensure_topics, make_consumer, make_producer, topic_configs_by_name
 from ..pipeline import Commit, Outbox, Repaired, UtilityBudget, VaultKeeper, run_rebase
 from ..publish import Mirror, make_targets
-from ..state import KINDS, Manifest, Window, answer_request, load_retained, run_rollback, take_request
+from ..state import (KINDS, Manifest, OperationRefused, Window, answer_request, load_retained, run_rollback,
+                     staged_file, take_request)
 from ..telemetry import Metrics
 from .recovery import Recovered, recover, resume_gauges
 
@@ -110,14 +111,25 @@ class Services:
                 answer = run_rollback(store, self.state.ledger, str(request.get("to")), bool(request.get("force")),
                                       vault.__contains__)
             else:
-                answer = run_rebase(self.cfg, store, self.state.ledger, vault, str(request.get("weights")),
-                                    str(request.get("excluded")), clock)
+                answer = self._rebase(request, clock)
             manifest = self._load(answer["version"]) if answer["ok"] else None
             answer_request(store.root, kind, request, answer)
             log.bind(version=store.current_version()).info(kind.lower(), ok=answer["ok"], message=answer["message"])
             if manifest is not None:
                 return manifest
         return None
+
+    def _rebase(self, request: dict, clock: Callable[[], float]) -> dict:
+        """A rebase request: its weights and exclusion list are the copies the command staged in
+        the checkpoint directory, never a path the request names (state/operations.py)."""
+        store = self.state.store
+        try:
+            weights, excluded = (staged_file(store.root, "REBASE", request, key) for key in ("weights", "excluded"))
+        except OperationRefused as err:
+            return {"ok": False, "version": None, "message": f"rebase refused: {err}"}
+        given = request.get("weights_given")
+        return run_rebase(self.cfg, store, self.state.ledger, self.state.vault, str(weights), str(excluded), clock,
+                          shown=given if isinstance(given, str) else None)
 
     def _load(self, version: str) -> Manifest:
         """Make `version` (just published by a rollback or rebase) the worker's, and announce it."""

@@ -11,11 +11,11 @@ outcomes and the ledger (`RequestOutcome`, `APPLIED`, `Ledger`, `LedgerError`, `
 `finish_rotation`, `vault_key_id`, `Rotation`, `ROTATION_CRASH_POINTS`, `RotationLog`, `RotationRow`,
 `DisposalRow`), shreds (`ShredLog`, `ShredRow`), rollback
 (`plan_rollback`, `apply_rollback`, `run_rollback`), operator requests to a running daemon
-(`request_via_daemon`, `take_request`, `answer_request`, `OperationTimeout`), the single-writer lock (`DirectoryLock`, `CheckpointDirLocked`) and durable
-writes (`write_atomic`, `fsync_dir`, `pretty_json`).
+(`request_via_daemon`, `take_request`, `staged_file`, `remove_stale_staged`, `answer_request`, `OperationTimeout`, `OperationRefused`), the single-writer lock (`DirectoryLock`, `CheckpointDirLocked`) and durable
+writes and file modes (`write_atomic`, `write_new`, `fsync_dir`, `pretty_json`, `PRIVATE_FILE`, `PRIVATE_UMASK`).
 """
 from .checkpoints import CheckpointStore
-from .durable import fsync_dir, pretty_json, write_atomic
+from .durable import PRIVATE_FILE, PRIVATE_UMASK, fsync_dir, pretty_json, write_atomic, write_new
 from .kek import VaultError, VaultKeyError, generate_kek_file
 from .kek_source import Disposal, configured_kek, describe_source, dispose_kek
 from .kms import KmsKEK
@@ -29,7 +29,8 @@ from .migrate import migrate_legacy
 from .outcome import APPLIED, RequestOutcome
 from .reconcile import reconcile
 from .retained import Window, last_verified, load_retained, needed_ids, next_refs, open_vault, referenced_ids
-from .operations import KINDS, OperationTimeout, answer_request, request_via_daemon, take_request
+from .operations import (KINDS, OperationRefused, OperationTimeout, answer_request, remove_stale_staged,
+                         request_via_daemon, staged_file, take_request)
 from .rollback import apply_rollback, plan_rollback, run_rollback
 from .rotation import ROTATION_CRASH_POINTS, Rotation, finish_rotation, rotate_vault, vault_key_id
 from .rotation_log import DisposalRow, RotationLog, RotationRow
@@ -38,12 +39,15 @@ from .shreds import ShredLog, ShredRow
 from .vault import ForgetVault, VaultItem, read_index
 from .verified import VERIFIED_FILE, read_verification, record_verification
 
-__all__ = ["APPLIED", "BASE_VERSION", "KINDS", "LEDGER_FILE", "MANIFEST_FILE", "ROTATION_CRASH_POINTS", "Disposal", "DisposalRow",
-           "KmsKEK", "Rotation", "RotationLog", "RotationRow", "VaultError", "VaultKeyError", "configured_kek",
-           "describe_source", "dispose_kek", "finish_rotation", "rotate_vault", "vault_key_id", "Checkpoint", "CheckpointDirLocked", "CheckpointError",
-           "CheckpointStore", "DirectoryLock", "ForgetVault", "ForgottenSet", "Ledger", "LedgerError", "Manifest",
-           "ModelFile", "OperationTimeout", "RequestOutcome", "RetainedRef", "ShredLog", "ShredRow", "VERIFIED_FILE", "VaultIntegrityError", "VaultItem",
-           "Window", "answer_request", "apply_rollback", "connect_ledger", "fsync_dir", "generate_kek_file", "last_verified", "ledger_transaction",
-           "load_retained", "migrate_legacy", "needed_ids", "next_refs", "open_vault", "parse_rfc3339", "plan_rollback",
-           "pretty_json", "read_index", "read_verification", "reconcile", "record_verification", "referenced_ids", "request_via_daemon", "rfc3339", "run_rollback",
-           "take_request", "version_number", "write_atomic"]
+__all__ = ["APPLIED", "BASE_VERSION", "Checkpoint", "CheckpointDirLocked", "CheckpointError", "CheckpointStore",
+           "DirectoryLock", "Disposal", "DisposalRow", "ForgetVault", "ForgottenSet", "KINDS", "KmsKEK",
+           "LEDGER_FILE", "Ledger", "LedgerError", "MANIFEST_FILE", "Manifest", "ModelFile", "OperationRefused",
+           "OperationTimeout", "PRIVATE_FILE", "PRIVATE_UMASK", "ROTATION_CRASH_POINTS", "RequestOutcome",
+           "RetainedRef", "Rotation", "RotationLog", "RotationRow", "ShredLog", "ShredRow", "VERIFIED_FILE",
+           "VaultError", "VaultIntegrityError", "VaultItem", "VaultKeyError", "Window", "answer_request",
+           "apply_rollback", "configured_kek", "connect_ledger", "describe_source", "dispose_kek", "finish_rotation",
+           "fsync_dir", "generate_kek_file", "last_verified", "ledger_transaction", "load_retained",
+           "migrate_legacy", "needed_ids", "next_refs", "open_vault", "parse_rfc3339", "plan_rollback",
+           "pretty_json", "read_index", "read_verification", "reconcile", "record_verification", "referenced_ids",
+           "remove_stale_staged", "request_via_daemon", "rfc3339", "rotate_vault", "run_rollback", "staged_file",
+           "take_request", "vault_key_id", "version_number", "write_atomic", "write_new"]

@@ -17,6 +17,8 @@ its version name (never over an existing one) and fsyncs the parent; only then i
 replaced (temp file + fsync + rename + fsync). A crash at any point leaves CURRENT naming a
 complete, verified version: the checkpoint, not the Kafka group offset, is the source of truth.
 v000000 is the configured initial model, kept forever so a rollback to the base is possible.
+Files are read by the names streamer writes, never through a symlink; versions are the owner's
+alone, or readable by the group with `group_readable` (README "Security").
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import shutil
 import time
 import uuid
@@ -35,43 +38,43 @@ import torch
 
 from ..engine import read_state_dict
 from ..errors import ModelLoadError
-from .durable import fsync_dir as _fsync_dir, pretty_json, write_atomic, write_new as _write_synced
+from .durable import (PRIVATE_DIR, PRIVATE_FILE, SHARED_DIR, SHARED_FILE, fsync_dir as _fsync_dir, make_dir,
+                      pretty_json, read_file, restrict, write_atomic, write_new as _write_synced)
 from .manifest import (BASE_VERSION, CURRENT_FILE, FORGOTTEN_FILE, MANIFEST_FILE, MANIFEST_SCHEMA,  # noqa: F401
                        MODEL_FILE, Checkpoint, CheckpointError, ForgottenSet, Manifest, ModelFile, Offsets, RetainedRef,
                        _TEMP_PREFIX, _VERSION, _attack_entries, format_version, rfc3339, version_number)
 
-__all__ = [
-    "BASE_VERSION",
-    "Checkpoint",
-    "CheckpointError",
-    "CheckpointStore",
-    "ForgottenSet",
-    "Manifest",
-    "ModelFile",
-    "RetainedRef",
-    "format_version",
-    "rfc3339",
-    "version_number",
-]
+__all__ = ["BASE_VERSION", "Checkpoint", "CheckpointError", "CheckpointStore", "ForgottenSet", "Manifest", "ModelFile",
+           "RetainedRef", "format_version", "rfc3339", "version_number"]
 
 
 class CheckpointStore:
     """The version directories under `root`. One writer (the daemon) per directory; readers
     (`streamer checkpoints`, `streamer verify`, serving systems) may look at any time."""
 
-    def __init__(self, root: str | Path, keep: int = 0, clock: Callable[[], float] = time.time):
+    def __init__(self, root: str | Path, keep: int = 0, clock: Callable[[], float] = time.time,
+                 group_readable: bool = False):
         if keep < 0:
             raise ValueError(f"keep must be >= 0 (0 keeps all), got {keep}")
         self.root, self.keep, self._clock = Path(root), keep, clock
+        # published versions: the owner's alone, or also readable by the group (checkpoints.group_readable)
+        self.file_mode, self.dir_mode = (SHARED_FILE, SHARED_DIR) if group_readable else (PRIVATE_FILE, PRIVATE_DIR)
 
     def recover(self) -> list[str]:
-        """Writer start-up: create the directory and delete temp files a crash mid-publish left
-        (they were never visible as versions). Never call it while another process publishes."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Writer start-up: create the directory, give it and every version the configured modes
+        (files written before modes were set are tightened), and delete temp files a crash
+        mid-publish left (they were never visible as versions). Never call it while another
+        process publishes."""
+        make_dir(self.root, self.dir_mode)
         removed = []
         for stale in self.root.glob(f"{_TEMP_PREFIX}*"):
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() and not stale.is_symlink() \
+                else stale.unlink(missing_ok=True)
             removed.append(stale.name)
+        for path in (p for p in self.root.iterdir() if p.is_file()):  # ledger, LOCK, requests: the owner's
+            restrict(path, self.file_mode if path.name == CURRENT_FILE else PRIVATE_FILE)
+        for path in (p for v in self.versions() for p in (self.root / v, *(self.root / v).iterdir())):
+            restrict(path, self.dir_mode if path.is_dir() else self.file_mode)
         return removed
 
     # --- reading -----------------------------------------------------------------------------
@@ -85,7 +88,10 @@ class CheckpointStore:
                     f"{path} is missing but {self.root} holds versions {existing[0]}..{existing[-1]}: the directory "
                     f"is damaged; check one with `streamer verify VERSION`, then write its name to {path}")
             return None
-        version = path.read_text(encoding="utf-8").strip()
+        try:
+            version = read_file(path, limit=64).decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"cannot read {path}: {err}") from err
         version_number(version)
         if not (self.root / version / MANIFEST_FILE).is_file():
             raise CheckpointError(f"CURRENT names {version}, which has no {MANIFEST_FILE} in {self.root}")
@@ -95,7 +101,7 @@ class CheckpointStore:
         """Version directories on disk, oldest first."""
         if not self.root.is_dir():
             return []
-        found = [p.name for p in self.root.iterdir() if p.is_dir() and _VERSION.fullmatch(p.name)]
+        found = [p.name for p in self.root.iterdir() if _VERSION.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
         return sorted(found, key=version_number)
 
     def path(self, version: str) -> Path:
@@ -108,12 +114,12 @@ class CheckpointStore:
     def _read_manifest(self, version: str) -> tuple[dict[str, Any], Manifest]:
         """The manifest file's JSON object as written, and the manifest it holds."""
         path = self.path(version) / MANIFEST_FILE
-        if not self.path(version).is_dir():
+        if not self.path(version).is_dir() or self.path(version).is_symlink():
             existing = self.versions()
             held = f"{existing[0]}..{existing[-1]}" if existing else "none"
             raise CheckpointError(f"no version {version} in {self.root} (versions on disk: {held})")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_file(path).decode("utf-8"))
         except (OSError, ValueError) as err:
             raise CheckpointError(f"cannot read {path}: {err}") from err
         manifest = Manifest.from_json(data)
@@ -191,8 +197,8 @@ class CheckpointStore:
         data["attacks"] = [*earlier, dict(entry)]
         updated = Manifest.from_json(data)
         path = self.path(version) / MANIFEST_FILE
-        try:
-            write_atomic(path, pretty_json(data))
+        try:  # the mode it had (published versions keep theirs), never more than group-readable
+            write_atomic(path, pretty_json(data), stat.S_IMODE(os.lstat(path).st_mode) & SHARED_FILE)
             _fsync_dir(path.parent)
         except OSError as err:
             raise CheckpointError(f"cannot rewrite {path}: {err}") from err
@@ -231,11 +237,12 @@ class CheckpointStore:
         )
         manifest_bytes = pretty_json(manifest.to_json())
         temp = self.root / f"{_TEMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}"
-        self.root.mkdir(parents=True, exist_ok=True)
-        temp.mkdir()
+        make_dir(self.root, self.dir_mode)
+        temp.mkdir(mode=self.dir_mode)
         try:
-            _write_synced(temp / model.name, model_bytes)
-            _write_synced(temp / MANIFEST_FILE, manifest_bytes)
+            restrict(temp, self.dir_mode)
+            _write_synced(temp / model.name, model_bytes, self.file_mode)
+            _write_synced(temp / MANIFEST_FILE, manifest_bytes, self.file_mode)
             _fsync_dir(temp)
             # rename(2) of a directory fails when the target exists and is not empty: never overwrites.
             os.rename(temp, self.root / version)
@@ -253,7 +260,7 @@ class CheckpointStore:
             raise CheckpointError(f"cannot switch CURRENT to {version}: no such version in {self.root}")
         temp = self.root / f"{_TEMP_PREFIX}{CURRENT_FILE}-{uuid.uuid4().hex[:8]}"
         try:
-            _write_synced(temp, f"{version}\n".encode("ascii"))
+            _write_synced(temp, f"{version}\n".encode("ascii"), self.file_mode)
             os.replace(temp, self.root / CURRENT_FILE)
         except OSError as err:
             temp.unlink(missing_ok=True)
@@ -281,16 +288,10 @@ def _torch_bytes(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _torch_load(data: bytes, where: Path) -> Any:
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # any unpickling failure of a file that passed its checksum
-        raise CheckpointError(f"cannot load {where}: {err}") from err
-
-
 def _read_verified(path: Path, sha256: str) -> bytes:
+    """The file's bytes (a regular file, not read through a symlink) once its sha256 matches."""
     try:
-        data = path.read_bytes()
+        data = read_file(path)
     except OSError as err:
         raise CheckpointError(f"cannot read {path}: {err}") from err
     actual = hashlib.sha256(data).hexdigest()

@@ -2,9 +2,11 @@
 
 The vault encrypts every instance under its own data key (DEK) and stores the DEK only wrapped by
 the KEK with AES key wrap (RFC 3394, AES-256). The KEK lives outside the data it protects: a file
-(mode 0600, e.g. a mounted Kubernetes Secret), an environment variable, or a KMS key (`kms.py`,
-the AWS KMS API). `KeyEncryptionKey` is the whole interface, two methods (and a key id), which
-`LocalKEK` and `KmsKEK` implement; another KMS (GCP KMS, Vault transit) would be a third class.
+(owner-only, e.g. a mounted Kubernetes Secret: one that others may read is refused, as ssh
+refuses such a private key; one its group may read is a warning), an environment variable, or a
+KMS key (`kms.py`, the AWS KMS API). `KeyEncryptionKey` is the whole interface, two methods (and
+a key id), which `LocalKEK` and `KmsKEK` implement; another KMS (GCP KMS, Vault transit) would be
+a third class.
 
 Key material is accepted as 32 raw bytes, 64 hex digits or base64 of 32 bytes; it is never logged
 or echoed. A key's id is a key check value, never the key.
@@ -15,16 +17,21 @@ import base64
 import binascii
 import hmac
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
+import structlog
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
 from ..errors import StreamerError
 from .durable import fsync_dir
 
 KEY_BYTES = 32  # AES-256 for the KEK and every DEK
+MAX_KEY_FILE_BYTES = 4096  # 32 raw bytes, 64 hex digits or 44 base64 characters, and whitespace
+
+log = structlog.get_logger()
 
 __all__ = ["KEY_BYTES", "KeyEncryptionKey", "LocalKEK", "VaultError", "VaultKeyError", "generate_kek_file",
            "kek_from_env", "kek_from_file", "load_kek"]
@@ -76,11 +83,22 @@ class LocalKEK:
 
 def kek_from_file(path: str | Path, key_id: str | None = None) -> LocalKEK:
     """The KEK in `path`: 32 raw bytes, 64 hex digits or base64 of 32 bytes (whitespace ignored).
-    Raises VaultKeyError when the file is missing, unreadable or holds no 256-bit key."""
+    Symlinks are followed (a mounted Kubernetes Secret is one); the mode is checked on the file
+    opened. Raises VaultKeyError when the file is missing, unreadable, readable or writable by
+    others (chmod 600 it), or holds no 256-bit key; logs `kek_file_group_accessible` when its
+    group may read or write it."""
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as fh:
+            mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
+            data = fh.read(MAX_KEY_FILE_BYTES + 1)
     except OSError as err:
         raise VaultKeyError(f"cannot read the KEK file {path}: {err.strerror or err}") from err
+    if mode & 0o007:
+        raise VaultKeyError(f"the KEK file {path} is accessible by others (mode {mode:04o}); it must be the owner's "
+                            f"alone: chmod 600 {path}")
+    if mode & 0o070:
+        log.warning("kek_file_group_accessible", path=str(path), mode=f"{mode:04o}",
+                    hint="anyone in the file's group can decrypt the vault; make it owner-only (chmod 600)")
     return LocalKEK(data if len(data) == KEY_BYTES else _decode_key(data, f"the KEK file {path}"), key_id)
 
 

@@ -13,6 +13,7 @@ re-read record safe. The checkpoint manifests are the source of truth for applie
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any
 
 from ..errors import StreamerError
 from ..intake import Goal, storable_text
+from .durable import PRIVATE_FILE, restrict
 from .outcome import RECEIPTED, STATUSES, RequestOutcome
 
 LEDGER_FILE = "ledger.sqlite3"  # beside the version directories
@@ -233,7 +235,14 @@ def _column(o: RequestOutcome, column: str) -> Any:
 
 def connect(path: Path) -> sqlite3.Connection:
     """The ledger database (the outcomes and the shred log share it): autocommit, WAL, and
-    synchronous=FULL, so a committed row survives power loss. Raises sqlite3.Error."""
+    synchronous=FULL, so a committed row survives power loss. Owner-only (0600; SQLite gives its
+    -wal and -shm files the database's mode). Raises sqlite3.Error."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, PRIVATE_FILE))
+        for own in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            restrict(own, PRIVATE_FILE)  # a ledger written before modes were set
+    except OSError as err:
+        raise sqlite3.OperationalError(f"cannot open {path}: {err}") from err
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")

@@ -222,9 +222,10 @@ class Manifest:
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> Manifest:
-        if data.get("model_format", "state_dict") not in MODEL_FILES:
-            raise CheckpointError(f"malformed manifest: model_format {data.get('model_format')!r} is not one of "
-                                  f"{', '.join(MODEL_FILES)}")
+        """The manifest a JSON object holds. The names it gives files and directories are checked
+        against what streamer itself writes (a version name, the model file of its format), so
+        no path built from a manifest leaves its version directory. Raises CheckpointError."""
+        _check_names(data)
         try:
             return Manifest(
                 version=data["version"], parent=data["parent"], created_at=data["created_at"],
@@ -241,6 +242,22 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise CheckpointError(f"malformed manifest: {err!r}") from err
+
+
+def _check_names(data: Mapping[str, Any]) -> None:
+    """Raise CheckpointError unless `version` and `parent` are version names and `model_file` is
+    the file streamer writes for `model_format` (an edited manifest cannot point at ../../kek.key)."""
+    fmt = data.get("model_format", "state_dict")
+    if fmt not in MODEL_FILES:
+        raise CheckpointError(f"malformed manifest: model_format {fmt!r} is not one of {', '.join(MODEL_FILES)}")
+    model_file = data.get("model_file", MODEL_FILE)
+    if model_file != MODEL_FILES[fmt]:
+        raise CheckpointError(f"malformed manifest: model_file {model_file!r} is not {MODEL_FILES[fmt]!r}, the file "
+                              f"streamer writes for the {fmt} format")
+    for key in ("version", "parent"):
+        name = data.get(key)
+        if not (name is None and key == "parent") and not (isinstance(name, str) and _VERSION.fullmatch(name)):
+            raise CheckpointError(f"malformed manifest: {key} {name!r} is not a version name (v000000, v000001, ...)")
 
 
 def _attack_entries(entries: Any) -> tuple[Mapping[str, Any], ...]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import CheckpointStore
-from .durable import erase_file, fsync_dir, pretty_json, write_atomic
+from .durable import erase_file, fsync_dir, pretty_json, read_file, write_atomic
 from .manifest import FORGOTTEN_FILE, MANIFEST_FILE, MANIFEST_SCHEMA, CheckpointError, ForgottenSet, Manifest, RetainedRef
 from .vault import ForgetVault, VaultItem
 
@@ -57,7 +57,7 @@ def migrate_legacy(store: CheckpointStore, vault: ForgetVault) -> list[str]:
             fields.pop("model_file", None)
         data = pretty_json(fields)
         try:
-            write_atomic(directory / MANIFEST_FILE, data)
+            write_atomic(directory / MANIFEST_FILE, data, store.file_mode)
             fsync_dir(directory)
             erase_file(legacy)
             fsync_dir(directory)
@@ -69,7 +69,7 @@ def migrate_legacy(store: CheckpointStore, vault: ForgetVault) -> list[str]:
 
 def _read_legacy(path: Path, sha256: str) -> ForgottenSet:
     try:
-        data = path.read_bytes()
+        data = read_file(path)
     except OSError as err:
         raise CheckpointError(f"cannot read {path}: {err}") from err
     if hashlib.sha256(data).hexdigest() != sha256:

@@ -2,11 +2,11 @@
 
 Each instance is encrypted with AES-256-GCM (NIST SP 800-38D) under a fresh random data key (DEK)
 stored only wrapped by the key-encryption key (`kek.py`, RFC 3394). Destroying the wrapped DEK
-leaves ciphertext nobody can decrypt, KEK or not: cryptographic erase (NIST SP 800-88 Rev. 1,
-2.6), how one request is erased (GDPR Art. 17) without touching the others. A copy or backup of
-the directory taken before the shred still holds the wrapped DEK: it stays decryptable for as
-long as the KEK that wrapped it exists (README "Data protection"; `rotation.py` re-wraps every live
-DEK under a new KEK, after which destroying the old one ends that).
+leaves the ciphertext in this directory undecryptable, KEK or not: cryptographic erase (NIST SP
+800-88 Rev. 1, 2.6), how one request is erased (GDPR Art. 17) without touching the others. It does
+not reach copies: a copy or backup of the directory taken before the shred still holds the wrapped
+DEK and stays decryptable for as long as the KEK that wrapped it exists (README "Data protection";
+`rotation.py` re-wraps every live DEK under a new KEK, after which destroying the old one ends that).
 
     <root>/kek-check.json   key_id + a known plaintext under a DEK wrapped by the KEK
     <root>/index.json       metadata, never pixels: request_id, created_at, digest, shape;
@@ -23,7 +23,8 @@ index then erase files; a writer's `open` erases temp files and every file no li
 a crash leaves the old state or the new one; a KEK rotation that passed its commit point
 (ROTATION.json, `rotation.py`) is rolled forward by a writer's `open` and refused by a reader's.
 One writer per root (the daemon, under the checkpoint LOCK); other processes open with
-`writer=False`; `read_index` needs no KEK.
+`writer=False`; `read_index` needs no KEK. Every directory is 0700 and every file 0600 (a
+writer's `open` tightens older ones), and no file is read or erased through a symlink.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .durable import TEMP_PREFIX, erase_file, fsync_dir, write_atomic
+from .durable import PRIVATE_DIR, PRIVATE_FILE, TEMP_PREFIX, erase_file, fsync_dir, make_dir, read_file, restrict, write_atomic
 from .kek import KeyEncryptionKey, VaultError, VaultKeyError
 from .sealed import SCHEMA, Sealed, VaultIntegrityError, VaultItem, digest_under, json_bytes, seal, unseal, validate
 from .vault_layout import (_FIELDS, CHECK_FILE, DATA_DIR, INDEX_FILE, KEYS_DIR, NEXT_SUFFIX, ROTATION_FILE, ShredRecord,
@@ -203,7 +204,7 @@ class ForgetVault:
 
     def _read(self, directory: str, name: str, rid: str) -> bytes:
         try:
-            return (self.root / directory / name).read_bytes()
+            return read_file(self.root / directory / name)
         except OSError as err:
             raise VaultIntegrityError(f"entry {rid!r} is indexed but {err.filename} cannot be read: {err}") from err
 
@@ -237,9 +238,12 @@ class ForgetVault:
         live = {_file_id(rid) for rid in self._index if rid in self}
         # no rotation record here (open rolled a committed one forward): staged files are an uncommitted try's
         stale = [*self.root.glob(f"{TEMP_PREFIX}*"), *self.root.glob(f"*{NEXT_SUFFIX}")]
-        for directory in (self.root / KEYS_DIR, self.root / DATA_DIR):
-            directory.mkdir(exist_ok=True)
-            stale += [p for p in directory.iterdir() if p.name.startswith(TEMP_PREFIX) or p.stem not in live]
+        for directory in (self.root, self.root / KEYS_DIR, self.root / DATA_DIR):  # owner-only, also if made before
+            make_dir(directory, PRIVATE_DIR)
+            for path in directory.iterdir():
+                restrict(path, PRIVATE_DIR if path.is_dir() else PRIVATE_FILE)
+            if directory != self.root:
+                stale += [p for p in directory.iterdir() if p.name.startswith(TEMP_PREFIX) or p.stem not in live]
         try:
             for path in stale:
                 erase_file(path)

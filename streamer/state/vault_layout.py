@@ -7,6 +7,8 @@
     <root>/ROTATION.json    only during a KEK rotation, from its commit point until it is finished:
                             every keys/<id>.dek.next and kek-check.json.next is then the truth
                             (`rotation.py`)
+
+Directories are 0700 and files 0600, the owner's alone, whatever the umask (README "Security").
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .durable import TEMP_PREFIX, fsync_dir, write_atomic
+from .durable import PRIVATE_DIR, TEMP_PREFIX, fsync_dir, make_dir, read_file, write_atomic
 from .kek import KeyEncryptionKey, VaultError
 from .sealed import SCHEMA, json_bytes, key_check, verify_key_check
 
@@ -71,7 +73,7 @@ def _entries(index: Mapping[str, Mapping[str, Any]]) -> list[VaultEntry]:
 
 def _create(root: Path, kek: KeyEncryptionKey) -> None:
     for directory in (root, root / KEYS_DIR, root / DATA_DIR):
-        directory.mkdir(parents=True, exist_ok=True)
+        make_dir(directory, PRIVATE_DIR)
     try:
         write_atomic(root / CHECK_FILE, json_bytes(key_check(kek)))
         write_atomic(root / INDEX_FILE, json_bytes({"schema": SCHEMA, "entries": []}))
@@ -82,7 +84,7 @@ def _create(root: Path, kek: KeyEncryptionKey) -> None:
 
 def _verify_key_check(path: Path, kek: KeyEncryptionKey) -> None:
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(read_file(path).decode("utf-8"))
     except (OSError, ValueError) as err:
         raise VaultError(f"{path} is not a key check record: {err!r}") from err
     verify_key_check(record, kek, str(path))
@@ -94,7 +96,7 @@ def _load_index(root: Path) -> dict[str, dict[str, Any]]:
             raise VaultError(f"{root} holds encrypted entries but no {INDEX_FILE}: restore it from backup")
         return {}  # a crash between writing the key check and the index of a new vault
     try:
-        entries = json.loads((root / INDEX_FILE).read_text(encoding="utf-8"))["entries"]
+        entries = json.loads(read_file(root / INDEX_FILE).decode("utf-8"))["entries"]
         if not all(isinstance(m, dict) and set(_FIELDS) <= m.keys() for m in entries):
             raise ValueError(f"an entry lacks one of {_FIELDS}")
         return {m["request_id"]: m for m in entries}

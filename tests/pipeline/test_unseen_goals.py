@@ -96,10 +96,13 @@ class TestConflicts:
     def test_pending(self, first: tuple, second: tuple, conflict: bool) -> None:
         """Against a pending request for the same pixels: unseen conflicts with any other mode."""
         a, b = _request("a", *first), _request("b", *second)
-        reason = self._index().conflict(b, [(a.request_id, a.goal, a.x)])
-        assert (reason is not None) == conflict
+        rejected = self._index().conflict(b, [(a.request_id, a.goal, a.x)])
+        assert (rejected is not None) == conflict
         if conflict:
-            assert reason.startswith(f"conflicts with request a for the same instance ({first[0]}")
+            reason = rejected.reason  # what goes back to the producer: never the other request's id or goal
+            assert reason.startswith("conflicts with a goal already asked for the same instance")
+            assert "request a" not in reason and f"({first[0]}" not in reason and rejected.request_id == "b"
+            assert rejected.detail.startswith(f"conflicts with request a for the same instance ({first[0]}")
             assert "unseen goal" in reason and "cannot be combined with a misclassify or relabel" in reason
             assert f"this request is {second[0]}" in reason  # the rejected request's own goal is named
         assert self._index().conflict(b, [(a.request_id, a.goal, torch.zeros(SHAPE))]) is None
@@ -108,28 +111,31 @@ class TestConflicts:
         """Against the retained set, an applied unseen request (resolved to 1) is still unseen."""
         retained = ForgottenSet.empty(SHAPE).prepend(X[None], torch.tensor([0]), torch.tensor([1]), ["a"], ["a"])
         index = self._index(retained)
-        reason = index.conflict(_request("b", "relabel", 0, 1))
-        assert reason is not None and "(unseen, label 0, resolved to class 1)" in reason
+        rejected = index.conflict(_request("b", "relabel", 0, 1))
+        assert rejected is not None and "(unseen, label 0, resolved to class 1)" in rejected.detail
+        assert "resolved to class 1" not in rejected.reason and "request a" not in rejected.reason
         assert index.conflict(_request("c", "misclassify", 0)) is not None
         assert index.conflict(_request("d", "unseen", 0)) is None
 
 
-    @pytest.mark.parametrize(("again", "what"), [
-        (("misclassify", 0, None, torch.zeros(SHAPE)), "another instance"),
-        (("misclassify", 2, None, X), "another label (2, was 0)"),
-        (("relabel", 0, 2, X), "another goal (relabel 0 -> 2, was misclassify, label 0)"),
-        (("unseen", 0, None, X), "another goal (unseen, label 0, was misclassify, label 0)"),
+    @pytest.mark.parametrize(("again", "what", "was"), [
+        (("misclassify", 0, None, torch.zeros(SHAPE)), "another instance (other pixels)", ""),
+        (("misclassify", 2, None, X), "another label", " (2, was 0)"),
+        (("relabel", 0, 2, X), "another goal", " (relabel 0 -> 2, was misclassify, label 0)"),
+        (("unseen", 0, None, X), "another goal", " (unseen, label 0, was misclassify, label 0)"),
     ], ids=["pixels", "label", "relabel", "unseen"])
-    def test_a_request_id_reused_for_other_content_is_refused(self, again: tuple, what: str) -> None:
+    def test_a_request_id_reused_for_other_content_is_refused(self, again: tuple, what: str, was: str) -> None:
         """Pending or applied, a request_id sent again with other pixels, label or goal is refused
-        (not a duplicate); the same content again is a duplicate (None here)."""
+        (not a duplicate), saying what differs but not what the first request had (the operator's
+        detail does); the same content again is a duplicate (None here)."""
         mode, label, target, x = again
         first = _request("r", "misclassify", 0)
         retained = ForgottenSet.empty(SHAPE).prepend(X[None], torch.tensor([0]), torch.tensor([-1]), ["r"])
         for index, pending in ((self._index(), [(first.request_id, first.goal, first.x)]),
                                (self._index(retained), [])):
-            reason = index.reused(_request("r", mode, label, target, x), pending)
-            assert reason is not None and f"already used by a request for {what}" in reason, reason
+            rejected = index.reused(_request("r", mode, label, target, x), pending)
+            assert rejected is not None and f"already used by a request for {what}:" in rejected.reason, rejected
+            assert f"already used by a request for {what}{was}:" in rejected.detail
             assert index.reused(_request("r", "misclassify", 0), pending) is None
             assert index.reused(_request("other", mode, label, target, x), pending) is None
         unseen = ForgottenSet.empty(SHAPE).prepend(X[None], torch.tensor([0]), torch.tensor([1]), ["u"], ["u"])

@@ -119,7 +119,8 @@ def test_a_mixed_stream_of_poison_and_healthy_requests_keeps_the_daemon_alive(ka
     assert status["bad-text"] == "rejected" and "U+D83D" in reason["bad-text"]
     assert status["dup-key"] == "rejected" and "duplicate key 'label'" in reason["dup-key"]
     assert status["c-a"] == "relabelled"
-    assert status["c-b"] == "rejected" and "conflicts with request c-a" in reason["c-b"]
+    assert status["c-b"] == "rejected" and "conflicts with a goal already asked for the same instance" in reason["c-b"]
+    assert "c-a" not in reason["c-b"]  # never the other request's id
     assert len(status) == total
     verified = _verify(config)
     assert verified.returncode == 0 and "OK" in verified.stdout, verified.stdout + verified.stderr

@@ -154,11 +154,11 @@ class TestAtomicity:
         real = checkpoints._write_synced
         calls = []
 
-        def failing(path: Path, data: bytes) -> None:
+        def failing(path: Path, data: bytes, *mode: int) -> None:
             calls.append(path.name)
             if path.name == "manifest.json":
                 raise OSError(28, "No space left on device")
-            real(path, data)
+            real(path, data, *mode)
 
         monkeypatch.setattr(checkpoints, "_write_synced", failing)
         with pytest.raises(CheckpointError, match="No space left"):

@@ -112,6 +112,7 @@ class TestRoundTrip:
         item = _item("a", 5)
         vault.put([item])
         (tmp_path / "kek").write_bytes(base64.b64encode(KEY) + b"\n")
+        (tmp_path / "kek").chmod(0o600)  # a KEK file others may read is refused
         x, _, _ = ForgetVault.open(root, kek_from_file(tmp_path / "kek"), writer=False).get(["a"])
         assert torch.equal(x[0], item.x)
 
@@ -306,9 +307,11 @@ class TestKeys:
         """Raw, hex and base64 encodings of one key give one key id; a short key is refused."""
         for name, data in {"raw": KEY, "hex": KEY.hex().encode() + b"\n", "b64": base64.b64encode(KEY)}.items():
             (tmp_path / name).write_bytes(data)
+            (tmp_path / name).chmod(0o600)  # a KEK file others may read is refused
             assert kek_from_file(tmp_path / name).key_id == LocalKEK(KEY).key_id
         assert kek_from_env("K", environ={"K": base64.b64encode(KEY).decode()}).key_id == LocalKEK(KEY).key_id
         (tmp_path / "short").write_bytes(base64.b64encode(KEY[:16]))
+        (tmp_path / "short").chmod(0o600)
         with pytest.raises(VaultKeyError, match="256-bit"):
             kek_from_file(tmp_path / "short")
 
