@@ -29,9 +29,10 @@ from PIL import Image
 from .invalid import InvalidEvent
 
 DTYPES = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}  # raw tensor bytes are little-endian
-# Single-band modes for C == 1, colour modes for C == 3; anything else (alpha, 16-bit, CMYK)
-# would need a lossy or ambiguous conversion, so it is rejected instead.
+# Single-band modes for C == 1, colour modes for C == 3; anything else (16-bit, CMYK) would need a
+# lossy or ambiguous conversion, so it is rejected instead.
 _IMAGE_MODES = {1: ("1", "L"), 3: ("RGB", "P", "YCbCr")}
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_KEPT = (b"IHDR", b"PLTE", b"tRNS", b"IDAT", b"IEND")  # what the pixels are made of
 MAX_PICKLE_BYTES = 65_536  # a tensor's pickle is a few hundred bytes; a pickle can amplify ~40:1
@@ -70,6 +71,11 @@ def image_pixels(data: bytes, input_shape: tuple[int, int, int]) -> torch.Tensor
             if image.size != (width, height):
                 raise InvalidEvent(f"image is {image.size[0]}x{image.size[1]} (WxH), expected {width}x{height}; "
                                    "streamer does not resize")
+            transparency = _transparency(image)
+            if transparency is not None:
+                raise InvalidEvent(f"image has transparency ({transparency}); streamer converts nothing silently: "
+                                   "send an opaque image")
+            image.info.pop("transparency", None)  # an all-opaque palette tRNS: nothing to convert
             if image.mode not in _IMAGE_MODES[channels]:
                 raise InvalidEvent(f"image mode {image.mode} does not match {channels} input channel(s); "
                                    f"expected one of {', '.join(_IMAGE_MODES[channels])}")
@@ -84,6 +90,24 @@ def image_pixels(data: bytes, input_shape: tuple[int, int, int]) -> torch.Tensor
     else:
         pixels = np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (H, W, 3) -> (3, H, W)
     return to_pixels(pixels, input_shape)
+
+
+def _transparency(image: Image.Image) -> str | None:
+    """How an image lets any of its pixels be non-opaque, or None. One rule for every form PNG
+    allows (ISO/IEC 15948, 11.3.2): an alpha channel (colour types 4 and 6, whatever its values), a
+    tRNS chunk giving a palette entry an alpha below 255 (used by a pixel or not), or a tRNS colour
+    key (grey or RGB: pixels of that colour are transparent). A tRNS whose palette alphas are all
+    255 makes nothing transparent. JPEG has no transparency."""
+    if image.mode in _ALPHA_MODES:
+        return f"an alpha channel, mode {image.mode}"
+    key = image.info.get("transparency")
+    if key is None:
+        return None
+    if image.mode == "P" and isinstance(key, bytes):
+        return None if all(alpha == 255 for alpha in key) else "a tRNS chunk with transparent palette entries"
+    if image.mode == "P":
+        return "a tRNS chunk with a transparent palette entry"
+    return f"a tRNS colour key, mode {image.mode}"
 
 
 def _png_pixels_only(data: bytes) -> bytes:
