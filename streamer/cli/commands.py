@@ -52,10 +52,12 @@ def _broker(args: argparse.Namespace) -> int:
     from ..kafka import Broker, BrokerError
 
     def stop(*_: object) -> None:  # `kill` stops it as Ctrl-C does, the broker first; once
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell starts background jobs with it ignored
+        signal.signal(signum, stop)
     broker = Broker(port=args.port)
     try:
         broker.start()
