@@ -98,7 +98,7 @@ def test_deferred_then_rebased_through_a_kill_9(kafka_bootstrap: str, weights: P
     try:
         crashed.wait_for("partitions_assigned", timeout_s=90)
         timed_out = _cli("rebase", "--weights", str(new), "--excluded", str(tmp_path / "excluded.json"),
-                         "--config", str(config), "--timeout", "60")
+                         "--config", str(config), "--timeout", "15")
         assert crashed.wait(timeout_s=60) == -9 and timed_out.returncode == 2  # killed after publishing, unanswered
     finally:
         crashed.kill()
