@@ -279,13 +279,14 @@ def _privacy(s: _Section, checkpoints_dir: Path) -> PrivacyConfig:
 
 
 def _kms(s: _Section) -> KmsKeyConfig:
-    """privacy.kek_kms: {key_id, region, endpoint_url}; no credentials (boto3 finds those itself)."""
+    """privacy.kek_kms: {key_id, region, endpoint_url, outage_s}; no credentials (boto3 finds those itself)."""
     optional = {}
     for name in ("region", "endpoint_url"):
         value = s.take(name, None)
         if value is not None and (not isinstance(value, str) or not value):
             s.fail(name, f"must be a non-empty string or null, got {value!r}")
         optional[name] = value
-    cfg = KmsKeyConfig(key_id=s.string("key_id", None), **optional)
+    outage_s = s.number("outage_s", KmsKeyConfig.outage_s, minimum=0.0)
+    cfg = KmsKeyConfig(key_id=s.string("key_id", None), **optional, outage_s=outage_s)
     s.done()
     return cfg

@@ -144,6 +144,7 @@ class KmsKeyConfig:
     key_id: str  # key id, key ARN, alias name (alias/...) or alias ARN
     region: str | None = None  # None: boto3's (AWS_REGION / AWS_DEFAULT_REGION / ~/.aws/config)
     endpoint_url: str | None = None  # None: the region's AWS endpoint; else e.g. a VPC endpoint or a test server
+    outage_s: float = 300.0  # seconds a KMS that is unreachable or throttles is retried before a call fails
 
     def describe(self) -> str:
         return f"KMS key {self.key_id}" + (f" at {self.endpoint_url}" if self.endpoint_url else "")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from ..state import LedgerError, connect_ledger, ledger_transaction
+from ..state import LedgerError, LedgerTable, ledger_transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS uploads (
@@ -25,19 +25,11 @@ CREATE TRIGGER IF NOT EXISTS uploads_no_delete BEFORE DELETE ON uploads
 __all__ = ["UploadLog"]
 
 
-class UploadLog:
+class UploadLog(LedgerTable):
     """What the publish targets hold, as recorded after each upload succeeded."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        try:
-            self._db = connect_ledger(self.path)
-            self._db.executescript(_SCHEMA)
-        except sqlite3.Error as err:
-            raise LedgerError(f"cannot open the upload log in {self.path}: {err}") from err
-
-    def close(self) -> None:
-        self._db.close()
+        super().__init__(path, _SCHEMA, "upload log")
 
     def record(self, target: str, version: str, kind: str, at: str) -> None:
         """Note an upload (kind "version") or an alias move (kind "alias"); a repeat is a no-op."""

@@ -23,7 +23,7 @@ from ..config import DaemonConfig
 from ..engine import accuracy, clone_module, load_model, load_net_state, save_user_model, select_trainable
 from ..intake import SampleContext, load_dataset_ref, resolve_device, sample_context
 from ..state import (BASE_VERSION, LEDGER_FILE, Checkpoint, CheckpointDirLocked, CheckpointStore, DirectoryLock,
-                     ForgetVault, Ledger, ModelFile, ShredLog, load_retained, migrate_legacy, open_vault,
+                     ForgetVault, KmsKEK, Ledger, ModelFile, ShredLog, load_retained, migrate_legacy, open_vault,
                      remove_stale_staged)
 from ..pipeline import FragmentWorker
 from ..telemetry import Metrics
@@ -63,6 +63,9 @@ def recover(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], f
     try:
         _clean(store, log)
         vault = open_vault(cfg, writer=True, clock=clock)  # fail fast: before any model is loaded
+        if isinstance(vault.kek, KmsKEK):  # its failed calls counted: streamer_kms_errors_total
+            metrics.kms.configured()
+            vault.kek.on_error = metrics.kms.failed
         if vault.recovered:
             log.info("vault_crash_leftovers_erased", files=len(vault.recovered))
         if vault.finished_rotation is not None:  # `streamer kek rotate` was killed after its commit point

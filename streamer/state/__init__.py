@@ -19,7 +19,7 @@ from .durable import PRIVATE_FILE, PRIVATE_UMASK, fsync_dir, pretty_json, write_
 from .kek import VaultError, VaultKeyError, generate_kek_file
 from .kek_source import Disposal, configured_kek, describe_source, dispose_kek
 from .kms import KmsKEK
-from .ledger import LEDGER_FILE, Ledger, LedgerError
+from .ledger import LEDGER_FILE, Ledger, LedgerError, LedgerTable
 from .ledger import connect as connect_ledger
 from .ledger import transaction as ledger_transaction
 from .lock import CheckpointDirLocked, DirectoryLock
@@ -41,7 +41,7 @@ from .verified import VERIFIED_FILE, read_verification, record_verification
 
 __all__ = ["APPLIED", "BASE_VERSION", "Checkpoint", "CheckpointDirLocked", "CheckpointError", "CheckpointStore",
            "DirectoryLock", "Disposal", "DisposalRow", "ForgetVault", "ForgottenSet", "KINDS", "KmsKEK",
-           "LEDGER_FILE", "Ledger", "LedgerError", "MANIFEST_FILE", "Manifest", "ModelFile", "OperationRefused",
+           "LEDGER_FILE", "Ledger", "LedgerError", "LedgerTable", "MANIFEST_FILE", "Manifest", "ModelFile", "OperationRefused",
            "OperationTimeout", "PRIVATE_FILE", "PRIVATE_UMASK", "ROTATION_CRASH_POINTS", "RequestOutcome",
            "RetainedRef", "Rotation", "RotationLog", "RotationRow", "ShredLog", "ShredRow", "VERIFIED_FILE",
            "VaultError", "VaultIntegrityError", "VaultItem", "VaultKeyError", "Window", "answer_request",

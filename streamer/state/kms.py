@@ -10,9 +10,18 @@ a symmetric encrypt/decrypt key, is refused before anything is wrapped.
 boto3 is an optional dependency (`pip install 'streamer[aws]'`), imported only when a KMS KEK is
 configured. Credentials come from boto3's chain (environment, shared files, instance or pod role),
 never from streamer's config, manifests or logs; errors name the key and the KMS's error code.
+
+A KMS that cannot be reached or throttles (a connection error or timeout; ThrottlingException,
+KMSInternalException, DependencyTimeoutException) while the daemon wraps or unwraps is retried
+with a backoff (1 s doubling to 30 s) for `privacy.kek_kms.outage_s` (default 300 s) before the
+call fails; every failed call is reported to `on_error` (the daemon counts them in
+`streamer_kms_errors_total{operation}`). Only DescribeKey at start is not retried beyond boto3's
+own three attempts, so a wrong key or endpoint is refused at once.
 """
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -21,6 +30,8 @@ from .kek import KEY_BYTES, VaultKeyError
 
 _CONTEXT = {"streamer": "forget-vault-dek"}  # KMS encryption context: a DEK wrapped for this purpose only
 _WRONG_KEY = ("IncorrectKeyException", "InvalidCiphertextException", "AccessDeniedException")
+_TRANSIENT = ("ThrottlingException", "KMSInternalException", "DependencyTimeoutException", "ServiceUnavailable",
+              "RequestTimeout", "RequestTimeoutException")
 _TIMEOUTS = {"connect_timeout": 5, "read_timeout": 15, "retries": {"mode": "standard", "max_attempts": 3}}
 MIN_PENDING_DAYS, MAX_PENDING_DAYS = 7, 30  # KMS ScheduleKeyDeletion's PendingWindowInDays
 
@@ -32,10 +43,12 @@ class KmsKEK:
     when boto3 is missing, the key cannot be described (absent, no permission, no region, the
     endpoint unreachable) or is not an Enabled symmetric ENCRYPT_DECRYPT key."""
 
-    def __init__(self, config: KmsKeyConfig, client: Any = None):
+    def __init__(self, config: KmsKeyConfig, client: Any = None, sleep: Callable[[float], None] = time.sleep):
         self.config = config
         self._client = client if client is not None else _client(config)
-        meta = self._call("DescribeKey", KeyId=config.key_id)["KeyMetadata"]
+        self._sleep = sleep
+        self.on_error: Callable[[str], None] = lambda operation: None  # a failed call (operation name)
+        meta = self._call("DescribeKey", retry_for_s=0.0, KeyId=config.key_id)["KeyMetadata"]
         self.arn: str = meta["Arn"]
         self._key_uuid: str = meta.get("KeyId") or self.arn  # AWS takes either; moto 5.2's ScheduleKeyDeletion the id only
         self.key_id = f"kms:{self.arn}"
@@ -73,24 +86,51 @@ class KmsKEK:
                                 f"got {pending_days}")
         return self._call("ScheduleKeyDeletion", KeyId=self._key_uuid, PendingWindowInDays=pending_days)["DeletionDate"]
 
-    def _call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
-        """One KMS API call; every failure becomes a VaultKeyError naming the key and the KMS's error code."""
-        from botocore.exceptions import BotoCoreError, ClientError
+    def _call(self, operation: str, retry_for_s: float | None = None, **kwargs: Any) -> dict[str, Any]:
+        """One KMS API call, retried while the KMS is unreachable or throttles, for `retry_for_s`
+        (None: config.outage_s). Every failure becomes a VaultKeyError naming the key and the KMS's error code."""
+        budget = self.config.outage_s if retry_for_s is None else retry_for_s
+        deadline, delay = time.monotonic() + budget, 1.0
+        while True:
+            try:
+                return self._attempt(operation, **kwargs)
+            except _Transient as err:
+                self.on_error(operation)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise VaultKeyError(f"{err} (retried for {budget:g} s: privacy.kek_kms.outage_s)") from err.__cause__
+                self._sleep(min(delay, left))
+                delay = min(2 * delay, 30.0)
+            except VaultKeyError:
+                self.on_error(operation)
+                raise
+
+    def _attempt(self, operation: str, **kwargs: Any) -> dict[str, Any]:
+        from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
 
         method = {"DescribeKey": "describe_key", "Encrypt": "encrypt", "Decrypt": "decrypt",
                   "ScheduleKeyDeletion": "schedule_key_deletion"}[operation]
+        what = getattr(self, "key_id", None) or self.config.describe()
         try:
             return getattr(self._client, method)(**kwargs)
         except ClientError as err:
             code = err.response.get("Error", {}).get("Code", "?")
             message = err.response.get("Error", {}).get("Message", "")
-            what = getattr(self, "key_id", None) or self.config.describe()
             if operation == "Decrypt" and code in _WRONG_KEY:
                 raise VaultKeyError(f"KEK {what} did not wrap this key, or may not unwrap it "
                                     f"(KMS {code}: {message})") from err
+            if code in _TRANSIENT:
+                raise _Transient(f"KMS {operation} on {what} failed: {code}: {message}") from err
             raise VaultKeyError(f"KMS {operation} on {what} failed: {code}: {message}") from err
-        except BotoCoreError as err:  # no credentials, no region, endpoint unreachable, ...
+        except (BotoConnectionError, HTTPClientError) as err:  # unreachable, timed out, connection closed
+            raise _Transient(f"KMS {operation} on {self.config.describe()} failed: {err}") from err
+        except BotoCoreError as err:  # no credentials, no region, ...
             raise VaultKeyError(f"KMS {operation} on {self.config.describe()} failed: {err}") from err
+
+
+class _Transient(Exception):
+    """A KMS call that may succeed if tried again (unreachable, throttled, the KMS's own fault)."""
 
 
 def _client(config: KmsKeyConfig) -> Any:

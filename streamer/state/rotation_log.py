@@ -12,7 +12,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from .ledger import LedgerError, connect, transaction
+from .ledger import LedgerError, LedgerTable, transaction
 
 __all__ = ["DisposalRow", "RotationLog", "RotationRow"]
 
@@ -68,25 +68,11 @@ _ROTATION_COLUMNS = tuple(RotationRow.__dataclass_fields__)
 _DISPOSAL_COLUMNS = tuple(DisposalRow.__dataclass_fields__)
 
 
-class RotationLog:
+class RotationLog(LedgerTable):
     """The `rotations` and `kek_disposals` tables of the ledger database at `path` (created if missing)."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        try:
-            self._db = connect(self.path)
-            self._db.executescript(_SCHEMA)
-        except sqlite3.Error as err:
-            raise LedgerError(f"cannot open the rotation log in {self.path}: {err}") from err
-
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self) -> RotationLog:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        super().__init__(path, _SCHEMA, "rotation log")
 
     def record_rotation(self, row: RotationRow) -> None:
         """Append a rotation; one already recorded under its id keeps its first row."""

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .ledger import LedgerError, connect, transaction
+from .ledger import LedgerError, LedgerTable, transaction
 from .manifest import rfc3339
 from .vault import VaultEntry
 
@@ -51,25 +51,11 @@ class ShredRow:
         return self.at_version is not None and self.verified_version == self.at_version
 
 
-class ShredLog:
+class ShredLog(LedgerTable):
     """The `shreds` table of the ledger database at `path` (created if missing). One thread."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        try:
-            self._db = connect(self.path)
-            self._db.executescript(_SCHEMA)
-        except sqlite3.Error as err:
-            raise LedgerError(f"cannot open the shred log in {self.path}: {err}") from err
-
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self) -> ShredLog:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        super().__init__(path, _SCHEMA, "shred log")
 
     def append(self, rows: Iterable[ShredRow]) -> None:
         """Record shreds in one transaction; a request already recorded keeps its first row."""

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .budget_metrics import BudgetMetrics
 from .optional_gauge import OptionalGauge
+from .kms_metrics import KmsMetrics
 from .publish_metrics import PublishMetrics
 
 ACCURACY_SETS = ("fragment", "forgotten", "audit")
@@ -162,6 +163,7 @@ class Metrics:
         )
         self.budget = BudgetMetrics(registry)  # deferred requests, erasure deadlines, retrain advised
         self.publish = PublishMetrics(registry)  # publish targets: versions behind, failed uploads
+        self.kms = KmsMetrics(registry)  # failed calls to the KMS holding the KEK
         self._audit_accuracy: float | None = None
         self._audit_lock = threading.RLock()
         # Pre-initialised so that increase()/rate() see the first event, and dashboards show 0

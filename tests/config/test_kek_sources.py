@@ -23,7 +23,8 @@ class TestKekKms:
     def test_a_kms_key_with_and_without_region_and_endpoint(self) -> None:
         """key_id is required; region and endpoint_url default to boto3's choice (null)."""
         assert _privacy({"kek_kms": {"key_id": "alias/streamer"}}).kek_kms == KmsKeyConfig("alias/streamer")
-        full = {"key_id": "arn:aws:kms:eu-west-1:1:key/k", "region": "eu-west-1", "endpoint_url": "https://kms.x"}
+        full = {"key_id": "arn:aws:kms:eu-west-1:1:key/k", "region": "eu-west-1", "endpoint_url": "https://kms.x",
+                "outage_s": 60}
         assert _privacy({"kek_kms": full}).kek_kms == KmsKeyConfig(**full)
         assert _privacy({"kek_kms": None, "kek_env": "K"}).kek_kms is None
 
@@ -33,6 +34,7 @@ class TestKekKms:
         ({"kek_kms": {"key_id": "k", "region": 3}}, "privacy.kek_kms.region: must be a non-empty string or null"),
         ({"kek_kms": {"key_id": "k", "aws_secret_access_key": "x"}}, "unknown key(s) privacy.kek_kms.aws_secret"),
         ({"kek_kms": "alias/streamer"}, "privacy.kek_kms: must be a mapping"),
+        ({"kek_kms": {"key_id": "k", "outage_s": -1}}, "privacy.kek_kms.outage_s: must be >= 0"),
         ({"kek_kms": {"key_id": "k"}, "kek_file": "/keys/kek.key"}, "not kek_file and kek_kms"),
         ({"kek_env": "K", "kek_kms": {"key_id": "k"}}, "not kek_env and kek_kms"),
     ])

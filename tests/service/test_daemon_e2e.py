@@ -279,8 +279,9 @@ class TestEndToEnd:
 
     def test_dashboard_and_alerts_use_only_scraped_names(self, e2e: E2ERun) -> None:
         """Every streamer_* metric in the Grafana dashboard and the alert rules is in this daemon's scrape,
-        but the publish target's (with a target only) and the forgotten fraction (with
-        model.training_set_size only): tests/telemetry/test_prometheus_e2e.py has both."""
+        but the publish target's (with a target only), the forgotten fraction (with
+        model.training_set_size only) and KMS errors (with a KMS KEK only):
+        tests/telemetry/test_prometheus_e2e.py has them all."""
         from deploy_assets import _alert_rules, _dashboard_exprs, _referenced_metric_names
 
         scraped = {s.name for family in text_string_to_metric_families(e2e.metrics_text) for s in family.samples}
@@ -288,7 +289,8 @@ class TestEndToEnd:
         referenced = _referenced_metric_names(_dashboard_exprs() + [rule["expr"] for rule in _alert_rules()])
         assert referenced and referenced - scraped == {"streamer_publish_versions_behind",
                                                        "streamer_publish_failures_total",
-                                                       "streamer_forgotten_fraction_ratio"}
+                                                       "streamer_forgotten_fraction_ratio",
+                                                       "streamer_kms_errors_total"}
 
     def test_health_and_readiness(self, e2e: E2ERun) -> None:
         """/healthz and /readyz answer 200 while the daemon runs with its partition assigned."""

@@ -62,9 +62,11 @@ class TestDaemonOnKms:
             daemon.wait_for("partitions_assigned", timeout_s=120)
             produce(kafka_bootstrap, topics["requests"], records)
             daemon.wait_for("fragment_published", timeout_s=300)
+            _, metrics = daemon.get("/metrics")
             assert daemon.stop() == 0
         finally:
             daemon.kill()
+        assert 'streamer_kms_errors_total{operation="Encrypt"} 0.0' in metrics.splitlines()  # counted, none failed
         kms_a = KmsKEK(KmsKeyConfig(a, None, aws_server.endpoint_url))
         assert [e["key_id"] for e in daemon.events() if e["event"] == "vault_opened"] == [kms_a.key_id]
         vault = tmp_path / "checkpoints" / "vault"

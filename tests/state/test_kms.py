@@ -5,6 +5,7 @@ talks to AWS. The KEK interface's tests run against both implementations (a file
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -108,6 +109,40 @@ class TestKmsKEK:
         with pytest.raises(VaultKeyError, match="privacy.kek_kms.region"):
             KmsKEK(KmsKeyConfig("alias/x", None, aws_server.endpoint_url))
 
+    def test_an_outage_shorter_than_outage_s_is_ridden_out_and_counted(self, aws_server: AwsServer) -> None:
+        """The KMS unreachable (its client pointed at a closed port) for ~2 s while a DEK is wrapped:
+        the call is retried with a backoff and succeeds once the KMS is back; each failed try is reported."""
+        kek = _kms(aws_server, aws_server.create_kms_key())
+        errors: list[str] = []
+        kek.on_error = errors.append
+        good, kek._client = kek._client, _dead_client()
+        back = threading.Timer(2.0, lambda: setattr(kek, "_client", good))
+        back.start()
+        try:
+            dek = os.urandom(32)
+            assert kek.unwrap(kek.wrap(dek)) == dek
+        finally:
+            back.cancel()
+        assert errors and set(errors) == {"Encrypt"}
+
+    def test_an_outage_longer_than_outage_s_fails_the_call_after_retrying(self, aws_server: AwsServer) -> None:
+        """Unreachable for longer than outage_s: a VaultKeyError saying how long it was retried (the
+        daemon then stops at that vault write and resumes when started again); a refusal that is not an
+        outage (a blob no key wrapped) is not retried."""
+        key = aws_server.create_kms_key()
+        kek = KmsKEK(KmsKeyConfig(key, None, aws_server.endpoint_url, outage_s=6.0))  # boto3 itself tries 3 times (<= 3 s)
+        wrapped = kek.wrap(os.urandom(32))
+        errors: list[str] = []
+        kek.on_error = errors.append
+        good, kek._client = kek._client, _dead_client()
+        with pytest.raises(VaultKeyError, match=r"127\.0\.0\.1:9.*retried for 6 s: privacy.kek_kms.outage_s"):
+            kek.unwrap(wrapped)
+        assert len(errors) >= 2 and set(errors) == {"Decrypt"}
+        kek._client, errors[:] = good, []
+        with pytest.raises(VaultKeyError, match="did not wrap this key"):
+            kek.unwrap(b"\x01" * 180)
+        assert errors == ["Decrypt"]
+
     def test_deletion_window_is_bounded_like_the_kms(self, aws_server: AwsServer) -> None:
         """ScheduleKeyDeletion takes 7-30 days; outside that the request is refused before any call."""
         kek = _kms(aws_server, aws_server.create_kms_key())
@@ -117,6 +152,13 @@ class TestKmsKEK:
         assert _state(aws_server, kek.arn) == "Enabled"
         kek.schedule_deletion(7)
         assert _state(aws_server, kek.arn) == "PendingDeletion"
+
+
+def _dead_client():
+    """A KMS client whose endpoint refuses connections (port 9, discard: nothing listens)."""
+    from streamer.state.kms import _client
+
+    return _client(KmsKeyConfig("alias/x", None, "http://127.0.0.1:9"))
 
 
 def _state(server: AwsServer, arn: str) -> str:

@@ -1,8 +1,8 @@
 """The dashboard and the alerts against a real Prometheus (Debian's `prometheus` binary) scraping a
 real daemon while it unlearns: every Grafana panel's query, and every operand of every alert's
 expression, evaluated through Prometheus' HTTP API, returns series (promtool only checks syntax).
-The daemon has an audit set, model.training_set_size and an S3 publish target (moto), so every
-gauge the panels and rules read exists."""
+The daemon has an audit set, model.training_set_size, an S3 publish target and its KEK in a KMS
+(moto), so every series the panels and rules read exists."""
 from __future__ import annotations
 
 import json
@@ -67,8 +67,10 @@ def test_every_panel_and_alert_operand_returns_series(kafka_bootstrap: str, weig
     topics = new_topics(kafka_bootstrap, "prom")
     target = {"kind": "s3", "name": "models", "bucket": "scraped", "model_name": "digits",
               "endpoint_url": aws_server.endpoint_url, "region": "us-east-1"}
+    kms = {"key_id": aws_server.create_kms_key(), "endpoint_url": aws_server.endpoint_url}  # KMS errors' counter
     config = write_config(tmp_path, kafka_bootstrap, topics, weights, checkpoints={"publish": [target]},
-                          model={"training_set_size": len(SPLITS.train)})  # the forgotten fraction's gauge
+                          model={"training_set_size": len(SPLITS.train)},  # the forgotten fraction's gauge
+                          privacy={"kek_file": None, "kek_kms": kms})
     daemon = DaemonProcess(config, tmp_path / "daemon.log")
     prometheus = None
     try:
