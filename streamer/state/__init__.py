@@ -19,7 +19,8 @@ from .durable import PRIVATE_FILE, PRIVATE_UMASK, fsync_dir, pretty_json, write_
 from .kek import VaultError, VaultKeyError, generate_kek_file
 from .kek_source import Disposal, configured_kek, describe_source, dispose_kek
 from .kms import KmsKEK
-from .ledger import LEDGER_FILE, Ledger, LedgerError, LedgerTable
+from .ledger import LEDGER_FILE, Ledger, LedgerError
+from .ledger_table import LedgerTable
 from .ledger import connect as connect_ledger
 from .ledger import transaction as ledger_transaction
 from .lock import CheckpointDirLocked, DirectoryLock

@@ -30,7 +30,7 @@ LEDGER_FILE = "ledger.sqlite3"  # beside the version directories
 SCHEMA_VERSION = 4  # PRAGMA user_version; 1 had a CHECK on the status list, which froze it; 3 added mode,
 # target_class; 4 added received_at, sample_ref and numbers (JSON: the measured numbers behind a status)
 
-__all__ = ["LEDGER_FILE", "Ledger", "LedgerError", "LedgerRow", "LedgerTable"]
+__all__ = ["LEDGER_FILE", "Ledger", "LedgerError", "LedgerRow"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outcomes (
@@ -292,26 +292,3 @@ class transaction:
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
         self._db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
-
-
-class LedgerTable:
-    """Base of the other tables that share the ledger database (shreds, rotations, uploads): opens
-    `path` (created if missing) with `schema`, one connection per instance; a context manager.
-    Raises LedgerError naming `what` when the database cannot be opened."""
-
-    def __init__(self, path: str | Path, schema: str, what: str):
-        self.path = Path(path)
-        try:
-            self._db = connect(self.path)
-            self._db.executescript(schema)
-        except sqlite3.Error as err:
-            raise LedgerError(f"cannot open the {what} in {self.path}: {err}") from err
-
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()

@@ -12,7 +12,8 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from .ledger import LedgerError, LedgerTable, transaction
+from .ledger import LedgerError, transaction
+from .ledger_table import LedgerTable
 
 __all__ = ["DisposalRow", "RotationLog", "RotationRow"]
 

@@ -13,7 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .ledger import LedgerError, LedgerTable, transaction
+from .ledger import LedgerError, transaction
+from .ledger_table import LedgerTable
 from .manifest import rfc3339
 from .vault import VaultEntry
 

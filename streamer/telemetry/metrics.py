@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .budget_metrics import BudgetMetrics
-from .optional_gauge import OptionalGauge
 from .kms_metrics import KmsMetrics
+from .optional_gauge import OptionalGauge
 from .publish_metrics import PublishMetrics
 
 ACCURACY_SETS = ("fragment", "forgotten", "audit")
@@ -155,12 +155,8 @@ class Metrics:
             registry=registry,
         )
         self.vault_shreds = Counter(
-            "streamer_vault_shreds",
-            "Instances crypto-shredded (data key destroyed), by whether the final check before the shred found "
-            "the goal met on the current weights.",
-            ["verified"],
-            registry=registry,
-        )
+            "streamer_vault_shreds", "Instances crypto-shredded (data key destroyed), by whether the final check "
+            "before the shred found the goal met on the current weights.", ["verified"], registry=registry)
         self.budget = BudgetMetrics(registry)  # deferred requests, erasure deadlines, retrain advised
         self.publish = PublishMetrics(registry)  # publish targets: versions behind, failed uploads
         self.kms = KmsMetrics(registry)  # failed calls to the KMS holding the KEK
