@@ -95,7 +95,7 @@ def write_config(directory: Path, bootstrap: str, topics: dict[str, str], weight
     if not (directory / "kek.key").exists():
         generate_kek_file(directory / "kek.key")
     config = {
-        "device": "cpu",
+        "device": os.environ.get("STREAMER_TEST_DEVICE", "cpu"),  # ./run gpu-check: cuda
         "model": {"source": "reference:digits", "weights": str(weights), "num_classes": 10,
                   "input_shape": [1, 8, 8], "mean": [0.0], "std": [1.0], **(model or {})},
         "data": {"uri_roots": [str(directory / "data")], "max_payload_bytes": 1_000_000,

@@ -54,6 +54,20 @@ class FragmentOutcome:
     missed_trend: tuple[tuple[int, int], ...] = ()  # (step, instances missing their goal), every 25 steps and the last
     cap_cause: str | None = None  # step_cap/time_cap only: "time" | "steps" (still progressing at that cap) | "difficulty" (stalled)
     targets: list[int] = field(default_factory=list)  # per instance of the fragment, unseen (-2) resolved to its class
+    # unseen + buffer, memorised instances (unseen.FeatureGoal): per instance of the fragment, its
+    # features' relative L2 distance to its class's prototype at the stop (None: no feature goal)
+    feature_gaps: list[float | None] = field(default_factory=list)
+    feature_tol: float | None = None  # unseen_feature_tol when a feature goal ran
+    feature_unmet_retained: int = 0  # retained instances whose feature goal is off at the stop
+
+    @property
+    def feature_goal_met(self) -> bool | None:
+        """None without a feature goal; False when a cap stopped the fragment with every class goal
+        met but some feature still off its prototype (stopped_by is then "goal": best effort)."""
+        gaps = [g for g in self.feature_gaps if g is not None]
+        if self.feature_tol is None:
+            return None
+        return all(g <= self.feature_tol for g in gaps) and self.feature_unmet_retained == 0
 
 
 _TREND_EVERY = 25

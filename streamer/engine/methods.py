@@ -63,6 +63,9 @@ class UnlearnConfig:
     unseen_feature_weight: float = 3.0
     unseen_feature_tol: float = 0.25
     distill_pool: int = 2048  # distillation inputs made per fragment on the fast path
+    # ... at most this many MiB of them as kept (prefix features, or pixels for the whole model): a pool of
+    # 2,048 224 x 224 RGB images is 1.2 GB of pixels; ResNet-18's layer4.0 features of them 0.2 GB
+    distill_pool_mib: int = 256
     # L2 anchor (L2-SP, Li et al. ICML 2018) of the trainable parameters to the original's: weight x
     # the sum of squared differences, so fragment after fragment the model cannot drift far (0: off)
     anchor_weight: float = 0.0
@@ -138,8 +141,8 @@ def _validate(cfg: UnlearnConfig) -> None:
         (cfg.distill_warp in ("affine", "shift"), "distill_warp must be 'affine' or 'shift'"),
         (cfg.distill_temperature > 0, "distill_temperature must be > 0"),
         (cfg.distill_halve_every >= 0, "distill_halve_every must be >= 0 (0: never)"),
-        (min(cfg.adv_batch, cfg.distill_batch, cfg.buffer_batch, cfg.distill_pool) >= 1,
-         "batch sizes and distill_pool must be >= 1"),
+        (min(cfg.adv_batch, cfg.distill_batch, cfg.buffer_batch, cfg.distill_pool, cfg.distill_pool_mib) >= 1,
+         "batch sizes, distill_pool and distill_pool_mib must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:

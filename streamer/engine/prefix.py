@@ -2,9 +2,14 @@
 
 While a fragment runs in eval mode, the prefix's output for a fixed input never changes, so
 the engine computes it once per fragment (for the objective, the adversarial examples, the
-distillation pool, the retain buffer) and runs only the trainable suffix per step. Only an
-eager `nn.Sequential` (forward not overridden) is split, at a top-level child; anything else
-(TorchScript, torch.export, a custom forward) returns None: the engine then runs the whole model.
+distillation pool, the retain buffer) and runs only the trainable suffix per step. Two ways to
+split (`plan_split`): an eager `nn.Sequential` (forward not overridden) at a top-level child; any
+other network whose graph torch.fx can trace (as torchvision's feature extraction does: ResNets,
+MobileNets, EfficientNets, ViTs, a user's own forward; shape checks are resolved on a meta copy of
+an input) or that already is a graph (a torch.export program's module) at the one activation
+through which every trainable operation sees the input. A traced split is kept only when it
+computes the model's logits on real input rows. Otherwise (TorchScript, a forward that cannot be
+traced, two activations crossing the cut) the engine runs the whole model, and says why.
 """
 from __future__ import annotations
 
@@ -13,20 +18,19 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .models import Normalized
+from .traced import TRACED, center_taps, not_eager, split_graph, trace
 
-__all__ = ["FrozenPrefix", "cpu_channels_last", "frozen_prefix_length", "rows_independent", "split_frozen_prefix"]
-
-_NOT_EAGER = (torch.jit.ScriptModule, torch.fx.GraphModule)  # TorchScript, torch.export / FX: not split, copied or batched
-
+__all__ = ["FrozenPrefix", "cpu_channels_last", "frozen_prefix_length", "plan_split", "rows_independent",
+           "split_frozen_prefix"]
 
 def frozen_prefix_length(net: nn.Module, trainable: Collection[str]) -> int | None:
     """How many leading top-level children of `net` hold no parameter named in `trainable`
     (names as `net.named_parameters()` gives them); None when `net` cannot be split there (not
     an eager nn.Sequential, or one whose forward is its own)."""
-    if (not isinstance(net, nn.Sequential) or isinstance(net, _NOT_EAGER)
+    if (not isinstance(net, nn.Sequential) or not_eager(net) or isinstance(net, fx.GraphModule)
             or type(net).forward is not nn.Sequential.forward):
         return None
     chosen = set(trainable)
@@ -42,7 +46,8 @@ class FrozenPrefix:
 
     prefix: nn.Module  # pixels in [0, 1] -> features (normalisation included)
     suffix: nn.Module  # features -> logits
-    length: int  # top-level children of the user's network in the prefix
+    cut: str  # where: "child 5 of the Sequential", or the traced activation's node name
+    path: str = "sequential"  # sequential | traced
 
     @torch.no_grad()
     def features(self, x: torch.Tensor, chunk: int = 128) -> torch.Tensor:
@@ -56,17 +61,69 @@ class FrozenPrefix:
         return self.prefix(x).contiguous()
 
 
-def split_frozen_prefix(model: nn.Module, trainable: Collection[str]) -> FrozenPrefix | None:
-    """The split of `model` (the user's network, or it inside `Normalized`) at its first
-    trainable child; None when it cannot be split or the prefix is empty (nothing to cache)."""
+def split_frozen_prefix(model: nn.Module, trainable: Collection[str],
+                        example: torch.Tensor | None = None) -> FrozenPrefix | None:
+    """`plan_split(...)[0]`: the split, or None (run the whole model)."""
+    return plan_split(model, trainable, example)[0]
+
+
+def plan_split(model: nn.Module, trainable: Collection[str],
+               example: torch.Tensor | None = None) -> tuple[FrozenPrefix | None, str]:
+    """(the split of `model` -- the user's network, or it inside `Normalized` -- before its first
+    trainable operation, or None; a line for the log saying which path it took and why).
+    `trainable`: parameter names of the user's network. `example`: (n >= 2, C, H, W) real input
+    rows, needed to trace a network that is not a plain Sequential (the split is checked on them
+    in the network's current mode: rtol 1e-4, atol 1e-5, the input of the suffix left as it was).
+    None when nothing can be cached (the first operation already moves) or the network cannot be
+    split."""
     net = model.net if isinstance(model, Normalized) else model
     length = frozen_prefix_length(net, trainable)
-    if not length:
-        return None
-    children = list(net.children())
-    head = nn.Sequential(*children[:length])
-    prefix = _NormalizedPrefix(head, model.mean, model.std) if isinstance(model, Normalized) else head
-    return FrozenPrefix(prefix, nn.Sequential(*children[length:]), length)
+    if length is not None:
+        if not length:
+            return None, "whole model: its first layer moves"
+        children = list(net.children())
+        return FrozenPrefix(_normalized(model, nn.Sequential(*children[:length])), nn.Sequential(*children[length:]),
+                            f"child {length} of the Sequential"), f"sequential: frozen prefix of {length} children"
+    if isinstance(net, torch.jit.ScriptModule):
+        return None, "whole model: TorchScript is not split"
+    if example is None or len(example) < 2:
+        return None, "whole model: no input rows to trace it with"
+    graph, why = trace(net, example)
+    if graph is None:
+        return None, why
+    split, why = split_graph(graph, set(trainable))
+    if split is None:
+        return None, why
+    prefix, suffix = split
+    split = FrozenPrefix(_normalized(model, prefix), suffix, why, "traced")
+    if getattr(suffix, TRACED, False):
+        center_taps(suffix, split.prefix, example)
+    why = _check(model, split, net, trainable, example)
+    return (split, f"traced: frozen prefix up to {split.cut}") if why is None else (None, why)
+
+
+def _normalized(model: nn.Module, head: nn.Module) -> nn.Module:
+    return _NormalizedPrefix(head, model.mean, model.std) if isinstance(model, Normalized) else head
+
+
+def _check(model: nn.Module, split: FrozenPrefix, net: nn.Module, trainable: Collection[str],
+           example: torch.Tensor) -> str | None:
+    """None when the split computes the model on `example` and trains the model's own parameters;
+    else why not."""
+    own = dict(net.named_parameters())
+    held = {id(p) for p in split.suffix.parameters()}
+    if not all(id(own[n]) in held for n in trainable):
+        return "whole model: the traced suffix does not hold the trainable parameters"
+    try:
+        with torch.no_grad():
+            features = split.prefix(example)
+            before = features.clone()
+            same = torch.allclose(split.suffix(features), model(example), rtol=1e-4, atol=1e-5)
+    except Exception as e:
+        return f"whole model: the traced split fails on real rows ({type(e).__name__})"
+    if not same:
+        return "whole model: the traced split computes other logits"
+    return None if torch.equal(features, before) else "whole model: the suffix writes into its input"
 
 
 class _NormalizedPrefix(nn.Module):
@@ -87,7 +144,7 @@ def rows_independent(module: nn.Module) -> bool:
     batched and chunked freely: an eager module without BatchNorm that normalises by the batch
     (`track_running_stats=False`). TorchScript and torch.export modules (whose batch sizes may be
     bounded) are not batched beyond what the caller gives them."""
-    return not any(isinstance(m, _NOT_EAGER)
+    return not any(not_eager(m)
                    or (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None)
                    for m in module.modules())
 
@@ -107,7 +164,7 @@ def cpu_channels_last(module: nn.Module, example: torch.Tensor) -> nn.Module:
     copy cannot be made or differs."""
     params = list(module.parameters())
     if (not params or params[0].device.type != "cpu" or not any(p.dim() == 4 for p in params)
-            or any(isinstance(m, _NOT_EAGER) or m._forward_hooks
+            or any(not_eager(m) or m._forward_hooks
                    or m._forward_pre_hooks for m in module.modules())):
         return module
     was_training = module.training

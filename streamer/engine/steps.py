@@ -89,7 +89,8 @@ class StepInputs:
               objective_x: torch.Tensor, adv_x: torch.Tensor, adv_y: torch.Tensor, buffer: Dataset | None,
               sampler: Sampler) -> StepInputs:
         """The inputs of a fragment whose objective is `objective_x` (n_obj, C, H, W)."""
-        split = split_frozen_prefix(model, trainable) if cfg.fast_path and not cfg.train_mode else None
+        example = torch.cat([objective_x[:2], objective_x[:1]])[:2]  # two real rows to trace and check a split on
+        split = split_frozen_prefix(model, trainable, example) if cfg.fast_path and not cfg.train_mode else None
         if split is not None:  # fixed while the fragment runs: a channels-last copy computes it on CPU
             split = dataclasses.replace(split, prefix=cpu_channels_last(split.prefix, objective_x[:2]))
         encode = split.features if split is not None else (lambda x: x)  # noqa: E731
@@ -100,14 +101,18 @@ class StepInputs:
             source = objective_x
             if buffer is not None and cfg.distill_buffer:
                 source = torch.cat([source, buffer.x])
-            pixels = distill_inputs(source, adv_x, cfg.distill_pool, cfg.distill_warp, sampler)
-            pool = encode(pixels)
             # The teacher shares the frozen prefix while it holds the same weights (head-only
             # updates keep it so): its logits are then its suffix on the same features.
-            teacher_suffix = _same_prefix_suffix(teacher, split, trainable)
-            with torch.no_grad():
-                pool_teacher = (torch.cat([teacher_suffix(c) for c in pool.split(512)]) if teacher_suffix is not None
-                                else torch.cat([teacher(c) for c in pixels.split(512)]))
+            teacher_suffix = _same_prefix_suffix(teacher, split, trainable, example)
+            pools, logits = [], []
+            for count in _pool_chunks(cfg, source[:1], encode):
+                pixels = distill_inputs(source, adv_x, count, cfg.distill_warp, sampler)
+                pools.append(encode(pixels))
+                with torch.no_grad():
+                    logits.append(torch.cat([teacher_suffix(c) for c in pools[-1].split(512)]) if teacher_suffix
+                                  is not None else torch.cat([teacher(c) for c in pixels.split(512)]))
+                del pixels
+            pool, pool_teacher = torch.cat(pools), torch.cat(logits)
         # one forward per step over all terms: fast path, eval mode, rows that do not mix
         merge = cfg.fast_path and not cfg.train_mode and rows_independent(forward)
         return StepInputs(forward, split, encode(objective_x), encode(adv_x) if len(adv_x) else adv_x, adv_y, adv_x,
@@ -140,14 +145,30 @@ class StepInputs:
         return {name: (o, pick) for (name, (_, pick)), o in zip(terms.items(), out)}
 
 
-def _same_prefix_suffix(teacher: nn.Module, split: FrozenPrefix | None, trainable: list[str]) -> nn.Module | None:
+_POOL_CHUNK_BYTES = 64 * 2**20  # the distillation pool's pixels are made this many bytes at a time
+
+
+def _pool_chunks(cfg: UnlearnConfig, row: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor]) -> list[int]:
+    """Sizes of the chunks the distillation pool is made in: `cfg.distill_pool` rows in all, fewer
+    where a row as kept (its prefix features, or its pixels for the whole model) would take the
+    pool past `cfg.distill_pool_mib` (but never under one batch, `cfg.distill_batch`); chunks of
+    _POOL_CHUNK_BYTES of pixels, so the ~6 temporaries a pixel row needs stay bounded at 224 x 224.
+    `row`: one input row, (1, C, H, W). A pool of 28 x 28 images is made in one chunk."""
+    kept = max(row.nbytes, encode(row).nbytes)
+    rows = min(cfg.distill_pool, max(cfg.distill_batch, cfg.distill_pool_mib * 2**20 // kept))
+    chunk = max(1, _POOL_CHUNK_BYTES // row.nbytes)
+    return [min(chunk, rows - i) for i in range(0, rows, chunk)]
+
+
+def _same_prefix_suffix(teacher: nn.Module, split: FrozenPrefix | None, trainable: list[str],
+                        example: torch.Tensor | None = None) -> nn.Module | None:
     """The teacher's suffix when its prefix is the student's frozen prefix, weight for weight
     and buffer for buffer, and it is in eval mode (as the student is whenever it is split);
     None otherwise."""
     if split is None:
         return None
-    other = split_frozen_prefix(teacher, trainable)
-    if other is None or other.length != split.length:
+    other = split_frozen_prefix(teacher, trainable, example)
+    if other is None or other.cut != split.cut:
         return None
     mine, theirs = split.prefix.state_dict(), other.prefix.state_dict()
     if mine.keys() != theirs.keys() or not all(torch.equal(mine[k], theirs[k]) for k in mine):

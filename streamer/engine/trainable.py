@@ -28,10 +28,13 @@ _SHOWN = 3
 
 
 def head_parameter_names(net: nn.Module) -> list[str]:
-    """Parameters of the Linear layers, in `named_parameters` order: nn.Linear, a scripted
-    submodule whose original_name is Linear, or a weight/bias fed to aten.linear in an exported
-    graph (whose submodules are plain nn.Module placeholders)."""
-    head: set[str] = set()
+    """Parameters of the classifier head: the trailing run of Linear-layer parameters in
+    `named_parameters` order (the Linear layers after the last other layer holding parameters:
+    a CNN's classifier, a ResNet's fc, a ViT's heads -- not the Linear layers inside its encoder);
+    every Linear layer's when no parameter of one comes last. A Linear layer is an nn.Linear, a
+    scripted submodule whose original_name is Linear, or a weight/bias fed to aten.linear in an
+    exported graph (whose submodules are plain nn.Module placeholders)."""
+    linear: set[str] = set()
     for prefix, module in net.named_modules():
         own: list[str] = []
         if isinstance(module, nn.Linear) or (
@@ -41,35 +44,54 @@ def head_parameter_names(net: nn.Module) -> list[str]:
             own = [arg.target for node in module.graph.nodes
                    if node.op == "call_function" and node.target is torch.ops.aten.linear.default
                    for arg in node.args[1:3] if isinstance(arg, torch.fx.Node) and arg.op == "get_attr"]
-        head.update(f"{prefix}.{name}" if prefix else name for name in own)
-    return [name for name, _ in net.named_parameters() if name in head]
+        linear.update(f"{prefix}.{name}" if prefix else name for name in own)
+    names = [name for name, _ in net.named_parameters()]
+    trailing = len(names)
+    while trailing and names[trailing - 1] in linear:
+        trailing -= 1
+    return names[trailing:] or [name for name in names if name in linear]
 
 
 def last_block_parameter_names(net: nn.Module) -> list[str]:
     """Parameters of the last block before the head: the last child holding parameters outside
-    the head (`head_parameter_names`), descending into it while it is a container (Sequential,
-    ModuleList, ModuleDict, eager or scripted) that holds more than half of the non-head
-    parameters -- a stage of blocks, or a wrapper around the whole backbone. `layer3` of the
-    Fashion ResNet, `layer4.1` of a torchvision ResNet, `features.18` of MobileNetV2, the last
-    convolution of a Sequential CNN. [] when every parameter is in the head."""
+    the head (`head_parameter_names`), descending into it while it holds more than half of the
+    non-head parameters and is a container (Sequential, ModuleList, ModuleDict: a stage of blocks)
+    or a wrapper (one of its children holds more than half: a user's module around the whole
+    network, a ViT's encoder). Children whose parameters are all normalisation layers' (a ViT's
+    final LayerNorm) are passed over on the way and join the block. `layer3` of the Fashion
+    ResNet, `layer4.1` of a torchvision ResNet, `features.16` of MobileNetV3, the last encoder
+    layer and `encoder.ln` of a ViT, the last convolution of a Sequential CNN. [] when every
+    parameter is in the head."""
     head = set(head_parameter_names(net))
     sizes = {name: p.numel() for name, p in net.named_parameters()}
     total = sum(n for name, n in sizes.items() if name not in head)
-    module, prefix = net, ""
+    module, prefix, passed = net, "", []
     while True:
         chosen = None
         for child, sub in reversed(list(module.named_children())):
             names = [f"{prefix}{child}.{name}" for name, _ in sub.named_parameters()]
-            if any(name not in head for name in names):
-                chosen = (child, sub, names)
-                break
+            if not any(name not in head for name in names):
+                continue
+            if _normalisation_only(sub):
+                passed += [n for n in names if n not in head]
+                continue
+            chosen = (child, sub, names)
+            break
         if chosen is None:
-            return []
+            return passed
         child, sub, names = chosen
         own = sum(sizes[n] for n in names if n not in head)
-        if not (_is_container(sub) and own > total / 2):
-            return names
+        if not (own > total / 2 and (_is_container(sub) or any(
+                sum(sizes[f"{prefix}{child}.{c}.{n}"] for n, _ in grand.named_parameters()
+                    if f"{prefix}{child}.{c}.{n}" not in head) > total / 2 for c, grand in sub.named_children()))):
+            return names + passed  # a block (its children share it), not a stage or a wrapper
         module, prefix = sub, f"{prefix}{child}."
+
+
+def _normalisation_only(module: nn.Module) -> bool:
+    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+    leaves = [m for m in module.modules() if next(m.parameters(recurse=False), None) is not None]
+    return bool(leaves) and all(isinstance(m, norms) for m in leaves)
 
 
 def _is_container(module: nn.Module) -> bool:

@@ -7,6 +7,7 @@ time cap is hit -- the outcome says which, and how many instances still miss the
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import nullcontext
 from typing import Callable
@@ -24,6 +25,7 @@ from .memory import release_freed_memory
 from .methods import METHODS, UnlearnConfig, method_config  # noqa: F401 (the engine's public API)
 from .models import Normalized, grad_only
 from .objectives import goal_met
+from .prefix import plan_split
 from .steps import AtRisk, Sampler, StepInputs
 from .terms import FragmentLoss
 from .trainable import describe_trainable, select_trainable
@@ -96,7 +98,12 @@ class Unlearner:
         stages["unlearn"] = time.perf_counter() - t0
         if stopped_by == "cancelled":
             return _cancelled(k, steps, stages, int((~met).sum()), resurrected, success, trend)
-        return self._finish(fragment, objective, stopped_by, steps, met, trend, resurrected, success, stages)
+        outcome = self._finish(fragment, objective, stopped_by, steps, met, trend, resurrected, success, stages)
+        if features is None:
+            return outcome
+        gaps = features.row_gaps(len(objective))
+        return dataclasses.replace(outcome, feature_gaps=gaps[:k], feature_tol=features.tol,
+                                   feature_unmet_retained=sum(g is not None and g > features.tol for g in gaps[k:]))
 
     def _steps(self, objective: Fragment, k: int, adv_x: torch.Tensor, adv_y: torch.Tensor,
                imp: ImportancePenalty | None, features: FeatureGoal | None, progress: Progress | None,
@@ -185,10 +192,16 @@ class Unlearner:
         return Fragment(fragment.x, fragment.y, fragment.target.masked_scatter(pending, classes.to(self.device)),
                         fragment.unseen_mask())
 
-    def describe_trainable(self) -> dict:
-        """Which parameters move, for the start-up log: their names and counts (see `trainable`)."""
-        return {"spec": list(self.cfg.trainable) or self.cfg.update, "parameters": list(self.trainable),
+    def describe_trainable(self, example: torch.Tensor | None = None) -> dict:
+        """Which parameters move, for the start-up log: their names and counts (see `trainable`),
+        and, given `example` input rows (n, C, H, W), how a step runs (`prefix.plan_split`: a
+        frozen prefix cached per fragment, or the whole model and why)."""
+        info = {"spec": list(self.cfg.trainable) or self.cfg.update, "parameters": list(self.trainable),
                 **describe_trainable(self.net, self.trainable)}
+        if example is not None:
+            info["fast_path"] = ("off" if not self.cfg.fast_path or self.cfg.train_mode
+                                 else plan_split(self.model, self.trainable, example.to(self.device))[1])
+        return info
 
     def _trainable(self) -> list[nn.Parameter]:
         """The parameters unlearning moves, chosen at construction (see `trainable`). `head`: those of the Linear

@@ -140,6 +140,7 @@ class FeatureGoal:
         self.head, self.rows, self.targets, self.tol, self.weight = head, rows, targets, tol, weight
         self._caught: list[torch.Tensor] = []
         self._handle: Any = None
+        self.gaps = torch.full((len(rows),), float("inf"))  # (m,) relative L2 distances at the last check
 
     @staticmethod
     def build(net: nn.Module, teacher: nn.Module, buffer: Any, num_classes: int, y: torch.Tensor,
@@ -173,4 +174,13 @@ class FeatureGoal:
         forward caught since `clear()` (the objective's)."""
         features = self._caught[0][self.rows]  # (m, D)
         gap = (features - self.targets).pow(2).sum(1) / self.targets.pow(2).sum(1).clamp_min(1e-12)
-        return bool((gap.detach().sqrt() <= self.tol).all()), self.weight * gap.mean()
+        self.gaps = gap.detach().sqrt().cpu()
+        return bool((self.gaps <= self.tol).all()), self.weight * gap.mean()
+
+    def row_gaps(self, n: int) -> list[float | None]:
+        """Per objective row (n of them), its relative L2 distance to its prototype at the last
+        check; None for a row without a feature goal."""
+        out: list[float | None] = [None] * n
+        for row, gap in zip(self.rows.tolist(), self.gaps.tolist()):
+            out[row] = gap
+        return out

@@ -34,7 +34,7 @@ from kafka import KafkaConsumer
 from ..kafka import commit_offsets, records
 from ..state import (Checkpoint, CheckpointStore, ForgetVault, Manifest, RequestOutcome, ShredLog, ShredRow,
                      VaultItem, Window, next_refs, reconcile, referenced_ids, rfc3339)
-from ..telemetry import Metrics
+from ..telemetry import FRAGMENT_OUTCOMES, Metrics
 from . import faults
 from .collector import Repeat
 from .outbox import Outbox
@@ -207,8 +207,10 @@ class Commit:
         steps = result.outcome.steps if result is not None else int(refused.get("steps") or 0)
         accuracies = ({k: v for k, v in result.accuracies.items() if math.isfinite(v)}  # NaN: an empty set
                       if result is not None else {})
+        if stopped_by == "goal" and result.outcome.feature_goal_met is False:
+            stopped_by = "goal_features_unmet"  # every class goal met; a cap cut the unseen feature goal short
         self._metrics.observe_fragment(
-            outcome=stopped_by if stopped_by in ("goal", "step_cap", "time_cap", "deferred") else "failed",
+            outcome=stopped_by if stopped_by in FRAGMENT_OUTCOMES else "failed",
             steps=steps, stage_seconds=stages, accuracies=accuracies, version=manifest.number, timestamp=self._clock())
         self._metrics.set_forgotten(len(self.worker.forgotten))
         statuses = [o.status for o in run.applied]

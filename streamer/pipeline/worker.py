@@ -69,8 +69,10 @@ class FragmentWorker:
         return ModelFile(self.model_format, save_user_model(self._unlearner.net, self.model_format, self.input_shape))
 
     def describe_trainable(self) -> dict:
-        """The parameters unlearning moves, by name, with counts (for the start-up log)."""
-        return self._unlearner.describe_trainable()
+        """The parameters unlearning moves, by name, with counts, and whether a step runs a
+        trainable suffix on cached features or the whole model (for the start-up log)."""
+        example = torch.rand(2, *self.input_shape) if self.input_shape is not None else None
+        return self._unlearner.describe_trainable(example)
 
     def reset(self, state_dict: dict[str, torch.Tensor], forgotten: ForgottenSet,
               misses: Mapping[str, int] | None = None) -> None:
@@ -206,7 +208,7 @@ def _manifest_metrics(outcome: FragmentOutcome, accuracies: Mapping[str, float],
         "attack_success_ratio": _finite(outcome.attack_success_ratio),
         "fragment_accuracy": _finite(accuracies["fragment"]), "forgotten_accuracy": _finite(accuracies["forgotten"]),
         "audit_accuracy": _finite(accuracies.get("audit")), "audit_baseline_accuracy": _finite(baseline),
-        "forgotten_instances": retained,
+        "forgotten_instances": retained, "feature_goal_met": outcome.feature_goal_met,
     }
 
 
@@ -247,6 +249,13 @@ def _outcomes(logits: torch.Tensor, accepted: Sequence[Accepted], y: torch.Tenso
     for i, a in enumerate(accepted):
         goal = a.request.goal.with_engine_target(int(target[i]))
         if bool(met[i]):
+            gap = outcome.feature_gaps[i] if i < len(outcome.feature_gaps) else None
+            if gap is not None and outcome.feature_tol is not None and gap > outcome.feature_tol:
+                capped = (f"step cap {cfg.max_steps} hit" if outcome.steps >= cfg.max_steps
+                          else f"time cap {cfg.max_seconds:g} s hit")
+                outcomes.append(a.outcome("forgotten", _feature_unmet(gap, outcome.feature_tol, goal, capped), goal,
+                                          {"feature_gap": round(gap, 6)}))
+                continue
             outcomes.append(a.outcome("relabelled" if goal.mode == "relabel" else "forgotten", None, goal))
             continue
         if goal.mode == "misclassify":
@@ -260,6 +269,15 @@ def _outcomes(logits: torch.Tensor, accepted: Sequence[Accepted], y: torch.Tenso
         outcomes.append(a.outcome("failed", f"{cap}: {missed}; kept in the retained set{why}", goal,
                                   {"goal_gap": round(float(gaps[i]), 6)}))
     return outcomes
+
+
+def _feature_unmet(gap: float, tol: float, goal, cap: str) -> str:
+    """The reason on a `forgotten` unseen request whose class goal is met but whose feature goal
+    (engine.unseen.FeatureGoal) was cut short by a cap: said, not hidden."""
+    return (f"class goal met (now predicted as {goal.target_class}); feature goal not met: its penultimate "
+            f"features are {gap:.3f} (relative L2) from class {goal.target_class}'s prototype, over "
+            f"engine.unseen_feature_tol {tol:g}, when the fragment stopped ({cap}); a membership attacker may "
+            "still tell this memorised instance apart")
 
 
 def _cap_explanation(outcome: FragmentOutcome) -> str:

@@ -5,6 +5,6 @@ Public API: `Metrics` (every metric, on a registry passed in), `serve` / `Metric
 """
 from .http import MetricsServer, serve
 from .logs import configure_logging
-from .metrics import Metrics
+from .metrics import FRAGMENT_OUTCOMES, Metrics
 
-__all__ = ["Metrics", "MetricsServer", "configure_logging", "serve"]
+__all__ = ["FRAGMENT_OUTCOMES", "Metrics", "MetricsServer", "configure_logging", "serve"]

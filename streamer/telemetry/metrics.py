@@ -23,7 +23,7 @@ from .publish_metrics import PublishMetrics
 
 ACCURACY_SETS = ("fragment", "forgotten", "audit")
 REQUEST_OUTCOMES = ("forgotten", "relabelled", "duplicate", "rejected", "failed", "deferred")
-FRAGMENT_OUTCOMES = ("goal", "step_cap", "time_cap", "failed", "deferred")
+FRAGMENT_OUTCOMES = ("goal", "goal_features_unmet", "step_cap", "time_cap", "failed", "deferred")
 FAILURE_KINDS = ("engine_error", "non_finite", "utility_floor", "undecodable")
 STAGES = ("resolve", "unseen", "adversarial", "importance", "unlearn", "evaluate", "checkpoint")
 

@@ -52,7 +52,7 @@ def test_fashion_resnet_splits_at_a_stage():
     assert net(torch.rand(2, 1, 28, 28)).shape == (2, 10)
     names = select_trainable(net, ["layer3.*", "fc.*"])
     split = split_frozen_prefix(net, names)
-    assert split is not None and split.length == 3  # stem, layer1, layer2 cached
+    assert split is not None and split.cut == "child 3 of the Sequential"  # stem, layer1, layer2 cached
     x = torch.rand(4, 1, 28, 28)
     assert torch.allclose(split.suffix(split.features(x)), net(x), atol=1e-5)
     assert select_trainable(net, "head") == ["fc.weight", "fc.bias"]

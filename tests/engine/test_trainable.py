@@ -119,3 +119,14 @@ def test_auto_is_the_head_when_it_is_large_else_the_block():
     assert select_trainable(mnist_cnn(), "auto") == select_trainable(mnist_cnn(), "head")  # 95% in Linear layers
     assert select_trainable(fashion_resnet(), "auto") == select_trainable(fashion_resnet(), "block")  # fc: 0.4%
     assert select_trainable(small_cnn(), "auto") == select_trainable(small_cnn(), "head")
+
+
+def test_a_vision_transformer_moves_its_last_encoder_layer_and_head():
+    """A ViT's encoder is full of Linear layers: the head is the trailing one (heads.head), and
+    auto (= block: the head holds 0.01%) descends through the encoder wrapper and its layers to the
+    last encoder layer, with the final LayerNorm passed over on the way."""
+    vit = torchvision.models.vit_b_16(num_classes=10, image_size=32)
+    assert head_parameter_names(vit) == ["heads.head.weight", "heads.head.bias"]
+    chosen = select_trainable(vit, "auto")
+    assert {"encoder_layer_11" if "encoder_layer_11." in n else n.rsplit(".", 1)[0] for n in chosen} == {
+        "encoder_layer_11", "encoder.ln", "heads.head"}

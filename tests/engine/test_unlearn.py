@@ -477,3 +477,23 @@ class TestCapCause:
         out = Unlearner(model, method_config("default", n_adv=0, lr=1e-7, max_steps=30), 3).unlearn(_fragment(x, y))
         assert [s for s, _ in out.missed_trend] == [0, 25, 30]
         assert out.stopped_by == "step_cap" and out.cap_cause == "difficulty"
+
+
+class TestPoolBudget:
+    def test_pool_bounded_in_bytes_and_made_in_chunks(self):
+        """At 3 x 224 x 224 the pool is bounded by distill_pool_mib (never under one batch) and made
+        in chunks of _POOL_CHUNK_BYTES of pixels; a 28 x 28 pool keeps its count and one chunk."""
+        from streamer.engine.steps import _POOL_CHUNK_BYTES, _pool_chunks
+        cfg = method_config("default", distill_pool_mib=128)
+        row = torch.rand(1, 3, 224, 224)
+        chunks = _pool_chunks(cfg, row, lambda x: x)
+        assert sum(chunks) == 128 * 2**20 // row.nbytes and max(chunks) == _POOL_CHUNK_BYTES // row.nbytes
+        assert sum(_pool_chunks(cfg, row, lambda x: x[:, :1, :7, :7])) == 128 * 2**20 // row.nbytes  # pixels bound it
+        assert sum(_pool_chunks(method_config("default", distill_pool_mib=1), row, lambda x: x)) == cfg.distill_batch
+        assert _pool_chunks(cfg, torch.rand(1, 1, 28, 28), lambda x: x) == [cfg.distill_pool]
+
+    def test_the_pool_has_the_budgeted_rows(self):
+        unlearner = Unlearner(_bn_conv_model(), method_config("default", distill_pool=40, distill_batch=8), 3)
+        x = torch.rand(6, 1, 4, 4)
+        inputs = _step_inputs(unlearner, _fragment(x, torch.zeros(6, dtype=torch.long)), x[:0], torch.zeros(0, dtype=torch.long))
+        assert inputs.pool.shape == (40, 64) and inputs.pool_teacher.shape == (40, 3)

@@ -74,6 +74,38 @@ class TestFragmentWorker:
         assert status.status == "failed" and status.goal.engine_target == 2
         assert status.reason is not None and "instance predicted as 0, not class 2, its unseen goal" in status.reason
 
+    def test_a_capped_feature_goal_is_said_on_the_receipt_and_in_the_manifest(self) -> None:
+        """A memorised instance (its label is not the warp vote) with a retain buffer: capped after 2
+        steps, its class goal is met (`forgotten`) but its features are still off the prototype --
+        the receipt's reason, the outcome's numbers and the fragment's manifest metrics say so
+        (issue 21); an instance whose goal needs nothing says nothing."""
+        from engine_fixtures import tiny_data
+        from streamer.engine.data import Dataset
+        from streamer.engine.unseen import unseen_classes
+
+        def _smooth_model() -> Normalized:  # tanh features: any prototype is reachable (as in test_unseen_features)
+            torch.manual_seed(0)
+            return Normalized(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 32), torch.nn.Tanh(),
+                                                  torch.nn.Linear(32, 3)), (0.5,), (0.25,)).eval()
+
+        teacher = _smooth_model()
+        bx, _ = tiny_data(120, seed=1)
+        with torch.no_grad():
+            buffer = Dataset(bx, teacher(bx).argmax(1))
+        x, _ = tiny_data(1, seed=2)
+        label = (int(unseen_classes(teacher, x)[0]) + 1) % 3
+        worker = FragmentWorker(_smooth_model(), method_config("default", max_steps=2, n_adv=0), 3,
+                                ForgottenSet.empty((1, 4, 4)), teacher=teacher, buffer=buffer)
+        result = worker.run(_accepted([_request("mem", "unseen", label, x=x[0])]))
+        assert result is not None and result.outcome.stopped_by == "goal"
+        (out,) = result.outcomes
+        assert out.status == "forgotten" and out.numbers["feature_gap"] > 0.25
+        assert "feature goal not met" in out.reason and "step cap 2 hit" in out.reason
+        assert json.loads(receipt(out.settled("v000001", "2026-12-07T00:00:00Z"))[1])["reason"] == out.reason
+        assert result.metrics["feature_goal_met"] is False
+        plain = _worker(_predicting(0, 5.0)).run(_accepted([_request("u", "unseen", 1)]))
+        assert plain.metrics["feature_goal_met"] is None and plain.outcomes[0].reason is None
+
     def test_a_replayed_unseen_request_keeps_its_class(self) -> None:
         """unseen_class set (a replay from the vault): no new vote, the stored class is the goal."""
         result = _worker(_predicting(0, 5.0), max_steps=1).run(_accepted([_request("u", "unseen", 2, unseen_class=1)]))
