@@ -108,22 +108,48 @@ def _normalized(model: nn.Module, head: nn.Module) -> nn.Module:
 
 def _check(model: nn.Module, split: FrozenPrefix, net: nn.Module, trainable: Collection[str],
            example: torch.Tensor) -> str | None:
-    """None when the split computes the model on `example` and trains the model's own parameters;
-    else why not."""
+    """None when the split computes the model's logits on `example` and the same gradients for the
+    model's own trainable parameters, which the prefix does not hold (a tied weight, a no_grad
+    block torch.fx does not record); else why not. A part whose rows are not independent on
+    `example` (a statistic over the batch in a functional call) is marked so (`rows_independent`)."""
     own = dict(net.named_parameters())
-    held = {id(p) for p in split.suffix.parameters()}
-    if not all(id(own[n]) in held for n in trainable):
+    params = [own[n] for n in trainable]
+    if not {id(p) for p in params} <= {id(p) for p in split.suffix.parameters()}:
         return "whole model: the traced suffix does not hold the trainable parameters"
+    if {id(p) for p in params} & {id(p) for p in split.prefix.parameters()}:
+        return "whole model: a trainable parameter is used before the cut"
+    flags = [p.requires_grad for p in params]
     try:
         with torch.no_grad():
             features = split.prefix(example)
             before = features.clone()
-            same = torch.allclose(split.suffix(features), model(example), rtol=1e-4, atol=1e-5)
+            alone = [split.prefix(row[None]) for row in example], [split.suffix(f[None]) for f in features]
+        with torch.enable_grad():
+            for p in params:
+                p.requires_grad_(True)
+            out = split.suffix(features)
+            weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.device)
+            mine = torch.autograd.grad((out * weights).sum(), params, allow_unused=True)
+            whole = model(example)
+            theirs = torch.autograd.grad((whole * weights).sum(), params, allow_unused=True)
     except Exception as e:
         return f"whole model: the traced split fails on real rows ({type(e).__name__})"
-    if not same:
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+    if not torch.allclose(out.detach(), whole.detach(), rtol=1e-4, atol=1e-5):
         return "whole model: the traced split computes other logits"
-    return None if torch.equal(features, before) else "whole model: the suffix writes into its input"
+    if not all((a is None) == (b is None) and (a is None or torch.allclose(a, b, rtol=1e-3, atol=1e-5))
+               for a, b in zip(mine, theirs)):
+        return "whole model: the traced split gives other gradients"
+    if not torch.equal(features, before):
+        return "whole model: the suffix writes into its input"
+    for part, rows, batch in ((split.prefix, alone[0], features), (split.suffix, alone[1], out.detach())):
+        if not torch.allclose(torch.cat(rows), batch, rtol=1e-4, atol=1e-5):
+            for m in part.modules():  # its rows mix: never chunked, merged or copied to channels-last
+                if isinstance(m, torch.fx.GraphModule):
+                    setattr(m, TRACED, False)
+    return None
 
 
 class _NormalizedPrefix(nn.Module):

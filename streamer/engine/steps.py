@@ -154,7 +154,7 @@ def _pool_chunks(cfg: UnlearnConfig, row: torch.Tensor, encode: Callable[[torch.
     pool past `cfg.distill_pool_mib` (but never under one batch, `cfg.distill_batch`); chunks of
     _POOL_CHUNK_BYTES of pixels, so the ~6 temporaries a pixel row needs stay bounded at 224 x 224.
     `row`: one input row, (1, C, H, W). A pool of 28 x 28 images is made in one chunk."""
-    kept = max(row.nbytes, encode(row).nbytes)
+    kept = encode(row).nbytes  # what the pool keeps: prefix features, or the pixels (no split)
     rows = min(cfg.distill_pool, max(cfg.distill_batch, cfg.distill_pool_mib * 2**20 // kept))
     chunk = max(1, _POOL_CHUNK_BYTES // row.nbytes)
     return [min(chunk, rows - i) for i in range(0, rows, chunk)]

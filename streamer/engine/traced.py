@@ -54,10 +54,17 @@ def split_graph(gm: fx.GraphModule, chosen: set[str]) -> tuple[tuple[nn.Module, 
     if len(inputs) != 1:
         return None, f"whole model: {len(inputs)} inputs"
 
+    ids = {id(p) for n, p in gm.named_parameters() if n in chosen}  # by identity: a tied weight has one name
+
     def moves(node: fx.Node) -> bool:
         if node.op == "call_module":
-            return any(f"{node.target}.{p}" in chosen for p, _ in gm.get_submodule(node.target).named_parameters())
-        return node.op == "get_attr" and any(n == node.target or n.startswith(f"{node.target}.") for n in chosen)
+            return any(id(p) in ids for p in gm.get_submodule(node.target).parameters())
+        if node.op != "get_attr":
+            return False
+        obj = gm
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        return id(obj) in ids or (isinstance(obj, nn.Module) and any(id(p) in ids for p in obj.parameters()))
 
     moving, fed = set(), {inputs[0]}  # depends on a trainable parameter / on the input
     for node in nodes:
@@ -146,6 +153,9 @@ def _in_place(node: fx.Node, gm: fx.GraphModule) -> bool:
     a module built with inplace=True."""
     if node.op == "call_module":
         return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    schema = getattr(node.target, "_schema", None)  # an aten operator (torch.export): mul_.Tensor, copy_
+    if schema is not None:
+        return bool(schema.is_mutable)
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     return node.op != "get_attr" and isinstance(name, str) and (
         name in ("setitem", "__setitem__") or (name.endswith("_") and not name.endswith("__")))

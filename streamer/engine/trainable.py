@@ -72,7 +72,7 @@ def last_block_parameter_names(net: nn.Module) -> list[str]:
             names = [f"{prefix}{child}.{name}" for name, _ in sub.named_parameters()]
             if not any(name not in head for name in names):
                 continue
-            if _normalisation_only(sub):
+            if _normalisation_only(sub, f"{prefix}{child}.", head):
                 passed += [n for n in names if n not in head]
                 continue
             chosen = (child, sub, names)
@@ -80,18 +80,21 @@ def last_block_parameter_names(net: nn.Module) -> list[str]:
         if chosen is None:
             return passed
         child, sub, names = chosen
-        own = sum(sizes[n] for n in names if n not in head)
+        own = sum(sizes.get(n, 0) for n in names if n not in head)  # a tied alias counts once, by its first name
         if not (own > total / 2 and (_is_container(sub) or any(
-                sum(sizes[f"{prefix}{child}.{c}.{n}"] for n, _ in grand.named_parameters()
+                sum(sizes.get(f"{prefix}{child}.{c}.{n}", 0) for n, _ in grand.named_parameters()
                     if f"{prefix}{child}.{c}.{n}" not in head) > total / 2 for c, grand in sub.named_children()))):
             return names + passed  # a block (its children share it), not a stage or a wrapper
         module, prefix = sub, f"{prefix}{child}."
 
 
-def _normalisation_only(module: nn.Module) -> bool:
+def _normalisation_only(module: nn.Module, prefix: str, head: set[str]) -> bool:
+    """Every layer of `module` (named from `prefix`) holding a parameter outside the head is a
+    normalisation layer (a ViT's final LayerNorm; ConvNeXt's classifier: LayerNorm2d + the head)."""
     norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
-    leaves = [m for m in module.modules() if next(m.parameters(recurse=False), None) is not None]
-    return bool(leaves) and all(isinstance(m, norms) for m in leaves)
+    owners = [m for name, m in module.named_modules()
+              if any(f"{prefix}{name + '.' if name else ''}{p}" not in head for p, _ in m.named_parameters(recurse=False))]
+    return bool(owners) and all(isinstance(m, norms) for m in owners)
 
 
 def _is_container(module: nn.Module) -> bool:

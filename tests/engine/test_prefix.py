@@ -255,3 +255,55 @@ class TestTracedSplit:
         net(x).square().sum().backward()
         assert torch.allclose(tapped, weight.grad, rtol=1e-4, atol=1e-6)
         assert tapped[:, :, 0, 0].abs().max() == 0  # only the centre tap meets a 1 x 1 input
+
+
+class TestTracedSplitRefuses:
+    """Found by trying it (issue 24): splits that gave the right logits but the wrong gradients or
+    features are refused or marked; the whole model runs instead."""
+
+    def test_a_tied_weight_used_before_the_cut_and_a_no_grad_block(self):
+        x = torch.rand(2, 1, 4, 4)
+
+        class Tied(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.head = nn.Linear(16, 16)  # registered first: the shared weight is named head.weight
+                self.conv, self.proj = nn.Conv2d(1, 1, 3, padding=1), nn.Linear(16, 16)
+                self.proj.weight = self.head.weight
+
+            def forward(self, x):
+                return self.head(self.proj(self.conv(x).flatten(1)).relu())  # the tied weight before the cut
+
+        torch.manual_seed(0)
+        split, why = plan_split(Tied().eval(), ["head.weight", "head.bias"], x)
+        assert split is None and why == "whole model: a trainable parameter is used before the cut"
+
+        class NoGrad(_Branching):
+            def forward(self, x):
+                z = self.bn(self.conv(x)).relu().flatten(1)
+                with torch.no_grad():
+                    z = self.fc1(z).relu()
+                return self.fc2(z)
+        split, why = plan_split(NoGrad().eval(), ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"], x)
+        assert split is None and why == "whole model: the traced split gives other gradients"
+
+    def test_an_in_place_write_in_an_exported_graph(self):
+        class InPlace(_Branching):
+            def forward(self, x):
+                return self.fc2(self.fc1(self.conv(x).flatten(1).mul_(self.scale)))
+        x = torch.rand(3, 1, 4, 4)
+        exported = torch.export.export(InPlace().eval(), (x,),
+                                       dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)).module()
+        assert plan_split(exported, ["scale"], x[:2]) == (None, "whole model: the suffix writes into its input")
+
+    def test_a_batch_statistic_in_the_prefix_is_never_chunked(self):
+        class BatchStat(_Branching):
+            def forward(self, x):
+                z = self.conv(x).flatten(1)
+                return self.fc2(self.fc1(z - z.mean(0)).relu())
+        model = BatchStat().eval()
+        x = torch.rand(300, 1, 4, 4)
+        split = split_frozen_prefix(model, ["fc1.weight", "fc2.weight"], x[:2])
+        assert split is not None and not rows_independent(split.prefix)
+        with torch.no_grad():
+            assert torch.allclose(split.suffix(split.features(x)), model(x), atol=1e-5)

@@ -130,3 +130,21 @@ def test_a_vision_transformer_moves_its_last_encoder_layer_and_head():
     chosen = select_trainable(vit, "auto")
     assert {"encoder_layer_11" if "encoder_layer_11." in n else n.rsplit(".", 1)[0] for n in chosen} == {
         "encoder_layer_11", "encoder.ln", "heads.head"}
+
+
+def test_tied_weights_and_a_normalised_classifier():
+    """A weight tied between two layers (named once) does not break `block`; ConvNeXt's classifier
+    (LayerNorm2d + the head) is passed over: the block is the last CNBlock."""
+    class Tied(nn.Module):  # the usual tying: an input embedding reused as the output layer
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mix, self.head = nn.Embedding(16, 32), nn.Linear(32, 32), nn.Linear(32, 16)
+            self.head.weight = self.emb.weight  # named once, as emb.weight
+
+    for spec in ("head", "block", "auto"):  # used to raise KeyError on the alias head.weight
+        assert set(select_trainable(Tied(), spec)) <= {n for n, _ in Tied().named_parameters()}
+    convnext = torchvision.models.convnext_tiny(num_classes=10)
+    block = select_trainable(convnext, "block")
+    assert {".".join(n.split(".")[:3]) for n in block if n.startswith("features")} == {"features.7.2"}
+    assert {n for n in block if n.startswith("classifier")} == {
+        "classifier.0.weight", "classifier.0.bias", "classifier.2.weight", "classifier.2.bias"}

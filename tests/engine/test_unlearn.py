@@ -488,7 +488,7 @@ class TestPoolBudget:
         row = torch.rand(1, 3, 224, 224)
         chunks = _pool_chunks(cfg, row, lambda x: x)
         assert sum(chunks) == 128 * 2**20 // row.nbytes and max(chunks) == _POOL_CHUNK_BYTES // row.nbytes
-        assert sum(_pool_chunks(cfg, row, lambda x: x[:, :1, :7, :7])) == 128 * 2**20 // row.nbytes  # pixels bound it
+        assert sum(_pool_chunks(cfg, row, lambda x: x[:, :, :112, :112])) == 4 * 128 * 2**20 // row.nbytes  # features
         assert sum(_pool_chunks(method_config("default", distill_pool_mib=1), row, lambda x: x)) == cfg.distill_batch
         assert _pool_chunks(cfg, torch.rand(1, 1, 28, 28), lambda x: x) == [cfg.distill_pool]
 
