@@ -1,6 +1,7 @@
 """Models of real size (issue 24): what `auto` moves, how a step runs, what a fragment costs.
 
-  python benchmarks/model_zoo.py                  # the CPU plan below (~30 min on 2 cores)
+  python benchmarks/model_zoo.py --k 8            # the CPU plan below, fragments of 8: 34 min on 2 cores
+  python benchmarks/model_zoo.py                  # ... and of 64 at 32 x 32 (not yet timed)
   python benchmarks/model_zoo.py --quick          # 3x32x32, fragments of 8 (~5 min)
   python benchmarks/model_zoo.py --device cuda    # every case runs a full fragment (GPU)
   python benchmarks/model_zoo.py --models svhn resnet18 --sizes 32 --k 8 --compare   # + the whole-model path

@@ -6,9 +6,10 @@
 
 Time, 2-core CPU machine, --threads 1 (the default) with the other core busy: --quick took 9.5
 min (573 s: 8 shadows trained at 27 s each; unseen+buffer 20-41 s per fragment of 11-21
-targets, 5 of 8 at the 1,000-step cap; misclassify 4-10 s). The headline run, estimated from it:
-32 shadows x ~28 s = 15 min, then 32 fragments of ~32 targets per goal (~45 s each with
-unseen+buffer, ~12 s with misclassify) = 30 min: about 45-60 min. Shadows are cached in
+targets, 5 of 8 at the 1,000-step cap; misclassify 4-10 s). The headline run (16 per side, 64
+targets, both goals) measured 54 min (3,249 s) on one thread with the other core busy: 32 shadows
+at ~33 s, unseen+buffer ~50 s per fragment of ~32 targets (28 of 32 at the step cap),
+misclassify ~16 s. Shadows are cached in
 --weights-dir by recipe (a hash of dataset, seed, shadow index, epochs, targets and training
 indices), so a rerun (another goal, --bootstrap) pays only the unlearning.
 
@@ -302,10 +303,12 @@ def observe(model, x: torch.Tensor, y: torch.Tensor, splits) -> dict:
     return {"phi": logit_confidence(z, y), "pred": z.argmax(1).numpy(), "test_acc": accuracy(model, splits.audit.x, splits.audit.y)}
 
 
-def unlearn(model, goal: str, x: torch.Tensor, y: torch.Tensor, buffer, seed: int) -> dict:
-    """Unlearn the fragment (x, y) in place with the product's default method; the outcome."""
+def unlearn(model, goal: str, x: torch.Tensor, y: torch.Tensor, buffer, seed: int,
+            overrides: dict | None = None) -> dict:
+    """Unlearn the fragment (x, y) in place with the product's default method (and `overrides`,
+    UnlearnConfig fields from --set); the outcome."""
     base, _, with_buffer = goal.partition("+")
-    cfg = method_config("default", seed=seed, max_seconds=1e9)
+    cfg = method_config("default", seed=seed, max_seconds=1e9, **(overrides or {}))
     target = torch.full_like(y, UNSEEN if base == "unseen" else -1)
     start = time.perf_counter()
     out = Unlearner(model, cfg, 10, buffer=buffer if with_buffer else None).unlearn(Fragment(x, y, target))
@@ -344,7 +347,7 @@ def run(args) -> dict:
             model.load_state_dict(models[s])
             model.eval()
             rows = torch.from_numpy(member[s])
-            fragments.append(unlearn(model, goal, x[rows], y[rows], splits.buffer, args.seed))
+            fragments.append(unlearn(model, goal, x[rows], y[rows], splits.buffer, args.seed, args.set))
             after.append(observe(model, x, y, splits))
             f = fragments[-1]
             cap = " (the step cap)" if f["at_step_cap"] else ""
@@ -394,7 +397,7 @@ def _jsonable(obs: dict) -> dict:
 def _meta(args, targets, is_canary, y, member) -> dict:
     return {"dataset": DATASET, "seed": args.seed, "shadows_per_side": args.shadows, "epochs": args.epochs,
             "threads": args.threads, "goals": args.goals, "bootstrap": args.bootstrap, "delta": args.delta,
-            "targets": targets.tolist(), "is_canary": is_canary.tolist(), "labels": y.tolist(),
+            "targets": targets.tolist(), "is_canary": is_canary.tolist(), "labels": y.tolist(), "overrides": args.set,
             "member": member.astype(int).tolist(), "torch": torch.__version__, "method": "default",
             "max_seconds": 1e9, "max_steps": method_config("default").max_steps, "sd_floor": SD_FLOOR,
             "streamer": _source()}
@@ -475,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights-dir", type=Path, default=Path("bench-out/weights"))
     parser.add_argument("--tag", help="names the output (default: quick or headline)")
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/per_example_mia_TAG.json)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="engine overrides (UnlearnConfig fields), e.g. update=all: not the product default")
     parser.add_argument("--render", type=Path, metavar="JSON", help="print the table of an earlier run (no run)")
     args = parser.parse_args(argv)
     if args.render:
@@ -482,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.shadows, args.canaries, args.typical = 4, 16, 16
+    from paper_tables import parse_set
+    args.set = parse_set(args.set)
     if args.shadows < 2:
         parser.error("--shadows must be >= 2 (a leave-one-out fit needs 2 per side)")
     torch.set_num_threads(args.threads)

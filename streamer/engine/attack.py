@@ -120,6 +120,18 @@ def random_targets(y: torch.Tensor, per_instance: int, num_classes: int, generat
     return index, (y.cpu()[index] + offset) % num_classes
 
 
+ATTACK_CHUNK_BYTES = 8 * 2**20  # pixels attacked at once: 512 rows up to 64 x 64 RGB, 13 at 224 x 224
+
+
+def attack_chunk(x: torch.Tensor) -> int:
+    """Rows attacked at once for inputs like x (n, C, H, W): up to 512, fewer where their pixels
+    pass ATTACK_CHUNK_BYTES, since a backward pass keeps every layer's activations of the chunk
+    (measured: ResNet-50 at 224 x 224, 80 rows at once, 8.0 GB peak resident). The examples do
+    not depend on the chunking (the random start is drawn once, rows are independent in eval
+    mode)."""
+    return max(1, min(512, ATTACK_CHUNK_BYTES // max(1, x[0].nbytes)))
+
+
 def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: UnlearnConfig, num_classes: int,
                          generator: torch.Generator, should_stop: Callable[[], bool] | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -137,6 +149,6 @@ def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg
     attacked = cpu_channels_last(model, x[:2]) if cfg.fast_path else model
     result = targeted_l2_pgd(attacked, x[index.to(x.device)], target.to(x.device), eps=eps, step_size=step_size,
                              steps=cfg.pgd_steps, generator=generator, should_stop=should_stop,
-                             early_exit=cfg.pgd_early_exit)
+                             early_exit=cfg.pgd_early_exit, chunk_size=attack_chunk(x))
     keep = result.success if cfg.adv_only_successful else torch.ones_like(result.success)
     return result.x[keep], result.target[keep], result.success_rate

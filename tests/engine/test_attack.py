@@ -80,3 +80,10 @@ class TestEarlyExit:
         failed = ~early.success
         assert torch.allclose(early.x[failed], full.x[failed], atol=1e-6)
         assert (early.x - x).flatten(1).norm(dim=1).max() <= 0.2 + 1e-5
+
+
+def test_attack_chunks_bound_the_pixels_attacked_at_once():
+    """Up to 512 rows at 28 x 28 and 32 x 32 (unchanged there); 13 at 3 x 224 x 224."""
+    from streamer.engine.attack import attack_chunk
+    assert attack_chunk(torch.zeros(1, 1, 28, 28)) == 512 and attack_chunk(torch.zeros(1, 3, 32, 32)) == 512
+    assert attack_chunk(torch.zeros(1, 3, 224, 224)) == 13
