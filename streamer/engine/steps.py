@@ -92,7 +92,7 @@ class StepInputs:
         example = torch.cat([objective_x[:2], objective_x[:1]])[:2]  # two real rows to trace and check a split on
         split = split_frozen_prefix(model, trainable, example) if cfg.fast_path and not cfg.train_mode else None
         if split is not None:  # fixed while the fragment runs: a channels-last copy computes it on CPU
-            split = dataclasses.replace(split, prefix=cpu_channels_last(split.prefix, objective_x[:2]))
+            split = dataclasses.replace(split, prefix=cpu_channels_last(split.prefix, example))
         encode = split.features if split is not None else (lambda x: x)  # noqa: E731
         forward = split.suffix if split is not None else model
         buffer_in = encode(buffer.x) if buffer is not None and cfg.buffer_weight > 0 else None
