@@ -120,9 +120,10 @@ class DaemonProcess:
     """`python -m streamer run --config PATH` with its JSON log lines captured in a file."""
 
     def __init__(self, config: Path, log_path: Path, crash_at: str | None = None, threads: int = 1,
-                 env: dict[str, str] | None = None, hold_at: tuple[str, Path] | None = None):
+                 env: dict[str, str] | None = None, hold_at: tuple[str, Path] | None = None, ranks: int = 1):
         """`crash_at`: SIGKILL at that point; `hold_at` (point, file): block there until the file
-        exists, once per file (streamer/pipeline/faults.py)."""
+        exists, once per file (streamer/pipeline/faults.py); `ranks` > 1: under torchrun, that many
+        processes on this host (rank 0 the daemon, the others its followers)."""
         self.config, self.log_path = config, log_path
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", **(env or {})}
         env.pop("STREAMER_CRASH_AT", None)
@@ -132,8 +133,10 @@ class DaemonProcess:
         if hold_at:
             env["STREAMER_HOLD_AT"] = f"{hold_at[0]}:{hold_at[1]}"
         self._log = open(log_path, "ab")  # noqa: SIM115 (closed in wait)
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+                    if ranks > 1 else [sys.executable])
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "streamer", "run", "--config", str(config)],
+            [*launcher, "-m", "streamer", "run", "--config", str(config)],
             stdout=self._log, stderr=subprocess.STDOUT, env=env,
         )
 

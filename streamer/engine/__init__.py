@@ -8,7 +8,8 @@ Public API: models (`Normalized`, `ModelConfig`, `load_model`, `published_model`
 (`targeted_l2_pgd`, Eq. 1), MAS importance (`mas_importance`, `ImportancePenalty`, Eq. 2 / 7),
 methods (`UnlearnConfig`, `method_config`, `METHODS`), the unlearner (`Fragment`,
 `FragmentOutcome`, `Unlearner`, `UNSEEN`), goals and evaluation (`goal_met`, `goal_gap`,
-`goal_mask`, `accuracy`, `logits`), attack-based verification (`attack_report`), canaries
+`goal_mask`, `accuracy`, `logits`), data parallelism over torch.distributed (`Shard`, `join_group`,
+`follow`, `leave_group`, `GroupLost`, `ALONE`), attack-based verification (`attack_report`), canaries
 (`BENCHMARK_CANARIES`) and training of the reference models (`fit`, `reference_model`,
 `train_reference`).
 
@@ -19,6 +20,7 @@ step feeds the model), `terms.FragmentLoss` (the objective's terms), `fragment.S
 from .attack import targeted_l2_pgd
 from .canaries import BENCHMARK_CANARIES
 from .data import DATASETS, Dataset, load_splits
+from .distributed import ALONE, GroupLost, Shard, follow, join_group, leave_group
 from .evaluate import accuracy, goal_mask, logits
 from .formats import FORMATS, USER_LOADERS, clone_module, load_user_model_bytes, read_state_dict, save_user_model
 from .importance import ImportancePenalty, mas_importance
@@ -33,10 +35,10 @@ from .unlearn import Fragment, FragmentOutcome, Unlearner
 from .unseen import UNSEEN
 from .verification import attack_report
 
-__all__ = ["BENCHMARK_CANARIES", "DATASETS", "FORMATS", "METHODS", "REFERENCE", "REFERENCE_INPUT", "UNSEEN",
-           "USER_LOADERS", "Dataset", "Fragment", "FragmentOutcome", "ImportancePenalty", "ModelConfig", "Normalized",
-           "UnlearnConfig", "Unlearner", "accuracy", "attack_report", "clone_module", "fit", "goal_gap", "goal_mask",
-           "goal_met", "grad_only", "head_parameter_names", "load_model", "load_net_state", "load_splits",
+__all__ = ["ALONE", "BENCHMARK_CANARIES", "DATASETS", "FORMATS", "METHODS", "REFERENCE", "REFERENCE_INPUT", "UNSEEN",
+           "USER_LOADERS", "Dataset", "Fragment", "FragmentOutcome", "GroupLost", "ImportancePenalty", "ModelConfig", "Normalized",
+           "Shard", "UnlearnConfig", "Unlearner", "accuracy", "attack_report", "clone_module", "fit", "follow", "goal_gap", "goal_mask",
+           "goal_met", "grad_only", "head_parameter_names", "join_group", "leave_group", "load_model", "load_net_state", "load_splits",
            "load_user_model_bytes", "logits", "mas_importance", "method_config", "published_model", "read_state_dict",
            "reference_model", "release_freed_memory", "save_user_model", "select_trainable", "source_format", "split_normalized_state",
            "targeted_l2_pgd", "train_reference"]

@@ -11,20 +11,32 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .augment import random_affine
 from .data import Dataset
+from .distributed import ALONE, Shard
 from .fragment import Fragment
 from .methods import UnlearnConfig
 from .objectives import goal_gap, goal_met
 from .prefix import FrozenPrefix, cpu_channels_last, rows_independent, split_frozen_prefix
 
-__all__ = ["AtRisk", "Sampler", "StepInputs", "distill_inputs"]
+__all__ = ["AtRisk", "Logits", "Sampler", "StepInputs", "Term", "distill_inputs"]
 
-Logits = dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # term -> (logits, rows drawn; None: all)
+
+class Term(NamedTuple):
+    """One term's logits in a step, on this rank's rows (distributed.Shard; all rows when alone)."""
+
+    out: torch.Tensor  # (m, classes)
+    pick: torch.Tensor | None  # (m,) their rows in the term's source; None: all of them, in order
+    n: int  # the term's rows over every rank: the count its mean divides by
+    share: float = 1.0  # 1/world where every rank computes the term whole (so the ranks' sum counts it once)
+
+
+Logits = dict[str, Term]
 
 
 @dataclass(frozen=True)
@@ -118,31 +130,36 @@ class StepInputs:
         return StepInputs(forward, split, encode(objective_x), encode(adv_x) if len(adv_x) else adv_x, adv_y, adv_x,
                           buffer_in, pool, pool_teacher, merge)
 
-    def logits(self, cfg: UnlearnConfig, sampler: Sampler, objective: bool,
-               rows: torch.Tensor | None = None) -> Logits:
+    def logits(self, cfg: UnlearnConfig, sampler: Sampler, objective: bool, rows: torch.Tensor | None = None,
+               shard: Shard = ALONE, split_objective: bool = True, others: bool = True) -> Logits:
         """This step's logits per term, with the rows each term drew: objective (`rows` of it, all
         when None; if `objective`),
         adv (a batch of the adversarial examples; all of them with proportional weighting), distill
         (a batch of the fast path's pool), buffer (a batch of the retain buffer). With `merge` one
         forward over all the rows (measured on the MNIST-5k head: 1.7 ms instead of 2.8 ms per
-        forward and backward); otherwise one per term."""
-        terms: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = (
-            {"objective": (self.objective if rows is None else self.objective[rows], rows)} if objective else {})
-        if len(self.adv_y):
-            pick = None if cfg.weighting == "proportional" else sampler.sample(len(self.adv_y), cfg.adv_batch)
-            terms["adv"] = (self.adv if pick is None else self.adv[pick], pick)
-        if cfg.distill_weight > 0 and self.pool is not None:
-            pick = sampler.sample(len(self.pool), cfg.distill_batch)
-            terms["distill"] = (self.pool[pick], pick)
-        if self.buffer is not None:
-            pick = sampler.sample(len(self.buffer), cfg.buffer_batch)
-            terms["buffer"] = (self.buffer[pick], pick)
-        rows = [x for x, _ in terms.values()]
-        if self.merge and rows:
-            out = self.forward(torch.cat(rows)).split([len(r) for r in rows])
+        forward and backward); otherwise one per term. Every rank draws the same rows and runs its
+        share of them (`shard.local`); the objective whole on every rank unless `split_objective`.
+        `others` False: the objective's logits alone (the other terms are drawn only when a step follows)."""
+        drawn: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {"objective": (self.objective, rows)} if objective else {}
+        if others and len(self.adv_y):
+            drawn["adv"] = (self.adv, None if cfg.weighting == "proportional"
+                            else sampler.sample(len(self.adv_y), cfg.adv_batch))
+        if others and cfg.distill_weight > 0 and self.pool is not None:
+            drawn["distill"] = (self.pool, sampler.sample(len(self.pool), cfg.distill_batch))
+        if others and self.buffer is not None:
+            drawn["buffer"] = (self.buffer, sampler.sample(len(self.buffer), cfg.buffer_batch))
+        terms: dict[str, tuple[torch.Tensor, torch.Tensor | None, int, float]] = {}
+        for name, (source, pick) in drawn.items():
+            n = len(source) if pick is None else len(pick)
+            whole = name == "objective" and not split_objective
+            local = pick if whole else shard.local(pick, n)
+            terms[name] = (source if local is None else source[local], local, n, 1 / shard.world if whole else 1.0)
+        inputs = [x for x, *_ in terms.values()]
+        if self.merge and inputs:
+            out = self.forward(torch.cat(inputs)).split([len(r) for r in inputs])
         else:
-            out = [self.forward(r) for r in rows]
-        return {name: (o, pick) for (name, (_, pick)), o in zip(terms.items(), out)}
+            out = [self.forward(r) for r in inputs]
+        return {name: Term(o, pick, n, share) for (name, (_, pick, n, share)), o in zip(terms.items(), out)}
 
 
 _POOL_CHUNK_BYTES = 64 * 2**20  # the distillation pool's pixels are made this many bytes at a time
@@ -201,12 +218,18 @@ class AtRisk:
             return None
         return AtRisk(objective, k, cfg.margin)
 
-    def check(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def check(self, inputs: StepInputs, shard: Shard = ALONE) -> tuple[torch.Tensor, torch.Tensor]:
         """((n,) bool every row's goal met, the rows to train on this step), from one forward
-        without gradients."""
-        o = self.objective
+        without gradients (each rank its share of the rows, gathered)."""
+        o, n = self.objective, len(self.objective)
+        local = shard.local(None, n)
+        y, target = (o.y, o.target) if local is None else (o.y[local], o.target[local])
         with torch.no_grad():
-            logits = inputs.forward(inputs.objective)
-        risky = goal_gap(logits, o.y, o.target) > -self.margin
+            logits = inputs.forward(inputs.objective if local is None else inputs.objective[local])
+        gap, met = goal_gap(logits, y, target), goal_met(logits, y, target)
+        if local is not None:
+            both = shard.gather(torch.stack([gap, met.to(gap.dtype)], 1), n)
+            gap, met = both[:, 0], both[:, 1] > 0
+        risky = gap > -self.margin
         risky[: self.k] = True
-        return goal_met(logits, o.y, o.target), torch.nonzero(risky).flatten()
+        return met, torch.nonzero(risky).flatten()

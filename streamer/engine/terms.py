@@ -14,7 +14,7 @@ from .fragment import Fragment
 from .importance import ImportancePenalty
 from .methods import UnlearnConfig
 from .objectives import distillation_loss, forget_loss
-from .steps import Logits, Sampler, StepInputs, distill_inputs
+from .steps import Logits, Sampler, StepInputs, Term, distill_inputs
 
 __all__ = ["FragmentLoss"]
 
@@ -34,20 +34,25 @@ class FragmentLoss:
     buffer: Dataset | None = None
     importance: ImportancePenalty | None = None
     anchor: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()  # (trainable parameter, the original's value)
+    world: int = 1  # ranks (distributed.Shard): terms of the weights alone count 1/world on each
 
     def __call__(self, logits: Logits, step: int) -> torch.Tensor:
-        """The scalar loss of `step` (0-based): forget + adversarial + distillation + buffer + importance."""
+        """The scalar loss of `step` (0-based): forget + adversarial + distillation + buffer + importance.
+        Distributed: this rank's part, the ranks' parts summing to the loss of one process."""
         cfg = self.cfg
         loss = self.forget_and_adversarial(logits)
         if cfg.distill_weight > 0:
             loss = loss + self.distill_weight(step) * self.distillation(logits)
         if "buffer" in logits and self.buffer is not None:
-            out, pick = logits["buffer"]
-            loss = loss + cfg.buffer_weight * F.cross_entropy(out, self.buffer.y[pick])
+            t = logits["buffer"]
+            loss = loss + cfg.buffer_weight * _part(F.cross_entropy(t.out, self.buffer.y[t.pick]), t)
+        weights_only = []
         if self.importance is not None:
-            loss = loss + cfg.imp_lambda * self.importance.penalty(self.model)  # Eq. 7
+            weights_only.append(cfg.imp_lambda * self.importance.penalty(self.model))  # Eq. 7
         if cfg.anchor_weight > 0 and self.anchor:
-            loss = loss + cfg.anchor_weight * sum((p - p0).pow(2).sum() for p, p0 in self.anchor)  # L2-SP
+            weights_only.append(cfg.anchor_weight * sum((p - p0).pow(2).sum() for p, p0 in self.anchor))  # L2-SP
+        for term in weights_only:
+            loss = loss + (term if self.world == 1 else term / self.world)
         return loss
 
     def forget_and_adversarial(self, logits: Logits) -> torch.Tensor:
@@ -55,20 +60,23 @@ class FragmentLoss:
         to their target classes. `proportional`: Eq. 6, one mean over D_f and D_adv together, each
         term weighted by its share; `fragment`: the forgetting term divided by k, not diluted by the
         retained set or the adversarial batch, plus the adversarial batch's mean."""
-        cfg, (z, rows) = self.cfg, logits["objective"]
-        y, target = (self.objective.y, self.objective.target) if rows is None else (
-            self.objective.y[rows], self.objective.target[rows])
-        per_instance = forget_loss(cfg.forget_loss, z, y, target, cfg.margin)
-        adv, adv_y = logits.get("adv"), self.inputs.adv_y
-        if cfg.weighting == "proportional":
-            total = len(per_instance) + len(adv_y)
-            loss = per_instance.sum() / total
-            if adv is not None:
-                loss = loss + cfg.adv_weight * F.cross_entropy(adv[0], adv_y, reduction="sum") / total
-            return loss
-        loss = per_instance.sum() / self.k
+        cfg, obj = self.cfg, logits["objective"]
+        y, target = (self.objective.y, self.objective.target) if obj.pick is None else (
+            self.objective.y[obj.pick], self.objective.target[obj.pick])
+        forget = forget_loss(cfg.forget_loss, obj.out, y, target, cfg.margin).sum() * obj.share
+        adv = logits.get("adv")
         if adv is not None:
-            loss = loss + cfg.adv_weight * F.cross_entropy(adv[0], adv_y[adv[1]])
+            adv_y = self.inputs.adv_y if adv.pick is None else self.inputs.adv_y[adv.pick]
+            adv_sum = F.cross_entropy(adv.out, adv_y, reduction="sum")
+        if cfg.weighting == "proportional":
+            total = obj.n + len(self.inputs.adv_y)
+            loss = forget / total
+            if adv is not None:
+                loss = loss + cfg.adv_weight * adv_sum / total
+            return loss
+        loss = forget / self.k
+        if adv is not None:
+            loss = loss + cfg.adv_weight * adv_sum / adv.n
         return loss
 
     def distillation(self, logits: Logits) -> torch.Tensor:
@@ -76,18 +84,19 @@ class FragmentLoss:
         logits cached), else inputs made this step from the objective (and a batch of the buffer)."""
         cfg = self.cfg
         if "distill" in logits:
-            student, pick = logits["distill"]
-            assert self.inputs.pool_teacher is not None and pick is not None  # the pool comes with its logits
-            teacher = self.inputs.pool_teacher[pick]
-        else:
-            source = self.objective.x
-            if self.buffer is not None and cfg.distill_buffer:  # real images: their warps and mixups are distilled too
-                source = torch.cat([source, self.buffer.x[self.sampler.sample(len(self.buffer), cfg.buffer_batch)]])
-            pixels = distill_inputs(source, self.inputs.adv_pixels, cfg.distill_batch, cfg.distill_warp, self.sampler)
-            with torch.no_grad():
-                teacher = self.teacher(pixels)
-            student = self.model(pixels)
-        return distillation_loss(student, teacher, cfg.distill_temperature)
+            t = logits["distill"]
+            assert self.inputs.pool_teacher is not None and t.pick is not None  # the pool comes with its logits
+            return _part(distillation_loss(t.out, self.inputs.pool_teacher[t.pick], cfg.distill_temperature), t)
+        # every rank makes the same inputs and runs them whole: each counts 1/world of it
+        source = self.objective.x
+        if self.buffer is not None and cfg.distill_buffer:  # real images: their warps and mixups are distilled too
+            source = torch.cat([source, self.buffer.x[self.sampler.sample(len(self.buffer), cfg.buffer_batch)]])
+        pixels = distill_inputs(source, self.inputs.adv_pixels, cfg.distill_batch, cfg.distill_warp, self.sampler)
+        with torch.no_grad():
+            teacher = self.teacher(pixels)
+        student = self.model(pixels)
+        loss = distillation_loss(student, teacher, cfg.distill_temperature)
+        return loss if self.world == 1 else loss / self.world
 
     def distill_weight(self, step: int) -> float:
         """Strong distillation keeps the most accuracy but can stall forgetting; halving it every
@@ -95,3 +104,9 @@ class FragmentLoss:
         before the step cap on the hardest fragments."""
         every = self.cfg.distill_halve_every
         return self.cfg.distill_weight * 0.5 ** (step // every if every > 0 else 0)
+
+
+def _part(mean: torch.Tensor, term: Term) -> torch.Tensor:
+    """A mean over this rank's rows of `term` as its part of the mean over every rank's rows (the
+    same value when alone: m / n = 1)."""
+    return mean if len(term.out) == term.n and term.share == 1.0 else mean * (len(term.out) * term.share / term.n)

@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import Interrupted
 from .attack import adversarial_examples
 from .data import Dataset
+from .distributed import ALONE, Shard, job_tensors
 from .formats import clone_module
 from .fragment import Cancelled, Fragment, FragmentOutcome, StopTest, Trend, cap_cause
 from .importance import ImportancePenalty, mas_importance
@@ -40,12 +41,14 @@ class Unlearner:
     """Owns the model being unlearned, the frozen original (distillation teacher), the retained
     forgotten set and the optional retain buffer. `unlearn(fragment)` updates the model in place.
 
-    Raises ConfigError at construction when `cfg.trainable` has a glob that matches no parameter."""
+    Raises ConfigError at construction when `cfg.trainable` has a glob that matches no parameter.
+    With a `shard` of a process group, rank 0 sends every fragment to the others first and the
+    steps run data-parallel over the group (distributed.py; the others run `distributed.follow`)."""
 
     def __init__(self, model: nn.Module, cfg: UnlearnConfig, num_classes: int,
                  buffer: Dataset | None = None, forgotten: Fragment | None = None,
-                 teacher: nn.Module | None = None):
-        self.model, self.cfg, self.num_classes = model, cfg, num_classes
+                 teacher: nn.Module | None = None, shard: Shard = ALONE):
+        self.model, self.cfg, self.num_classes, self.shard = model, cfg, num_classes, shard
         self.device = next(model.parameters()).device
         # The user's network: trainable names are its own (`fc.weight`, not `net.fc.weight`).
         self.net = model.net if isinstance(model, Normalized) else model
@@ -66,8 +69,11 @@ class Unlearner:
         """Unlearn one fragment in place (the paper's Alg. 1 with the default's additions): resolve
         unseen goals, join the retained set, regenerate the adversarial examples (Eq. 1) and the
         importance (Eq. 2), then step until the stop test says so. With `cancel` set mid-way it
-        stops with stopped_by="cancelled": the model is then partly updated and must be discarded."""
-        should_stop = (lambda: cancel.is_set()) if cancel is not None else None  # noqa: E731
+        stops with stopped_by="cancelled": the model is then partly updated and must be discarded.
+        Raises distributed.GroupLost when another rank of the group is gone."""
+        if self.shard.world > 1 and self.shard.rank == 0:
+            self.shard.send_job("unlearn", job_tensors(self, fragment))
+        should_stop = self.shard.stop_signal(cancel)
         stages: dict[str, float] = {}
         fragment, k = fragment.to(self.device), len(fragment)
         try:
@@ -109,7 +115,7 @@ class Unlearner:
                imp: ImportancePenalty | None, features: FeatureGoal | None, progress: Progress | None,
                cancel: Cancelled | None) -> tuple[str, int, torch.Tensor, tuple[tuple[int, int], ...]]:
         """The step loop: (stopped_by, steps taken, (n,) goal met per objective row, the trend)."""
-        cfg = self.cfg
+        cfg, shard = self.cfg, self.shard
         params = self._trainable()
         optimizer = (torch.optim.Adam(params, lr=cfg.lr, fused=_fused_adam(cfg, params)) if cfg.optimizer == "adam"
                      else torch.optim.SGD(params, lr=cfg.lr))
@@ -119,38 +125,48 @@ class Unlearner:
             inputs = StepInputs.build(cfg, self.model, self.teacher, self.trainable, objective.x, adv_x, adv_y,
                                       self.buffer, self.sampler)  # frozen-prefix features computed once
             loss_of = FragmentLoss(cfg, self.model, self.teacher, objective, k, inputs, self.sampler, self.buffer, imp,
-                                   self._anchor(params))
+                                   self._anchor(params), shard.world)
             risk = AtRisk.of(cfg, objective, k, whole=features is not None)
             while True:
                 if features is not None:
                     features.clear()
-                met, rows = risk.check(inputs) if risk is not None else (None, None)  # every row, no gradients
+                met, rows = risk.check(inputs, shard) if risk is not None else (None, None)  # every row, no gradients
                 # merged: every term in one forward; else the objective first, the rest only when a step follows
-                logits = (inputs.logits(cfg, self.sampler, objective=True, rows=rows) if inputs.merge else
-                          {"objective": (inputs.forward(inputs.objective if rows is None else inputs.objective[rows]),
-                                         rows)})
+                # (the feature goal reads every objective row's features: then each rank runs them all)
+                logits = inputs.logits(cfg, self.sampler, objective=True, rows=rows, shard=shard,
+                                       split_objective=features is None, others=inputs.merge)
                 if met is None:
-                    met = goal_met(logits["objective"][0].detach(), objective.y, objective.target)
+                    o = logits["objective"]
+                    y, target = (objective.y, objective.target) if o.pick is None else (
+                        objective.y[o.pick], objective.target[o.pick])
+                    met = goal_met(o.out.detach(), y, target)
+                    met = met if len(met) == len(objective) else shard.gather(met, len(objective))
                 features_met, feature_loss = features.check() if features is not None else (True, None)
                 trend.observe(steps, int((~met).sum()))
-                stopped = stop(steps, bool(met.all()), features_met)
+                stopped = shard.agree(stop(steps, bool(met.all()), features_met))
                 if stopped is not None:
                     stopped_by = stopped
                     break
                 if not inputs.merge:  # train mode: no BatchNorm update from batches no step trains on
-                    logits.update(inputs.logits(cfg, self.sampler, objective=False))
+                    logits.update(inputs.logits(cfg, self.sampler, objective=False, shard=shard))
                 loss = loss_of(logits, steps)
                 if feature_loss is not None:
-                    loss = loss + feature_loss
-                if not torch.isfinite(loss):  # a step on it would make every weight NaN
-                    stopped_by = "non_finite"
-                    break
+                    loss = loss + (feature_loss if shard.world == 1 else feature_loss / shard.world)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                loss = shard.reduce(params, loss)  # over every rank's rows, gradients summed: one process's
+                if not torch.isfinite(loss):  # a step on it would make every weight NaN
+                    optimizer.zero_grad(set_to_none=True)
+                    stopped_by = "non_finite"
+                    break
                 optimizer.step()
+                if cfg.train_mode:  # each rank's rows moved its BatchNorm statistics: the ranks agree again
+                    shard.average_buffers(self.model)
                 steps += 1
                 if progress is not None and (steps % 25 == 0 or steps == 1):
                     progress(steps, loss.item(), int((~met).sum()))
+            if cfg.train_mode:  # the last check's forward moved them too
+                shard.average_buffers(self.model)
         return stopped_by, steps, met, trend.close(steps, int((~met).sum()))
 
     def _finish(self, fragment: Fragment, objective: Fragment, stopped_by: str, steps: int, met: torch.Tensor,

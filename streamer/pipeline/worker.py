@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..engine import (Dataset, Fragment, FragmentOutcome, UnlearnConfig, Unlearner, goal_gap, goal_mask, goal_met,
-                      load_net_state, save_user_model)
+from ..engine import (ALONE, Dataset, Fragment, FragmentOutcome, GroupLost, Shard, UnlearnConfig, Unlearner, goal_gap,
+                      goal_mask, goal_met, load_net_state, save_user_model)
 from ..engine import logits as logits_of
 from ..state import ForgottenSet, ModelFile, RequestOutcome
 from .collector import Accepted
@@ -55,13 +55,15 @@ class FragmentWorker:
                  teacher: nn.Module | None = None, audit: Dataset | None = None, buffer: Dataset | None = None,
                  audit_baseline: float | None = None, max_audit_drop: float | None = None,
                  max_missed_fragments: int = 3, misses: Mapping[str, int] | None = None,
-                 model_format: str = "state_dict", input_shape: tuple[int, int, int] | None = None):
+                 model_format: str = "state_dict", input_shape: tuple[int, int, int] | None = None,
+                 shard: Shard = ALONE):
         self.model, self.cfg, self.audit, self.audit_baseline = model, cfg, audit, audit_baseline
         self.max_audit_drop, self.max_missed_fragments = max_audit_drop, max_missed_fragments
         self.forgotten, self.model_format, self.input_shape = forgotten, model_format, input_shape
         self.misses: dict[str, int] = dict(misses or {})  # request_id -> fragments missed in a row
         self._unlearner = Unlearner(model, cfg, num_classes, buffer=buffer,
-                                    forgotten=_as_fragment(forgotten) if len(forgotten) else None, teacher=teacher)
+                                    forgotten=_as_fragment(forgotten) if len(forgotten) else None, teacher=teacher,
+                                    shard=shard)
 
     def model_file(self) -> ModelFile:
         """The user's network with the current weights, as the file a version publishes. Raises
@@ -119,7 +121,8 @@ class FragmentWorker:
             progress: Callable[[int, float, int], None] | None = None) -> FragmentResult | None:
         """Unlearn `accepted` as one fragment; None when cancelled (restore the snapshot then).
 
-        Raises EngineFailure (the engine or model raised), NonFiniteOutputs (NaN/Inf logits on the
+        Raises EngineFailure (the engine or model raised), GroupLost (a rank of a torchrun group is
+        gone: the daemon stops), NonFiniteOutputs (NaN/Inf logits on the
         fragment, the retained set or the audit set) or UtilityFloorBreached (audit accuracy more
         than max_audit_drop below the base model's); the model is then left as it was, to restore."""
         requests = [a.request for a in accepted]
@@ -141,7 +144,7 @@ class FragmentWorker:
             logits = {"fragment": on_forgotten[: len(requests)], "forgotten": on_forgotten}
             if self.audit is not None:
                 logits["audit"] = logits_of(self.model, self.audit.x)
-        except NonFiniteOutputs:
+        except (NonFiniteOutputs, GroupLost):  # GroupLost: infrastructure (another rank is gone), no outcome
             raise
         except Exception as err:  # any error here depends on the model or the inputs: no I/O runs
             raise EngineFailure(f"the engine raised {type(err).__name__}: {err}") from err

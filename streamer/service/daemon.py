@@ -40,11 +40,13 @@ from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from ..config import DaemonConfig
-from ..engine import release_freed_memory
+from ..engine import ALONE, Shard, join_group, leave_group, release_freed_memory
+from ..intake import resolve_device
 from ..kafka import consumer_lag, own_all_partitions, poll_while, seek_to_offsets
 from ..pipeline import Accepted, Collector, GoalIndex, faults, replay_batch, run_quarantined
 from ..state import Manifest
 from ..telemetry import Metrics, serve
+from .group import follow_daemon
 from .services import Services
 
 POLL_TIMEOUT_MS = 200  # the longest the loop waits for records, a signal or a due fragment
@@ -63,7 +65,8 @@ class Daemon:
     raises (ConfigError, CheckpointDirLocked, VaultKeyError, ...) after releasing what it opened."""
 
     def __init__(self, cfg: DaemonConfig, registry: CollectorRegistry, log: Any = None,
-                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
+                 shard: Shard = ALONE):
         self.cfg, self._clock, self._monotonic = cfg, clock, monotonic
         self.metrics = Metrics(registry)
         self._log = log if log is not None else structlog.get_logger("streamer.daemon")
@@ -77,7 +80,7 @@ class Daemon:
         self._server = serve(registry, cfg.metrics.host, cfg.metrics.port, self._healthy, self._ready)
         self._log.info("metrics_serving", host=self._server.host, port=self._server.port)
         try:
-            self.services = Services.start(cfg, self.metrics, self._log, clock, monotonic)
+            self.services = Services.start(cfg, self.metrics, self._log, clock, monotonic, shard)
         except BaseException:
             self._server.close()
             raise
@@ -262,7 +265,19 @@ class Daemon:
 
 def run_daemon(cfg: DaemonConfig) -> int:
     """Run until SIGTERM/SIGINT; exit status 0 on a clean stop. The fault-injection points of the
-    crash tests are armed from the environment (pipeline/faults.py)."""
+    crash tests are armed from the environment (pipeline/faults.py). Under torchrun (WORLD_SIZE >
+    1) rank 0 is the daemon and the other ranks follow its fragments (service/group.py)."""
+    shard, device = join_group(resolve_device(cfg.device))
+    log = structlog.get_logger("streamer.daemon")
+    if shard.rank > 0:
+        return follow_daemon(cfg, shard, device, log)
+    try:
+        return _serve(cfg, shard, log)
+    finally:
+        leave_group(shard)
+
+
+def _serve(cfg: DaemonConfig, shard: Shard, log: Any) -> int:
     daemon: Daemon | None = None
     stopping = threading.Event()
 
@@ -275,8 +290,8 @@ def run_daemon(cfg: DaemonConfig) -> int:
     signal.signal(signal.SIGINT, stop)
     faults.arm()
     for line in cfg.deprecations:
-        structlog.get_logger("streamer.daemon").warning("config_deprecated", detail=line)
-    daemon = Daemon(cfg, CollectorRegistry())
+        log.warning("config_deprecated", detail=line)
+    daemon = Daemon(cfg, CollectorRegistry(), shard=shard)
     if stopping.is_set():
         daemon.request_stop()
     return daemon.run()

@@ -20,7 +20,7 @@ from typing import Any
 
 
 from ..config import DaemonConfig
-from ..engine import accuracy, clone_module, load_model, load_net_state, save_user_model, select_trainable
+from ..engine import ALONE, Shard, accuracy, clone_module, load_model, load_net_state, save_user_model, select_trainable
 from ..intake import SampleContext, load_dataset_ref, resolve_device, sample_context
 from ..state import (BASE_VERSION, LEDGER_FILE, Checkpoint, CheckpointDirLocked, CheckpointStore, DirectoryLock,
                      ForgetVault, KmsKEK, Ledger, ModelFile, ShredLog, load_retained, migrate_legacy, open_vault,
@@ -51,7 +51,8 @@ class Recovered:
         self.lock.release()
 
 
-def recover(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], float] = time.time) -> Recovered:
+def recover(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], float] = time.time,
+            shard: Shard = ALONE) -> Recovered:
     """Load CURRENT and everything around it (what a crash left is repaired by `Commit.repair`
     next); the gauges continue from CURRENT's manifest. Raises CheckpointDirLocked if another
     process holds the directory, VaultKeyError when the KEK is missing, unreadable or not the vault's."""
@@ -76,7 +77,7 @@ def recover(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], f
         if migrated:
             log.warning("plaintext_forgotten_sets_migrated", versions=migrated,
                         detail="forgotten.pt moved into the vault and erased")
-        worker, checkpoint, baseline = _load_worker(cfg, store, vault, log)
+        worker, checkpoint, baseline = _load_worker(cfg, store, vault, log, shard)
         if baseline is not None:
             metrics.set_audit_baseline(baseline)
         resume_gauges(metrics, checkpoint, len(worker.forgotten))
@@ -100,7 +101,7 @@ def _clean(store: CheckpointStore, log: Any) -> None:
 
 
 def _load_worker(cfg: DaemonConfig, store: CheckpointStore, vault: ForgetVault,
-                 log: Any) -> tuple[FragmentWorker, Checkpoint, float | None]:
+                 log: Any, shard: Shard = ALONE) -> tuple[FragmentWorker, Checkpoint, float | None]:
     """The engine around CURRENT (the configured model published as v000000 on the very first
     start), its retained set from the vault, and the base model's audit accuracy."""
     device = resolve_device(cfg.device)
@@ -127,10 +128,10 @@ def _load_worker(cfg: DaemonConfig, store: CheckpointStore, vault: ForgetVault,
     worker = FragmentWorker(model, cfg.engine, cfg.model.num_classes, forgotten, teacher=base, audit=audit,
                             buffer=buffer, audit_baseline=baseline, max_audit_drop=u.max_audit_drop,
                             max_missed_fragments=u.max_missed_fragments, misses=checkpoint.manifest.retained_misses,
-                            model_format=fmt, input_shape=shape)
+                            model_format=fmt, input_shape=shape, shard=shard)
     if checkpoint.manifest.model_format != fmt:
         worker.model_file()  # the configured format changed: a net that cannot be written in it fails now
-    log.info("model_loaded", version=current, device=str(device), source=cfg.model.source,
+    log.info("model_loaded", version=current, device=str(device), source=cfg.model.source, ranks=shard.world,
              model_format=checkpoint.manifest.model_format, publishes=fmt)
     log.info("trainable_parameters", **worker.describe_trainable())
     log.info("vault_opened", key_id=vault.kek.key_id, live=len(forgotten), shredded_since=len(shredded))

@@ -20,6 +20,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 
 from ..config import DaemonConfig
+from ..engine import ALONE, Shard
 from ..kafka import ensure_topics, make_consumer, make_producer, topic_configs_by_name
 from ..pipeline import Commit, Outbox, Repaired, UtilityBudget, VaultKeeper, run_rebase
 from ..publish import Mirror, make_targets
@@ -49,11 +50,12 @@ class Services:
 
     @staticmethod
     def start(cfg: DaemonConfig, metrics: Metrics, log: Any, clock: Callable[[], float] = time.time,
-              monotonic: Callable[[], float] = time.monotonic) -> Services:
-        """Build every part in order; on any error, close what was built and re-raise."""
+              monotonic: Callable[[], float] = time.monotonic, shard: Shard = ALONE) -> Services:
+        """Build every part in order; on any error, close what was built and re-raise. `shard`:
+        rank 0 of a torchrun group, whose other ranks follow its fragments (engine/distributed.py)."""
         kafka = cfg.kafka
         with ExitStack() as stack:
-            state = recover(cfg, metrics, log, clock)
+            state = recover(cfg, metrics, log, clock, shard)
             stack.callback(state.close)
             _ensure_topics(cfg, log)
             producer = make_producer(kafka.bootstrap_servers, kafka.settings("producer"))

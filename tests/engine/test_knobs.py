@@ -110,7 +110,7 @@ class TestDistillationKnobs:
         """The distillation term is Hinton's KL at distill_temperature, on the pool rows the step drew."""
         loss = _loss(method_config("default", distill_temperature=temperature, distill_pool=16, distill_batch=8))
         logits = loss.inputs.logits(loss.cfg, loss.sampler, objective=True)
-        student, pick = logits["distill"]
+        student, pick, *_ = logits["distill"]
         expected = distillation_loss(student, loss.inputs.pool_teacher[pick], temperature)
         assert torch.allclose(loss.distillation(logits), expected)
 
@@ -123,7 +123,7 @@ class TestObjectiveKnobs:
         for weighting in ("fragment", "proportional"):
             loss = _loss(method_config("default", weighting=weighting, adv_weight=adv_weight, adv_batch=4))
             logits = loss.inputs.logits(loss.cfg, loss.sampler, objective=True)
-            (z, _), (adv, pick) = logits["objective"], logits["adv"]
+            (z, *_), (adv, pick, *_) = logits["objective"], logits["adv"]
             forget = forget_loss("margin", z, loss.objective.y, loss.objective.target, loss.cfg.margin)
             if weighting == "fragment":
                 assert pick is not None and len(pick) == 4  # adv_batch of the 6 examples
@@ -143,7 +143,7 @@ class TestObjectiveKnobs:
             logits = loss.inputs.logits(loss.cfg, _sampler(1), objective=True)
             totals[weight] = loss(logits, 0)
             if weight:
-                out, pick = logits["buffer"]
+                out, pick, *_ = logits["buffer"]
                 ce = F.cross_entropy(out, by[pick])
         assert torch.allclose(totals[3.0] - totals[0.0], 3.0 * ce, atol=1e-5)
 

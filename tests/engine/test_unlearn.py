@@ -390,7 +390,7 @@ class TestFastPath:
             terms = inputs.logits(unlearner.cfg, unlearner.sampler, objective=True)
             assert set(terms) == {"objective", "adv", "distill", "buffer"}
             rows = {"objective": inputs.objective, "adv": inputs.adv, "distill": inputs.pool, "buffer": inputs.buffer}
-            for name, (out, pick) in terms.items():
+            for name, (out, pick, *_) in terms.items():
                 alone = inputs.forward(rows[name] if pick is None else rows[name][pick])
                 assert out.shape == alone.shape and torch.allclose(out, alone, atol=1e-5)
 
