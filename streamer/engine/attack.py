@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import Interrupted
+from .distributed import ALONE, Shard
 from .methods import UnlearnConfig
 from .models import grad_only
 from .prefix import cpu_channels_last
@@ -53,6 +54,7 @@ def targeted_l2_pgd(
     generator: torch.Generator | None = None,
     should_stop: Callable[[], bool] | None = None,
     early_exit: bool = False,
+    shard: Shard = ALONE,
 ) -> AttackResult:
     """Attack each x[i] towards target[i]; x is not modified; the model's mode and its
     parameters' requires_grad are restored. Chunks of `chunk_size` bound memory.
@@ -64,19 +66,33 @@ def targeted_l2_pgd(
     stays exactly as it was; one that succeeded without early exit also succeeds with it.
 
     x: (N, C, H, W) pixels in [0, 1]; target: (N,) class indices. Raises `Interrupted` within one
-    PGD iteration of `should_stop()` turning true."""
+    PGD iteration of `should_stop()` turning true. With a `shard` of a process group each rank
+    attacks its share of the rows (`Shard.local`) and every rank gets all the examples: the same
+    ones, since each row's start is drawn for all rows first; `should_stop` is then rank 0's own,
+    and the ranks agree on it once the shares are done."""
     start = _random_in_ball(x.shape, eps, generator, x.device)  # drawn once: chunking changes nothing
-    with grad_only(model):  # gradients for the inputs only, BatchNorm and dropout frozen
-        chunks = [
-            _attack_chunk(model, x[i : i + chunk_size], start[i : i + chunk_size], target[i : i + chunk_size],
-                          eps, step_size, steps, should_stop, early_exit)
-            for i in range(0, len(x), chunk_size)
-        ]
-    if not chunks:
-        return AttackResult(x.clone(), target.clone(), torch.zeros(0, dtype=torch.bool, device=x.device))
-    x_adv = torch.cat(chunks)
+    local = shard.local(None, len(x))
+    mine = slice(None) if local is None else local
+    xs, starts, targets = x[mine], start[mine], target[mine]
+    interrupted = False
+    try:
+        with grad_only(model):  # gradients for the inputs only, BatchNorm and dropout frozen
+            chunks = [
+                _attack_chunk(model, xs[i : i + chunk_size], starts[i : i + chunk_size], targets[i : i + chunk_size],
+                              eps, step_size, steps, should_stop, early_exit)
+                for i in range(0, len(xs), chunk_size)
+            ]
+    except Interrupted:
+        if shard.world == 1:
+            raise
+        interrupted, chunks = True, []
+    if shard.world > 1 and shard.agree("cancelled" if interrupted else None) == "cancelled":
+        raise Interrupted("stop requested during the adversarial attack")
+    x_adv = torch.cat(chunks) if chunks else xs.clone()
     with torch.no_grad():
-        success = _predict(model, x_adv) == target
+        success = _predict(model, x_adv) == targets if len(x_adv) else torch.zeros(0, dtype=torch.bool, device=x.device)
+    if local is not None:
+        x_adv, success = shard.gather(x_adv, len(x)), shard.gather(success, len(x))
     return AttackResult(x_adv, target.clone(), success)
 
 
@@ -133,14 +149,15 @@ def attack_chunk(x: torch.Tensor) -> int:
 
 
 def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: UnlearnConfig, num_classes: int,
-                         generator: torch.Generator, should_stop: Callable[[], bool] | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor, float]:
+                         generator: torch.Generator, should_stop: Callable[[], bool] | None = None,
+                         shard: Shard = ALONE) -> tuple[torch.Tensor, torch.Tensor, float]:
     """A fragment's adversarial examples as its method configures them (the paper's D_adv, Eq. 1):
     `n_adv` targeted L2-PGD examples per instance of x (k, C, H, W) with labels y (k,), towards
     `random_targets`, in an eps-ball of `pgd_eps` (0: `pgd_eps_ratio` x the mean L2 norm of x),
     `pgd_steps` steps of `pgd_step_size` (0: 2.5 x eps / steps). Returns (the examples, their
     target classes, the attack's success rate); only the successful examples with
-    `adv_only_successful`, none when the method uses no adversarial term. Raises Interrupted."""
+    `adv_only_successful`, none when the method uses no adversarial term. Raises Interrupted.
+    `shard`: the rows split over a process group (`targeted_l2_pgd`)."""
     if not cfg.uses_adv or cfg.n_adv == 0:
         return x[:0], y[:0], 0.0
     eps = cfg.pgd_eps or cfg.pgd_eps_ratio * float(x.flatten(1).norm(dim=1).mean())
@@ -149,6 +166,6 @@ def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg
     attacked = cpu_channels_last(model, x[:2]) if cfg.fast_path else model
     result = targeted_l2_pgd(attacked, x[index.to(x.device)], target.to(x.device), eps=eps, step_size=step_size,
                              steps=cfg.pgd_steps, generator=generator, should_stop=should_stop,
-                             early_exit=cfg.pgd_early_exit, chunk_size=attack_chunk(x))
+                             early_exit=cfg.pgd_early_exit, chunk_size=attack_chunk(x), shard=shard)
     keep = result.success if cfg.adv_only_successful else torch.ones_like(result.success)
     return result.x[keep], result.target[keep], result.success_rate

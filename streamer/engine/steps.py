@@ -99,13 +99,16 @@ class StepInputs:
     @staticmethod
     def build(cfg: UnlearnConfig, model: nn.Module, teacher: nn.Module, trainable: list[str],
               objective_x: torch.Tensor, adv_x: torch.Tensor, adv_y: torch.Tensor, buffer: Dataset | None,
-              sampler: Sampler) -> StepInputs:
-        """The inputs of a fragment whose objective is `objective_x` (n_obj, C, H, W)."""
+              sampler: Sampler, shard: Shard = ALONE) -> StepInputs:
+        """The inputs of a fragment whose objective is `objective_x` (n_obj, C, H, W). With a
+        `shard` of a process group each rank computes its share of the prefix features and the
+        pool's teacher logits, and every rank gets them all."""
         example = torch.cat([objective_x[:2], objective_x[:1]])[:2]  # two real rows to trace and check a split on
         split = split_frozen_prefix(model, trainable, example) if cfg.fast_path and not cfg.train_mode else None
         if split is not None:  # fixed while the fragment runs: a channels-last copy computes it on CPU
             split = dataclasses.replace(split, prefix=cpu_channels_last(split.prefix, example))
-        encode = split.features if split is not None else (lambda x: x)  # noqa: E731
+        encode = (lambda x: x) if split is None else (  # noqa: E731
+            _spread(split.features, shard) if rows_independent(split.prefix) else split.features)
         forward = split.suffix if split is not None else model
         buffer_in = encode(buffer.x) if buffer is not None and cfg.buffer_weight > 0 else None
         pool = pool_teacher = None
@@ -117,12 +120,13 @@ class StepInputs:
             # updates keep it so): its logits are then its suffix on the same features.
             teacher_suffix = _same_prefix_suffix(teacher, split, trainable, example)
             pools, logits = [], []
-            for count in _pool_chunks(cfg, source[:1], encode):
+            for count in _pool_chunks(cfg, source[:1], split.features if split is not None else encode):
                 pixels = distill_inputs(source, adv_x, count, cfg.distill_warp, sampler)
                 pools.append(encode(pixels))
                 with torch.no_grad():
                     logits.append(torch.cat([teacher_suffix(c) for c in pools[-1].split(512)]) if teacher_suffix
-                                  is not None else torch.cat([teacher(c) for c in pixels.split(512)]))
+                                  is not None else _spread(lambda p: torch.cat([teacher(c) for c in p.split(512)]),
+                                                           shard)(pixels))
                 del pixels
             pool, pool_teacher = torch.cat(pools), torch.cat(logits)
         # one forward per step over all terms: fast path, eval mode, rows that do not mix
@@ -160,6 +164,18 @@ class StepInputs:
         else:
             out = [self.forward(r) for r in inputs]
         return {name: Term(o, pick, n, share) for (name, (_, pick, n, share)), o in zip(terms.items(), out)}
+
+
+def _spread(rowwise: Callable[[torch.Tensor], torch.Tensor], shard: Shard) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`rowwise` (a function of each row alone, in eval mode) over x, each rank computing its
+    share of the rows (`Shard.local`) and every rank getting all of them; `rowwise` when alone."""
+    if shard.world == 1:
+        return rowwise
+
+    def spread(x: torch.Tensor) -> torch.Tensor:
+        local = shard.local(None, len(x))
+        return shard.gather(rowwise(x[local]), len(x))
+    return spread
 
 
 _POOL_CHUNK_BYTES = 64 * 2**20  # the distillation pool's pixels are made this many bytes at a time

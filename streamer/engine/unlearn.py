@@ -92,8 +92,9 @@ class Unlearner:
         if bool(met.all()) and features is None and not self.cfg.train_mode:  # nothing to move: no attack
             return self._finish(fragment, objective, "goal", 0, met, ((0, 0),), resurrected, float("nan"), stages)
         try:
-            adv_x, adv_y, success = _timed(stages, "adversarial", lambda: adversarial_examples(
-                self.model, fragment.x, fragment.y, self.cfg, self.num_classes, self.generator, should_stop))
+            adv_x, adv_y, success = _timed(stages, "adversarial", lambda: adversarial_examples(  # rows split over ranks
+                self.model, fragment.x, fragment.y, self.cfg, self.num_classes, self.generator,
+                (lambda: cancel.is_set()) if cancel is not None else None, self.shard))
             imp = _timed(stages, "importance", lambda: ImportancePenalty(
                 self.model, mas_importance(self.model, fragment.x, should_stop=should_stop))
                 if self.cfg.imp_lambda > 0 else None)
@@ -123,7 +124,7 @@ class Unlearner:
         steps, stopped_by, met = 0, "step_cap", torch.zeros(len(objective), dtype=torch.bool)
         with grad_only(self.model, params, train=cfg.train_mode), features or nullcontext():  # no grads for the rest
             inputs = StepInputs.build(cfg, self.model, self.teacher, self.trainable, objective.x, adv_x, adv_y,
-                                      self.buffer, self.sampler)  # frozen-prefix features computed once
+                                      self.buffer, self.sampler, shard)  # frozen-prefix features computed once
             loss_of = FragmentLoss(cfg, self.model, self.teacher, objective, k, inputs, self.sampler, self.buffer, imp,
                                    self._anchor(params), shard.world)
             risk = AtRisk.of(cfg, objective, k, whole=features is not None)
