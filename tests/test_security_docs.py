@@ -11,7 +11,7 @@ import streamer.state.vault
 
 ROOT = Path(__file__).resolve().parents[1]
 ACTORS = ("producers", "metrics port", "operators", "other local users", "checkpoint directory", "backup",
-          "child processes")
+          "torchrun group", "child processes")
 
 
 def _section(title: str) -> str:
