@@ -24,7 +24,9 @@ from .methods import UnlearnConfig
 from .objectives import goal_gap, goal_met
 from .prefix import FrozenPrefix, cpu_channels_last, rows_independent, split_frozen_prefix
 
-__all__ = ["AtRisk", "Logits", "Sampler", "StepInputs", "Term", "distill_inputs"]
+__all__ = ["AtRisk", "Logits", "Sampler", "StepInputs", "TERMS", "Term", "distill_inputs"]
+
+TERMS = frozenset({"objective", "adv", "distill", "buffer"})
 
 
 class Term(NamedTuple):
@@ -126,7 +128,7 @@ class StepInputs:
                 with torch.no_grad():
                     logits.append(torch.cat([teacher_suffix(c) for c in pools[-1].split(512)]) if teacher_suffix
                                   is not None else _spread(lambda p: torch.cat([teacher(c) for c in p.split(512)]),
-                                                           shard)(pixels))
+                                                           shard if rows_independent(teacher) else ALONE)(pixels))
                 del pixels
             pool, pool_teacher = torch.cat(pools), torch.cat(logits)
         # one forward per step over all terms: fast path, eval mode, rows that do not mix
@@ -135,14 +137,14 @@ class StepInputs:
                           buffer_in, pool, pool_teacher, merge)
 
     def logits(self, cfg: UnlearnConfig, sampler: Sampler, objective: bool, rows: torch.Tensor | None = None,
-               shard: Shard = ALONE, split_objective: bool = True, others: bool = True) -> Logits:
+               shard: Shard = ALONE, whole: frozenset[str] = frozenset(), others: bool = True) -> Logits:
         """This step's logits per term, with the rows each term drew: objective (`rows` of it, all
         when None; if `objective`),
         adv (a batch of the adversarial examples; all of them with proportional weighting), distill
         (a batch of the fast path's pool), buffer (a batch of the retain buffer). With `merge` one
         forward over all the rows (measured on the MNIST-5k head: 1.7 ms instead of 2.8 ms per
         forward and backward); otherwise one per term. Every rank draws the same rows and runs its
-        share of them (`shard.local`); the objective whole on every rank unless `split_objective`.
+        share of them (`shard.local`), except the terms in `whole`, which every rank runs whole.
         `others` False: the objective's logits alone (the other terms are drawn only when a step follows)."""
         drawn: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {"objective": (self.objective, rows)} if objective else {}
         if others and len(self.adv_y):
@@ -155,14 +157,14 @@ class StepInputs:
         terms: dict[str, tuple[torch.Tensor, torch.Tensor | None, int, float]] = {}
         for name, (source, pick) in drawn.items():
             n = len(source) if pick is None else len(pick)
-            whole = name == "objective" and not split_objective
-            local = pick if whole else shard.local(pick, n)
-            terms[name] = (source if local is None else source[local], local, n, 1 / shard.world if whole else 1.0)
+            local = pick if name in whole else shard.local(pick, n)
+            terms[name] = (source if local is None else source[local], local, n,
+                           1 / shard.world if name in whole else 1.0)
         inputs = [x for x, *_ in terms.values()]
         if self.merge and inputs:
-            out = self.forward(torch.cat(inputs)).split([len(r) for r in inputs])
+            out = _rows_forward(self.forward, torch.cat(inputs), drawn).split([len(r) for r in inputs])
         else:
-            out = [self.forward(r) for r in inputs]
+            out = [_rows_forward(self.forward, r, drawn) for r in inputs]
         return {name: Term(o, pick, n, share) for (name, (_, pick, n, share)), o in zip(terms.items(), out)}
 
 
@@ -174,8 +176,16 @@ def _spread(rowwise: Callable[[torch.Tensor], torch.Tensor], shard: Shard) -> Ca
 
     def spread(x: torch.Tensor) -> torch.Tensor:
         local = shard.local(None, len(x))
-        return shard.gather(rowwise(x[local]), len(x))
+        return shard.gather(rowwise(x[local]) if len(local) else rowwise(x[:1])[:0], len(x))
     return spread
+
+
+def _rows_forward(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, drawn: dict) -> torch.Tensor:
+    """forward(x); for a rank whose share is no row, one source row's output cut to none (a model
+    may not take an empty batch; the empty output still joins the graph, so backward runs)."""
+    if len(x):
+        return forward(x)
+    return forward(next(source for source, _ in drawn.values() if len(source))[:1])[:0]
 
 
 _POOL_CHUNK_BYTES = 64 * 2**20  # the distillation pool's pixels are made this many bytes at a time
@@ -241,7 +251,8 @@ class AtRisk:
         local = shard.local(None, n)
         y, target = (o.y, o.target) if local is None else (o.y[local], o.target[local])
         with torch.no_grad():
-            logits = inputs.forward(inputs.objective if local is None else inputs.objective[local])
+            logits = inputs.forward(inputs.objective if local is None else inputs.objective[local]) if (
+                local is None or len(local)) else inputs.forward(inputs.objective[:1])[:0]
         gap, met = goal_gap(logits, y, target), goal_met(logits, y, target)
         if local is not None:
             both = shard.gather(torch.stack([gap, met.to(gap.dtype)], 1), n)

@@ -108,5 +108,7 @@ class FragmentLoss:
 
 def _part(mean: torch.Tensor, term: Term) -> torch.Tensor:
     """A mean over this rank's rows of `term` as its part of the mean over every rank's rows (the
-    same value when alone: m / n = 1)."""
+    same value when alone: m / n = 1; a zero in the graph for a rank with no row of it)."""
+    if len(term.out) == 0:
+        return term.out.sum() * 0.0
     return mean if len(term.out) == term.n and term.share == 1.0 else mean * (len(term.out) * term.share / term.n)

@@ -26,8 +26,8 @@ from .memory import release_freed_memory
 from .methods import METHODS, UnlearnConfig, method_config  # noqa: F401 (the engine's public API)
 from .models import Normalized, grad_only
 from .objectives import goal_met
-from .prefix import plan_split
-from .steps import AtRisk, Sampler, StepInputs
+from .prefix import plan_split, rows_independent
+from .steps import TERMS, AtRisk, Sampler, StepInputs
 from .terms import FragmentLoss
 from .trainable import describe_trainable, select_trainable
 from .unseen import UNSEEN, FeatureGoal, unseen_classes
@@ -92,9 +92,11 @@ class Unlearner:
         if bool(met.all()) and features is None and not self.cfg.train_mode:  # nothing to move: no attack
             return self._finish(fragment, objective, "goal", 0, met, ((0, 0),), resurrected, float("nan"), stages)
         try:
-            adv_x, adv_y, success = _timed(stages, "adversarial", lambda: adversarial_examples(  # rows split over ranks
+            split = rows_independent(self.model)  # the attack's rows split over ranks where they do not mix
+            adv_x, adv_y, success = _timed(stages, "adversarial", lambda: adversarial_examples(
                 self.model, fragment.x, fragment.y, self.cfg, self.num_classes, self.generator,
-                (lambda: cancel.is_set()) if cancel is not None else None, self.shard))
+                ((lambda: cancel.is_set()) if cancel is not None else None) if split else should_stop,
+                self.shard if split else ALONE))
             imp = _timed(stages, "importance", lambda: ImportancePenalty(
                 self.model, mas_importance(self.model, fragment.x, should_stop=should_stop))
                 if self.cfg.imp_lambda > 0 else None)
@@ -128,20 +130,20 @@ class Unlearner:
             loss_of = FragmentLoss(cfg, self.model, self.teacher, objective, k, inputs, self.sampler, self.buffer, imp,
                                    self._anchor(params), shard.world)
             risk = AtRisk.of(cfg, objective, k, whole=features is not None)
+            whole, rows_shard = _whole_terms(cfg, inputs, features is not None, shard)
             while True:
                 if features is not None:
                     features.clear()
-                met, rows = risk.check(inputs, shard) if risk is not None else (None, None)  # every row, no gradients
+                met, rows = risk.check(inputs, rows_shard) if risk is not None else (None, None)  # every row, no grads
                 # merged: every term in one forward; else the objective first, the rest only when a step follows
-                # (the feature goal reads every objective row's features: then each rank runs them all)
-                logits = inputs.logits(cfg, self.sampler, objective=True, rows=rows, shard=shard,
-                                       split_objective=features is None, others=inputs.merge)
+                logits = inputs.logits(cfg, self.sampler, objective=True, rows=rows, shard=shard, whole=whole,
+                                       others=inputs.merge)
                 if met is None:
                     o = logits["objective"]
                     y, target = (objective.y, objective.target) if o.pick is None else (
                         objective.y[o.pick], objective.target[o.pick])
                     met = goal_met(o.out.detach(), y, target)
-                    met = met if len(met) == len(objective) else shard.gather(met, len(objective))
+                    met = met if o.share < 1.0 else shard.gather(met, len(objective))  # whole: all rows here
                 features_met, feature_loss = features.check() if features is not None else (True, None)
                 trend.observe(steps, int((~met).sum()))
                 stopped = shard.agree(stop(steps, bool(met.all()), features_met))
@@ -149,7 +151,7 @@ class Unlearner:
                     stopped_by = stopped
                     break
                 if not inputs.merge:  # train mode: no BatchNorm update from batches no step trains on
-                    logits.update(inputs.logits(cfg, self.sampler, objective=False, shard=shard))
+                    logits.update(inputs.logits(cfg, self.sampler, objective=False, shard=shard, whole=whole))
                 loss = loss_of(logits, steps)
                 if feature_loss is not None:
                     loss = loss + (feature_loss if shard.world == 1 else feature_loss / shard.world)
@@ -227,6 +229,15 @@ class Unlearner:
         the same forgetting)."""
         params = dict(self.net.named_parameters())
         return [params[name] for name in self.trainable]
+
+
+def _whole_terms(cfg: UnlearnConfig, inputs: StepInputs, features: bool, shard: Shard) -> tuple[frozenset[str], Shard]:
+    """(the terms every rank runs whole, the shard the stop test's check splits rows over): rows are
+    split over ranks where they do not mix (eval mode, no batch statistics); the feature goal reads
+    every objective row's features, so then each rank runs the objective whole."""
+    if cfg.train_mode or not rows_independent(inputs.forward):
+        return TERMS, ALONE
+    return (frozenset({"objective"}) if features else frozenset()), shard
 
 
 def _timed(stages: dict[str, float], stage: str, work: Callable):

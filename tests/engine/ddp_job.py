@@ -2,7 +2,7 @@
 
     python ddp_job.py WEIGHTS OUT [float64]                                     one process
     torchrun --standalone --nproc_per_node 2 ddp_job.py WEIGHTS OUT [float64]   rank 0 unlearns, rank 1 follows
-    torchrun ... ddp_job.py - OUT train_mode                          a small BatchNorm CNN in train mode
+    torchrun ... ddp_job.py - OUT train_mode|edges [float64]          small BatchNorm CNNs (batchnorm_case, edge_case)
     torchrun ... ddp_job.py - OUT train_mode follower_dies            rank 1 exits in the 2nd fragment
     torchrun ... ddp_job.py - OUT train_mode hostile dtype|size       rank 0 sends a header that is not streamer's
 
@@ -30,33 +30,54 @@ def fragments(splits) -> list[Fragment]:
 
 
 def batchnorm_case() -> tuple[Normalized, Dataset, list[Fragment]]:
-    """A tiny BatchNorm CNN on random 1x8x8 inputs: two fragments of 4, for train mode."""
+    """Train mode: a tiny CNN with BatchNorm2d and BatchNorm1d on random 1x8x8 inputs, fragments of
+    3 and 5 (a rank's share of 3 rows would be 1: BatchNorm1d refuses one row in train mode)."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(256, 16), torch.nn.BatchNorm1d(16),
+                              torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    x, y = _random_rows(28)
+    return (Normalized(net, (0.5,), (0.25,)), Dataset(x[8:], y[8:]),
+            [Fragment(x[:3], y[:3], torch.full((3,), -1)), Fragment(x[3:8], y[3:8], torch.full((5,), -1))])
+
+
+def edge_case() -> tuple[Normalized, Dataset, list[Fragment]]:
+    """Eval mode, rows split over ranks: a retain buffer of one row and a fragment of one (a rank
+    with no row of a term), a fragment that raises on every rank (the wrong input size), then a
+    fragment of 3."""
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                               torch.nn.Flatten(), torch.nn.Linear(256, 3))
+    model = Normalized(net, (0.5,), (0.25,)).eval()
+    x, _ = _random_rows(12)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every goal starts unmet
+    bad = torch.rand(2, 1, 9, 9)
+    return (model, Dataset(x[11:], y[11:]),
+            [Fragment(x[:1], y[:1], torch.full((1,), -1)), Fragment(bad, y[1:3], torch.full((2,), -1)),
+             Fragment(x[3:6], y[3:6], torch.full((3,), -1))])
+
+
+def _random_rows(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    x, y = torch.rand(28, 1, 8, 8, generator=g), torch.randint(0, 3, (28,), generator=g)
-    minus = torch.full((4,), -1)
-    return (Normalized(net, (0.5,), (0.25,)), Dataset(x[8:], y[8:]),
-            [Fragment(x[:4], y[:4], minus), Fragment(x[4:8], y[4:8], minus)])
+    return torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
 def main(weights: str, out: str, *flags: str) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     shard, device = join_group(torch.device("cpu"))
-    if "train_mode" in flags:
-        model, buffer, work = batchnorm_case()
-        cfg = method_config("default", max_steps=40, distill_pool=64, train_mode=True)
+    if "train_mode" in flags or "edges" in flags:
+        model, buffer, work = batchnorm_case() if "train_mode" in flags else edge_case()
+        cfg = method_config("default", max_steps=40, distill_pool=64, train_mode="train_mode" in flags)
     else:
         model = Normalized(digits_cnn(), (0.0,), (1.0,))
         load_weights(model, weights)
         splits = load_splits("digits")
         buffer, work = Dataset(splits.buffer.x[:200], splits.buffer.y[:200]), fragments(splits)
-        if "float64" in flags:  # no float32 rounding for Adam to amplify: 1 and 2 processes comparable to 1e-12
-            torch.set_default_dtype(torch.float64)
-            model, buffer = model.double(), Dataset(buffer.x.double(), buffer.y)
-            work = [Fragment(f.x.double(), f.y, f.target) for f in work]
         cfg = method_config("default", max_steps=400, lr=0.003, distill_pool=256)
+    if "float64" in flags:  # no float32 rounding for Adam to amplify: 1 and 2 processes comparable to 1e-12
+        torch.set_default_dtype(torch.float64)
+        model, buffer = model.double(), Dataset(buffer.x.double(), buffer.y)
+        work = [Fragment(f.x.double(), f.y, f.target) for f in work]
     unlearner = Unlearner(model.eval(), cfg, len(model(buffer.x[:1])[0]), buffer=buffer, shard=shard)
     record: dict = {}
     if "hostile" in flags and shard.rank == 0:  # not streamer: a header naming code, or a huge one
@@ -77,14 +98,21 @@ def main(weights: str, out: str, *flags: str) -> None:
             torch.save({"lost": str(err)}, Path(out) / "rank0.pt")
             return
     if shard.rank == 0:
-        outcomes = [unlearner.unlearn(f) for f in work]
-        record["outcomes"] = [{"stopped_by": o.stopped_by, "steps": o.steps, "fragment_met": o.fragment_met,
-                               "targets": o.targets, "feature_gaps": o.feature_gaps} for o in outcomes]
+        record["outcomes"] = [_outcome(unlearner, f) for f in work]
     else:
         record["followed"] = follow(unlearner)
     leave_group(shard)
     record["state"] = model.state_dict()
     torch.save(record, Path(out) / f"rank{shard.rank}.pt")
+
+
+def _outcome(unlearner: Unlearner, fragment: Fragment) -> dict:
+    try:
+        o = unlearner.unlearn(fragment)
+    except RuntimeError as err:  # the daemon's worker makes it an EngineFailure
+        return {"raised": type(err).__name__}
+    return {"stopped_by": o.stopped_by, "steps": o.steps, "fragment_met": o.fragment_met, "targets": o.targets,
+            "feature_gaps": o.feature_gaps}
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ JOB = Path(__file__).with_name("ddp_job.py")
 # fragment, 95% of held-out predictions the same); in float64 the two runs agree to 1.8e-15 with
 # the same step counts, which is what shows the split loss is one process's loss. Logits within:
 LOGIT_TOL = 1e-9
+TRAIN_MODE_TOL = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -71,16 +72,26 @@ def test_two_gloo_processes_unlearn_as_one(digits_weights, tmp_path):
 
 
 @pytest.mark.slow
-def test_train_mode_ranks_agree_on_weights_and_statistics(tmp_path):
-    """Train mode (BatchNorm statistics move with every forward, on each rank's own rows): the ranks
-    average them after each step, so weights and running statistics stay bitwise equal."""
-    rank0, rank1 = _run(Path("-"), tmp_path / "two", 2, "train_mode")
-    assert rank1["followed"] == 2
+@pytest.mark.parametrize("case", ["train_mode", "edges"])
+def test_rows_that_mix_and_shares_of_no_row_run_as_one_process(tmp_path, case):
+    """float64, 1 process against 2 gloo ranks: the same outcomes, the ranks bitwise equal.
+    train_mode: BatchNorm statistics move with every forward (BatchNorm1d refuses a share of one
+    row), so every rank runs every row of a step and counts 1/world of it; the attack (eval mode)
+    is still split by rows, whose float64 rounding at another batch size Adam amplifies through
+    the BatchNorm1d (measured 6.7e-3 apart), so weights are compared to TRAIN_MODE_TOL. edges: a
+    retain buffer of one row and a fragment of one (a rank with no row of a term: it had hung, or
+    made the loss NaN), a fragment that raises on every rank (rank 0 fails it, rank 1 goes on to
+    the next); weights to LOGIT_TOL."""
+    (one,) = _run(Path("-"), tmp_path / "one", 1, case, "float64")
+    rank0, rank1 = _run(Path("-"), tmp_path / "two", 2, case, "float64")
+    assert rank1["followed"] == len(one["outcomes"])
     assert all(torch.equal(rank0["state"][k], rank1["state"][k]) for k in rank0["state"])
-    base = ddp_job.batchnorm_case()[0].state_dict()
-    moved = [k for k in rank0["state"] if "running_" in k and not torch.equal(rank0["state"][k], base[k])]
-    assert moved, "train mode moved no BatchNorm statistic"
-    assert sum(o["steps"] for o in rank0["outcomes"]) > 0
+    assert rank0["outcomes"] == one["outcomes"]
+    assert sum(o.get("steps", 0) for o in one["outcomes"]) > 0
+    if case == "edges":
+        assert [o.get("raised") for o in one["outcomes"]] == [None, "RuntimeError", None]
+    gap = max((rank0["state"][k].double() - one["state"][k].double()).abs().max().item() for k in one["state"])
+    assert gap <= (TRAIN_MODE_TOL if case == "train_mode" else LOGIT_TOL), gap
 
 
 def test_a_follower_gone_mid_fragment_is_group_lost(tmp_path):
