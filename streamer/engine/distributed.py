@@ -5,9 +5,11 @@ keeps its share of each term's rows (rows rank, rank + world, ...); gradients ar
 ranks with one all-reduce per step, so every rank takes the same optimizer step and ends with the
 same weights. Each term divides by its count over all ranks, so the summed loss and gradient are
 those of one process (Li et al., "PyTorch Distributed", VLDB 2020, on why averaged gradients
-equal one process's; here the sum is exact for every term, whatever the shares' sizes). What is
-not split (the attack, MAS importance, the unseen vote, the distillation pool) runs on every rank
-alike, so they stay in step without talking.
+equal one process's; here the sum is exact for every term, whatever the shares' sizes). The
+attack's rows, the frozen prefix's features and the pool's teacher logits are split and gathered
+the same way. Rows that mix (train mode, BatchNorm without running statistics) are not split:
+every rank runs them all and counts 1/world of each term. MAS importance and the unseen vote run
+on every rank alike, so they stay in step without talking.
 
 Rank 0 alone talks to Kafka and the checkpoint directory. Before each fragment it sends the others
 a job (`Shard.send_job`): the model's and the teacher's state, the retained set, the generator's
@@ -109,7 +111,8 @@ class Shard:
         return lambda: self.agree("cancelled" if cancel is not None and cancel.is_set() else None) == "cancelled"
 
     def average_buffers(self, model: nn.Module) -> None:
-        """Train mode: the BatchNorm statistics each rank's rows moved, averaged so the ranks agree."""
+        """Train mode: every rank runs every row, but dropout draws each rank's own masks, so the
+        BatchNorm statistics they moved are averaged to keep the ranks equal."""
         if self.world == 1:
             return
         for b in model.buffers():

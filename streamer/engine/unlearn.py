@@ -163,7 +163,7 @@ class Unlearner:
                     stopped_by = "non_finite"
                     break
                 optimizer.step()
-                if cfg.train_mode:  # each rank's rows moved its BatchNorm statistics: the ranks agree again
+                if cfg.train_mode:  # statistics moved under each rank's own dropout masks: the ranks agree again
                     shard.average_buffers(self.model)
                 steps += 1
                 if progress is not None and (steps % 25 == 0 or steps == 1):
