@@ -58,16 +58,19 @@ class FragmentOutcome:
     # features' relative L2 distance to its class's prototype at the stop (None: no feature goal)
     feature_gaps: list[float | None] = field(default_factory=list)
     feature_tol: float | None = None  # unseen_feature_tol when a feature goal ran
-    feature_unmet_retained: int = 0  # retained instances whose feature goal is off at the stop
+    # ... and its label confidence above its cap (nats, <= 0: met; None: no confidence part)
+    confidence_excess: list[float | None] = field(default_factory=list)
+    feature_unmet_retained: int = 0  # retained instances whose feature goal (either part) is off at the stop
 
     @property
     def feature_goal_met(self) -> bool | None:
         """None without a feature goal; False when a cap stopped the fragment with every class goal
-        met but some feature still off its prototype (stopped_by is then "goal": best effort)."""
-        gaps = [g for g in self.feature_gaps if g is not None]
+        met but some instance still off its prototype or above its confidence cap (stopped_by is
+        then "goal": best effort)."""
         if self.feature_tol is None:
             return None
-        return all(g <= self.feature_tol for g in gaps) and self.feature_unmet_retained == 0
+        return (all(g is None or g <= self.feature_tol for g in self.feature_gaps)
+                and all(e is None or e <= 0 for e in self.confidence_excess) and self.feature_unmet_retained == 0)
 
 
 _TREND_EVERY = 25

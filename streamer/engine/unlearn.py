@@ -85,7 +85,9 @@ class Unlearner:
         objective = Fragment.cat([fragment, retained]) if retained is not None else fragment
         features = FeatureGoal.build(self.net, self.teacher, self.buffer, self.num_classes, objective.y,
                                      objective.target, objective.unseen_mask(), self.cfg.unseen_feature_tol,
-                                     self.cfg.unseen_feature_weight)
+                                     self.cfg.unseen_feature_weight, self.cfg.unseen_confidence_weight,
+                                     objective.x, self.cfg.unseen_confidence_neighbours,
+                                     self.cfg.unseen_confidence_quantile)
         with torch.no_grad(), grad_only(self.model, train=False):
             met = goal_met(self.model(objective.x), objective.y, objective.target)
         resurrected = int((~met[k:]).sum())
@@ -110,9 +112,10 @@ class Unlearner:
         outcome = self._finish(fragment, objective, stopped_by, steps, met, trend, resurrected, success, stages)
         if features is None:
             return outcome
-        gaps = features.row_gaps(len(objective))
-        return dataclasses.replace(outcome, feature_gaps=gaps[:k], feature_tol=features.tol,
-                                   feature_unmet_retained=sum(g is not None and g > features.tol for g in gaps[k:]))
+        unmet_retained = int(features.unmet()[features.rows.cpu() >= k].sum())
+        return dataclasses.replace(outcome, feature_gaps=features.row_gaps(len(objective))[:k], feature_tol=features.tol,
+                                   confidence_excess=features.row_excess(len(objective))[:k],
+                                   feature_unmet_retained=unmet_retained)
 
     def _steps(self, objective: Fragment, k: int, adv_x: torch.Tensor, adv_y: torch.Tensor,
                imp: ImportancePenalty | None, features: FeatureGoal | None, progress: Progress | None,
@@ -144,7 +147,7 @@ class Unlearner:
                         objective.y[o.pick], objective.target[o.pick])
                     met = goal_met(o.out.detach(), y, target)
                     met = met if o.share < 1.0 else shard.gather(met, len(objective))  # whole: all rows here
-                features_met, feature_loss = features.check() if features is not None else (True, None)
+                features_met, feature_loss = features.check(logits["objective"].out) if features is not None else (True, None)
                 trend.observe(steps, int((~met).sum()))
                 stopped = shard.agree(stop(steps, bool(met.all()), features_met))
                 if stopped is not None:

@@ -22,6 +22,15 @@ warps at half strength, close to the instance. Measured on the Fashion ResNet's 
 0.72-0.78 (mean 0.75; the one-stage vote 0.59-0.66; with 256 warps in the second stage
 0.69-0.78); the retrained references of benchmark seeds 0-2: 0.78 / 0.75 / 0.75. MNIST-5k's
 canaries (seed 0) and the typical instances of both: unchanged.
+
+With a retain buffer (held-out images), a memorised instance gets two more targets
+(`FeatureGoal`): its penultimate features near its class's prototype, and its confidence in the
+label it was trained on (`label_confidence`, LiRA's statistic) no higher than the original
+model's median on held-out images of its class (`confidence_caps`) -- the class alone leaves the
+old label far more probable than a model that never saw the instance makes it, which is what a
+per-example attacker reads. Measured (benchmarks/per_example_mia.py --quick, MNIST-5k, 16
+canaries, 4 shadows per side): mean phi of the canary label -1.37 -> -8.67 (never-trained
+models: -9.87), U-LiRA AUC 0.937 -> 0.728.
 """
 from __future__ import annotations
 
@@ -35,7 +44,7 @@ from torch import nn
 from ..errors import Interrupted
 from .augment import random_affine
 
-__all__ = ["UNSEEN", "FeatureGoal", "class_prototypes", "last_linear", "unseen_classes"]
+__all__ = ["UNSEEN", "FeatureGoal", "class_prototypes", "label_confidence", "last_linear", "unseen_classes"]
 
 UNSEEN = -2  # Fragment.target value of an `unseen` request, before `unseen_classes` resolves it
 
@@ -128,26 +137,76 @@ def class_prototypes(teacher: nn.Module, data, num_classes: int, batch_size: int
     return out
 
 
+def label_confidence(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """(N,) LiRA's logit-scaled confidence phi = log(p_y / (1 - p_y)) = z_y - logsumexp_{j != y} z_j
+    of logits (N, C) on label (N,) (Carlini et al., S&P 2022, Eq. 4; the statistic U-LiRA fits),
+    computed from logits so that it stays finite where p_y rounds to 1. Differentiable."""
+    own = logits.gather(1, label[:, None]).squeeze(1)
+    return own - logits.scatter(1, label[:, None], float("-inf")).logsumexp(1)
+
+
+@torch.no_grad()
+def confidence_caps(teacher: nn.Module, data, classes: torch.Tensor, labels: torch.Tensor, x: torch.Tensor | None = None,
+                    neighbours: int = 0, quantile: float = 0.5, batch_size: int = 256) -> torch.Tensor:
+    """(m,) float32: for each pair (classes[i], labels[i]), the `quantile` of the teacher's
+    `label_confidence` on labels[i] over `data`'s images of class classes[i] (held-out images: how
+    sure a model that never saw an instance of that class is of that label) -- with `x` (m, C, H,
+    W) and `neighbours` > 0, over the `neighbours` of them nearest to x[i] in pixel L2 (how sure it
+    is of an image that looks like x[i]); NaN where `data` holds no image of the class. Eval mode,
+    batches of `batch_size`."""
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        logits = torch.cat([teacher(chunk).float() for chunk in data.x.split(batch_size)])
+    finally:
+        teacher.train(was_training)
+    y = data.y.to(logits.device)
+    out = torch.full((len(classes),), float("nan"), device=logits.device)
+    for i, (c, label) in enumerate(zip(classes.tolist(), labels.tolist())):
+        rows = torch.nonzero(y == c).flatten()
+        if len(rows) == 0:
+            continue
+        if x is not None and 0 < neighbours < len(rows):
+            distance = (data.x[rows].flatten(1) - x[i].flatten()[None].to(data.x.device)).pow(2).sum(1)
+            rows = rows[distance.topk(neighbours, largest=False).indices.to(rows.device)]
+        phi = label_confidence(logits[rows], torch.full((len(rows),), label, device=logits.device))
+        out[i] = phi.quantile(quantile)
+    return out
+
+
 class FeatureGoal:
-    """The unseen goal's feature part, for memorised instances (their class is not their label):
-    their penultimate features (the input of the last nn.Linear) must come within `tol` (relative
-    L2) of their class's prototype (`class_prototypes` of the teacher on the retain buffer).
+    """The unseen goal's parts beyond the class, for memorised instances (their class is not their
+    label), with a retain buffer of held-out images:
+    - features: their penultimate features (the input of the last nn.Linear) must come within
+      `tol` (relative L2) of their class's prototype (`class_prototypes` of the teacher on the buffer);
+    - confidence: their `label_confidence` on the label they were trained with must fall to `caps`,
+      the teacher's median on the buffer's images of their class (`confidence_caps`): no surer of
+      the memorised label than a model that never saw them, which is what a per-example membership
+      attacker (U-LiRA, Hayes et al. 2024) reads.
 
     Use as a context manager around the step loop: a forward hook catches the features of every
-    forward; `check()` after a step's objective forward gives (met, weighted loss term)."""
+    forward; `check(logits)` after a step's objective forward gives (met, weighted loss term)."""
 
-    def __init__(self, head: nn.Linear, rows: torch.Tensor, targets: torch.Tensor, tol: float, weight: float):
+    def __init__(self, head: nn.Linear, rows: torch.Tensor, targets: torch.Tensor, tol: float, weight: float,
+                 labels: torch.Tensor | None = None, caps: torch.Tensor | None = None, confidence_weight: float = 0.0):
         self.head, self.rows, self.targets, self.tol, self.weight = head, rows, targets, tol, weight
+        self.labels, self.caps, self.confidence_weight = labels, caps, confidence_weight
         self._caught: list[torch.Tensor] = []
         self._handle: Any = None
         self.gaps = torch.full((len(rows),), float("inf"))  # (m,) relative L2 distances at the last check
+        self.excess = torch.full((len(rows),), float("inf"))  # (m,) label confidence above its cap at the last check
 
     @staticmethod
     def build(net: nn.Module, teacher: nn.Module, buffer: Any, num_classes: int, y: torch.Tensor,
-              target: torch.Tensor, unseen: torch.Tensor, tol: float, weight: float) -> FeatureGoal | None:
-        """The goal of the objective's rows (y, target, unseen: (n,)) that are resolved unseen goals
-        other than their label, for the classes the buffer holds. None when off (`weight` 0), without
-        a buffer or an eager nn.Linear head, or when no row qualifies."""
+              target: torch.Tensor, unseen: torch.Tensor, tol: float, weight: float,
+              confidence_weight: float = 0.0, x: torch.Tensor | None = None,
+              neighbours: int = 0, quantile: float = 0.5) -> FeatureGoal | None:
+        """The goal of the objective's rows (y, target, unseen: (n,); x: their pixels, for
+        `neighbours`) that are resolved unseen goals other than their label, for the classes the
+        buffer holds. None when off (`weight` 0), without a buffer or an eager nn.Linear head, or
+        when no row qualifies. `confidence_weight` 0: no confidence part. (Typical instances get
+        none: capped at their neighbours' median, they stood out more to U-LiRA, AUC 0.60 -> 0.66
+        on the --quick plan of benchmarks/per_example_mia.py.)"""
         head = last_linear(net)
         if weight <= 0 or buffer is None or head is None:
             return None
@@ -156,7 +215,14 @@ class FeatureGoal:
             return None
         targets = class_prototypes(teacher, buffer, num_classes)[target[rows]]
         keep = torch.isfinite(targets).all(1)
-        return FeatureGoal(head, rows[keep], targets[keep], tol, weight) if bool(keep.any()) else None
+        if not bool(keep.any()):
+            return None
+        rows, targets = rows[keep], targets[keep]
+        if confidence_weight <= 0:
+            return FeatureGoal(head, rows, targets, tol, weight)
+        caps = confidence_caps(teacher, buffer, target[rows], y[rows], None if x is None else x[rows], neighbours,
+                               quantile)
+        return FeatureGoal(head, rows, targets, tol, weight, y[rows], caps, confidence_weight)
 
     def __enter__(self) -> FeatureGoal:
         self._handle = self.head.register_forward_hook(lambda _m, i, _o: self._caught.append(i[0].flatten(1)))
@@ -169,18 +235,37 @@ class FeatureGoal:
         """Forget the features caught so far (call before each step's forwards)."""
         self._caught.clear()
 
-    def check(self) -> tuple[bool, torch.Tensor]:
-        """(every row within tol, weight x mean squared relative L2 distance), from the first
-        forward caught since `clear()` (the objective's)."""
+    def check(self, logits: torch.Tensor | None = None) -> tuple[bool, torch.Tensor]:
+        """(every row within tol and under its cap, the weighted loss: weight x mean squared relative
+        L2 distance + confidence_weight x mean relu(confidence - cap)), from the first forward caught
+        since `clear()` (the objective's) and its logits (n, C)."""
         features = self._caught[0][self.rows]  # (m, D)
         gap = (features - self.targets).pow(2).sum(1) / self.targets.pow(2).sum(1).clamp_min(1e-12)
         self.gaps = gap.detach().sqrt().cpu()
-        return bool((self.gaps <= self.tol).all()), self.weight * gap.mean()
+        met, loss = bool((self.gaps <= self.tol).all()), self.weight * gap.mean()
+        if self.caps is not None and logits is not None:
+            excess = label_confidence(logits[self.rows].float(), self.labels) - self.caps  # (m,)
+            self.excess = excess.detach().cpu()
+            met = met and bool((self.excess <= 0).all())
+            loss = loss + self.confidence_weight * F.relu(excess).mean()
+        return met, loss
 
     def row_gaps(self, n: int) -> list[float | None]:
         """Per objective row (n of them), its relative L2 distance to its prototype at the last
         check; None for a row without a feature goal."""
+        return self._per_row(n, self.gaps)
+
+    def row_excess(self, n: int) -> list[float | None]:
+        """Per objective row (n of them), its label confidence above its cap at the last check
+        (nats; <= 0: met); None for a row without a confidence part."""
+        return self._per_row(n, self.excess) if self.caps is not None else [None] * n
+
+    def unmet(self) -> torch.Tensor:
+        """(m,) bool: the rows off their prototype or above their cap at the last check."""
+        return (self.gaps > self.tol) | ((self.excess > 0) if self.caps is not None else False)
+
+    def _per_row(self, n: int, values: torch.Tensor) -> list[float | None]:
         out: list[float | None] = [None] * n
-        for row, gap in zip(self.rows.tolist(), self.gaps.tolist()):
-            out[row] = gap
+        for row, value in zip(self.rows.tolist(), values.tolist()):
+            out[row] = value
         return out

@@ -1,10 +1,9 @@
 """One group of requests through the engine: unlearn, check the guard rails, evaluate, decide each
 request's status, and age the retained set (instances that keep missing their goal leave it).
 
-No Kafka and no disk here: `FragmentWorker.run` takes validated requests and returns each one's
-outcome and what the daemon publishes, or raises a `FragmentFailure` (see failures.py) and leaves
-the model to be restored from `snapshot()`. It owns the model being unlearned (updated in place), the retained
-forgotten set and the evaluation sets.
+No Kafka and no disk here: `FragmentWorker.run` takes validated requests and returns each one's outcome
+and what the daemon publishes, or raises a `FragmentFailure` (see failures.py) and leaves the model to be
+restored from `snapshot()`. It owns the model being unlearned, the retained forgotten set and the evaluation sets.
 """
 from __future__ import annotations
 
@@ -252,12 +251,9 @@ def _outcomes(logits: torch.Tensor, accepted: Sequence[Accepted], y: torch.Tenso
     for i, a in enumerate(accepted):
         goal = a.request.goal.with_engine_target(int(target[i]))
         if bool(met[i]):
-            gap = outcome.feature_gaps[i] if i < len(outcome.feature_gaps) else None
-            if gap is not None and outcome.feature_tol is not None and gap > outcome.feature_tol:
-                capped = (f"step cap {cfg.max_steps} hit" if outcome.steps >= cfg.max_steps
-                          else f"time cap {cfg.max_seconds:g} s hit")
-                outcomes.append(a.outcome("forgotten", _feature_unmet(gap, outcome.feature_tol, goal, capped), goal,
-                                          {"feature_gap": round(gap, 6)}))
+            unmet = _feature_unmet(outcome, i, goal, cfg)
+            if unmet is not None:
+                outcomes.append(a.outcome("forgotten", unmet[0], goal, unmet[1]))
                 continue
             outcomes.append(a.outcome("relabelled" if goal.mode == "relabel" else "forgotten", None, goal))
             continue
@@ -274,13 +270,24 @@ def _outcomes(logits: torch.Tensor, accepted: Sequence[Accepted], y: torch.Tenso
     return outcomes
 
 
-def _feature_unmet(gap: float, tol: float, goal, cap: str) -> str:
-    """The reason on a `forgotten` unseen request whose class goal is met but whose feature goal
-    (engine.unseen.FeatureGoal) was cut short by a cap: said, not hidden."""
-    return (f"class goal met (now predicted as {goal.target_class}); feature goal not met: its penultimate "
-            f"features are {gap:.3f} (relative L2) from class {goal.target_class}'s prototype, over "
-            f"engine.unseen_feature_tol {tol:g}, when the fragment stopped ({cap}); a membership attacker may "
-            "still tell this memorised instance apart")
+def _feature_unmet(outcome: FragmentOutcome, i: int, goal, cfg: UnlearnConfig) -> tuple[str, dict] | None:
+    """(reason, numbers) for a `forgotten` unseen request i whose class goal is met but whose
+    feature goal (engine.unseen.FeatureGoal: prototype distance, label confidence) a cap cut short:
+    said, not hidden. None when met or not run."""
+    gap, excess = (values[i] if i < len(values) else None for values in (outcome.feature_gaps, outcome.confidence_excess))
+    off, numbers, c = [], {}, goal.target_class
+    if gap is not None and outcome.feature_tol is not None and gap > outcome.feature_tol:
+        off.append(f"its penultimate features are {gap:.3f} (relative L2) from class {c}'s prototype, over "
+                   f"engine.unseen_feature_tol {outcome.feature_tol:g}")
+        numbers["feature_gap"] = round(gap, 6)
+    if excess is not None and excess > 0:
+        off.append(f"its confidence in its trained label is {excess:.3f} nats above the original model's median "
+                   f"on held-out images of class {c}")
+        numbers["confidence_excess"] = round(excess, 6)
+    cap = f"step cap {cfg.max_steps} hit" if outcome.steps >= cfg.max_steps else f"time cap {cfg.max_seconds:g} s hit"
+    return None if not off else (f"class goal met (now predicted as {c}); feature goal not met: {'; '.join(off)}, when "
+                                 f"the fragment stopped ({cap}); a membership attacker may still tell this memorised "
+                                 "instance apart", numbers)
 
 
 def _cap_explanation(outcome: FragmentOutcome) -> str:

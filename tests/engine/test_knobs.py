@@ -167,6 +167,38 @@ class TestObjectiveKnobs:
         assert torch.allclose(term, 2.0 * gap) and met == bool(gap.sqrt() <= 0.25)
 
 
+    def test_unseen_confidence_weight_and_neighbours_set_the_confidence_term(self) -> None:
+        """check(logits) adds unseen_confidence_weight x relu(phi_y - cap) (phi: the label confidence
+        of the row on the label it was trained with; cap: the teacher's median over the buffer's
+        images of its class, or over its `unseen_confidence_neighbours` nearest ones); weight 0: none."""
+        from streamer.engine.methods import UnlearnConfig
+        from streamer.engine.unseen import confidence_caps, label_confidence
+
+        student, teacher, buffer = tiny_model(seed=1), tiny_model(), Dataset(*tiny_data(30, seed=2))
+        x = tiny_data(1, seed=9)[0]
+        with torch.no_grad():
+            y = student(x).argmax(1)  # memorised: sure of y, which is not its class
+        target, unseen = (y + 1) % 3, torch.tensor([True])
+        assert UnlearnConfig().unseen_confidence_weight == 1.0 and UnlearnConfig().unseen_confidence_neighbours == 8
+        terms = {}
+        for weight, neighbours in ((0.0, 0), (2.0, 0), (2.0, 3)):
+            goal = FeatureGoal.build(student, teacher, buffer, 3, y, target, unseen, 0.25, 1.0, weight, x, neighbours)
+            with goal:
+                goal.clear()
+                logits = student(x)
+                _, terms[weight, neighbours] = goal.check(logits)
+            cap = confidence_caps(teacher, buffer, target, y, x, neighbours)
+            assert (goal.caps is None) == (weight == 0) and (weight == 0 or torch.allclose(goal.caps, cap))
+        for neighbours in (0, 3):
+            cap = confidence_caps(teacher, buffer, target, y, x, neighbours)
+            excess = F.relu(label_confidence(logits, y) - cap).mean()
+            assert excess > 0.1
+            assert torch.allclose(terms[2.0, neighbours] - terms[0.0, 0], 2.0 * excess, atol=1e-6)
+        low = FeatureGoal.build(student, teacher, buffer, 3, y, target, unseen, 0.25, 1.0, 1.0, x, 0, quantile=0.1)
+        assert torch.allclose(low.caps, confidence_caps(teacher, buffer, target, y, x, 0, quantile=0.1))
+        assert bool((low.caps < confidence_caps(teacher, buffer, target, y, x, 0)).all())  # unseen_confidence_quantile
+
+
 class TestAnchor:
     def test_anchor_weight_adds_the_l2_distance_to_the_original(self) -> None:
         """anchor_weight x sum((p - p0)^2) over the trainable parameters (L2-SP); 0 adds nothing."""

@@ -38,6 +38,14 @@ def _smooth_model() -> Normalized:
     return Normalized(nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 3)), (0.5,), (0.25,)).eval()
 
 
+def _sharp_model() -> Normalized:
+    """_smooth_model with a 10x head: sure of its classes, as a trained classifier is."""
+    model = _smooth_model()
+    with torch.no_grad():
+        model.net[3].weight.mul_(10.0)
+    return model
+
+
 def _distance(model, x, proto) -> float:
     return float((_penultimate(model, x)[0] - proto).norm() / proto.norm())
 
@@ -112,3 +120,63 @@ def test_retained_memorised_unseen_instances_stay_in_the_feature_goal():
     t = int(unlearner.forgotten.target[0])
     vault = ForgottenSet.empty((1, 4, 4)).prepend(x, torch.tensor([int(y), 0]), torch.tensor([t, -1]), ["u", "m"], ["u"])
     assert _as_fragment(vault).unseen.tolist() == [True, False]
+
+
+def test_label_confidence_is_the_logit_scaled_probability_and_stays_finite():
+    """phi = log(p_y / (1 - p_y)) (LiRA's statistic), exact where p_y rounds to 1 in float32."""
+    from streamer.engine.unseen import label_confidence
+
+    z = torch.tensor([[2.0, 0.5, -1.0], [0.0, 0.0, 0.0], [60.0, 0.0, 0.0]])
+    y = torch.tensor([0, 2, 0])
+    p = z.double().softmax(1).gather(1, y[:, None]).squeeze(1)
+    phi = label_confidence(z, y)
+    assert torch.allclose(phi[:2].double(), (p / (1 - p)).log()[:2], atol=1e-6)
+    assert abs(float(phi[2]) - (60.0 - torch.tensor([0.0, 0.0]).logsumexp(0).item())) < 1e-4  # p_y = 1 in float32
+
+
+def test_confidence_caps_are_medians_over_the_class_or_its_nearest_images():
+    """The cap of (class c, label l) is the median of the teacher's phi on l over the buffer's
+    images of class c; with neighbours, over the ones nearest to the instance in pixels."""
+    from streamer.engine.unseen import confidence_caps, label_confidence
+
+    teacher = _smooth_model()
+    bx, _ = tiny_data(60, seed=1)
+    by = torch.arange(60) % 3
+    buffer = Dataset(bx, by)
+    with torch.no_grad():
+        phi = label_confidence(teacher(bx), torch.full((60,), 2))
+    caps = confidence_caps(teacher, buffer, torch.tensor([0, 1]), torch.tensor([2, 2]))
+    assert torch.allclose(caps, torch.stack([phi[by == 0].quantile(0.5), phi[by == 1].quantile(0.5)]))
+    x = bx[3:4] + 0.01  # class 0: its nearest class-0 image is image 3 itself
+    near = confidence_caps(teacher, buffer, torch.tensor([0]), torch.tensor([2]), x, neighbours=1)
+    assert torch.allclose(near, phi[3:4])
+    assert torch.isnan(confidence_caps(teacher, Dataset(bx[by == 0], by[by == 0]), torch.tensor([1]), torch.tensor([2]))).all()
+
+
+def test_a_memorised_unseen_instance_ends_no_surer_of_its_label_than_held_out_images_of_its_class():
+    """With a buffer, the memorised row's confidence in the label it was trained on falls to the
+    cap (the teacher's median over the buffer's images of its unseen class); with the confidence
+    weight 0 the same run leaves it above (the class goal alone stops at the margin)."""
+    from streamer.engine.unseen import confidence_caps, label_confidence
+
+    teacher = _sharp_model()
+    bx, _ = tiny_data(240, seed=1)
+    x, _ = tiny_data(1, seed=2)
+    y = torch.tensor([(int(unseen_classes(teacher, x)[0]) + 1) % 3])
+    t = int(unseen_classes(teacher, x, y=y)[0])
+    with torch.no_grad():
+        by = teacher(bx).argmax(1)
+        phi = label_confidence(teacher(bx), y.expand(len(bx)))
+    surest = (by != t) | (phi < phi[by == t].quantile(0.2))  # the class's images the teacher is surest of
+    buffer = Dataset(bx[surest], by[surest])
+    cap = float(confidence_caps(teacher, buffer, torch.tensor([t]), y)[0])
+    after = {}
+    for weight in (0.0, 1.0):
+        model = _sharp_model()
+        cfg = method_config("default", max_steps=1000, lr=3e-3, n_adv=0, unseen_feature_tol=10.0,
+                            unseen_confidence_weight=weight)
+        out = Unlearner(model, cfg, 3, buffer=buffer).unlearn(Fragment(x, y, torch.tensor([UNSEEN])))
+        with torch.no_grad():
+            after[weight] = float(label_confidence(model(x), y)[0])
+        assert out.goal_reached and out.feature_goal_met is True
+    assert after[1.0] <= cap < after[0.0]

@@ -106,6 +106,25 @@ class TestFragmentWorker:
         plain = _worker(_predicting(0, 5.0)).run(_accepted([_request("u", "unseen", 1)]))
         assert plain.metrics["feature_goal_met"] is None and plain.outcomes[0].reason is None
 
+    def test_a_capped_confidence_part_is_said_on_its_own(self) -> None:
+        """Features within tolerance but the label confidence still above its cap at the cap: the
+        reason names the confidence part and the numbers carry confidence_excess; both parts met,
+        or no feature goal: nothing to say."""
+        from streamer.engine import FragmentOutcome
+        from streamer.pipeline.worker import _feature_unmet
+        from streamer.intake.goal import Goal
+
+        cfg = method_config("default", max_steps=10)
+        goal = Goal("unseen", label=3, target_class=5)
+        base = dict(goal_reached=True, stopped_by="goal", steps=10, seconds=1.0, fragment_met=[True, True], missed=0,
+                    resurrected_at_start=0, attack_success_ratio=1.0, feature_gaps=[0.1, 0.1], feature_tol=0.25)
+        outcome = FragmentOutcome(**base, confidence_excess=[2.5, -1.0])
+        reason, numbers = _feature_unmet(outcome, 0, goal, cfg)
+        assert numbers == {"confidence_excess": 2.5} and "2.500 nats above" in reason and "class 5" in reason
+        assert "step cap 10 hit" in reason and "prototype" not in reason
+        assert _feature_unmet(outcome, 1, goal, cfg) is None
+        assert outcome.feature_goal_met is False and FragmentOutcome(**base).feature_goal_met is True
+
     def test_a_replayed_unseen_request_keeps_its_class(self) -> None:
         """unseen_class set (a replay from the vault): no new vote, the stored class is the goal."""
         result = _worker(_predicting(0, 5.0), max_steps=1).run(_accepted([_request("u", "unseen", 2, unseen_class=1)]))
