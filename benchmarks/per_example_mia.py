@@ -70,7 +70,7 @@ from streamer.engine.evaluate import accuracy
 from streamer.engine.evaluate import logits as predict_logits
 from streamer.engine.train import _EPOCHS, _RECIPE, fit, reference_model
 from streamer.engine.unlearn import Fragment, Unlearner, method_config
-from streamer.engine.unseen import UNSEEN
+from streamer.engine.unseen import UNSEEN, label_confidence
 
 DATASET = "mnist5k"
 GOALS = ("unseen+buffer", "misclassify", "unseen", "misclassify+buffer")  # goal[+buffer: the 500-image buffer split]
@@ -84,10 +84,7 @@ FPR_POINTS = (0.01, 0.001)
 def logit_confidence(logits: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     """(N,) phi = log(p_y / (1 - p_y)) = z_y - logsumexp(z_j, j != y), exact and finite for any
     finite logits (N, C)."""
-    logits = logits.double()
-    z_y = logits.gather(1, y.view(-1, 1)).squeeze(1)
-    others = logits.scatter(1, y.view(-1, 1), float("-inf"))
-    return (z_y - torch.logsumexp(others, dim=1)).numpy()
+    return label_confidence(logits.double(), y.view(-1)).numpy()  # the statistic the unseen goal caps
 
 
 def _log_normal(x: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> np.ndarray:
